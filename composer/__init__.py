@@ -1,0 +1,40 @@
+"""composer: task arithmetic on RoAd adapters and task prompt vectors, in PEFT format.
+
+Public surface::
+
+    load(path) / save(adapter, path) / from_peft(model)        PEFT-format I/O
+    add, sub, negate, scale, interpolate, merge, compose         arithmetic (see DESIGN.md)
+    evaluate("0.7*a + 0.3*b - c", resolve=...)                   expressions
+    init(model, adapter_or_expression)                           a trainable PeftModel starting there
+    check_compatible(adapters)                                   the checks every operation runs first
+
+Not to be confused with MosaicML's ``composer`` package on PyPI, which uses the same import name.
+"""
+
+from __future__ import annotations
+
+from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, describe
+from .errors import (
+    AdapterFormatError,
+    ApproximationWarning,
+    CompatibilityWarning,
+    ComposerError,
+    ExpressionError,
+    IncompatibleAdaptersError,
+    InvalidValueError,
+    NotComposableError,
+    UnsafeFormatError,
+)
+from .io import from_peft, load, save, validate_folder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe",
+    "load", "save", "from_peft", "validate_folder",
+    "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible", "METHODS",
+    "evaluate", "parse", "init",
+    "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",
+    "IncompatibleAdaptersError", "NotComposableError", "ExpressionError",
+    "CompatibilityWarning", "ApproximationWarning",
+]

@@ -1,0 +1,263 @@
+"""Adapter value objects: :class:`RoadAdapter`, :class:`PromptVector` and the :class:`Recipe` they carry.
+
+They hold plain float tensors and the PEFT config dict they came with; the arithmetic in
+:mod:`composer.ops` returns new objects and never mutates its inputs.
+
+Module names are the model's own (``model.layers.0.self_attn.q_proj``); the PEFT file prefix
+``base_model.model.`` and the ``.road_theta``/``.road_alpha`` suffixes are added only on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from .errors import InvalidValueError
+
+VARIANTS = ("road_1", "road_2", "road_4")
+LIBRARY_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a composed adapter was made, enough to rebuild it bit for bit.
+
+    Attributes:
+        expression: the expression text, e.g. ``"0.7*alice/math@v2 + 0.3*bob/code"``.
+        inputs: one dict per input, ``{"name": ..., "ref": ...}``; ``ref`` pins the input
+            (``namespace/name@<commit sha>`` for store ids, a folder path otherwise).
+        weights: one weight per input (empty when the method has none, e.g. ``compose``).
+        method: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``interpolate``,
+            ``compose``, ``negate``, ``scale`` ...
+        params: method parameters (``density``, ``seed``, ``t`` ...).
+        exact: whether the result equals the exact composition of its inputs.
+        deviation: relative deviation from the exact composition, when approximate and measurable.
+    """
+
+    expression: str
+    inputs: tuple[dict, ...] = ()
+    weights: tuple[float, ...] = ()
+    method: str = "task_arithmetic"
+    params: dict = field(default_factory=dict)
+    exact: bool = True
+    deviation: float | None = None
+    library_version: str = LIBRARY_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "expression": self.expression,
+            "inputs": [dict(i) for i in self.inputs],
+            "weights": list(self.weights),
+            "method": self.method,
+            "params": dict(self.params),
+            "exact": self.exact,
+            "deviation": self.deviation,
+            "library": "adapter-hub-composer",
+            "library_version": self.library_version,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return cls(
+            expression=str(d.get("expression", "")),
+            inputs=tuple(dict(i) for i in d.get("inputs", ())),
+            weights=tuple(float(w) for w in d.get("weights", ())),
+            method=str(d.get("method", "task_arithmetic")),
+            params=dict(d.get("params", {})),
+            exact=bool(d.get("exact", True)),
+            deviation=d.get("deviation"),
+            library_version=str(d.get("library_version", LIBRARY_VERSION)),
+        )
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise :class:`InvalidValueError` naming ``name`` and the first bad index if ``t`` has NaN/inf."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        value = float(t.flatten()[idx])
+        raise InvalidValueError(
+            f"Tensor '{name}' holds a non-finite value ({value}) at flat index {idx}. "
+            "Adapters must be finite; retrain or re-export it.",
+            tensor=name, index=idx, value=value,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class RoadAdapter:
+    """A RoAd adapter (PEFT ``peft_type: ROAD``).
+
+    Attributes:
+        variant: ``road_1``, ``road_2`` or ``road_4``.
+        group_size: the pairing group size (even); a layer's width must be a multiple of it.
+        theta: module name -> angle tensor (1-D).
+        alpha: module name -> scale tensor (1-D, same shape as ``theta``).
+        config: the PEFT ``adapter_config.json`` contents (kept for ``base_model_name_or_path``,
+            ``target_modules`` and anything PEFT adds).
+        recipe: how it was composed, or ``None`` for a trained adapter.
+        source: where it came from (a folder, or ``namespace/name@sha``), used in recipes.
+    """
+
+    variant: str
+    group_size: int
+    theta: dict[str, torch.Tensor]
+    alpha: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    recipe: Recipe | None = None
+    source: str | None = None
+
+    kind = "road"
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.theta)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def exact(self) -> bool:
+        return self.recipe is None or self.recipe.exact
+
+    @property
+    def deviation(self) -> float | None:
+        """Relative deviation from the exact composition (``None`` when exact or unmeasurable)."""
+        return None if self.recipe is None else self.recipe.deviation
+
+    def width(self, module: str) -> int:
+        """Output width of the adapted layer, derived from the tensor size and the variant."""
+        n = self.theta[module].numel()
+        return {"road_1": 2 * n, "road_2": n, "road_4": n // 2}[self.variant]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.theta.values()) + sum(t.numel() for t in self.alpha.values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT state-dict layout: ``base_model.model.<module>.road_theta`` / ``.road_alpha``."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.theta:
+            out[f"base_model.model.{m}.road_alpha"] = self.alpha[m]
+            out[f"base_model.model.{m}.road_theta"] = self.theta[m]
+        return out
+
+    def validate(self) -> None:
+        """Check finiteness; shapes are checked at load and by the arithmetic."""
+        for m in self.theta:
+            check_finite(f"{m}.road_theta", self.theta[m])
+            check_finite(f"{m}.road_alpha", self.alpha[m])
+
+    def norms(self) -> dict[str, dict[str, float]]:
+        """Per-module norms of the generator: ``{"theta": |θ|, "log_alpha": |log|α||}``."""
+        out = {}
+        for m in self.theta:
+            la = torch.log(self.alpha[m].abs().clamp_min(1e-30))
+            out[m] = {"theta": float(self.theta[m].norm()), "log_alpha": float(la.norm())}
+        return out
+
+    def __repr__(self) -> str:
+        return (f"RoadAdapter(variant={self.variant!r}, group_size={self.group_size}, "
+                f"modules={len(self.theta)}, params={self.num_parameters()}, source={self.source!r})")
+
+
+@dataclass(frozen=True, eq=False)
+class PromptVector:
+    """A task prompt vector (PEFT ``PROMPT_TUNING`` + ``prompt_vector.safetensors``).
+
+    ``prompt`` is what PEFT loads; ``init`` is the origin P₀ and ``vector`` is τ = prompt − init. A prompt
+    saved without its init can be chatted with but not composed (``init`` and ``vector`` are ``None``).
+
+    Attributes:
+        prompt: (virtual tokens x token_dim) usable prompt embeddings.
+        init: the origin P₀, same shape, or ``None``.
+        vector: τ, same shape, or ``None``.
+        config: the PEFT ``adapter_config.json`` contents.
+        recipe, source: as for :class:`RoadAdapter`.
+    """
+
+    prompt: torch.Tensor
+    init: torch.Tensor | None
+    vector: torch.Tensor | None
+    config: dict[str, Any] = field(default_factory=dict)
+    recipe: Recipe | None = None
+    source: str | None = None
+
+    kind = "prompt"
+
+    @classmethod
+    def from_parts(cls, init: torch.Tensor, vector: torch.Tensor, config: dict[str, Any], *,
+                   recipe: Recipe | None = None, source: str | None = None) -> PromptVector:
+        """Build from P₀ and τ; the usable prompt is ``init + vector``."""
+        return cls(prompt=init + vector, init=init, vector=vector, config=config, recipe=recipe,
+                   source=source)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.prompt.shape)  # type: ignore[return-value]
+
+    @property
+    def composable(self) -> bool:
+        return self.init is not None and self.vector is not None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def exact(self) -> bool:
+        return self.recipe is None or self.recipe.exact
+
+    @property
+    def deviation(self) -> float | None:
+        return None if self.recipe is None else self.recipe.deviation
+
+    def num_parameters(self) -> int:
+        return self.prompt.numel()
+
+    def validate(self) -> None:
+        check_finite("prompt_embeddings", self.prompt)
+        if self.init is not None:
+            check_finite("init", self.init)
+        if self.vector is not None:
+            check_finite("vector", self.vector)
+
+    def norms(self) -> dict[str, dict[str, float]]:
+        v = self.vector if self.vector is not None else self.prompt
+        return {f"token_{i}": {"vector": float(v[i].norm())} for i in range(v.shape[0])}
+
+    def __repr__(self) -> str:
+        return (f"PromptVector(shape={self.shape}, composable={self.composable}, "
+                f"source={self.source!r})")
+
+
+Adapter = Union[RoadAdapter, PromptVector]
+
+
+def describe(adapter: Adapter) -> dict[str, Any]:
+    """A JSON-friendly summary (used by ``hub show`` and the app)."""
+    d: dict[str, Any] = {
+        "kind": adapter.kind,
+        "base_model": adapter.base_model,
+        "parameters": adapter.num_parameters(),
+        "source": adapter.source,
+        "recipe": adapter.recipe.to_dict() if adapter.recipe else None,
+    }
+    if isinstance(adapter, RoadAdapter):
+        d.update(variant=adapter.variant, group_size=adapter.group_size,
+                 target_modules=sorted({m.rsplit(".", 1)[-1] for m in adapter.theta}),
+                 modules=len(adapter.theta))
+    else:
+        d.update(num_virtual_tokens=adapter.shape[0], token_dim=adapter.shape[1],
+                 composable=adapter.composable)
+    d["norms"] = adapter.norms()
+    if adapter.recipe is not None and not adapter.recipe.exact:
+        dev = adapter.recipe.deviation
+        d["deviation"] = None if dev is None or math.isnan(dev) else dev
+    return d

@@ -1,0 +1,334 @@
+"""PEFT-format I/O: :func:`load`, :func:`save`, :func:`from_peft`, :func:`validate_folder`.
+
+A folder written by :func:`save` is what ``peft.PeftModel.from_pretrained(base, folder)`` loads, with no
+missing or unexpected keys::
+
+    <folder>/
+    ├── adapter_config.json          PEFT config (peft_type ROAD or PROMPT_TUNING)
+    ├── adapter_model.safetensors    road_theta/road_alpha per module, or prompt_embeddings
+    ├── prompt_vector.safetensors    prompts only: init (P₀) and vector (τ), prompt = init + vector
+    ├── recipe.json                  composed adapters only
+    └── README.md                    model card
+
+Only safetensors are read: pickles (``.bin``, ``.pt``) can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapters import VARIANTS, Adapter, PromptVector, Recipe, RoadAdapter, check_finite
+from .errors import AdapterFormatError, NotComposableError, UnsafeFormatError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PROMPT_VECTOR = "prompt_vector.safetensors"
+RECIPE = "recipe.json"
+CARD = "README.md"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_PREFIX = "base_model.model."
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    if not path.is_file():
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise AdapterFormatError(
+            f"'{folder}' has no {CONFIG}; a PEFT adapter folder needs {CONFIG} and {WEIGHTS}. "
+            f"Found: {', '.join(present) or 'nothing'}.", path=folder)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{path} is not valid JSON: {e}", path=path) from e
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(cfg).__name__}", path=path)
+    return cfg
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFormatError(
+            f"{path} is not a readable safetensors file ({e}). It may be truncated or corrupt; "
+            "re-export it with safetensors.torch.save_file.", path=path) from e
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFormatError(f"Tensor '{name}' in {path} has dtype {t.dtype}; expected a float tensor.",
+                                     path=path, tensor=name)
+    return tensors
+
+
+def _weights_path(folder: Path) -> Path:
+    path = folder / WEIGHTS
+    if path.is_file():
+        return path
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFormatError(
+            f"'{folder}' holds only pickled weights ({', '.join(pickles)}); pickles can run arbitrary code when "
+            f"loaded, so only {WEIGHTS} is read. Convert it where you trust the file: "
+            "load it with PeftModel.from_pretrained and call save_pretrained(..., safe_serialization=True).",
+            path=folder)
+    raise AdapterFormatError(f"'{folder}' has no {WEIGHTS}.", path=folder)
+
+
+def _parse_road(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RoadAdapter:
+    variant = cfg.get("variant", "road_1")
+    if variant not in VARIANTS:
+        raise AdapterFormatError(f"{CONFIG}: variant {variant!r} is not one of {', '.join(VARIANTS)}.",
+                                 path=folder)
+    g = cfg.get("group_size", 64)
+    if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % 2:
+        raise AdapterFormatError(f"{CONFIG}: group_size must be a positive even integer, got {g!r}.", path=folder)
+    theta: dict[str, torch.Tensor] = {}
+    alpha: dict[str, torch.Tensor] = {}
+    for key in sorted(tensors):
+        if not key.startswith(_PREFIX) or not key.endswith((".road_theta", ".road_alpha")):
+            raise AdapterFormatError(
+                f"Unexpected tensor '{key}' in a ROAD adapter: expected "
+                f"'{_PREFIX}<module>.road_theta' / '.road_alpha' only.", path=folder, tensor=key)
+        module, _, which = key[len(_PREFIX):].rpartition(".")
+        (theta if which == "road_theta" else alpha)[module] = tensors[key]
+    if not theta and not alpha:
+        raise AdapterFormatError(f"{folder / WEIGHTS} holds no RoAd tensors.", path=folder)
+    per = {"road_1": 0.5, "road_2": 1, "road_4": 2}[variant]
+    for m in sorted(set(theta) | set(alpha)):
+        if m not in theta or m not in alpha:
+            missing = "road_theta" if m not in theta else "road_alpha"
+            raise AdapterFormatError(f"Module '{m}' has no {missing} tensor.", path=folder,
+                                     tensor=f"{m}.{missing}")
+        t, a = theta[m], alpha[m]
+        if t.dim() != 1 or t.shape != a.shape:
+            raise AdapterFormatError(
+                f"Tensor '{m}.road_theta' has shape {tuple(t.shape)} and '{m}.road_alpha' {tuple(a.shape)}; "
+                "both must be 1-D and equal.", path=folder, tensor=f"{m}.road_theta")
+        n = t.numel()
+        width = n / per
+        if width != int(width) or width == 0:
+            raise AdapterFormatError(
+                f"Tensor '{m}.road_theta' has {n} values, which no layer width gives for {variant}.",
+                path=folder, tensor=f"{m}.road_theta")
+        width = int(width)
+        if width % g:
+            raise AdapterFormatError(
+                f"group_size {g} does not divide the width {width} of layer '{m}' "
+                f"(tensor '{m}.road_theta' has {n} values for {variant}); pick a group size that divides it.",
+                path=folder, tensor=f"{m}.road_theta")
+        check_finite(f"{m}.road_theta", t)
+        check_finite(f"{m}.road_alpha", a)
+    return RoadAdapter(variant=variant, group_size=g, theta=theta, alpha=alpha, config=cfg)
+
+
+def _parse_prompt(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PromptVector:
+    if set(tensors) != {"prompt_embeddings"}:
+        extra = sorted(set(tensors) - {"prompt_embeddings"})
+        raise AdapterFormatError(
+            f"A PROMPT_TUNING adapter holds exactly 'prompt_embeddings'; found {sorted(tensors)}.",
+            path=folder, tensor=extra[0] if extra else "prompt_embeddings")
+    prompt = tensors["prompt_embeddings"]
+    n = cfg.get("num_virtual_tokens", 0) * cfg.get("num_transformer_submodules", 1)
+    expected = (n, cfg.get("token_dim"))
+    if tuple(prompt.shape) != expected:
+        raise AdapterFormatError(
+            f"Tensor 'prompt_embeddings' has shape {tuple(prompt.shape)} but the config says "
+            f"num_virtual_tokens x token_dim = {expected}.", path=folder, tensor="prompt_embeddings")
+    check_finite("prompt_embeddings", prompt)
+    pv = folder / PROMPT_VECTOR
+    if not pv.is_file():
+        return PromptVector(prompt=prompt, init=None, vector=None, config=cfg)
+    parts = _read_safetensors(pv)
+    for name in ("init", "vector"):
+        if name not in parts:
+            raise AdapterFormatError(f"{pv} has no '{name}' tensor (it needs 'init' and 'vector').",
+                                     path=pv, tensor=name)
+        if parts[name].shape != prompt.shape:
+            raise AdapterFormatError(
+                f"Tensor '{name}' in {PROMPT_VECTOR} has shape {tuple(parts[name].shape)}, "
+                f"'prompt_embeddings' has {tuple(prompt.shape)}.", path=pv, tensor=name)
+        check_finite(name, parts[name])
+    init, vector = parts["init"], parts["vector"]
+    if not torch.allclose(init + vector, prompt, rtol=1e-5, atol=1e-6):
+        err = float((init + vector - prompt).abs().max())
+        raise AdapterFormatError(
+            f"'prompt_embeddings' differs from init + vector by up to {err:.3g}: {PROMPT_VECTOR} does not belong "
+            "to this prompt.", path=pv, tensor="prompt_embeddings")
+    return PromptVector(prompt=prompt, init=init, vector=vector, config=cfg)
+
+
+def load(path: str | os.PathLike) -> Adapter:
+    """Read a PEFT adapter folder.
+
+    Args:
+        path: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Returns:
+        A :class:`RoadAdapter` (``peft_type: ROAD``) or :class:`PromptVector` (``PROMPT_TUNING``).
+
+    Raises:
+        AdapterFormatError: missing files, bad JSON, unknown ``peft_type``, corrupt safetensors, shapes that
+            disagree with the config, a group size that does not divide a layer's width.
+        UnsafeFormatError: only pickled weights are present.
+        InvalidValueError: NaN or inf values.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds {CONFIG}.", path=folder)
+    cfg = _read_config(folder)
+    peft_type = cfg.get("peft_type")
+    if peft_type not in ("ROAD", "PROMPT_TUNING"):
+        raise AdapterFormatError(
+            f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles ROAD and "
+            "PROMPT_TUNING adapters.", path=folder)
+    tensors = _read_safetensors(_weights_path(folder))
+    adapter: Adapter
+    if peft_type == "ROAD":
+        adapter = _parse_road(folder, cfg, tensors)
+    else:
+        adapter = _parse_prompt(folder, cfg, tensors)
+    recipe = None
+    rp = folder / RECIPE
+    if rp.is_file():
+        try:
+            recipe = Recipe.from_dict(json.loads(rp.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+            raise AdapterFormatError(f"{rp} is not a valid recipe: {e}", path=rp) from e
+    return type(adapter)(**{**adapter.__dict__, "recipe": recipe, "source": str(folder)})
+
+
+def validate_folder(path: str | os.PathLike) -> Adapter:
+    """Load ``path`` with every check; returns the adapter or raises (see :func:`load`)."""
+    return load(path)
+
+
+def _peft_config(adapter: Adapter) -> dict[str, Any]:
+    cfg = dict(adapter.config)
+    cfg.setdefault("base_model_name_or_path", None)
+    cfg["inference_mode"] = True
+    if isinstance(adapter, RoadAdapter):
+        cfg["peft_type"] = "ROAD"
+        cfg["variant"] = adapter.variant
+        cfg["group_size"] = adapter.group_size
+        cfg.setdefault("init_weights", True)
+        cfg.setdefault("task_type", None)
+        targets = sorted({m.rsplit(".", 1)[-1] for m in adapter.theta})
+        if not cfg.get("target_modules") or not isinstance(cfg.get("target_modules"), (list, str)):
+            cfg["target_modules"] = targets
+        elif isinstance(cfg["target_modules"], list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+    else:
+        cfg["peft_type"] = "PROMPT_TUNING"
+        cfg.setdefault("task_type", "CAUSAL_LM")
+        cfg["num_virtual_tokens"] = adapter.shape[0] // cfg.get("num_transformer_submodules", 1)
+        cfg["token_dim"] = adapter.shape[1]
+    return cfg
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(adapter: Adapter, path: str | os.PathLike, *, card: str | None = None) -> Path:
+    """Write ``adapter`` as a PEFT folder that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        adapter: the adapter to write.
+        path: target folder (created; existing adapter files in it are replaced file by file).
+        card: model card text for ``README.md``; a minimal card is written when ``None``.
+
+    Returns:
+        The folder path.
+    """
+    adapter.validate()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = _peft_config(adapter)
+    if isinstance(adapter, RoadAdapter):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.tensors().items()}
+    else:
+        tensors = {"prompt_embeddings": adapter.prompt.detach().contiguous().cpu()}
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if isinstance(adapter, PromptVector):
+        if adapter.composable:
+            parts = {"init": adapter.init.detach().contiguous().cpu(),
+                     "vector": adapter.vector.detach().contiguous().cpu()}
+            _atomic_write(folder / PROMPT_VECTOR, lambda p: save_file(parts, p, metadata={"format": "pt"}))
+        else:
+            (folder / PROMPT_VECTOR).unlink(missing_ok=True)
+    if adapter.recipe is not None:
+        _atomic_write(folder / RECIPE, lambda p: Path(p).write_text(adapter.recipe.to_json(), encoding="utf-8"))
+    else:
+        (folder / RECIPE).unlink(missing_ok=True)
+    if card is None and not (folder / CARD).exists():
+        card = default_card(adapter)
+    if card is not None:
+        _atomic_write(folder / CARD, lambda p: Path(p).write_text(card, encoding="utf-8"))
+    _atomic_write(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
+                                                                encoding="utf-8"))
+    return folder
+
+
+def default_card(adapter: Adapter) -> str:
+    """A minimal model card with the YAML front matter the Hub and ``hub`` expect."""
+    tag = "road" if isinstance(adapter, RoadAdapter) else "task-prompt-vector"
+    tags = [tag, "adapter-hub"] + (["composed"] if adapter.recipe else [])
+    lines = ["---", f"base_model: {json.dumps(adapter.base_model or '')}", "library_name: peft", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    lines += ["---", "", f"# {tag} adapter", ""]
+    if adapter.recipe is not None:
+        lines += ["Composed with `composer`:", "", "```", adapter.recipe.expression, "```", ""]
+    return "\n".join(lines)
+
+
+def from_peft(model: Any, *, adapter_name: str = "default", init: torch.Tensor | None = None,
+              source: str | None = None) -> Adapter:
+    """Read the adapter out of a live PEFT model (e.g. after training).
+
+    Args:
+        model: a ``PeftModel`` carrying a RoAd or prompt-tuning adapter.
+        adapter_name: which adapter to read.
+        init: for prompts, the origin P₀ the prompt was trained from; without it the result cannot be
+            composed. When the model was built by :func:`composer.init`, its recorded init is used.
+
+    Returns:
+        A :class:`RoadAdapter` or :class:`PromptVector` holding detached float32 copies.
+    """
+    pcfg = model.peft_config[adapter_name]
+    cfg = pcfg.to_dict()
+    cfg = json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    peft_type = str(cfg.get("peft_type", "")).split(".")[-1]
+    cfg["peft_type"] = peft_type
+    if peft_type == "ROAD":
+        theta, alpha = {}, {}
+        for name, module in model.base_model.model.named_modules():
+            if hasattr(module, "road_theta") and adapter_name in getattr(module, "road_theta", {}):
+                theta[name] = module.road_theta[adapter_name].detach().float().cpu().clone()
+                alpha[name] = module.road_alpha[adapter_name].detach().float().cpu().clone()
+        return RoadAdapter(variant=cfg["variant"], group_size=cfg["group_size"], theta=theta, alpha=alpha,
+                           config=cfg, source=source)
+    if peft_type == "PROMPT_TUNING":
+        prompt = model.get_prompt_embedding_to_save(adapter_name).detach().float().cpu().clone()
+        if init is None:
+            init = getattr(model, "composer_prompt_init", None)
+        if init is None:
+            return PromptVector(prompt=prompt, init=None, vector=None, config=cfg, source=source)
+        init = init.detach().float().cpu().clone()
+        if init.shape != prompt.shape:
+            raise NotComposableError(f"init has shape {tuple(init.shape)}, the prompt {tuple(prompt.shape)}.")
+        return PromptVector(prompt=prompt, init=init, vector=prompt - init, config=cfg, source=source)
+    raise AdapterFormatError(f"peft_type {peft_type!r} is not supported; use ROAD or PROMPT_TUNING.")
