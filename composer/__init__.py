@@ -26,6 +26,10 @@ from .errors import (
     UnsafeFormatError,
 )
 from .io import from_peft, load, save, validate_folder
+from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
+from .expr import evaluate, parse
+from .initialise import init
+from .merge_methods import METHODS
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,328 @@
+"""The expression language shared by Python, the CLI and the app.
+
+Grammar::
+
+    expr    := term (("+" | "-") term)*
+    term    := "-" term | NUMBER "*" term | factor ("*" NUMBER)?
+    factor  := NAME | "(" expr ")" | call
+    call    := "interp" "(" expr "," expr "," NUMBER ")"
+             | "compose" "(" expr "," expr ")"
+             | "merge" "(" METHOD ("," expr)+ ("," KEY "=" NUMBER)* ")"      KEY: density, seed
+    NAME    := a run of letters, digits and ``_ . / @ : ~ -`` not starting with "-",
+               or any text in backquotes (`my folder/with spaces`)
+
+Examples: ``0.7*alice/math@v2 + 0.7*alice/code - 0.3*bob/toxic``, ``interp(a, b, 0.25)``,
+``merge(ties, 0.6*a, 0.4*b, density=0.5)``. Because names may contain ``-``, write ``a - b`` (with spaces)
+to subtract.
+
+A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight per input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Union
+
+from .adapters import Adapter
+from .errors import ComposerError, ExpressionError
+from .merge_methods import METHODS
+
+_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_./@:~\-]")
+_NAME = re.compile(r"[A-Za-z0-9_./@:~][A-Za-z0-9_./@:~\-]*")
+
+
+@dataclass(frozen=True)
+class Tok:
+    kind: str  # "num", "name", "op", "end"
+    text: str
+    pos: int
+
+
+def _tokenize(s: str) -> list[Tok]:
+    toks: list[Tok] = []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c.isspace():
+            i += 1
+            continue
+        if c in "+-*(),=":
+            toks.append(Tok("op", c, i))
+            i += 1
+            continue
+        if c == "`":
+            j = s.find("`", i + 1)
+            if j < 0:
+                raise ExpressionError("Unclosed backquote", expression=s, position=i)
+            if j == i + 1:
+                raise ExpressionError("Empty name in backquotes", expression=s, position=i)
+            toks.append(Tok("name", s[i + 1:j], i))
+            i = j + 1
+            continue
+        m = _NUMBER.match(s, i)
+        if m and not (m.end() < len(s) and _NAME_CHARS.match(s[m.end()]) and s[m.end()] != "-"):
+            toks.append(Tok("num", m.group(0), i))
+            i = m.end()
+            continue
+        m = _NAME.match(s, i)
+        if m:
+            toks.append(Tok("name", m.group(0), i))
+            i = m.end()
+            continue
+        raise ExpressionError(f"Unexpected character {c!r} at position {i}", expression=s, position=i)
+    toks.append(Tok("end", "", len(s)))
+    return toks
+
+
+# AST nodes
+@dataclass(frozen=True)
+class Name:
+    name: str
+    pos: int
+
+
+@dataclass(frozen=True)
+class Linear:
+    terms: tuple[tuple[float, Node], ...]  # (weight, node)
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: str
+    args: tuple[Node, ...]
+    weights: tuple[float, ...]
+    params: tuple[tuple[str, float], ...]
+    pos: int
+
+
+Node = Union[Name, Linear, Call]
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokenize(text)
+        self.i = 0
+
+    def peek(self) -> Tok:
+        return self.toks[self.i]
+
+    def take(self) -> Tok:
+        t = self.toks[self.i]
+        self.i += 1
+        return t
+
+    def error(self, msg: str, tok: Tok | None = None) -> ExpressionError:
+        tok = tok or self.peek()
+        where = "the end" if tok.kind == "end" else f"position {tok.pos} ({tok.text!r})"
+        return ExpressionError(f"{msg} at {where}", expression=self.text, position=tok.pos)
+
+    def expect(self, text: str) -> Tok:
+        t = self.peek()
+        if t.kind != "op" or t.text != text:
+            raise self.error(f"Expected '{text}'")
+        return self.take()
+
+    def parse(self) -> Node:
+        if self.peek().kind == "end":
+            raise self.error("Empty expression: expected an adapter name")
+        node = self.expr()
+        if self.peek().kind != "end":
+            raise self.error("Unexpected token")
+        return node
+
+    def expr(self) -> Node:
+        terms = list(_terms(self.term()))
+        while self.peek().kind == "op" and self.peek().text in "+-":
+            sign = -1.0 if self.take().text == "-" else 1.0
+            terms += [(sign * w, n) for w, n in _terms(self.term())]
+        return _linear(terms)
+
+    def term(self) -> Node:
+        t = self.peek()
+        if t.kind == "op" and t.text == "-":
+            self.take()
+            return _linear([(-w, n) for w, n in _terms(self.term())])
+        if t.kind == "num":
+            self.take()
+            w = float(t.text)
+            self.expect("*")
+            return _linear([(w * v, n) for v, n in _terms(self.term())])
+        node = self.factor()
+        if self.peek().kind == "op" and self.peek().text == "*":
+            self.take()
+            num = self.peek()
+            if num.kind != "num":
+                raise self.error("Expected a number after '*'")
+            self.take()
+            node = _linear([(float(num.text) * v, n) for v, n in _terms(node)])
+        return node
+
+    def factor(self) -> Node:
+        t = self.peek()
+        if t.kind == "op" and t.text == "(":
+            self.take()
+            node = self.expr()
+            self.expect(")")
+            return node
+        if t.kind == "name":
+            self.take()
+            nxt = self.peek()
+            if nxt.kind == "op" and nxt.text == "(" and t.text in ("interp", "compose", "merge"):
+                return self.call(t)
+            return Name(t.text, t.pos)
+        raise self.error("Expected an adapter name, a number or '('")
+
+    def call(self, fn: Tok) -> Node:
+        self.expect("(")
+        args: list[Node] = []
+        weights: list[float] = []
+        params: list[tuple[str, float]] = []
+        if fn.text == "merge":
+            m = self.peek()
+            if m.kind != "name" or m.text not in METHODS:
+                raise self.error(f"Expected a merge method ({', '.join(METHODS)})")
+            self.take()
+            params.append(("method", m.text))  # type: ignore[arg-type]
+            while self.peek().kind == "op" and self.peek().text == ",":
+                self.take()
+                key = self.peek()
+                if key.kind == "name" and self.toks[self.i + 1].text == "=":
+                    if key.text not in ("density", "seed"):
+                        raise self.error("Unknown parameter (use density= or seed=)", key)
+                    self.take()
+                    self.take()
+                    num = self.peek()
+                    if num.kind != "num":
+                        raise self.error(f"Expected a number for {key.text}")
+                    self.take()
+                    params.append((key.text, float(num.text)))
+                    continue
+                if len(params) > 1:
+                    raise self.error("Adapters must come before density=/seed=")
+                node = self.expr()
+                w, n = (_terms(node)[0] if isinstance(node, Linear) and len(node.terms) == 1 else (1.0, node))
+                args.append(n)
+                weights.append(w)
+            if not args:
+                raise self.error("merge() needs at least one adapter")
+        else:
+            args.append(self.expr())
+            self.expect(",")
+            args.append(self.expr())
+            if fn.text == "interp":
+                self.expect(",")
+                neg = 1.0
+                if self.peek().text == "-":
+                    self.take()
+                    neg = -1.0
+                num = self.peek()
+                if num.kind != "num":
+                    raise self.error("Expected the interpolation parameter t (a number)")
+                self.take()
+                params.append(("t", neg * float(num.text)))
+        self.expect(")")
+        return Call(fn.text, tuple(args), tuple(weights), tuple(params), fn.pos)
+
+
+def _terms(node: Node) -> list[tuple[float, Node]]:
+    return list(node.terms) if isinstance(node, Linear) else [(1.0, node)]
+
+
+def _linear(terms: list[tuple[float, Node]]) -> Node:
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+    return Linear(tuple(terms))
+
+
+def parse(text: str) -> Node:
+    """Parse ``text`` into an AST; raises :class:`ExpressionError` with the position of a syntax error."""
+    if not isinstance(text, str):
+        raise ExpressionError(f"An expression must be a string, got {type(text).__name__}")
+    return _Parser(text).parse()
+
+
+def names(node: Node) -> list[str]:
+    """The adapter names an expression refers to, in order of first appearance."""
+    out: list[str] = []
+
+    def walk(n: Node) -> None:
+        if isinstance(n, Name):
+            if n.name not in out:
+                out.append(n.name)
+        elif isinstance(n, Linear):
+            for _, c in n.terms:
+                walk(c)
+        else:
+            for c in n.args:
+                walk(c)
+
+    walk(node)
+    return out
+
+
+def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -> Adapter:
+    """Evaluate an expression over named adapters.
+
+    Args:
+        expression: e.g. ``"0.7*a + 0.3*b - c"``, ``"interp(a, b, 0.25)"``, ``"merge(ties, a, b, density=0.5)"``.
+        resolve: maps a name to an adapter (default: :func:`composer.load` of a folder path). Each name is
+            resolved once. The adapter's ``source`` pins it in the recipe.
+
+    Returns:
+        The resulting adapter, whose recipe holds ``expression`` and each input's name and pinned ref.
+
+    Raises:
+        ExpressionError: syntax errors (with position) and names that cannot be resolved.
+        IncompatibleAdaptersError, NotComposableError: from the arithmetic.
+    """
+    from . import ops
+    from .io import load
+
+    tree = parse(expression)
+    resolver = resolve or load
+    cache: dict[str, Adapter] = {}
+
+    def leaf(n: Name) -> Adapter:
+        if n.name not in cache:
+            try:
+                a = resolver(n.name)
+            except ComposerError as e:
+                if isinstance(e, ExpressionError):
+                    raise
+                raise ExpressionError(f"Cannot resolve '{n.name}': {e}", expression=expression,
+                                      position=n.pos) from e
+            except (LookupError, OSError, ValueError) as e:
+                raise ExpressionError(f"Cannot resolve '{n.name}': {e}", expression=expression,
+                                      position=n.pos) from e
+            cache[n.name] = replace(a, source=a.source or n.name)
+        return cache[n.name]
+
+    def ev(n: Node) -> Adapter:
+        if isinstance(n, Name):
+            return leaf(n)
+        if isinstance(n, Linear):
+            operands = [ev(c) for _, c in n.terms]
+            weights = [w for w, _ in n.terms]
+            if len(operands) == 1:
+                w = weights[0]
+                return ops.negate(operands[0]) if w == -1.0 else ops.scale(operands[0], w)
+            return ops._linear(operands, weights)
+        p = dict(n.params)
+        if n.fn == "interp":
+            return ops.interpolate(ev(n.args[0]), ev(n.args[1]), float(p["t"]))
+        if n.fn == "compose":
+            return ops.compose(ev(n.args[0]), ev(n.args[1]))
+        seed = p.get("seed")
+        return ops.merge([ev(c) for c in n.args], list(n.weights), method=str(p["method"]),
+                         density=p.get("density"), seed=None if seed is None else int(seed))
+
+    result = ev(tree)
+    if result.recipe is None:
+        return result  # a bare name: the adapter itself
+    inputs = tuple({"name": nm, "ref": cache[nm].source or nm} for nm in names(tree))
+    recipe = replace(result.recipe, expression=expression.strip(), inputs=inputs)
+    return replace(result, recipe=recipe)

@@ -1,0 +1,98 @@
+"""Composed initialisation: a trainable PEFT model whose adapter starts from a composition."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .adapters import Adapter, PromptVector, RoadAdapter
+from .errors import IncompatibleAdaptersError, NotComposableError
+
+
+def _road_config(adapter: RoadAdapter, linear_names: set[str] | None = None) -> Any:
+    from peft import RoadConfig
+
+    targets = sorted({m.rsplit(".", 1)[-1] for m in adapter.theta})
+    if linear_names is not None and {n for n in linear_names if n.rsplit(".", 1)[-1] in targets} != set(adapter.theta):
+        targets = sorted(adapter.theta)  # the adapter covers only some layers: name them exactly
+    return RoadConfig(variant=adapter.variant, group_size=adapter.group_size, target_modules=targets,
+                      base_model_name_or_path=adapter.base_model)
+
+
+def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[[str], Adapter] | None = None,
+         adapter_name: str = "default") -> Any:
+    """Wrap ``model`` in a trainable ``PeftModel`` whose adapter starts from a composition.
+
+    Args:
+        model: a ``transformers`` causal LM (not yet wrapped by PEFT).
+        adapter_or_expression: an adapter, or an expression for :func:`composer.evaluate`.
+        resolve: name resolver for expressions (default: folder paths).
+        adapter_name: the PEFT adapter name.
+
+    Returns:
+        A ``PeftModel`` in training mode with only the adapter's parameters trainable. For RoAd the angles and
+        scales equal the composition's; for prompts the prompt is ``P₀ + Στ`` and the returned model carries
+        ``composer_prompt_init`` (P₀), so that :func:`composer.from_peft` recovers τ after training. (PEFT
+        loads saved prompts frozen; building the model with ``get_peft_model`` keeps it trainable.)
+
+    Raises:
+        IncompatibleAdaptersError: the adapter's modules or widths do not match ``model``.
+        NotComposableError: a prompt without its recorded init.
+    """
+    from peft import PromptTuningConfig, get_peft_model
+
+    from .expr import evaluate
+
+    adapter = (evaluate(adapter_or_expression, resolve=resolve) if isinstance(adapter_or_expression, str)
+               else adapter_or_expression)
+    if isinstance(adapter, RoadAdapter):
+        modules = dict(model.named_modules())
+        for m in adapter.theta:
+            if m not in modules or not isinstance(modules[m], torch.nn.Linear):
+                raise IncompatibleAdaptersError(
+                    f"Module '{m}' of the adapter is not a Linear layer of this model; was it trained on "
+                    f"{adapter.base_model!r}?", field="modules", left=m, right=None, tensor=f"{m}.road_theta")
+            if modules[m].out_features != adapter.width(m):
+                raise IncompatibleAdaptersError(
+                    f"Tensor '{m}.road_theta' is for width {adapter.width(m)}, the model's layer has "
+                    f"{modules[m].out_features}.", field="shape", left=adapter.width(m),
+                    right=modules[m].out_features, tensor=f"{m}.road_theta")
+        linear = {n for n, mod in modules.items() if isinstance(mod, torch.nn.Linear)}
+        peft_model = get_peft_model(model, _road_config(adapter, linear), adapter_name=adapter_name)
+        targets = {n: mod for n, mod in peft_model.base_model.model.named_modules() if hasattr(mod, "road_theta")}
+        extra = sorted(set(targets) - set(adapter.theta))
+        if extra:
+            raise IncompatibleAdaptersError(
+                f"The model has RoAd-targetable module '{extra[0]}' that the adapter does not adapt.",
+                field="modules", left=sorted(adapter.theta), right=sorted(targets), tensor=extra[0])
+        with torch.no_grad():
+            for m, mod in targets.items():
+                p_t, p_a = mod.road_theta[adapter_name], mod.road_alpha[adapter_name]
+                p_t.copy_(adapter.theta[m].to(p_t.dtype))
+                p_a.copy_(adapter.alpha[m].to(p_a.dtype))
+        peft_model.train()
+        peft_model.composer_start = adapter
+        return peft_model
+    if isinstance(adapter, PromptVector):
+        if not adapter.composable:
+            raise NotComposableError("This prompt has no recorded init (prompt_vector.safetensors), so a new task "
+                                     "cannot be initialised from its task vector. Retrain it with hub train.")
+        n, dim = adapter.shape
+        emb = model.get_input_embeddings()
+        if emb.embedding_dim != dim:
+            raise IncompatibleAdaptersError(
+                f"Tensor 'prompt_embeddings' has token_dim {dim}, the model's embeddings have {emb.embedding_dim}.",
+                field="shape", left=dim, right=emb.embedding_dim, tensor="prompt_embeddings")
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=dim,
+                                 base_model_name_or_path=adapter.base_model)
+        peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+        with torch.no_grad():
+            w = peft_model.prompt_encoder[adapter_name].embedding.weight
+            w.copy_(adapter.prompt.to(w.dtype))
+        peft_model.train()
+        peft_model.composer_prompt_init = adapter.init.clone()
+        peft_model.composer_start = adapter
+        return peft_model
+    raise TypeError(f"Expected a RoadAdapter, PromptVector or expression, got {type(adapter).__name__}")

@@ -1,0 +1,323 @@
+"""Task arithmetic on adapters: add, sub, negate, scale, interpolate, merge, compose.
+
+RoAd arithmetic works on each adapter's generator ``(θ, log α)``:
+
+- road_1 blocks are complex numbers ``α·e^{iθ}`` and commute, so a weighted sum of generators is *exactly*
+  the product ``Π (αᵢ e^{iθᵢ})^{wᵢ}``: ``add(a, b)`` is "apply a, then b", ``negate`` is the inverse.
+- road_2/road_4 blocks do not commute: the same per-element arithmetic is an approximation. The result's
+  recipe says so (``exact=False``) and carries ``deviation = ‖approx − exact‖ / ‖exact‖`` against the exact
+  product ``A_n^{w_n} ⋯ A_1^{w_1}`` of the blocks. :func:`compose` gives the exact product (as road_4).
+
+Prompt vectors work on τ = P − P₀: the result's prompt is ``P₀ + Σ wᵢ τᵢ`` with P₀ the first input's init.
+
+Every function checks compatibility first and returns a new adapter carrying its :class:`Recipe`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from . import merge_methods, road_math
+from .adapters import Adapter, PromptVector, Recipe, RoadAdapter
+from .errors import (
+    CompatibilityWarning,
+    IncompatibleAdaptersError,
+    InvalidValueError,
+    NotComposableError,
+)
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _label(a: Adapter, i: int) -> str:
+    if a.recipe is not None:
+        return f"({a.recipe.expression})"
+    return a.source or f"input{i}"
+
+
+def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) -> None:
+    """Raise :class:`IncompatibleAdaptersError` unless all adapters can be combined.
+
+    Checks, in order: same kind; for RoAd the same variant (unless ``same_variant=False``), group size, adapted
+    modules and tensor shapes; for prompts the same shape and a recorded init. Different
+    ``base_model_name_or_path`` values with matching shapes only warn (:class:`CompatibilityWarning`).
+    """
+    if not adapters:
+        raise ValueError("no adapters given")
+    first = adapters[0]
+    for i, other in enumerate(adapters[1:], start=1):
+        names = f"{_label(first, 0)!s} and {_label(other, i)!s}"
+        if other.kind != first.kind:
+            raise IncompatibleAdaptersError(
+                f"Cannot combine a {first.kind} adapter with a {other.kind} adapter ({names}); "
+                "RoAd adapters combine with RoAd adapters and prompt vectors with prompt vectors.",
+                field="kind", left=first.kind, right=other.kind)
+        bm_note = ""
+        if first.base_model != other.base_model:
+            bm_note = f" (base models differ: {first.base_model!r} vs {other.base_model!r})"
+        if isinstance(first, RoadAdapter):
+            assert isinstance(other, RoadAdapter)
+            if same_variant and other.variant != first.variant:
+                raise IncompatibleAdaptersError(
+                    f"Variants differ: {first.variant} vs {other.variant} ({names}). Generator arithmetic needs "
+                    "one variant; use composer.compose(a, b) for the exact product (promoted to road_4).",
+                    field="variant", left=first.variant, right=other.variant)
+            if other.group_size != first.group_size:
+                raise IncompatibleAdaptersError(
+                    f"Group sizes differ: {first.group_size} vs {other.group_size} ({names}); the 2D pairs "
+                    "do not line up, so these adapters cannot be combined.",
+                    field="group_size", left=first.group_size, right=other.group_size)
+            ma, mb = set(first.theta), set(other.theta)
+            if ma != mb:
+                only = sorted(ma ^ mb)[0]
+                side = "first" if only in ma else "second"
+                raise IncompatibleAdaptersError(
+                    f"Target modules differ: '{only}' is adapted only by the {side} adapter ({names}){bm_note}.",
+                    field="modules", left=sorted(ma), right=sorted(mb), tensor=f"{only}.road_theta")
+            for m in first.theta:
+                wa, wb = first.width(m), other.width(m)
+                if wa != wb or first.theta[m].shape != other.theta[m].shape:
+                    raise IncompatibleAdaptersError(
+                        f"Tensor '{m}.road_theta' has shape {tuple(first.theta[m].shape)} vs "
+                        f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}){bm_note}.",
+                        field="shape", left=tuple(first.theta[m].shape), right=tuple(other.theta[m].shape),
+                        tensor=f"{m}.road_theta")
+        else:
+            assert isinstance(other, PromptVector)
+            if other.shape != first.shape:
+                raise IncompatibleAdaptersError(
+                    f"Tensor 'prompt_embeddings' has shape {first.shape} vs {other.shape} "
+                    f"(virtual tokens x token_dim){bm_note}.",
+                    field="shape", left=first.shape, right=other.shape, tensor="prompt_embeddings")
+        if bm_note:
+            warnings.warn(
+                f"{names} were trained on different base models ({first.base_model!r} vs "
+                f"{other.base_model!r}); shapes match, so they are combined anyway.",
+                CompatibilityWarning, stacklevel=3)
+    if isinstance(first, PromptVector):
+        for i, a in enumerate(adapters):
+            _require_vector(a, i)
+
+
+def _require_vector(a: Adapter, i: int) -> None:
+    if isinstance(a, PromptVector) and not a.composable:
+        raise NotComposableError(
+            f"Prompt {_label(a, i)} has no prompt_vector.safetensors (its init P₀ and τ), so it can be chatted "
+            "with but not composed. Retrain it with `hub train --kind prompt`, which records the init.")
+
+
+# ------------------------------------------------------------------------------------------- generators
+
+
+def _generator(a: RoadAdapter, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ, log α) in float64. A negative α is written as (θ + π, |α|): the same block for every variant."""
+    theta = a.theta[m].double()
+    alpha = a.alpha[m].double()
+    if bool((alpha == 0).any()):
+        idx = int((alpha == 0).nonzero()[0])
+        raise InvalidValueError(
+            f"Tensor '{m}.road_alpha' is 0 at index {idx}: a zero scale has no logarithm, so it cannot enter "
+            "generator arithmetic. Use composer.compose for exact products.",
+            tensor=f"{m}.road_alpha", index=idx, value=0.0)
+    neg = alpha < 0
+    if bool(neg.any()):
+        theta = torch.where(neg, theta + math.pi, theta)
+        alpha = alpha.abs()
+    return theta, alpha.log()
+
+
+def _road_result(template: RoadAdapter, theta: dict, alpha: dict, recipe: Recipe,
+                 variant: str | None = None) -> RoadAdapter:
+    return RoadAdapter(variant=variant or template.variant, group_size=template.group_size, theta=theta,
+                       alpha=alpha, config=dict(template.config), recipe=recipe, source=None)
+
+
+def _deviation(adapters: Sequence[RoadAdapter], weights: Sequence[float], result: RoadAdapter) -> float | None:
+    """Relative deviation of ``result`` from the exact product ``A_n^{w_n} ⋯ A_1^{w_1}``."""
+    g = result.group_size
+    approx, exact = [], []
+    for m in result.theta:
+        mats = [road_math.block_power(road_math.blocks(a.variant, g, a.theta[m], a.alpha[m]), w)
+                for a, w in zip(adapters, weights)]
+        exact.append(road_math.sequential_product(mats))
+        approx.append(road_math.blocks(result.variant, g, result.theta[m], result.alpha[m]))
+    dev = road_math.relative_deviation(approx, exact)
+    return None if math.isnan(dev) else dev
+
+
+def _inputs(adapters: Sequence[Adapter]) -> tuple[dict, ...]:
+    seen: dict[str, dict] = {}
+    for i, a in enumerate(adapters):
+        if a.recipe is not None:
+            for inp in a.recipe.inputs:
+                seen.setdefault(str(inp.get("ref")), dict(inp))
+        else:
+            label = _label(a, i)
+            seen.setdefault(label, {"name": label, "ref": a.source or label})
+    return tuple(seen.values())
+
+
+def _weighted_expr(adapters: Sequence[Adapter], weights: Sequence[float]) -> str:
+    parts = []
+    for i, (a, w) in enumerate(zip(adapters, weights)):
+        term = _label(a, i) if w in (1, -1) else f"{_fmt(abs(w))}*{_label(a, i)}"
+        sign = "-" if w < 0 else "+"
+        parts.append(term if (i == 0 and sign == "+") else (f"-{term}" if i == 0 else f" {sign} {term}"))
+    return "".join(parts)
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x)).rstrip("0").rstrip(".") if float(x) != int(x) else str(int(x))
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: str = "task_arithmetic",
+            density: float | None = None, seed: int | None = None, expression: str | None = None,
+            op: str | None = None) -> Adapter:
+    """``Σ wᵢ·genᵢ`` (or a merge method) over compatible adapters; the core of every linear operation."""
+    check_compatible(adapters)
+    weights = [float(w) for w in weights]
+    for w in weights:
+        if not math.isfinite(w):
+            raise InvalidValueError(f"Weight {w} is not finite; weights must be finite numbers.", value=w)
+    m = merge_methods.METHODS[method]
+    if m.needs_density:
+        if density is None or not (0.0 < float(density) <= 1.0):
+            raise ValueError(f"Method {method!r} needs a density in (0, 1], got {density!r}.")
+    expr = expression or (_weighted_expr(adapters, weights) if method == "task_arithmetic"
+                          else f"merge({method}, " + ", ".join(_label(a, i) for i, a in enumerate(adapters)) + ")")
+    params: dict = {}
+    if m.needs_density:
+        params["density"] = float(density)  # type: ignore[arg-type]
+    if m.random:
+        params["seed"] = 0 if seed is None else int(seed)
+    first = adapters[0]
+
+    def combine(ts: list[torch.Tensor]) -> torch.Tensor:
+        return merge_methods.apply(method, ts, weights, density=density, seed=seed)
+
+    if isinstance(first, RoadAdapter):
+        theta, alpha = {}, {}
+        for mod in first.theta:
+            gens = [_generator(a, mod) for a in adapters]  # type: ignore[arg-type]
+            th = combine([g[0] for g in gens])
+            la = combine([g[1] for g in gens])
+            theta[mod] = th.to(first.theta[mod].dtype)
+            alpha[mod] = la.exp().to(first.alpha[mod].dtype)
+        heuristic = method != "task_arithmetic"
+        exact = first.variant == "road_1" and not heuristic
+        recipe = Recipe(expression=expr, inputs=_inputs(adapters), weights=tuple(weights),
+                        method=op or method, params=params, exact=exact)
+        result = _road_result(first, theta, alpha, recipe)
+        if not exact and not heuristic:
+            dev = _deviation(adapters, weights, result)  # type: ignore[arg-type]
+            result = replace(result, recipe=replace(recipe, deviation=dev))
+        return result
+    # prompt vectors: τ arithmetic around the first input's origin
+    vector = combine([a.vector for a in adapters]).to(first.vector.dtype)  # type: ignore[union-attr, misc]
+    recipe = Recipe(expression=expr, inputs=_inputs(adapters), weights=tuple(weights), method=op or method,
+                    params=params, exact=method == "task_arithmetic")
+    return PromptVector.from_parts(first.init, vector, dict(first.config), recipe=recipe)  # type: ignore[arg-type]
+
+
+def add(a: Adapter, b: Adapter, *more: Adapter) -> Adapter:
+    """``a + b (+ ...)``. For road_1 exactly "apply a, then b"; for prompts ``P₀ + τ_a + τ_b``."""
+    adapters = [a, b, *more]
+    return _linear(adapters, [1.0] * len(adapters))
+
+
+def sub(a: Adapter, b: Adapter) -> Adapter:
+    """``a − b``: ``add(a, negate(b))``."""
+    return _linear([a, b], [1.0, -1.0])
+
+
+def negate(a: Adapter) -> Adapter:
+    """``−a``: for road_1 the exact inverse (−θ, 1/α); for prompts −τ."""
+    return _linear([a], [-1.0], expression=f"-{_label(a, 0)}", op="negate")
+
+
+def scale(a: Adapter, factor: float) -> Adapter:
+    """``factor·a``: (λθ, α^λ) for RoAd, λτ for prompts."""
+    return _linear([a], [factor], expression=f"{_fmt(factor)}*{_label(a, 0)}", op="scale")
+
+
+def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
+    """The geodesic ``(1 − t)·gen_a + t·gen_b``; ``t = 0`` returns ``a`` and ``t = 1`` returns ``b`` bit for bit.
+
+    For prompts both the origin and τ are interpolated, so the endpoints are the inputs themselves.
+    """
+    t = float(t)
+    if not math.isfinite(t):
+        raise InvalidValueError(f"Interpolation parameter t={t} is not finite.", value=t)
+    expr = f"interp({_label(a, 0)}, {_label(b, 1)}, {_fmt(t)})"
+    result = _linear([a, b], [1.0 - t, t], expression=expr, op="interpolate")
+    recipe = replace(result.recipe, params={"t": t})  # type: ignore[arg-type]
+    if t in (0.0, 1.0):
+        # Exact endpoints: the geodesic at 0/1 is the input itself; float rounding of exp(log α) would not be.
+        end = a if t == 0.0 else b
+        check_compatible([a, b])
+        recipe = replace(recipe, exact=True, deviation=None)
+        return replace(end, recipe=recipe, source=None)
+    if isinstance(a, PromptVector):
+        assert isinstance(b, PromptVector) and a.init is not None and b.init is not None
+        init = ((1.0 - t) * a.init.double() + t * b.init.double()).to(a.init.dtype)
+        return PromptVector.from_parts(init, result.vector, result.config, recipe=recipe)  # type: ignore[arg-type]
+    return replace(result, recipe=recipe)
+
+
+def merge(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "task_arithmetic",
+          density: float | None = None, seed: int | None = None) -> Adapter:
+    """Merge task vectors with a named method (``composer.METHODS``).
+
+    Args:
+        adapters: two or more compatible adapters.
+        weights: one weight per adapter (default 1.0 each).
+        method: ``task_arithmetic``, ``ties``, ``dare_linear`` or ``dare_ties``.
+        density: fraction kept by TIES/DARE, in (0, 1].
+        seed: random seed for DARE's drop mask (default 0), recorded in the recipe.
+
+    Returns:
+        The merged adapter. TIES/DARE are heuristics: their recipe says ``exact=False``.
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("merge needs at least one adapter")
+    if method not in merge_methods.METHODS:
+        raise ValueError(f"Unknown merge method {method!r}. Available: {', '.join(merge_methods.METHODS)}.")
+    if weights is None:
+        weights = [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter.")
+    return _linear(adapters, list(weights), method=method, density=density, seed=seed)
+
+
+def compose(a: Adapter, b: Adapter) -> Adapter:
+    """Exact sequential application: the adapter equal to applying ``a``, then ``b``.
+
+    road_1 with road_1 stays road_1 (generator addition is exact); any other pair is promoted to road_4 and the
+    2x2 blocks are multiplied exactly (``B·A``). Prompt vectors have no sequential product: use :func:`add`.
+    """
+    if isinstance(a, PromptVector) or isinstance(b, PromptVector):
+        check_compatible([a, b])
+        raise NotComposableError("compose() is the exact product of RoAd blocks; prompt vectors have none. "
+                                 "Use composer.add(a, b) for τ arithmetic.")
+    check_compatible([a, b], same_variant=False)
+    expr = f"compose({_label(a, 0)}, {_label(b, 1)})"
+    if a.variant == b.variant == "road_1":
+        r = _linear([a, b], [1.0, 1.0], expression=expr, op="compose")
+        return r
+    g = a.group_size
+    theta, alpha = {}, {}
+    for m in a.theta:
+        ma = road_math.blocks(a.variant, g, a.theta[m], a.alpha[m])
+        mb = road_math.blocks(b.variant, g, b.theta[m], b.alpha[m])
+        theta[m], alpha[m] = road_math.road4_from_blocks(mb @ ma, dtype=a.theta[m].dtype)
+    recipe = Recipe(expression=expr, inputs=_inputs([a, b]), weights=(), method="compose", params={}, exact=True)
+    return _road_result(a, theta, alpha, recipe, variant="road_4")
