@@ -17,8 +17,7 @@ def _road_config(adapter: RoadAdapter, linear_names: set[str] | None = None) -> 
     targets = sorted({m.rsplit(".", 1)[-1] for m in adapter.theta})
     if linear_names is not None and {n for n in linear_names if n.rsplit(".", 1)[-1] in targets} != set(adapter.theta):
         targets = sorted(adapter.theta)  # the adapter covers only some layers: name them exactly
-    return RoadConfig(variant=adapter.variant, group_size=adapter.group_size, target_modules=targets,
-                      base_model_name_or_path=adapter.base_model)
+    return RoadConfig(variant=adapter.variant, group_size=adapter.group_size, target_modules=targets)
 
 
 def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[[str], Adapter] | None = None,
@@ -85,8 +84,7 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
             raise IncompatibleAdaptersError(
                 f"Tensor 'prompt_embeddings' has token_dim {dim}, the model's embeddings have {emb.embedding_dim}.",
                 field="shape", left=dim, right=emb.embedding_dim, tensor="prompt_embeddings")
-        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=dim,
-                                 base_model_name_or_path=adapter.base_model)
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=dim)
         peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
         with torch.no_grad():
             w = peft_model.prompt_encoder[adapter_name].embedding.weight

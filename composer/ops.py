@@ -81,7 +81,7 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                     field="modules", left=sorted(ma), right=sorted(mb), tensor=f"{only}.road_theta")
             for m in first.theta:
                 wa, wb = first.width(m), other.width(m)
-                if wa != wb or first.theta[m].shape != other.theta[m].shape:
+                if wa != wb or (same_variant and first.theta[m].shape != other.theta[m].shape):
                     raise IncompatibleAdaptersError(
                         f"Tensor '{m}.road_theta' has shape {tuple(first.theta[m].shape)} vs "
                         f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}){bm_note}.",

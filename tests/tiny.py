@@ -1,0 +1,52 @@
+"""Tiny models and adapters built from a config (no network), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from composer import PromptVector, RoadAdapter
+
+HIDDEN = 32
+TARGETS = ("q_proj", "v_proj", "up_proj")
+
+
+def tiny_config(hidden: int = HIDDEN) -> LlamaConfig:
+    return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_model(seed: int = 0, hidden: int = HIDDEN) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(hidden)).eval()
+
+
+def module_widths(model, targets=TARGETS) -> dict[str, int]:
+    return {n: m.out_features for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+
+
+def random_road(model, variant: str = "road_1", group_size: int = 8, seed: int = 0, scale: float = 0.3,
+                targets=TARGETS, base: str = "tiny-llama") -> RoadAdapter:
+    g = torch.Generator().manual_seed(seed)
+    per = {"road_1": 0.5, "road_2": 1, "road_4": 2}[variant]
+    theta, alpha = {}, {}
+    for name, width in module_widths(model, targets).items():
+        n = int(width * per)
+        theta[name] = torch.randn(n, generator=g) * scale
+        alpha[name] = 1 + torch.randn(n, generator=g) * scale * 0.3
+    cfg = {"base_model_name_or_path": base, "target_modules": sorted(targets)}
+    return RoadAdapter(variant=variant, group_size=group_size, theta=theta, alpha=alpha, config=cfg,
+                       source=f"road-{variant}-{seed}")
+
+
+def random_prompt(n: int = 4, dim: int = HIDDEN, seed: int = 0, init_seed: int = 100,
+                  base: str = "tiny-llama") -> PromptVector:
+    g = torch.Generator().manual_seed(init_seed)
+    init = torch.randn(n, dim, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    vector = torch.randn(n, dim, generator=g) * 0.5
+    cfg = {"base_model_name_or_path": base, "num_virtual_tokens": n, "token_dim": dim,
+           "num_transformer_submodules": 1, "task_type": "CAUSAL_LM"}
+    return PromptVector.from_parts(init, vector, cfg, source=f"prompt-{seed}")
