@@ -49,6 +49,8 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
     """
     if not adapters:
         raise ValueError("no adapters given")
+    for a in adapters:
+        a.validate()
     first = adapters[0]
     for i, other in enumerate(adapters[1:], start=1):
         names = f"{_label(first, 0)!s} and {_label(other, i)!s}"
