@@ -1,0 +1,14 @@
+"""The engine: the offline base model and per-request adapter mixes served in one batch.
+
+    load_base(name_or_path=None) -> (model, tokenizer)
+    Engine(model, tokenizer).forward(input_ids, attention_mask, mixes)   logits per row, each with its mix
+    Engine.generate(requests, **sampling) / Engine.stream(...)           batched chat with a KV cache
+"""
+
+from __future__ import annotations
+
+from .base import DEFAULT_NAME, INSTALL_HINT, default_cache_dir, gguf_path, load_base, store_root
+from .engine import Engine, Request
+
+__all__ = ["load_base", "Engine", "Request", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir", "gguf_path",
+           "store_root"]

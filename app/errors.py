@@ -1,0 +1,53 @@
+"""Errors raised by :mod:`app` (engine and training).
+
+    AppError
+    ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
+    ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
+    └── TrainingDataError(ValueError)  the JSONL training file is unreadable or has no usable rows
+"""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """Base class of every error raised by :mod:`app`."""
+
+
+class BaseModelError(AppError, RuntimeError):
+    """The base model cannot be loaded.
+
+    Attributes:
+        name: the model id or path that was asked for.
+    """
+
+    def __init__(self, message: str, *, name: object = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class MixError(AppError, ValueError):
+    """A mix cannot be served with this base model.
+
+    Attributes:
+        row: the batch row at fault, when known.
+        module: the first offending module name, when one is at fault.
+    """
+
+    def __init__(self, message: str, *, row: int | None = None, module: str | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+        self.module = module
+
+
+class TrainingDataError(AppError, ValueError):
+    """The training data is unusable.
+
+    Attributes:
+        path: the data file.
+        line: 1-based line number of the first bad row, when known.
+    """
+
+    def __init__(self, message: str, *, path: object = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
