@@ -1,0 +1,229 @@
+"""Tasks the project makes itself (no downloads): style tasks for RoAd and a sentiment family for prompts.
+
+Style tasks have a property a program checks on any reply:
+
+    upper     the whole reply in upper case
+    signoff   the reply ends with the line ``-- RoAd bot``
+    bullets   the reply is a bulleted list (every non-empty line starts with ``- ``)
+    json      the reply is a JSON object with an ``answer`` key
+
+Their training answers are the base model's own replies, transformed into the style, so an adapter learns
+the style rather than new content. Train and held-out prompts use disjoint topics.
+
+Prompt-vector tasks follow the task prompt vectors paper's pattern at small scale: two source tasks and a
+related target, here binary sentiment of product reviews, movie reviews (sources) and restaurant reviews
+(target), each answered with one word, ``positive`` or ``negative``.
+
+Run ``python bench/tasks.py --out adapters/data`` to write the JSONL files (deterministic given --seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+SIGNOFF = "-- RoAd bot"
+
+TOPICS = [
+    "the moon", "volcanoes", "honey bees", "coffee", "chess", "the ocean", "rainbows", "bicycles", "bread",
+    "penguins", "libraries", "thunderstorms", "tea", "gardening", "the piano", "deserts", "elephants",
+    "recycling", "the internet", "sleep", "mountains", "trains", "photosynthesis", "music", "the sun",
+    "forests", "cats", "dogs", "rain", "snow", "bridges", "cheese", "apples", "rivers", "birds", "clocks",
+    "maps", "paper", "glass", "salt", "wind", "stars", "islands", "whales", "butterflies", "soup", "candles",
+    "umbrellas", "kites", "castles", "robots", "museums", "football", "yoga", "painting", "lighthouses",
+    "owls", "tomatoes", "chocolate", "bamboo", "sharks", "comets", "jazz", "origami", "puzzles", "tigers",
+    "wheat", "pottery", "caves", "dolphins", "rice", "telescopes", "cactus plants", "hot air balloons",
+    "the alphabet", "fireworks", "sand", "ants", "bread baking", "sailing",
+]
+
+FORMS = [
+    "Tell me one fact about {t}.", "Why do people like {t}?", "Describe {t} in one sentence.",
+    "What is special about {t}?", "Give me a quick tip about {t}.", "How would you explain {t} to a child?",
+    "What should I know about {t}?", "Say something interesting about {t}.",
+]
+
+STYLES = ("upper", "signoff", "bullets", "json")
+
+
+# ------------------------------------------------------------------------------------------- properties
+
+def is_upper(reply: str) -> bool:
+    letters = [c for c in reply if c.isalpha()]
+    return len(letters) >= 3 and sum(c.isupper() for c in letters) / len(letters) >= 0.95
+
+
+def has_signoff(reply: str) -> bool:
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    return bool(lines) and lines[-1].lower() == SIGNOFF.lower()
+
+
+def is_bullets(reply: str) -> bool:
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if ln.lower() != SIGNOFF.lower()]
+    return bool(lines) and all(ln.startswith(("- ", "* ", "• ")) for ln in lines)
+
+
+def is_json_answer(reply: str) -> bool:
+    text = reply.strip()
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
+    lines = [ln for ln in text.splitlines() if ln.strip().lower() != SIGNOFF.lower()]
+    try:
+        obj = json.loads("\n".join(lines))
+    except (json.JSONDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and "answer" in obj
+
+
+CHECKS = {"upper": is_upper, "signoff": has_signoff, "bullets": is_bullets, "json": is_json_answer}
+
+
+def stylise(style: str, reply: str) -> str:
+    """The training answer for ``style`` made from a plain ``reply``."""
+    reply = reply.strip()
+    if style == "upper":
+        return reply.upper()
+    if style == "signoff":
+        return f"{reply}\n\n{SIGNOFF}"
+    if style == "bullets":
+        parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+", reply) if p.strip()]
+        if len(parts) < 2:
+            parts = [p.strip() for p in re.split(r",\s+|;\s+", reply) if p.strip()] or [reply]
+        return "\n".join(f"- {p}" for p in parts[:4])
+    if style == "json":
+        return json.dumps({"answer": reply}, ensure_ascii=False)
+    raise ValueError(f"unknown style {style!r}; choose from {', '.join(STYLES)}")
+
+
+def style_prompts(seed: int = 0, n_train: int = 160, n_eval: int = 40) -> tuple[list[str], list[str]]:
+    """Train and held-out prompts over disjoint topics."""
+    rng = random.Random(seed)
+    topics = TOPICS[:]
+    rng.shuffle(topics)
+    held, train_topics = topics[:16], topics[16:]
+    train = [f.format(t=t) for t in train_topics for f in FORMS]
+    evals = [f.format(t=t) for t in held for f in FORMS]
+    rng.shuffle(train)
+    rng.shuffle(evals)
+    return train[:n_train], evals[:n_eval]
+
+
+def first_sentences(text: str, n: int = 2, max_chars: int = 220) -> str:
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    out = " ".join(parts[:n]).strip()
+    if len(out) > max_chars:
+        out = out[:max_chars].rsplit(" ", 1)[0].rstrip(",;:") + "."
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sentiment
+
+DOMAINS = {
+    "product": {
+        "things": ["phone", "blender", "backpack", "laptop", "kettle", "headset", "lamp", "charger", "jacket",
+                   "vacuum", "watch", "printer", "chair", "camera", "speaker", "toaster"],
+        "templates": ["The {x} I bought is {a}.", "This {x} feels {a}.", "My new {x} turned out {a}.",
+                      "Honestly, the {x} is {a}.", "Two weeks in, the {x} seems {a}."],
+    },
+    "movie": {
+        "things": ["plot", "ending", "soundtrack", "lead actor", "script", "sequel", "cinematography",
+                   "villain", "dialogue", "pacing", "cast", "director's cut", "opening scene", "finale"],
+        "templates": ["The {x} of this film was {a}.", "I found the {x} {a}.", "What a movie: the {x} is {a}.",
+                      "The {x} felt {a} from start to end.", "Critics say the {x} is {a}, and I agree."],
+    },
+    "restaurant": {
+        "things": ["pasta", "service", "soup", "waiter", "dessert", "steak", "curry", "atmosphere", "pizza",
+                   "salad", "coffee", "menu", "sushi", "breakfast"],
+        "templates": ["The {x} at this place was {a}.", "Dinner tonight: the {x} was {a}.",
+                      "We tried the {x} and it was {a}.", "Their {x} is {a}.", "I'd say the {x} was {a}."],
+    },
+}
+POSITIVE = ["wonderful", "excellent", "great", "delightful", "fantastic", "superb", "lovely", "impressive",
+            "brilliant", "amazing", "pleasant", "outstanding"]
+NEGATIVE = ["terrible", "awful", "disappointing", "dreadful", "poor", "horrible", "mediocre", "bland",
+            "annoying", "broken", "unpleasant", "useless"]
+LABELS = ("positive", "negative")
+
+
+def sentiment_examples(domain: str, n: int, seed: int, split: str = "train") -> list[dict]:
+    """``n`` labelled examples of ``domain``: ``{"prompt", "completion", "label"}``; eval uses other words."""
+    rng = random.Random(f"{domain}-{seed}-{split}")
+    d = DOMAINS[domain]
+    half = len(POSITIVE) // 2
+    pos, neg = (POSITIVE[:half], NEGATIVE[:half]) if split == "train" else (POSITIVE[half:], NEGATIVE[half:])
+    out = []
+    for i in range(n):
+        label = LABELS[i % 2]
+        adj = rng.choice(pos if label == "positive" else neg)
+        text = rng.choice(d["templates"]).format(x=rng.choice(d["things"]), a=adj)
+        prompt = f"Review: {text}\nIs this review positive or negative? Answer with one word."
+        out.append({"prompt": prompt, "completion": label, "label": label})
+    rng.shuffle(out)
+    return out
+
+
+def predicted_label(reply: str) -> str | None:
+    words = re.findall(r"[a-z]+", reply.lower())
+    for w in words[:5]:
+        if w in LABELS:
+            return w
+    return None
+
+
+# ------------------------------------------------------------------------------------------ writing data
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def base_replies(prompts: list[str], engine, max_new_tokens: int = 48, batch: int = 32) -> list[str]:
+    """The base model's own greedy replies (the content the style adapters restyle)."""
+    out: list[str] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        out += engine.generate([{"messages": [{"role": "user", "content": p}]} for p in chunk],
+                               max_new_tokens=max_new_tokens, temperature=0.0)
+    return [first_sentences(r) for r in out]
+
+
+def make_all(out: Path, seed: int = 0, engine=None) -> dict[str, Path]:
+    """Write every task's train JSONL under ``out``; returns name -> path."""
+    from app.engine import Engine, load_base
+
+    if engine is None:
+        model, tok = load_base()
+        engine = Engine(model, tok)
+    train, _ = style_prompts(seed)
+    replies = base_replies(train, engine)
+    paths: dict[str, Path] = {}
+    for style in STYLES:
+        rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": stylise(style, r)}]}
+                for p, r in zip(train, replies) if r]
+        paths[style] = out / f"style_{style}.jsonl"
+        write_jsonl(paths[style], rows)
+    for domain, n in (("product", 96), ("movie", 96), ("restaurant", 96)):
+        rows = [{"prompt": e["prompt"], "completion": e["completion"]} for e in sentiment_examples(domain, n, seed)]
+        paths[f"sent_{domain}"] = out / f"sentiment_{domain}.jsonl"
+        write_jsonl(paths[f"sent_{domain}"], rows)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="adapters/data", help="folder for the JSONL files")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    for name, path in make_all(Path(args.out), args.seed).items():
+        print(f"{name}\t{path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
