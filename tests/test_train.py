@@ -1,0 +1,147 @@
+"""Training: the loss falls on a tiny task, --init starts from the composition, the card records the run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import yaml
+
+import composer
+from app.errors import TrainingDataError
+from app.train import encode_example, main, read_examples, train
+from tests.tiny import random_prompt, random_road, tiny_config, tiny_model
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :+=?.,\n")
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer():
+    """A character-level tokenizer with a ChatML template, built offline (ids fit the tiny model's vocab)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<|im_end|>": 2, "<|im_start|>": 3}
+    vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT
+    return fast
+
+
+def learner(seed: int = 0):
+    """The tiny Llama with larger random weights: at the default init (0.02) its logits are nearly uniform
+    whatever a small adapter does, so a few steps could not show learning."""
+    cfg = tiny_config()
+    cfg.initializer_range = 0.2
+    torch.manual_seed(seed)
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Next-letter task: 'c' -> 'd'."""
+    path = tmp_path / "data.jsonl"
+    letters = "abcdefghijklmnopqrstuvwxy"
+    rows = [{"prompt": c, "completion": chr(ord(c) + 1)} for c in letters[:12]]
+    rows.append({"messages": [{"role": "user", "content": "m"}, {"role": "assistant", "content": "n"}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_answer_tokens_only_carry_labels():
+    tok = char_tokenizer()
+    ids, labels = encode_example(tok, [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}])
+    answer = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(answer) == "cd<|im_end|>\n"
+    assert len(ids) == len(labels) and labels[0] == -100
+
+
+@pytest.mark.parametrize("kind", ["road", "prompt"])
+def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
+    out = tmp_path / "out"
+    res = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=30, batch_size=8,
+                lr=3e-2 if kind == "road" else 1e-1, seed=0, out_dir=out, progress=False, num_virtual_tokens=4)
+    first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
+    assert last < 0.85 * first, res.losses
+    loaded = composer.load(out)
+    assert loaded.kind == kind
+    fm = front_matter((out / "README.md").read_text())
+    t = fm["training"]
+    assert t["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert t["steps"] == 30 and t["seed"] == 0 and t["final_loss"] == pytest.approx(res.losses[-1])
+    assert fm["library_name"] == "peft"
+    if kind == "prompt":
+        assert loaded.composable  # P0 saved: tau = P - P0 is known
+        assert torch.allclose(loaded.init, res.first_step["prompt_encoder.default.embedding.weight"])
+        assert not torch.allclose(loaded.vector, torch.zeros_like(loaded.vector))
+    # the same seed gives the same run
+    again = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=3, batch_size=8,
+                  lr=3e-2 if kind == "road" else 1e-1, seed=0, progress=False, num_virtual_tokens=4)
+    assert again.losses == res.losses[:3]
+
+
+def test_init_starts_from_the_composition(tmp_path, data):
+    m = tiny_model()
+    for name, seed in (("a", 1), ("b", 2)):
+        composer.save(random_road(m, "road_1", seed=seed), tmp_path / name)
+    expr = f"0.5*{tmp_path / 'a'} + 0.5*{tmp_path / 'b'}"
+    res = train((tiny_model(), char_tokenizer()), data, init=expr, steps=2, batch_size=4, progress=False)
+    start = composer.evaluate(expr)
+    seen = 0
+    for name, value in res.first_step.items():
+        module = name.removeprefix("base_model.model.").rsplit(".", 2)[0]
+        which = name.rsplit(".", 2)[1]
+        ref = (start.theta if which == "road_theta" else start.alpha)[module]
+        assert torch.equal(value, ref), name
+        seen += 1
+    assert seen == 2 * len(start.theta)
+    assert front_matter(res.card)["training"]["init"]["expression"] == expr
+    # the parameters moved from there
+    assert any(not torch.equal(res.adapter.theta[m], start.theta[m]) for m in start.theta)
+
+
+def test_prompt_init_from_a_composition_keeps_the_origin(tmp_path, data):
+    a, b = random_prompt(seed=1), random_prompt(seed=2)
+    res = train((tiny_model(), char_tokenizer()), data, init=composer.add(a, b), steps=2, batch_size=4,
+                progress=False)
+    assert torch.allclose(res.first_step["prompt_encoder.default.embedding.weight"], a.init + a.vector + b.vector)
+    assert torch.equal(res.adapter.init, a.init)
+
+
+def test_cli_trains_from_a_base_folder_with_init(tmp_path, data, capsys):
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    composer.save(random_road(tiny_model(), "road_1", seed=3), tmp_path / "a")
+    out = tmp_path / "trained"
+    code = main([str(data), "-o", str(out), "--base", str(base), "--init", f"0.7*{tmp_path / 'a'}",
+                 "--steps", "3", "--seed", "1", "--json"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["steps"] == 3 and record["seed"] == 1 and record["path"] == str(out)
+    assert composer.load(out).kind == "road"
+
+
+def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert main([str(bad), "-o", str(tmp_path / "o"), "--base", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error:") and "ADAPTER_HUB_DEBUG" in err
+    with pytest.raises(TrainingDataError, match="bad.jsonl:1"):
+        read_examples(bad)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "Examples:" in capsys.readouterr().out
