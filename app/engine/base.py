@@ -71,8 +71,10 @@ def _convert_gguf(target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     # The saved copy is plain safetensors: drop the GGUF marker so reloading does not look for the file.
+    # (the tensors are already de-quantised float32; only the marker remains).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a sibling folder and rename, so a crash never leaves a half-written cache that later loads trust.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

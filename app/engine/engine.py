@@ -114,13 +114,31 @@ class Engine:
             for m, cs in t.items():
                 if m not in merged:
                     merged[m] = cs
-                elif merged[m][0].shape != cs[0].shape:
+                elif road.full_tables(merged[m])[0].shape != road.full_tables(cs)[0].shape:
                     raise MixError(f"Row {row}: stacked RoAd adapters use different group sizes on '{m}'.",
                                    row=row, module=m)
                 else:
                     merged[m] = road.compose_tables(merged[m], cs)
             tables = merged
         return tables, prompt
+
+    @contextmanager
+    def applied(self, mixes: Sequence[Mix]) -> Iterator[list[PromptVector | None]]:
+        """Inside this block, calls of ``self.model`` apply each row's RoAd part (``mixes[i]`` on row ``i``).
+
+        Yields each row's prompt vector (or ``None``): the caller prepends those itself (see :meth:`inputs`).
+        Used by :meth:`forward`/:meth:`generate_tokens`, and by benchmarks that drive the model directly.
+        """
+        with self._lock:
+            tables, prompts = self._mixes(mixes, len(mixes))
+            with self._applied(tables):
+                yield prompts
+
+    def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               prompts: Sequence[PromptVector | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(inputs_embeds, attention_mask, position_ids, prefix_width)`` with per-row prompt prefixes."""
+        with torch.no_grad():
+            return self._inputs(input_ids, attention_mask, list(prompts))
 
     @contextmanager
     def _applied(self, row_tables: list[road.Tables | None]) -> Iterator[None]:

