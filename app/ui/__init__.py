@@ -1,0 +1,99 @@
+"""The Gradio app: ``hub app`` / ``python -m app``.
+
+    main(argv)                       parse options, load the base model once, serve on 127.0.0.1
+    build(model, tokenizer, ...)     the Blocks app, its Mixer and Batcher (tests serve it themselves)
+    build_app(mixer, batcher)        the page alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .mixer import METHODS, Mixer, MixInputError, build_expression
+from .page import CSS, MAX_SLOTS, build_app
+
+__all__ = ["main", "build", "build_app", "Mixer", "MixInputError", "build_expression", "METHODS", "MAX_SLOTS",
+           "seed_store", "parser"]
+
+SHIPPED = Path(__file__).resolve().parents[2] / "adapters"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hub app", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mix adapters from the local store, chat with the mix, compare, save it as a new version.",
+        epilog="Examples:\n  hub app\n  hub app -- --port 7861 --auth alice:secret\n"
+               "  python -m app --base ./my-model --max-batch 16")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login")
+    p.add_argument("--base", metavar="MODEL", help="base model id or folder (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows per engine batch (default 8)")
+    p.add_argument("--wait-ms", type=float, default=15.0, help="how long to gather a batch (default 15 ms)")
+    p.add_argument("--concurrency", type=int, default=16, help="chat events running at once (default 16)")
+    p.add_argument("--root", metavar="DIR", help="store root (default $ADAPTER_HUB_HOME)")
+    p.add_argument("--no-seed", action="store_true", help="do not add the shipped adapters to an empty store")
+    return p
+
+
+def seed_store(mixer: Mixer, folder: Path = SHIPPED, namespace: str = "examples") -> list[str]:
+    """Push each shipped adapter folder as ``examples/<name>`` unless that repository exists already."""
+    added = []
+    if not folder.is_dir():
+        return added
+    for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
+        repo_id = f"{namespace}/{sub.name}"
+        if not mixer.store.exists(repo_id):
+            mixer.store.push(sub, repo_id, message="Shipped example adapter")
+            added.append(repo_id)
+    return added
+
+
+def build(model: Any, tokenizer: Any, *, root: str | os.PathLike | None = None, max_batch: int = 8,
+          wait_ms: float = 15.0, concurrency: int = 16, base_name: str = ""):
+    """Engine, batcher, mixer and page for ``model``: returns ``(demo, mixer, batcher)`` (queue enabled)."""
+    from ..batcher import Batcher
+    from ..engine import Engine
+
+    mixer = Mixer(root)
+    engine = Engine(model, tokenizer, resolve=mixer.load)
+    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms)
+    demo = build_app(mixer, batcher, base_name=base_name or getattr(model, "name_or_path", ""),
+                     concurrency=concurrency)
+    demo.queue(default_concurrency_limit=concurrency)
+    return demo, mixer, batcher
+
+
+def _auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("error: --auth takes USER:PASS (both non-empty), e.g. --auth alice:secret")
+    return user, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the app (blocks until interrupted); returns the exit code."""
+    args = parser().parse_args(argv)
+    auth = _auth(args.auth)
+    from ..engine import load_base
+
+    print(f"Loading base model {args.base or 'SmolLM2-135M-Instruct (offline default)'} ...", file=sys.stderr)
+    model, tok = load_base(args.base)
+    if not args.no_seed:
+        added = seed_store(Mixer(args.root))
+        if added:
+            print(f"Added shipped adapters to the store: {', '.join(added)}", file=sys.stderr)
+    demo, mixer, batcher = build(model, tok, root=args.root, max_batch=args.max_batch, wait_ms=args.wait_ms,
+                                 concurrency=args.concurrency)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS)
+    finally:
+        batcher.close()
+    return 0

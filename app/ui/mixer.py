@@ -1,0 +1,350 @@
+"""The app's logic without Gradio: list the store, turn slider settings into an expression, evaluate and
+look at a mix, save it. Every user-facing problem becomes a :class:`MixInputError` with a sentence to show.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import composer
+import hub
+from composer import PromptVector, RoadAdapter
+
+from ..errors import AppError
+
+# (label shown in the page, method key used by build_expression)
+METHODS = (("Task arithmetic", "task_arithmetic"), ("Interpolation", "interp"), ("TIES", "ties"),
+           ("DARE", "dare_linear"))
+WEIGHT_RANGE = (-2.0, 2.0)
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_./@:~\-]*\Z")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_KNOWN = (composer.ComposerError, hub.HubError, AppError, ValueError, LookupError, OSError)
+
+
+class MixInputError(AppError, ValueError):
+    """A choice in the page cannot be turned into a mix; ``str(e)`` is the sentence to show."""
+
+
+def message_of(e: BaseException) -> str:
+    """A one-paragraph message for the page (no traceback); expression carets are kept as a code block."""
+    text = str(e).strip() or type(e).__name__
+    return text
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _quote(name: str) -> str:
+    if _PLAIN_NAME.match(name) and name not in ("interp", "compose", "merge"):
+        return name
+    if "`" in name:
+        raise MixInputError(f"The adapter name {name!r} contains a backquote, which expressions cannot hold.")
+    return f"`{name}`"
+
+
+def _check_weight(name: str, w: Any) -> float:
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise MixInputError(f"The weight of '{name}' is {w!r}, not a number. Use a number between "
+                            f"{WEIGHT_RANGE[0]:g} and {WEIGHT_RANGE[1]:g}.") from None
+    if not math.isfinite(w):
+        raise MixInputError(f"The weight of '{name}' is {w}, which is not a finite number. Use a number "
+                            f"between {WEIGHT_RANGE[0]:g} and {WEIGHT_RANGE[1]:g} (negative subtracts a task).")
+    if not WEIGHT_RANGE[0] <= w <= WEIGHT_RANGE[1]:
+        raise MixInputError(f"The weight of '{name}' is {w:g}, outside {WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}.")
+    return w
+
+
+def _term(w: float, name: str, first: bool) -> str:
+    q = _quote(name)
+    mag = abs(w)
+    body = q if mag == 1.0 else f"{_fmt(mag)}*{q}"
+    if first:
+        return f"-{body}" if w < 0 else body
+    return f" - {body}" if w < 0 else f" + {body}"
+
+
+def build_expression(selected: Sequence[str], weights: Sequence[Any], method: str = "task_arithmetic",
+                     t: Any = 0.5, density: Any = 0.5) -> str:
+    """The expression (``hub compose`` syntax) for the page's choices; ``""`` means the base model.
+
+    Args:
+        selected: adapter ids (``ns/name@vN``), in the order chosen.
+        weights: one weight per selected adapter (used by task arithmetic, TIES and DARE).
+        method: a key of :data:`METHODS`.
+        t: the interpolation parameter (``interp`` only): 0 gives the first adapter, 1 the second.
+        density: the fraction kept by TIES and DARE.
+
+    Raises:
+        MixInputError: NaN/inf or out-of-range numbers, a wrong number of adapters for the method.
+    """
+    selected = [s for s in (selected or []) if s]
+    if not selected:
+        return ""
+    keys = [k for _, k in METHODS]
+    if method not in keys:
+        raise MixInputError(f"Unknown method {method!r}; choose one of: {', '.join(keys)}.")
+    if method == "interp":
+        if len(selected) != 2:
+            raise MixInputError(f"Interpolation goes from one adapter to another: choose exactly two adapters "
+                                f"(you chose {len(selected)}), or pick task arithmetic.")
+        t = _check_number("t", t, 0.0, 1.0)
+        return f"interp({_quote(selected[0])}, {_quote(selected[1])}, {_fmt(t)})"
+    if len(weights) < len(selected):
+        raise MixInputError(f"Got {len(weights)} weights for {len(selected)} adapters; give one weight each.")
+    ws = [_check_weight(n, w) for n, w in zip(selected, weights)]
+    if method == "task_arithmetic":
+        return "".join(_term(w, n, i == 0) for i, (n, w) in enumerate(zip(selected, ws)))
+    density = _check_number("density", density, 0.0, 1.0)
+    if density == 0.0:
+        raise MixInputError("A density of 0 keeps nothing; choose a density above 0 (e.g. 0.5).")
+    args = ", ".join(_term(w, n, True) for n, w in zip(selected, ws))
+    return f"merge({method}, {args}, density={_fmt(density)})"
+
+
+def _check_number(what: str, x: Any, lo: float, hi: float) -> float:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        raise MixInputError(f"The {what} is {x!r}, not a number between {lo:g} and {hi:g}.") from None
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise MixInputError(f"The {what} is {x}, but it must be a number between {lo:g} and {hi:g}.")
+    return x
+
+
+class Mixer:
+    """The store as the page sees it, and mixes evaluated over it.
+
+    Args:
+        root: store root (default ``$ADAPTER_HUB_HOME``).
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.store = hub.Store(root)
+        self._lock = threading.Lock()
+        self._by_sha: dict[str, composer.Adapter] = {}
+        self._mixes: dict[tuple, tuple[Any, list[str]]] = {}
+
+    # ------------------------------------------------------------------------------------------ listing
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per adapter: ``id``, ``choice`` (``id@latest``), ``kind``, ``base_model``, ``latest``,
+        ``versions``; adapters that fail to load are listed with ``kind`` = ``"unreadable"``."""
+        out = []
+        for r in self.store.list():
+            if r["sha"] is None:
+                continue
+            choice = f"{r['id']}@{r['latest']}" if r["latest"] else r["id"]
+            row = {"id": r["id"], "choice": choice, "latest": r["latest"] or r["sha"][:8],
+                   "versions": len(r["versions"]), "kind": "?", "base_model": "?"}
+            try:
+                a = self._load_sha(r["id"], r["sha"])
+                row["kind"] = a.kind if a.kind == "prompt" else f"road ({a.variant}, g={a.group_size})"
+                row["base_model"] = a.base_model or "?"
+            except Exception as e:  # noqa: BLE001 - one broken repo must not hide the others
+                row["kind"] = "unreadable"
+                row["base_model"] = message_of(e).splitlines()[0][:80]
+            out.append(row)
+        return out
+
+    def choices(self) -> list[tuple[str, str]]:
+        """``(label, value)`` pairs for the adapter picker."""
+        return [(f"{r['id']} · {r['kind'].split(' ')[0]} · {r['latest']}", r["choice"]) for r in self.rows()]
+
+    def _load_sha(self, repo_id: str, sha: str) -> composer.Adapter:
+        with self._lock:
+            a = self._by_sha.get(sha)
+        if a is None:
+            a = self.store.load(f"{repo_id}@{sha}")
+            with self._lock:
+                self._by_sha[sha] = a
+        return a
+
+    def load(self, name: str) -> composer.Adapter:
+        """Resolve ``ns/name[@rev]`` now (so a deleted adapter is noticed) and load it (cached per commit)."""
+        resolved = self.store.resolve(name)
+        return self._load_sha(resolved.ref.repo_id, resolved.sha)
+
+    # ------------------------------------------------------------------------------------------- mixing
+    def evaluate(self, expression: str) -> tuple[composer.Adapter | None, list[str]]:
+        """Evaluate an expression over the store: ``(adapter or None for the base model, warnings)``.
+
+        Raises:
+            MixInputError: with a message for the page (unknown or deleted adapters, incompatible choices).
+        """
+        expression = (expression or "").strip()
+        if not expression:
+            return None, []
+        try:
+            names = composer.expr.names(composer.parse(expression))
+            key = (expression, tuple(self.store.resolve(n).sha for n in names))
+        except _KNOWN as e:
+            raise MixInputError(_explain(e)) from e
+        with self._lock:
+            hit = self._mixes.get(key)
+        if hit is not None:
+            return hit
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                adapter = composer.evaluate(expression, resolve=self.load)
+        except _KNOWN as e:
+            raise MixInputError(_explain(e)) from e
+        notes = list(dict.fromkeys(str(w.message) for w in caught
+                                   if issubclass(w.category, (composer.CompatibilityWarning,
+                                                              composer.ApproximationWarning))))
+        with self._lock:
+            if len(self._mixes) > 64:
+                self._mixes.clear()
+            self._mixes[key] = (adapter, notes)
+        return adapter, notes
+
+    def save(self, adapter: composer.Adapter, repo_id: str, *, expression: str, to_hf: bool = False
+             ) -> tuple[Any, Any]:
+        """Push ``adapter`` (with its recipe) as a new version of ``repo_id``; optionally to the HF Hub too.
+
+        Returns:
+            ``(local PushResult, remote result or None)``.
+
+        Raises:
+            MixInputError: a bad id, or the store refused the adapter.
+        """
+        repo_id = (repo_id or "").strip()
+        if not repo_id:
+            raise MixInputError("Give the mix a name like 'me/my-mix' before saving.")
+        try:
+            hub.parse_id(repo_id, allow_revision=False)
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".app-save-") as tmp:
+                composer.save(adapter, tmp)
+                local = self.store.push(tmp, repo_id, message=f"Mix {expression}")
+                remote = hub.push(tmp, repo_id, remote="hf", message=f"Mix {expression}") if to_hf else None
+        except _KNOWN as e:
+            raise MixInputError(_explain(e)) from e
+        return local, remote
+
+    # ---------------------------------------------------------------------------------------- analysis
+    def inputs(self, selected: Sequence[str]) -> list[tuple[str, composer.Adapter]]:
+        out = []
+        for name in selected:
+            try:
+                out.append((name, self.load(name)))
+            except _KNOWN as e:
+                raise MixInputError(_explain(e)) from e
+        return out
+
+
+def _explain(e: BaseException) -> str:
+    msg = message_of(e)
+    if isinstance(e, composer.IncompatibleAdaptersError):
+        return f"These adapters cannot be mixed: {msg}"
+    if isinstance(e, hub.RepositoryNotFoundError) or "not found" in msg.lower():
+        return f"{msg} It may have been deleted from the store; refresh the list and choose again."
+    return msg
+
+
+# -------------------------------------------------------------------------------------------- analysis
+
+def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
+    """Rows ``{"layer", "norm", "series"}`` for the plot: per layer, ‖θ‖ (angle) and ‖log α‖ (scale) of a
+    RoAd adapter over its modules, or ‖τ‖ per virtual token of a prompt vector."""
+    if adapter is None:
+        return []
+    rows = []
+    if isinstance(adapter, RoadAdapter):
+        acc: dict[int, list[float]] = {}
+        for m, n in adapter.norms().items():
+            hit = _LAYER.search(f".{m}.")
+            layer = int(hit.group(1)) if hit else -1
+            a = acc.setdefault(layer, [0.0, 0.0])
+            a[0] += n["theta"] ** 2
+            a[1] += n["log_alpha"] ** 2
+        for layer in sorted(acc):
+            rows.append({"layer": layer, "norm": math.sqrt(acc[layer][0]), "series": "angle ‖θ‖"})
+            rows.append({"layer": layer, "norm": math.sqrt(acc[layer][1]), "series": "scale ‖log α‖"})
+    else:
+        for i, (_, n) in enumerate(adapter.norms().items()):
+            rows.append({"layer": i, "norm": n["vector"], "series": "prompt ‖τ‖ per virtual token"})
+    return rows
+
+
+def task_vector(adapter: composer.Adapter) -> torch.Tensor:
+    """The flat task vector: RoAd generator (θ, log|α|) over sorted modules, or a prompt's τ."""
+    if isinstance(adapter, RoadAdapter):
+        parts = []
+        for m in sorted(adapter.theta):
+            parts.append(adapter.theta[m].double().flatten())
+            parts.append(torch.log(adapter.alpha[m].double().abs().clamp_min(1e-30)).flatten())
+        return torch.cat(parts)
+    assert isinstance(adapter, PromptVector)
+    v = adapter.vector if adapter.vector is not None else adapter.prompt
+    return v.double().flatten()
+
+
+def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]]) -> tuple[list[str], list[list[float | None]]]:
+    """Cosine similarity between task vectors; ``None`` where two vectors cannot be compared."""
+    names = [n for n, _ in named]
+    vecs = [task_vector(a) for _, a in named]
+    mat: list[list[float | None]] = []
+    for i, a in enumerate(vecs):
+        row: list[float | None] = []
+        for j, b in enumerate(vecs):
+            if named[i][1].kind != named[j][1].kind or a.shape != b.shape:
+                row.append(None)
+                continue
+            den = float(a.norm() * b.norm())
+            row.append(float(a @ b) / den if den > 0 else 0.0)
+        mat.append(row)
+    return names, mat
+
+
+def heatmap_html(names: Sequence[str], mat: Sequence[Sequence[float | None]]) -> str:
+    """An HTML heat map: blue for aligned task vectors, red for opposed ones (interference)."""
+    if not names:
+        return "<p><em>Choose adapters to see how their task vectors relate.</em></p>"
+    head = "".join(f"<th title='{html.escape(n)}'>{html.escape(_short(n))}</th>" for n in names)
+    body = []
+    for n, row in zip(names, mat):
+        cells = []
+        for v in row:
+            if v is None:
+                cells.append("<td style='background:#eee' title='different kinds or shapes'>n/a</td>")
+                continue
+            a = min(1.0, abs(v))
+            rgb = (int(255 - 160 * a), int(255 - 120 * a), 255) if v >= 0 else (255, int(255 - 160 * a),
+                                                                                 int(255 - 160 * a))
+            cells.append(f"<td style='background:rgb{rgb};text-align:center;padding:4px 8px'>{v:+.2f}</td>")
+        body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
+                    f"{''.join(cells)}</tr>")
+    return ("<div class='cosine-heatmap'><p><strong>Cosine similarity of task vectors</strong> "
+            "(negative cells: the tasks pull against each other)</p>"
+            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 24 else "…" + name[-23:]
+
+
+def deviation_text(adapter: composer.Adapter | None) -> str:
+    """A sentence about exactness: exact, or approximate with the relative deviation."""
+    if adapter is None or adapter.recipe is None:
+        return ""
+    r = adapter.recipe
+    if r.exact:
+        return f"**Exact** composition ({r.method})."
+    if r.deviation is None or (isinstance(r.deviation, float) and math.isnan(r.deviation)):
+        return (f"**Approximate** ({r.method}): generator arithmetic on {getattr(adapter, 'variant', 'this kind')} "
+                "is not the exact product; the deviation could not be measured.")
+    return (f"**Approximate** ({r.method}): relative deviation from the exact composition "
+            f"‖approx − exact‖/‖exact‖ = {r.deviation:.3g}.")

@@ -1,0 +1,216 @@
+"""Helpers for the app tests (a tiny Llama with a character-level chat tokenizer, a store with two small
+adapters, a served app), and unit tests of the app's pure parts: expressions, truncation, the batcher."""
+
+from __future__ import annotations
+
+import math
+import socket
+import string
+import threading
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import composer
+import hub
+from app.batcher import Batcher, fit_messages
+from app.engine import Engine
+from app.ui import Mixer, MixInputError, build, build_expression
+from tests.tiny import random_prompt, random_road
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONTEXT = 256
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a ChatML template (no files, no network)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + ["<unk>"] + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", additional_special_tokens=SPECIALS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_chat_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=CONTEXT,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    model = LlamaForCausalLM(cfg).eval()
+    # Make greedy answers depend clearly on the adapters: spread the output logits.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.name_or_path = "tiny-llama"
+    return model, tok
+
+
+def populate_store(root, model) -> list[str]:
+    """Push two RoAd adapters (and a prompt vector) for ``model`` into the store at ``root``."""
+    import tempfile
+
+    ids = []
+    for name, adapter in (("alice/math", random_road(model, seed=1, scale=0.8)),
+                          ("bob/code", random_road(model, seed=2, scale=0.8)),
+                          ("carol/style", random_prompt(n=4, dim=32, seed=3))):
+        with tempfile.TemporaryDirectory() as tmp:
+            composer.save(adapter, tmp)
+            hub.Store(root).push(tmp, name)
+        ids.append(name)
+    return ids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """The app served on 127.0.0.1 in this process, over a fresh store with the tiny adapters."""
+
+    def __init__(self, root, *, max_batch: int = 8, concurrency: int = 16) -> None:
+        self.root = root
+        self.model, self.tok = tiny_chat_model()
+        self.ids = populate_store(root, self.model)
+        self.demo, self.mixer, self.batcher = build(self.model, self.tok, root=root, max_batch=max_batch,
+                                                    wait_ms=30, concurrency=concurrency, base_name="tiny-llama")
+        self.port = free_port()
+        self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True,
+                         quiet=True, share=False)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def alone(self, expression: str, message: str, **sampling) -> str:
+        """What the engine alone answers for ``expression`` (a fresh engine: no batching, no app)."""
+        adapter, _ = Mixer(self.root).evaluate(expression)
+        engine = Engine(self.model, self.tok)
+        try:
+            return engine.generate([{"messages": [{"role": "user", "content": message}], "mix": adapter}],
+                                   **sampling)[0]
+        finally:
+            pass
+
+    def close(self) -> None:
+        self.demo.close()
+        self.batcher.close()
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("selected,weights,method,expected", [
+    ([], [], "task_arithmetic", ""),
+    (["alice/math@v2"], [0.5], "task_arithmetic", "0.5*alice/math@v2"),
+    (["a/x", "b/y", "c/z"], [0.7, 1.0, -0.3], "task_arithmetic", "0.7*a/x + b/y - 0.3*c/z"),
+    (["a/x", "b/y"], [-1.0, 0.25], "task_arithmetic", "-a/x + 0.25*b/y"),
+    (["a/x", "b/y"], [1, 1], "interp", "interp(a/x, b/y, 0.25)"),
+    (["a/x", "b/y"], [0.6, -0.4], "ties", "merge(ties, 0.6*a/x, -0.4*b/y, density=0.5)"),
+    (["a/x", "b/y"], [0.6, 0.4], "dare_linear", "merge(dare_linear, 0.6*a/x, 0.4*b/y, density=0.5)"),
+])
+def test_expression_from_the_page_parses_back(selected, weights, method, expected):
+    text = build_expression(selected, weights, method, t=0.25, density=0.5)
+    assert text == expected
+    if text:
+        tree = composer.parse(text)
+        assert composer.expr.names(tree) == selected
+
+
+@pytest.mark.parametrize("weights,method,needle", [
+    ([float("nan"), 1.0], "task_arithmetic", "not a finite number"),
+    ([float("inf"), 1.0], "ties", "not a finite number"),
+    ([3.0, 1.0], "task_arithmetic", "outside"),
+    (["x", 1.0], "task_arithmetic", "not a number"),
+])
+def test_bad_weights_are_explained(weights, method, needle):
+    with pytest.raises(MixInputError, match=needle):
+        build_expression(["a/x", "b/y"], weights, method)
+
+
+def test_interpolation_needs_two_adapters():
+    with pytest.raises(MixInputError, match="exactly two"):
+        build_expression(["a/x", "b/y", "c/z"], [1, 1, 1], "interp")
+
+
+def test_fit_messages_cuts_old_turns_then_the_last_message():
+    tok = char_tokenizer()
+    msgs = [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
+            {"role": "user", "content": "c" * 500}]
+    fitted, note = fit_messages(tok, msgs, 100)
+    assert len(fitted) == 1 and fitted[0]["content"].startswith("c")
+    assert len(tok.apply_chat_template(fitted, add_generation_prompt=True)) <= 100
+    assert "dropped the 2 oldest messages" in note and "kept the first" in note
+    same, none = fit_messages(tok, msgs[:1], 100)
+    assert same == msgs[:1] and none is None
+
+
+def test_batcher_rows_match_the_engine_alone_and_share_a_batch(tmp_path):
+    model, tok = tiny_chat_model()
+    a, b = random_road(model, seed=1, scale=0.8), random_road(model, seed=2, scale=0.8)
+    engine = Engine(model, tok)
+    prompts = ["hi", "what is 2+2?", "tell me", "code"]
+    mixes = [None, a, b, composer.add(a, b)]
+    expected = [engine.generate([{"messages": [{"role": "user", "content": p}], "mix": m}], max_new_tokens=10)[0]
+                for p, m in zip(prompts, mixes)]
+    assert len(set(expected)) > 1
+    batcher = Batcher(engine, max_batch=8, wait_ms=200)
+    try:
+        results = [None] * 4
+
+        def run(i):
+            s = batcher.submit([{"role": "user", "content": prompts[i]}], mixes[i], max_new_tokens=10)
+            for results[i] in s:
+                pass
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert results == expected
+        assert max(batcher.batches) > 1  # at least two sessions shared a batch
+    finally:
+        batcher.close()
+
+
+def test_a_bad_mix_in_a_batch_fails_only_its_own_session():
+    model, tok = tiny_chat_model()
+    good = random_road(model, seed=1)
+    wrong = random_prompt(n=2, dim=16)  # token_dim does not fit the model
+    engine = Engine(model, tok)
+    batcher = Batcher(engine, wait_ms=200)
+    try:
+        s_bad = batcher.submit([{"role": "user", "content": "x"}], wrong, max_new_tokens=4)
+        s_good = batcher.submit([{"role": "user", "content": "y"}], good, max_new_tokens=4)
+        with pytest.raises(Exception, match="token_dim"):
+            list(s_bad)
+        assert list(s_good)[-1] == engine.generate(
+            [{"messages": [{"role": "user", "content": "y"}], "mix": good}], max_new_tokens=4)[0]
+    finally:
+        batcher.close()
+
+
+def test_mixer_lists_evaluates_and_saves(tmp_path):
+    model, _ = tiny_chat_model()
+    populate_store(tmp_path, model)
+    mixer = Mixer(tmp_path)
+    rows = {r["id"]: r for r in mixer.rows()}
+    assert rows["alice/math"]["kind"].startswith("road") and rows["carol/style"]["kind"] == "prompt"
+    assert rows["alice/math"]["base_model"] == "tiny-llama" and rows["alice/math"]["latest"] == "v1"
+    adapter, _ = mixer.evaluate("0.7*alice/math@v1 - 0.3*bob/code")
+    assert adapter.recipe.exact
+    with pytest.raises(MixInputError, match="cannot be mixed"):
+        mixer.evaluate("alice/math + carol/style")
+    local, _ = mixer.save(adapter, "me/mix", expression="0.7*alice/math@v1 - 0.3*bob/code")
+    assert local.tag == "v1" and "me/mix" in {r["id"] for r in mixer.rows()}
+    assert hub.load("me/mix@v1", root=tmp_path).recipe.expression == "0.7*alice/math@v1 - 0.3*bob/code"
