@@ -17,6 +17,7 @@ API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -39,6 +40,23 @@ from .mixer import (
 MAX_SLOTS = 6
 MAX_MESSAGE_CHARS = 200_000  # beyond this, refuse before tokenizing (the context cut handles the rest)
 CSS = ".expression textarea {font-family: ui-monospace, monospace}"
+
+
+class WeightSlider(gr.Slider):
+    """A slider that lets non-numbers through to the app (``"nan"``, NaN sent over the API), so the page can
+    explain them, instead of failing inside Gradio with an anonymous error."""
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            value = float(payload)
+        except (TypeError, ValueError):
+            return payload
+        if not math.isfinite(value) or not self.minimum <= value <= self.maximum:
+            return value
+        return super().preprocess(value)
 
 
 def _text(content: Any) -> str:
@@ -213,10 +231,10 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 gr.Markdown("## Mixer")
                 with gr.Row():
                     picker = gr.Dropdown(choices=mixer.choices(), value=[], multiselect=True,
-                                         max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters",
+                                         max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters", allow_custom_value=True,
                                          scale=4)
                     refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="refresh", size="sm")
-                sliders = [gr.Slider(WEIGHT_RANGE[0], WEIGHT_RANGE[1], value=1.0, step=0.05, label="weight",
+                sliders = [WeightSlider(WEIGHT_RANGE[0], WEIGHT_RANGE[1], value=1.0, step=0.05, label="weight",
                                      visible=False, elem_id=f"weight-{i}", interactive=True)
                            for i in range(MAX_SLOTS)]
                 method = gr.Radio(list(METHODS), value="task_arithmetic", label="Method", elem_id="method")

@@ -1,0 +1,306 @@
+"""The Gradio page: mixer, look at the mix, chat, compare, save.
+
+Layout::
+
+    ┌ Mixer ───────────────────────────┐ ┌ Chat | Compare | Adapters ─────────────────┐
+    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix        │
+    │ one weight slider per adapter    │ │ one prompt: base / each adapter / the mix   │
+    │ method, t, density               │ │ the store's adapters (kind, base, version)  │
+    │ expression (hub compose syntax)  │ └─────────────────────────────────────────────┘
+    │ status, per-layer plot, heat map │
+    │ save as a new version            │
+    └──────────────────────────────────┘
+
+API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (streams the history),
+``/compare``, ``/save``, ``/adapters``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..batcher import Batcher
+from .mixer import (
+    METHODS,
+    WEIGHT_RANGE,
+    Mixer,
+    MixInputError,
+    build_expression,
+    cosine_matrix,
+    deviation_text,
+    heatmap_html,
+    layer_norms,
+)
+
+MAX_SLOTS = 6
+MAX_MESSAGE_CHARS = 200_000  # beyond this, refuse before tokenizing (the context cut handles the rest)
+CSS = ".expression textarea {font-family: ui-monospace, monospace}"
+
+from gradio.events import Dependency
+
+class WeightSlider(gr.Slider):
+    """A slider that lets non-numbers through to the app (``"nan"``, NaN sent over the API), so the page can
+    explain them, instead of failing inside Gradio with an anonymous error."""
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            value = float(payload)
+        except (TypeError, ValueError):
+            return payload
+        if not math.isfinite(value) or not self.minimum <= value <= self.maximum:
+            return value
+        return super().preprocess(value)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _text(content: Any) -> str:
+    """Plain text of a Chatbot message's content (a string or Gradio 6's list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(c) for c in content)
+    return ""
+
+
+def _conversation(history: list[dict]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": _text(m.get("content"))} for m in history or []
+            if m.get("role") in ("user", "assistant", "system")]
+
+
+def _hf_token() -> bool:
+    try:
+        from huggingface_hub import get_token
+        return bool(get_token()) and not os.environ.get("HF_HUB_OFFLINE")
+    except Exception:  # noqa: BLE001 - no token means no HF push option
+        return False
+
+
+def _plot_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows or [], columns=["layer", "norm", "series"])
+
+
+def _table(mixer: Mixer) -> pd.DataFrame:
+    rows = mixer.rows()
+    return pd.DataFrame([[r["id"], r["kind"], r["base_model"], r["latest"], r["versions"]] for r in rows],
+                        columns=["adapter", "kind", "base model", "latest", "versions"])
+
+
+def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix and chat",
+              base_name: str = "", concurrency: int = 16) -> gr.Blocks:
+    """Build the page over ``mixer`` (the store) and ``batcher`` (the engine).
+
+    Args:
+        mixer: the store view.
+        batcher: the shared batcher; every session's chat and compare requests go through it.
+        title: the page title.
+        base_name: the base model's name, shown in the header.
+        concurrency: how many chat/compare events run at once (they wait in the batcher, so set it at
+            least to the batch size to let sessions share batches).
+    """
+    method_keys = [k for _, k in METHODS]
+
+    def mix_of(selected, method, t, density, weights):
+        expression = build_expression(selected or [], list(weights), method, t, density)
+        adapter, notes = mixer.evaluate(expression)
+        return expression, adapter, notes
+
+    # ------------------------------------------------------------------------------------ callbacks
+    def refresh_mix(selected, method, t, density, *weights):
+        selected = list(selected or [])
+        try:
+            expression, adapter, notes = mix_of(selected, method, t, density, weights)
+            named = mixer.inputs(selected)
+            names, mat = cosine_matrix(named)
+            status = ("Base model only: choose adapters to mix." if not expression
+                      else "Mix ready; the next chat message uses it.")
+            if notes:
+                status += "\n\n" + "\n\n".join(f"⚠️ {n}" for n in notes)
+            return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
+                    deviation_text(adapter))
+        except MixInputError as e:
+            return ("", f"⚠️ **Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "")
+
+    def on_select(selected, method):
+        selected = list(selected or [])[:MAX_SLOTS]
+        interp = method == "interp"
+        updates = [gr.update(visible=i < len(selected) and not interp,
+                             label=f"weight of {selected[i]}" if i < len(selected) else "weight")
+                   for i in range(MAX_SLOTS)]
+        return updates
+
+    def on_method(method, selected):
+        return ([gr.update(visible=method == "interp"), gr.update(visible=method in ("ties", "dare_linear"))]
+                + on_select(selected, method))
+
+    def refresh_list(selected):
+        choices = mixer.choices()
+        values = [c for _, c in choices]
+        kept = [s for s in (selected or []) if s in values]
+        return gr.update(choices=choices, value=kept), _table(mixer)
+
+    def chat(message, history, selected, method, t, density, max_new_tokens, temperature, *weights):
+        history = list(history or [])
+        message = message if isinstance(message, str) else ""
+        if not message.strip():
+            gr.Warning("Type a message first: an empty message has nothing to answer.")
+            yield history, message, ""
+            return
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise gr.Error(f"This message has {len(message):,} characters; the app takes at most "
+                           f"{MAX_MESSAGE_CHARS:,}. Shorten it or send it in parts.")
+        try:
+            expression, adapter, _ = mix_of(selected, method, t, density, weights)
+        except MixInputError as e:
+            raise gr.Error(f"Cannot use this mix: {e}") from None
+        conversation = _conversation(history) + [{"role": "user", "content": message}]
+        stream = batcher.submit(conversation, adapter, max_new_tokens=int(max_new_tokens),
+                                temperature=float(temperature))
+        note = stream.note or ""
+        if note:
+            gr.Info(note)
+        label = f"under `{expression}`" if expression else "base model"
+        history = history + [{"role": "user", "content": message}]
+        yield history + [{"role": "assistant", "content": ""}], "", note + f"\n\nAnswering {label}."
+        text = ""
+        for text in stream:
+            yield history + [{"role": "assistant", "content": text}], "", note
+        yield history + [{"role": "assistant", "content": text}], "", note + f"\n\nAnswered {label}."
+
+    def compare(prompt, selected, method, t, density, max_new_tokens, temperature, *weights):
+        prompt = prompt if isinstance(prompt, str) else ""
+        empty = [gr.update(visible=False, value="") for _ in range(MAX_SLOTS + 2)]
+        if not prompt.strip():
+            gr.Warning("Type a prompt to compare.")
+            yield empty
+            return
+        if len(prompt) > MAX_MESSAGE_CHARS:
+            raise gr.Error(f"This prompt has {len(prompt):,} characters; the app takes at most "
+                           f"{MAX_MESSAGE_CHARS:,}.")
+        selected = list(selected or [])
+        try:
+            expression, mix, _ = mix_of(selected, method, t, density, weights)
+            named = mixer.inputs(selected)
+        except MixInputError as e:
+            raise gr.Error(f"Cannot use this mix: {e}") from None
+        labels = ["base model"] + [f"{n} alone" for n, _ in named]
+        mixes: list[Any] = [None] + [a for _, a in named]
+        if expression and len(named) > 1 or (len(named) == 1 and expression != selected[0]):
+            labels.append(f"mix: {expression}")
+            mixes.append(mix)
+        conv = [{"role": "user", "content": prompt}]
+        stream = batcher.submit_many([(conv, m) for m in mixes], max_new_tokens=int(max_new_tokens),
+                                     temperature=float(temperature))
+        if stream.note:
+            gr.Info(stream.note)
+        for texts in stream:
+            yield ([gr.update(visible=True, label=lab, value=tx) for lab, tx in zip(labels, texts)]
+                   + empty[len(labels):])
+
+    def save(repo_id, to_hf, selected, method, t, density, *weights):
+        try:
+            expression, adapter, _ = mix_of(selected, method, t, density, weights)
+            if adapter is None:
+                raise MixInputError("Choose at least one adapter: there is no mix to save.")
+            if adapter.recipe is None:
+                raise MixInputError(f"'{expression}' is a stored adapter as it is; change a weight to save a mix.")
+            local, remote = mixer.save(adapter, repo_id, expression=expression, to_hf=bool(to_hf))
+        except MixInputError as e:
+            gr.Warning(str(e).splitlines()[0])
+            return (f"⚠️ **Not saved.** {e}", *refresh_list(selected))
+        msg = (f"✅ Saved `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with its "
+               f"recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
+        if remote is not None:
+            msg += f" Also pushed to the Hugging Face Hub as {remote.tag or remote.sha}."
+        gr.Info(f"Saved {local.repo_id}@{local.tag}")
+        return (msg, *refresh_list(selected))
+
+    # ----------------------------------------------------------------------------------------- layout
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nBase model: `{base_name or 'default'}` · pick adapters, set weights "
+                    "(negative subtracts a task), chat with the mix.")
+        with gr.Row():
+            with gr.Column(scale=2, min_width=360):
+                gr.Markdown("## Mixer")
+                with gr.Row():
+                    picker = gr.Dropdown(choices=mixer.choices(), value=[], multiselect=True,
+                                         max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters",
+                                         scale=4)
+                    refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="refresh", size="sm")
+                sliders = [WeightSlider(WEIGHT_RANGE[0], WEIGHT_RANGE[1], value=1.0, step=0.05, label="weight",
+                                     visible=False, elem_id=f"weight-{i}", interactive=True)
+                           for i in range(MAX_SLOTS)]
+                method = gr.Radio(list(METHODS), value="task_arithmetic", label="Method", elem_id="method")
+                t = gr.Slider(0, 1, value=0.5, step=0.05, label="t (0 = first adapter, 1 = second)",
+                              visible=False, elem_id="interp-t")
+                density = gr.Slider(0.05, 1, value=0.5, step=0.05, label="density (fraction kept)",
+                                    visible=False, elem_id="density")
+                expression = gr.Textbox(label="Expression (accepted by `hub compose`)", interactive=False,
+                                        elem_id="expression", elem_classes="expression",
+                                        buttons=["copy"])
+                status = gr.Markdown("Base model only: choose adapters to mix.", elem_id="mix-status")
+                deviation = gr.Markdown("", elem_id="deviation")
+                plot = gr.LinePlot(_plot_frame([]), x="layer", y="norm", color="series",
+                                   title="Per-layer norms of the mix", elem_id="norm-plot", height=240)
+                heat = gr.HTML(heatmap_html([], []), elem_id="heatmap")
+                with gr.Accordion("Save the mix", open=True):
+                    repo_box = gr.Textbox(value="me/mix", label="Save as (namespace/name)", elem_id="save-name")
+                    to_hf = gr.Checkbox(False, label="Also push to the Hugging Face Hub",
+                                        visible=_hf_token(), elem_id="save-hf")
+                    save_btn = gr.Button("Save as new version", variant="primary", elem_id="save")
+                    save_status = gr.Markdown("", elem_id="save-status")
+            with gr.Column(scale=3, min_width=420):
+                with gr.Tab("Chat"):
+                    chatbot = gr.Chatbot(label="Chat under the current mix", elem_id="chatbot", height=380)
+                    with gr.Row():
+                        msg = gr.Textbox(placeholder="Message (Enter to send)", show_label=False,
+                                         elem_id="message", scale=5, max_lines=6)
+                        send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+                    chat_note = gr.Markdown("", elem_id="chat-note")
+                    clear = gr.Button("Clear chat", size="sm")
+                with gr.Tab("Compare"):
+                    cmp_prompt = gr.Textbox(label="One prompt for the base model, each adapter alone and the mix",
+                                            elem_id="compare-prompt")
+                    cmp_btn = gr.Button("Compare (one batch)", elem_id="compare")
+                    with gr.Row():
+                        cmp_out = [gr.Textbox(visible=False, interactive=False, lines=6, elem_id=f"compare-{i}")
+                                   for i in range(MAX_SLOTS + 2)]
+                with gr.Tab("Adapters"):
+                    table = gr.Dataframe(_table(mixer), interactive=False, elem_id="adapter-table")
+                with gr.Accordion("Generation", open=False):
+                    max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
+                    temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)",
+                                            elem_id="temperature")
+
+        mix_inputs = [picker, method, t, density, *sliders]
+        mix_outputs = [expression, status, plot, heat, deviation]
+        picker.change(on_select, [picker, method], sliders, queue=False, api_visibility="private")
+        method.change(on_method, [method, picker], [t, density, *sliders], queue=False, api_visibility="private")
+        for comp in mix_inputs:
+            comp.change(refresh_mix, mix_inputs, mix_outputs, trigger_mode="always_last",
+                        api_name="mix" if comp is picker else None,
+                        api_visibility="public" if comp is picker else "private")
+        refresh_btn.click(refresh_list, [picker], [picker, table], api_name="adapters")
+        chat_inputs = [msg, chatbot, *mix_inputs[:4], max_new, temperature, *sliders]
+        msg.submit(chat, chat_inputs, [chatbot, msg, chat_note], api_name="chat", concurrency_limit=concurrency,
+                   concurrency_id="generate")
+        send.click(chat, chat_inputs, [chatbot, msg, chat_note], api_visibility="private", concurrency_id="generate")
+        clear.click(lambda: ([], ""), None, [chatbot, chat_note], queue=False, api_visibility="private")
+        cmp_btn.click(compare, [cmp_prompt, *mix_inputs[:4], max_new, temperature, *sliders], cmp_out,
+                      api_name="compare", concurrency_id="generate")
+        save_btn.click(save, [repo_box, to_hf, *mix_inputs], [save_status, picker, table], api_name="save")
+        demo.load(refresh_list, [picker], [picker, table], api_visibility="private")
+    return demo
