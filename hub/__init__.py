@@ -1,0 +1,149 @@
+"""hub: versioned storage for adapters — a local git-backed store, the Hugging Face Hub as a remote, the
+``hub`` command.
+
+Python API (same semantics as the CLI)::
+
+    hub.push("out/math", "alice/math")                 # -> PushResult(sha=..., tag="v1")
+    hub.pull("alice/math@v1", to="math-v1")            # -> Path
+    hub.log("alice/math")                              # -> [{"sha", "tags", "message", "date"}, ...]
+    hub.resolve("alice/math@v1")                       # -> Resolved(ref, sha)
+    hub.load("alice/math@v1")                          # -> composer adapter, source pinned to the sha
+    hub.compose("0.5*alice/math + 0.5*bob/code", "team/mix")
+
+Not to be confused with Activeloop's ``hub`` package on PyPI, which uses the same import name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import composer
+
+from .errors import (
+    HubError,
+    IntegrityError,
+    InvalidCardError,
+    InvalidIdError,
+    PushConflictError,
+    RemoteAccessError,
+    RemoteUnavailableError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    StoreError,
+    TagExistsError,
+)
+from .ids import RepoRef, parse_id
+from .store import PushResult, Resolved, Store, default_root
+
+__all__ = [
+    "push", "pull", "log", "resolve", "load", "compose", "tag", "list_adapters",
+    "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
+    "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
+    "TagExistsError", "PushConflictError", "IntegrityError", "RemoteAccessError", "RemoteUnavailableError",
+    "StoreError",
+]
+
+REMOTES = ("hf",)
+
+
+def _remote(remote: str | None, api: Any, store: Store):
+    if remote is None:
+        return None
+    if remote not in REMOTES:
+        raise ValueError(f"Unknown remote {remote!r}; use one of: {', '.join(REMOTES)} "
+                         "(the server comes from HF_ENDPOINT).")
+    from .remote import HfRemote
+    return HfRemote(api, store=store)
+
+
+def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
+         force: bool = False, remote: str | None = None, api: Any = None, root: str | os.PathLike | None = None):
+    """Validate ``folder`` and store it as a new version of ``repo_id``.
+
+    Args:
+        folder: a PEFT adapter folder (RoAd or task prompt vector).
+        repo_id: ``namespace/name``.
+        tag: tag instead of the next ``vN``; an existing tag is an error unless ``force``.
+        message: commit message.
+        force: move an existing ``tag``.
+        remote: ``None`` for the local store, ``"hf"`` for the Hugging Face Hub (``HF_ENDPOINT``).
+        api: an ``HfApi``-like object for the remote (tests inject one).
+        root: store root (default ``$ADAPTER_HUB_HOME``).
+
+    Returns:
+        :class:`PushResult` (local) or ``hub.remote.RemotePushResult``, each with ``sha``, ``tag``, ``pinned``.
+
+    Raises:
+        InvalidIdError, composer.ComposerError, InvalidCardError, TagExistsError, and for the remote
+        PushConflictError, RemoteAccessError, RemoteUnavailableError.
+    """
+    store = Store(root)
+    r = _remote(remote, api, store)
+    if r is not None:
+        return r.push(folder, repo_id, tag=tag, message=message, force=force)
+    return store.push(folder, repo_id, tag=tag, message=message, force=force)
+
+
+def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | None = None, api: Any = None,
+         root: str | os.PathLike | None = None) -> Path:
+    """Materialise ``ns/name[@rev]`` as a validated PEFT folder.
+
+    Returns:
+        ``to`` when given, else the store's read-only snapshot folder for that commit.
+
+    Raises:
+        InvalidIdError, RepositoryNotFoundError, RevisionNotFoundError, composer.ComposerError, and for the
+        remote IntegrityError, RemoteAccessError, RemoteUnavailableError.
+    """
+    store = Store(root)
+    r = _remote(remote, api, store)
+    if r is not None:
+        path = r.pull(repo_id, to=to)
+    else:
+        resolved = store.resolve(repo_id)
+        path = store.export(resolved, to) if to is not None else store.snapshot(resolved)
+    composer.load(path)
+    return Path(path)
+
+
+def log(repo_id: str, *, root: str | os.PathLike | None = None) -> list[dict]:
+    """Versions of ``repo_id`` on ``main``, newest first (``sha``, ``tags``, ``message``, ``date``, ``author``)."""
+    return Store(root).log(repo_id)
+
+
+def resolve(repo_id: str, *, root: str | os.PathLike | None = None) -> Resolved:
+    """Pin ``ns/name[@tag|branch|sha]`` to a commit sha."""
+    return Store(root).resolve(repo_id)
+
+
+def load(repo_id: str, *, root: str | os.PathLike | None = None) -> composer.Adapter:
+    """Load ``ns/name[@rev]`` from the store with ``source`` = ``ns/name@<commit sha>``."""
+    return Store(root).load(repo_id)
+
+
+def tag(repo_id: str, name: str, *, force: bool = False, root: str | os.PathLike | None = None) -> Resolved:
+    """Tag ``ns/name@rev`` as ``name``; existing tags move only with ``force``."""
+    return Store(root).tag(repo_id, name, force=force)
+
+
+def list_adapters(*, root: str | os.PathLike | None = None) -> list[dict]:
+    """Every adapter in the store: ``id``, ``latest``, ``sha``, ``versions``."""
+    return Store(root).list()
+
+
+def compose(expression: str, repo_id: str, *, message: str | None = None, tag: str | None = None,
+            force: bool = False, root: str | os.PathLike | None = None) -> PushResult:
+    """Evaluate a :mod:`composer` expression over store ids and push the result with its recipe.
+
+    Every input is pinned to the commit it resolved to (``ns/name@<sha>``) in ``recipe.json`` and the card.
+    """
+    store = Store(root)
+    adapter = composer.evaluate(expression, resolve=store.load)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store.root, prefix=".compose-") as tmp:
+        composer.save(adapter, tmp)
+        return store.push(tmp, repo_id, tag=tag, force=force,
+                          message=message or f"Compose {expression.strip()}")

@@ -1,0 +1,290 @@
+"""The ``hub`` command: version, share and compose adapters.
+
+Data goes to stdout (so ``$(hub pull alice/math@v1)`` works), messages to stderr. Known errors print one
+line and exit 1 (set ``HUB_DEBUG=1`` for the traceback); usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from typing import Any
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "push": ("Validate an adapter folder and store it as a new version (v1, v2, ...).", """
+        hub push out/math alice/math
+        hub push out/math alice/math --tag stable -m "retrained on more data"
+        hub push out/math alice/math --remote hf          # to the Hugging Face Hub (HF_ENDPOINT)"""),
+    "pull": ("Fetch a version as a PEFT folder and print its path.", """
+        hub pull alice/math@v1 --to math-v1
+        ls $(hub pull alice/math)                          # latest version; the path is on stdout
+        hub pull alice/math@v1 --remote hf                 # from the Hub, then kept for offline use"""),
+    "list": ("List the adapters in the local store.", """
+        hub list
+        hub list --json"""),
+    "log": ("Show the versions of an adapter, newest first.", """
+        hub log alice/math
+        hub log alice/math --json"""),
+    "show": ("Describe one version: kind, variant, modules, parameters, norms, base model, recipe.", """
+        hub show alice/math
+        hub show alice/math@v1 --json"""),
+    "diff": ("Compare two versions or adapters: per-module norm of the difference and cosine similarity.", """
+        hub diff alice/math@v1 alice/math@v2
+        hub diff alice/math bob/code --json"""),
+    "tag": ("Tag a version; existing tags move only with --force.", """
+        hub tag alice/math@v2 stable
+        hub tag alice/math@v3 stable --force"""),
+    "compose": ("Compose adapters by task arithmetic and store the result with its recipe.", """
+        hub compose "0.7*alice/math@v2 + 0.3*bob/code" -o team/mix
+        hub compose "interp(alice/math@v1, alice/math@v2, 0.25)" -o alice/math-mid -m "midpoint\""""),
+    "serve": ("Serve the store read-only over the Hugging Face Hub HTTP API (needs the 'serve' extra: olah).", """
+        hub serve
+        hub serve --host 0.0.0.0 --port 8090
+        HF_ENDPOINT=http://127.0.0.1:8090 hf download alice/math --revision v1"""),
+    "app": ("Start the Gradio app: mix adapters and chat with the result.", """
+        hub app
+        hub app -- --port 7861                             # options after '--' go to the app
+        hub app -- --help                                  # the app's own options"""),
+    "train": ("Train an adapter (optionally from a composed initialisation) and push it.", """
+        hub train -- --help                                # the trainer's own options"""),
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _fmt_help(name: str) -> str:
+    summary, examples = COMMANDS[name]
+    body = textwrap.indent(textwrap.dedent(examples).strip(chr(10)), "  ")
+    return f"{summary}\n\nExamples:\n{body}"
+
+
+def _sub(subs, name: str, **kw) -> argparse.ArgumentParser:
+    summary, _ = COMMANDS[name]
+    return subs.add_parser(name, help=summary, description=_fmt_help(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    examples = "\n".join(f"  {l}" for n in ("push", "pull", "compose")
+                         for l in textwrap.dedent(COMMANDS[n][1]).strip("\n").splitlines()[:1])
+    p = argparse.ArgumentParser(
+        prog="hub", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Version, share and compose RoAd adapters and task prompt vectors.\n\n"
+                    "The local store lives in $ADAPTER_HUB_HOME (default ~/.cache/adapter-hub); '--remote hf' "
+                    "talks to the Hugging Face Hub at $HF_ENDPOINT.",
+        epilog=f"Examples:\n{examples}\n\nSet HUB_DEBUG=1 to see tracebacks.")
+    subs = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = _sub(subs, "push")
+    s.add_argument("folder", metavar="DIR", help="PEFT adapter folder")
+    s.add_argument("id", metavar="ID", help="namespace/name")
+    s.add_argument("--tag", help="tag instead of the next vN")
+    s.add_argument("-m", "--message", help="commit message")
+    s.add_argument("--force", action="store_true", help="move --tag if it exists")
+    s.add_argument("--remote", choices=["hf"], help="push to the Hugging Face Hub instead of the local store")
+
+    s = _sub(subs, "pull")
+    s.add_argument("id", metavar="ID[@REV]")
+    s.add_argument("--to", metavar="DIR", help="write the files here (default: the store's snapshot folder)")
+    s.add_argument("--remote", choices=["hf"], help="fetch from the Hugging Face Hub (HF_ENDPOINT)")
+
+    s = _sub(subs, "list")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(subs, "log")
+    s.add_argument("id", metavar="ID")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(subs, "show")
+    s.add_argument("id", metavar="ID[@REV]")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(subs, "diff")
+    s.add_argument("a", metavar="ID@A")
+    s.add_argument("b", metavar="ID@B")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(subs, "tag")
+    s.add_argument("id", metavar="ID@REV")
+    s.add_argument("tag", metavar="TAG")
+    s.add_argument("--force", action="store_true", help="move the tag if it exists")
+
+    s = _sub(subs, "compose")
+    s.add_argument("expression", metavar="EXPR", help="a composer expression over store ids")
+    s.add_argument("-o", "--output", metavar="ID", required=True, help="where to store the result")
+    s.add_argument("-m", "--message", help="commit message")
+    s.add_argument("--tag", help="tag instead of the next vN")
+
+    s = _sub(subs, "serve")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8090)
+
+    for name in ("app", "train"):
+        s = _sub(subs, name)
+        s.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _out(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def _fmt_float(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.6g}"
+
+
+def _cmd_push(a) -> int:
+    import hub
+    r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, remote=a.remote)
+    for name in getattr(r, "skipped", ()):
+        _err(f"Left out '{name}' (not an adapter file).")
+    where = f" on {r.endpoint}" if hasattr(r, "endpoint") else ""
+    _err(f"Pushed {r.repo_id} {r.tag} ({r.sha[:12]}){where}.")
+    print(f"{r.repo_id}@{r.tag}")
+    return 0
+
+
+def _cmd_pull(a) -> int:
+    import hub
+    print(hub.pull(a.id, to=a.to, remote=a.remote))
+    return 0
+
+
+def _cmd_list(a) -> int:
+    import hub
+    rows = hub.list_adapters()
+    if a.json:
+        _out(rows, True, "")
+    elif not rows:
+        _err("The store is empty. Push an adapter with 'hub push DIR namespace/name'.")
+    else:
+        for r in rows:
+            print(f"{r['id']:40} {str(r['latest'] or '-'):10} {(r['sha'] or '')[:12]}  "
+                  f"{len(r['versions'])} version{'s' if len(r['versions']) != 1 else ''}")
+    return 0
+
+
+def _cmd_log(a) -> int:
+    import hub
+    entries = hub.log(a.id)
+    lines = [f"{e['sha'][:12]}  {','.join(e['tags']) or '-':12} {e['date']}  {e['message']}" for e in entries]
+    _out(entries, a.json, "\n".join(lines))
+    return 0
+
+
+def _show_text(d: dict) -> str:
+    lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "num_virtual_tokens",
+                                      "token_dim", "composable", "base_model", "parameters", "modules",
+                                      "deviation") if k in d]
+    if "target_modules" in d:
+        lines.append(f"target_modules: {', '.join(d['target_modules'])}")
+    lines.append("norms:")
+    for m, n in d["norms"].items():
+        lines.append(f"  {m}: " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in n.items()))
+    if d.get("recipe"):
+        r = d["recipe"]
+        lines.append(f"recipe: {r['expression']}  (method {r['method']}, exact={r['exact']})")
+        for i in r["inputs"]:
+            lines.append(f"  {i.get('name')} -> {i.get('ref')}")
+    else:
+        lines.append("recipe: none (trained, not composed)")
+    return "\n".join(lines)
+
+
+def _cmd_show(a) -> int:
+    import composer
+    import hub
+    d = composer.describe(hub.load(a.id))
+    _out(d, a.json, _show_text(d))
+    return 0
+
+
+def _cmd_diff(a) -> int:
+    import hub
+    from .diff import diff
+    d = diff(hub.load(a.a), hub.load(a.b))
+    lines = [f"a: {d['a']}", f"b: {d['b']}", f"total: diff_norm={_fmt_float(d['diff_norm'])} "
+             f"cosine={_fmt_float(d['cosine'])}"]
+    width = max((len(m) for m in d["modules"]), default=0)
+    for m, v in d["modules"].items():
+        lines.append(f"  {m:{width}}  diff_norm={_fmt_float(v['diff_norm'])}  cosine={_fmt_float(v['cosine'])}")
+    _out(d, a.json, "\n".join(lines))
+    return 0
+
+
+def _cmd_tag(a) -> int:
+    import hub
+    r = hub.tag(a.id, a.tag, force=a.force)
+    _err(f"Tagged {r.ref.repo_id}@{r.sha[:12]} as {a.tag}.")
+    print(f"{r.ref.repo_id}@{a.tag}")
+    return 0
+
+
+def _cmd_compose(a) -> int:
+    import hub
+    r = hub.compose(a.expression, a.output, message=a.message, tag=a.tag)
+    _err(f"Composed {r.repo_id} {r.tag} ({r.sha[:12]}).")
+    print(f"{r.repo_id}@{r.tag}")
+    return 0
+
+
+def _cmd_serve(a) -> int:
+    from .serve import serve
+    return serve(host=a.host, port=a.port)
+
+
+def _cmd_lazy(command: str, module: str):
+    def run(a) -> int:
+        import importlib
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise UsageError(f"'hub {command}' needs the app package ({module} could not be imported: {e}). "
+                             "Install the whole project with 'pip install -e .'.") from e
+        argv = a.args[1:] if a.args[:1] == ["--"] else a.args
+        return int(mod.main(argv) or 0)
+    return run
+
+
+HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd_log, "show": _cmd_show,
+            "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
+            "app": _cmd_lazy("app", "app.ui"), "train": _cmd_lazy("train", "app.train")}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    import composer
+    from .errors import HubError
+    return (HubError, composer.ComposerError, UsageError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hub`` and ``python -m hub``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return HANDLERS[args.command](args)
+    except KeyboardInterrupt:
+        _err("Interrupted.")
+        return 130
+    except Exception as e:
+        if os.environ.get("HUB_DEBUG") or not isinstance(e, _known_errors()):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _err(f"Error: {first} (set HUB_DEBUG=1 for the traceback)")
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

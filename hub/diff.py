@@ -1,0 +1,57 @@
+"""Compare two adapters as task vectors: per-module norm of the difference and cosine similarity.
+
+RoAd adapters are compared on their generator (θ, log α) — the vector the arithmetic acts on — and prompt
+vectors on τ (or on the prompt itself when no init was recorded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from composer import IncompatibleAdaptersError, PromptVector, RoadAdapter
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return None  # undefined for a zero vector (e.g. the identity adapter)
+    return float(torch.dot(a, b) / (na * nb))
+
+
+def task_vectors(adapter: RoadAdapter | PromptVector) -> dict[str, torch.Tensor]:
+    """Per-module flat task vectors (float64)."""
+    if isinstance(adapter, RoadAdapter):
+        return {m: torch.cat([adapter.theta[m].double().flatten(),
+                              torch.log(adapter.alpha[m].double().abs().clamp_min(1e-30)).flatten()])
+                for m in adapter.theta}
+    v = adapter.vector if adapter.vector is not None else adapter.prompt
+    return {f"token_{i}": v[i].double().flatten() for i in range(v.shape[0])}
+
+
+def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[str, Any]:
+    """Per-module ``diff_norm`` (‖τ_a − τ_b‖) and ``cosine`` (cos(τ_a, τ_b)), plus the totals.
+
+    Raises:
+        IncompatibleAdaptersError: different kinds, modules or shapes.
+    """
+    if a.kind != b.kind:
+        raise IncompatibleAdaptersError(f"Cannot compare a {a.kind} adapter with a {b.kind} adapter.",
+                                        field="kind", left=a.kind, right=b.kind)
+    va, vb = task_vectors(a), task_vectors(b)
+    if set(va) != set(vb):
+        only = sorted(set(va) ^ set(vb))
+        raise IncompatibleAdaptersError(f"The adapters adapt different modules (first difference: '{only[0]}').",
+                                        field="modules", left=sorted(va), right=sorted(vb))
+    modules = {}
+    for m in va:
+        if va[m].shape != vb[m].shape:
+            raise IncompatibleAdaptersError(
+                f"Module '{m}' has {va[m].numel()} values in one adapter and {vb[m].numel()} in the other.",
+                field="shape", left=tuple(va[m].shape), right=tuple(vb[m].shape), tensor=m)
+        modules[m] = {"diff_norm": float((va[m] - vb[m]).norm()), "cosine": _cos(va[m], vb[m])}
+    fa = torch.cat([va[m] for m in va]) if va else torch.zeros(0, dtype=torch.float64)
+    fb = torch.cat([vb[m] for m in va]) if vb else torch.zeros(0, dtype=torch.float64)
+    return {"kind": a.kind, "a": a.source, "b": b.source, "diff_norm": float((fa - fb).norm()),
+            "cosine": _cos(fa, fb), "modules": modules}

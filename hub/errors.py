@@ -1,0 +1,89 @@
+"""Errors raised by :mod:`hub`.
+
+Each subclasses :class:`HubError` and the builtin it resembles, and says what to do next. Format errors
+in an adapter folder come from :mod:`composer` unchanged (``composer.AdapterFormatError`` etc.).
+
+    HubError
+    ├── InvalidIdError(ValueError)            'a/../b', '/abs', 'a//b', control characters
+    ├── InvalidCardError(ValueError)          model card front matter that is not plain, safe YAML
+    ├── RepositoryNotFoundError(LookupError)  no such adapter in the store / on the remote
+    ├── RevisionNotFoundError(LookupError)    no such tag, branch or commit
+    ├── TagExistsError(ValueError)            a tag exists and --force was not given
+    ├── PushConflictError(RuntimeError)       someone else pushed first (remote parent_commit moved)
+    ├── IntegrityError(ValueError)            a downloaded file does not match the remote's checksum
+    ├── RemoteAccessError(PermissionError)    unauthorised or gated on the remote
+    ├── RemoteUnavailableError(ConnectionError) the remote cannot be reached
+    └── StoreError(OSError)                   git failed underneath the store
+"""
+
+from __future__ import annotations
+
+
+class HubError(Exception):
+    """Base class of every error raised by :mod:`hub`."""
+
+
+class InvalidIdError(HubError, ValueError):
+    """A repository id or revision is malformed. Attributes: ``value`` (the offending input)."""
+
+    def __init__(self, message: str, *, value: object = None) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class InvalidCardError(HubError, ValueError):
+    """A model card's YAML front matter is unsafe or unparsable."""
+
+
+class RepositoryNotFoundError(HubError, LookupError):
+    def __init__(self, message: str, *, repo_id: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+
+
+class RevisionNotFoundError(HubError, LookupError):
+    def __init__(self, message: str, *, repo_id: str | None = None, revision: str | None = None,
+                 available: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.revision = revision
+        self.available = available
+
+
+class TagExistsError(HubError, ValueError):
+    def __init__(self, message: str, *, repo_id: str | None = None, tag: str | None = None,
+                 target: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.tag = tag
+        self.target = target
+
+
+class PushConflictError(HubError, RuntimeError):
+    def __init__(self, message: str, *, repo_id: str | None = None, expected: str | None = None,
+                 actual: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.expected = expected
+        self.actual = actual
+
+
+class IntegrityError(HubError, ValueError):
+    def __init__(self, message: str, *, path: str | None = None, expected: str | None = None,
+                 actual: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+class RemoteAccessError(HubError, PermissionError):
+    """Unauthorised (401/403) or gated on the remote."""
+
+
+class RemoteUnavailableError(HubError, ConnectionError):
+    """The remote could not be reached (network down, wrong ``HF_ENDPOINT``, offline mode)."""
+
+
+class StoreError(HubError, OSError):
+    """A git command under the store failed unexpectedly."""

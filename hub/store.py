@@ -1,0 +1,447 @@
+"""The local store: one real git repository per adapter, versions as tags.
+
+Layout under ``$ADAPTER_HUB_HOME`` (default ``~/.cache/adapter-hub``)::
+
+    $ADAPTER_HUB_HOME/
+    ├── models/                              what `hub serve` (olah's mirrors-path) exposes
+    │   └── <namespace>/
+    │       └── <name>/                      a git repository (non-bare), branch `main`
+    │           ├── .git/                    refs/heads/main, refs/tags/v1, v2, ...
+    │           │                            refs/hf/<remote sha> -> local commit (pulled from a remote)
+    │           ├── adapter_config.json      working tree = main, refreshed after each push
+    │           ├── adapter_model.safetensors
+    │           ├── prompt_vector.safetensors   (prompt vectors only)
+    │           ├── recipe.json              (composed adapters only)
+    │           └── README.md                model card, YAML front matter
+    ├── snapshots/<namespace>/<name>/<commit sha>/   read-only exports, what `hub pull` prints
+    ├── locks/<namespace>/<name>.lock        flock: one writer per repository
+    └── serve/                               olah config, cache and logs for `hub serve`
+
+A push is atomic: the folder is copied to a staging dir and validated with :func:`composer.load`, its blobs,
+tree and commit are written as git objects (unreferenced until the end), then ``main`` and the version tag
+move together in one ``git update-ref --stdin`` transaction that checks ``main``'s old value. A push killed
+before that transaction leaves at most unreferenced objects (``git fsck`` stays clean, ``git gc`` drops
+them); after it, the push is complete. The working tree is refreshed last and only for people browsing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import composer
+
+from .card import build_card, parse_card
+from .errors import RepositoryNotFoundError, RevisionNotFoundError, StoreError, TagExistsError
+from .ids import RepoRef, check_tag, parse_id
+
+# Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
+# pickles, checkpoints) is left behind and reported.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "prompt_vector.safetensors",
+                 "recipe.json", "README.md")
+BRANCH = "main"
+_ZERO = "0" * 40
+_VERSION = re.compile(r"v(\d+)\Z")
+_SHA = re.compile(r"[0-9a-f]{4,40}\Z")
+_SCRUB = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
+          "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_COMMON_DIR")
+
+
+def default_root() -> Path:
+    env = os.environ.get("ADAPTER_HUB_HOME")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "adapter-hub"
+
+
+def _pause(stage: str) -> None:
+    """Test hook: ``HUB_TEST_PAUSE_AFTER=<stage>`` stops here so a test can SIGKILL a push mid-way."""
+    if os.environ.get("HUB_TEST_PAUSE_AFTER") == stage:
+        signal_file = os.environ.get("HUB_TEST_PAUSE_SIGNAL")
+        if signal_file:
+            Path(signal_file).write_text(stage)
+        time.sleep(float(os.environ.get("HUB_TEST_PAUSE_SECONDS", "3600")))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An id pinned to a commit."""
+
+    ref: RepoRef
+    sha: str
+
+    @property
+    def pinned(self) -> str:
+        return f"{self.ref.repo_id}@{self.sha}"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    sha: str
+    tag: str | None
+    parent: str | None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def pinned(self) -> str:
+        return f"{self.repo_id}@{self.sha}"
+
+
+class Store:
+    """A local adapter store rooted at ``root`` (default :func:`default_root`)."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        self.models = self.root / "models"
+
+    # --- git plumbing -------------------------------------------------------------------------------
+
+    def _git(self, repo: Path, *args: str, input: bytes | None = None, check: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        base.update(GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+        base.setdefault("GIT_AUTHOR_NAME", os.environ.get("HUB_AUTHOR", "adapter-hub"))
+        base.setdefault("GIT_AUTHOR_EMAIL", os.environ.get("HUB_AUTHOR_EMAIL", "adapter-hub@localhost"))
+        base.setdefault("GIT_COMMITTER_NAME", base["GIT_AUTHOR_NAME"])
+        base.setdefault("GIT_COMMITTER_EMAIL", base["GIT_AUTHOR_EMAIL"])
+        if env:
+            base.update(env)
+        p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base)
+        if check and p.returncode != 0:
+            raise StoreError(f"git {args[0]} failed in {repo}: {p.stderr.decode(errors='replace').strip()}")
+        return p
+
+    def _out(self, repo: Path, *args: str, **kw) -> str:
+        return self._git(repo, *args, **kw).stdout.decode().strip()
+
+    def _rev(self, repo: Path, rev: str) -> str | None:
+        p = self._git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}",
+                      check=False)
+        return p.stdout.decode().strip() if p.returncode == 0 else None
+
+    # --- paths and locks ----------------------------------------------------------------------------
+
+    def repo_path(self, ref: RepoRef) -> Path:
+        return self.models / ref.namespace / ref.name
+
+    @contextlib.contextmanager
+    def lock(self, ref: RepoRef) -> Iterator[None]:
+        """Exclusive lock on one repository; released by the kernel if the process dies."""
+        path = self.root / "locks" / ref.namespace / f"{ref.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _require(self, ref: RepoRef) -> Path:
+        path = self.repo_path(ref)
+        if not (path / ".git").is_dir():
+            raise RepositoryNotFoundError(
+                f"No adapter '{ref.repo_id}' in the store at {self.root}. Run 'hub list' to see what is there, "
+                f"or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id)
+        return path
+
+    def _init(self, ref: RepoRef) -> Path:
+        """Create the repository (caller holds the lock); built aside and renamed into place."""
+        path = self.repo_path(ref)
+        if (path / ".git").is_dir():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a leftover that is not a repository: never delete user data silently
+            raise StoreError(f"{path} exists but is not a git repository; move it away and push again.")
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{ref.name}.init-"))
+        try:
+            self._git(tmp, "init", "-q", "-b", BRANCH)
+            self._git(tmp, "config", "core.autocrlf", "false")
+            self._git(tmp, "config", "gc.auto", "0")
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def exists(self, repo_id: str) -> bool:
+        return (self.repo_path(parse_id(repo_id, allow_revision=False)) / ".git").is_dir()
+
+    def tags(self, ref: RepoRef) -> dict[str, str]:
+        """Tag name -> commit sha."""
+        path = self._require(ref)
+        out = self._out(path, "for-each-ref", "--format=%(refname:strip=2) %(objectname) %(*objectname)",
+                        "refs/tags")
+        tags = {}
+        for line in out.splitlines():
+            name, sha, peeled = (line.split(" ") + ["", ""])[:3]
+            tags[name] = peeled or sha
+        return tags
+
+    @staticmethod
+    def _sort_tags(names) -> list[str]:
+        def key(t: str):
+            m = _VERSION.match(t)
+            return (0, int(m.group(1)), "") if m else (1, 0, t)
+        return sorted(names, key=key)
+
+    def resolve(self, repo_id: str) -> Resolved:
+        """Pin ``namespace/name[@rev]`` to a commit; ``rev`` is a tag, a branch or a (short) commit sha.
+
+        Raises:
+            InvalidIdError, RepositoryNotFoundError, RevisionNotFoundError.
+        """
+        ref = parse_id(repo_id)
+        path = self._require(ref)
+        rev = ref.revision
+        candidates = [f"refs/heads/{BRANCH}"] if rev is None else [f"refs/tags/{rev}", f"refs/heads/{rev}"]
+        if rev is not None and _SHA.match(rev):
+            candidates.append(rev)
+            candidates.append(f"refs/hf/{rev}")
+        for c in candidates:
+            sha = self._rev(path, c)
+            if sha:
+                return Resolved(ref, sha)
+        if rev is not None and _SHA.match(rev):
+            for line in self._out(path, "for-each-ref", "--format=%(refname:strip=2) %(objectname)",
+                                  "refs/hf").splitlines():
+                remote, local = line.split(" ")
+                if remote.startswith(rev):
+                    return Resolved(ref, local)
+        avail = tuple(self._sort_tags(self.tags(ref)))
+        if rev is None:
+            raise RevisionNotFoundError(f"'{ref.repo_id}' has no versions yet. Push one with "
+                                        f"'hub push DIR {ref.repo_id}'.", repo_id=ref.repo_id, available=avail)
+        raise RevisionNotFoundError(
+            f"Version '{rev}' of '{ref.repo_id}' not found. Available: {', '.join(avail) or 'none'}. "
+            f"Run 'hub log {ref.repo_id}'.", repo_id=ref.repo_id, revision=rev, available=avail)
+
+    def log(self, repo_id: str) -> list[dict]:
+        """Commits on ``main``, newest first: ``sha``, ``tags``, ``message``, ``date``, ``author``."""
+        ref = parse_id(repo_id, allow_revision=False)
+        path = self._require(ref)
+        if self._rev(path, f"refs/heads/{BRANCH}") is None:
+            return []
+        by_sha: dict[str, list[str]] = {}
+        for name, sha in self.tags(ref).items():
+            by_sha.setdefault(sha, []).append(name)
+        out = self._git(path, "log", "--format=%H%x00%s%x00%b%x00%cI%x00%an%x1e", f"refs/heads/{BRANCH}",
+                        "--").stdout.decode("utf-8", errors="replace")
+        entries = []
+        for rec in out.split("\x1e"):
+            rec = rec.strip("\n")
+            if not rec:
+                continue
+            sha, subject, body, date, author = rec.split("\x00")
+            entries.append({"sha": sha, "tags": self._sort_tags(by_sha.get(sha, [])), "message": subject,
+                            "description": body.strip(), "date": date, "author": author})
+        return entries
+
+    def list(self) -> list[dict]:
+        """Every repository: ``id``, ``latest`` (newest tag), ``sha``, ``versions``."""
+        rows = []
+        if not self.models.is_dir():
+            return rows
+        for ns in sorted(p for p in self.models.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for repo in sorted(p for p in ns.iterdir() if (p / ".git").is_dir() and not p.name.startswith(".")):
+                ref = RepoRef(ns.name, repo.name)
+                head = self._rev(repo, f"refs/heads/{BRANCH}")
+                tags = self.tags(ref)
+                versions = self._sort_tags(tags)
+                on_head = [t for t in versions if tags[t] == head]
+                rows.append({"id": ref.repo_id, "latest": (on_head or versions or [None])[-1], "sha": head,
+                             "versions": versions})
+        return rows
+
+    def files(self, resolved: Resolved) -> list[tuple[str, str]]:
+        """(path, blob oid) of every file at the commit."""
+        path = self._require(resolved.ref)
+        out = self._git(path, "ls-tree", "-r", "-z", resolved.sha).stdout.decode()
+        rows = []
+        for rec in out.split("\0"):
+            if rec:
+                meta, name = rec.split("\t", 1)
+                rows.append((name, meta.split()[2]))
+        return rows
+
+    def read(self, resolved: Resolved, name: str) -> bytes:
+        path = self._require(resolved.ref)
+        return self._git(path, "cat-file", "blob", f"{resolved.sha}:{name}").stdout
+
+    def export(self, resolved: Resolved, dest: str | os.PathLike) -> Path:
+        """Write the files of a commit into ``dest`` (each file replaced atomically)."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        path = self._require(resolved.ref)
+        for name, oid in self.files(resolved):
+            data = self._git(path, "cat-file", "blob", oid).stdout
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        return dest
+
+    def snapshot(self, resolved: Resolved) -> Path:
+        """A read-only export at ``snapshots/<ns>/<name>/<sha>/``, created once."""
+        final = self.root / "snapshots" / resolved.ref.namespace / resolved.ref.name / resolved.sha
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{resolved.sha}."))
+        try:
+            self.export(resolved, tmp)
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():
+                raise
+        return final
+
+    def load(self, repo_id: str) -> composer.Adapter:
+        """Load ``ns/name[@rev]`` with its ``source`` pinned to ``ns/name@<commit sha>``."""
+        resolved = self.resolve(repo_id)
+        adapter = composer.load(self.snapshot(resolved))
+        return dataclasses.replace(adapter, source=resolved.pinned)
+
+    # --- writing ------------------------------------------------------------------------------------
+
+    def _stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter, tuple[str, ...]]:
+        if not folder.is_dir():
+            raise composer.AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds "
+                                              "adapter_config.json.", path=folder)
+        composer.load(folder)  # errors name the user's folder
+        skipped = []
+        for p in sorted(folder.iterdir()):
+            if p.name in ADAPTER_FILES and p.is_file():
+                shutil.copyfile(p, staging / p.name)
+            elif not p.name.startswith("."):
+                skipped.append(p.name)
+        # What is stored is the staged copy, so validate that too (the folder may change under us).
+        adapter = composer.load(staging)
+        return adapter, tuple(skipped)
+
+    def push(self, folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
+             force: bool = False, extra_refs: dict[str, str] | None = None, extra_tags: tuple[str, ...] = (),
+             auto_version: bool = True, keep_card: bool = False) -> PushResult:
+        """Validate ``folder`` and store it as one new commit on ``main``, tagged ``vN`` (or ``tag``).
+
+        Args:
+            folder: a PEFT adapter folder.
+            repo_id: ``namespace/name`` (no ``@rev``).
+            tag: the tag to create instead of the next ``vN``.
+            message: commit message (default ``"Push vN"``).
+            force: move ``tag`` if it already exists.
+            extra_refs: further refs to point at the new commit (``refs/hf/<sha>`` after a remote pull).
+            extra_tags: tags to create too where they do not exist yet (a remote's tags, on pull).
+            auto_version: when ``tag`` is ``None``, tag the next ``vN`` (else leave the commit untagged
+                unless ``extra_tags`` tag it).
+            keep_card: store the folder's README.md byte for byte (after the safety check) instead of
+                updating its front matter; used when recording a pull.
+
+        Returns:
+            A :class:`PushResult` with the new commit sha and tag.
+
+        Raises:
+            InvalidIdError, composer.ComposerError (the folder is not a valid adapter), InvalidCardError,
+            TagExistsError.
+        """
+        ref = parse_id(repo_id, allow_revision=False)
+        if tag is not None:
+            tag = check_tag(tag)
+        folder = Path(folder)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".stage-") as staging_name:
+            staging = Path(staging_name)
+            adapter, skipped = self._stage(folder, staging)
+            user_card = (staging / "README.md").read_bytes() if (staging / "README.md").exists() else None
+            if user_card is not None:
+                parse_card(user_card)  # reject unsafe cards before taking the lock
+            _pause("validate")
+            with self.lock(ref):
+                _pause("lock")
+                path = self._init(ref)
+                parent = self._rev(path, f"refs/heads/{BRANCH}")
+                tags = self.tags(ref)
+                if tag is None and not auto_version:
+                    pass
+                elif tag is None:
+                    nums = [int(m.group(1)) for t in tags if (m := _VERSION.match(t))]
+                    tag = f"v{max(nums, default=0) + 1}"
+                elif tag in tags and not force:
+                    raise TagExistsError(
+                        f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never move "
+                        "silently. Pick another tag, or pass --force to move it.",
+                        repo_id=ref.repo_id, tag=tag, target=tags[tag])
+                if user_card is None and parent is not None:
+                    p = self._git(path, "cat-file", "blob", f"{parent}:README.md", check=False)
+                    user_card = p.stdout if p.returncode == 0 else None
+                if not (keep_card and (staging / "README.md").exists()):
+                    card = build_card(adapter, user_card, repo_id=ref.repo_id)
+                    (staging / "README.md").write_text(card, encoding="utf-8")
+                names = sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES)
+                oids = self._out(path, "hash-object", "-w", "--no-filters", "--stdin-paths",
+                                 input="".join(f"{staging / n}\n" for n in names).encode()).split()
+                tree_in = "".join(f"100644 blob {o}\t{n}\0" for n, o in zip(names, oids))
+                tree = self._out(path, "mktree", "-z", input=tree_in.encode())
+                _pause("objects")
+                msg = message or f"Push {tag or 'adapter'}"
+                args = ["commit-tree", tree, "-F", "-"] + (["-p", parent] if parent else [])
+                sha = self._out(path, *args, input=msg.encode("utf-8"))
+                _pause("commit")
+                lines = ["start", f"update refs/heads/{BRANCH} {sha} {parent or _ZERO}"]
+                if tag is not None:
+                    lines.append(f"update refs/tags/{tag} {sha}" if force and tag in tags
+                                 else f"create refs/tags/{tag} {sha}")
+                for t in extra_tags:
+                    if t not in tags and t != tag:
+                        lines.append(f"create refs/tags/{check_tag(t)} {sha}")
+                for r, target in (extra_refs or {}).items():
+                    lines.append(f"update {r} {target or sha}")
+                lines += ["prepare", "commit", ""]
+                p = self._git(path, "update-ref", "--stdin", input="\n".join(lines).encode(), check=False)
+                if p.returncode != 0:
+                    raise StoreError(f"Could not record the push in {path}: "
+                                     f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
+                _pause("refs")
+                self._refresh_worktree(path)
+        return PushResult(ref.repo_id, sha, tag, parent, skipped)
+
+    def _refresh_worktree(self, path: Path) -> None:
+        # Holding our lock, a leftover index.lock can only come from a killed push of ours.
+        (path / ".git" / "index.lock").unlink(missing_ok=True)
+        self._git(path, "reset", "-q", "--hard", f"refs/heads/{BRANCH}", check=False)
+
+    def tag(self, repo_id: str, tag: str, *, force: bool = False) -> Resolved:
+        """Point ``tag`` at ``repo_id@rev``; an existing tag moves only with ``force``."""
+        tag = check_tag(tag)
+        resolved = self.resolve(repo_id)
+        path = self._require(resolved.ref)
+        with self.lock(resolved.ref):
+            tags = self.tags(resolved.ref)
+            if tag in tags and not force:
+                raise TagExistsError(
+                    f"Tag '{tag}' of '{resolved.ref.repo_id}' already points at {tags[tag][:12]}. "
+                    "Pass --force to move it.", repo_id=resolved.ref.repo_id, tag=tag, target=tags[tag])
+            old = tags.get(tag, _ZERO)
+            self._git(path, "update-ref", f"refs/tags/{tag}", resolved.sha, old)
+        return resolved
+
+    def fsck(self, repo_id: str) -> subprocess.CompletedProcess:
+        """``git fsck --full --strict`` of one repository (for checks and tests)."""
+        return self._git(self._require(parse_id(repo_id, allow_revision=False)), "fsck", "--full", "--strict",
+                         check=False)
