@@ -292,10 +292,13 @@ def task_vector(adapter: composer.Adapter) -> torch.Tensor:
     return v.double().flatten()
 
 
-def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]]) -> tuple[list[str], list[list[float | None]]]:
-    """Cosine similarity between task vectors; ``None`` where two vectors cannot be compared."""
+def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]], weights: Sequence[float] | None = None
+                  ) -> tuple[list[str], list[list[float | None]]]:
+    """Cosine similarity between task vectors, each times its weight (so a subtracted task shows as
+    opposed); ``None`` where two vectors cannot be compared."""
     names = [n for n, _ in named]
-    vecs = [task_vector(a) for _, a in named]
+    ws = list(weights) if weights is not None else [1.0] * len(named)
+    vecs = [task_vector(a) * (1.0 if w is None else float(w)) for (_, a), w in zip(named, ws)]
     mat: list[list[float | None]] = []
     for i, a in enumerate(vecs):
         row: list[float | None] = []
@@ -327,7 +330,7 @@ def heatmap_html(names: Sequence[str], mat: Sequence[Sequence[float | None]]) ->
             cells.append(f"<td style='background:rgb{rgb};text-align:center;padding:4px 8px'>{v:+.2f}</td>")
         body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
                     f"{''.join(cells)}</tr>")
-    return ("<div class='cosine-heatmap'><p><strong>Cosine similarity of task vectors</strong> "
+    return ("<div class='cosine-heatmap'><p><strong>Cosine similarity of the weighted task vectors</strong> "
             "(negative cells: the tasks pull against each other)</p>"
             f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
 

@@ -83,8 +83,13 @@ def _hf_token() -> bool:
         return False
 
 
-def _plot_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows or [], columns=["layer", "norm", "series"])
+def _plot_frame(rows: list[dict]) -> pd.DataFrame | None:
+    # None rather than an empty frame: Gradio's LinePlot draws no lines after an update from an empty frame.
+    if not rows:
+        return None
+    return pd.DataFrame({"layer": pd.Series([r["layer"] for r in rows], dtype="int64"),
+                         "norm": pd.Series([r["norm"] for r in rows], dtype="float64"),
+                         "series": pd.Series([r["series"] for r in rows], dtype="object")})
 
 
 def _table(mixer: Mixer) -> pd.DataFrame:
@@ -118,15 +123,16 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         try:
             expression, adapter, notes = mix_of(selected, method, t, density, weights)
             named = mixer.inputs(selected)
-            names, mat = cosine_matrix(named)
+            signed = None if method == "interp" else list(weights)[:len(named)]
+            names, mat = cosine_matrix(named, signed)
             status = ("Base model only: choose adapters to mix." if not expression
                       else "Mix ready; the next chat message uses it.")
             if notes:
-                status += "\n\n" + "\n\n".join(f"⚠️ {n}" for n in notes)
+                status += "\n\n" + "\n\n".join(f"**Note:** {n}" for n in notes)
             return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
                     deviation_text(adapter))
         except MixInputError as e:
-            return ("", f"⚠️ **Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "")
+            return ("", f"**Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "")
 
     def on_select(selected, method):
         selected = list(selected or [])[:MAX_SLOTS]
@@ -214,8 +220,8 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             local, remote = mixer.save(adapter, repo_id, expression=expression, to_hf=bool(to_hf))
         except MixInputError as e:
             gr.Warning(str(e).splitlines()[0])
-            return (f"⚠️ **Not saved.** {e}", *refresh_list(selected))
-        msg = (f"✅ Saved `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with its "
+            return (f"**Not saved.** {e}", *refresh_list(selected))
+        msg = (f"**Saved**  `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with its "
                f"recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
         if remote is not None:
             msg += f" Also pushed to the Hugging Face Hub as {remote.tag or remote.sha}."
