@@ -3,11 +3,9 @@ adapters, a served app), and unit tests of the app's pure parts: expressions, tr
 
 from __future__ import annotations
 
-import math
 import socket
 import string
 import threading
-import time
 
 import pytest
 import torch
@@ -96,11 +94,8 @@ class Served:
         """What the engine alone answers for ``expression`` (a fresh engine: no batching, no app)."""
         adapter, _ = Mixer(self.root).evaluate(expression)
         engine = Engine(self.model, self.tok)
-        try:
-            return engine.generate([{"messages": [{"role": "user", "content": message}], "mix": adapter}],
-                                   **sampling)[0]
-        finally:
-            pass
+        return engine.generate([{"messages": [{"role": "user", "content": message}], "mix": adapter}],
+                               **sampling)[0]
 
     def close(self) -> None:
         self.demo.close()
@@ -214,3 +209,24 @@ def test_mixer_lists_evaluates_and_saves(tmp_path):
     local, _ = mixer.save(adapter, "me/mix", expression="0.7*alice/math@v1 - 0.3*bob/code")
     assert local.tag == "v1" and "me/mix" in {r["id"] for r in mixer.rows()}
     assert hub.load("me/mix@v1", root=tmp_path).recipe.expression == "0.7*alice/math@v1 - 0.3*bob/code"
+
+
+def test_app_command_has_help_and_checks_auth(capsys):
+    from app.ui import _auth, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--port" in out and "--share" in out and "Examples:" in out
+    assert _auth("alice:s3cret:x") == ("alice", "s3cret:x")
+    with pytest.raises(SystemExit, match="USER:PASS"):
+        _auth("alice")
+
+
+def test_hub_app_reaches_the_app_parser(capsys):
+    from hub.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["app", "--", "--help"])
+    assert e.value.code == 0 and "--max-batch" in capsys.readouterr().out

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         added = seed_store(Mixer(args.root))
         if added:
             print(f"Added shipped adapters to the store: {', '.join(added)}", file=sys.stderr)
-    demo, mixer, batcher = build(model, tok, root=args.root, max_batch=args.max_batch, wait_ms=args.wait_ms,
+    demo, _, batcher = build(model, tok, root=args.root, max_batch=args.max_batch, wait_ms=args.wait_ms,
                                  concurrency=args.concurrency)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS)

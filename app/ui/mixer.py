@@ -347,7 +347,7 @@ def deviation_text(adapter: composer.Adapter | None) -> str:
     if r.exact:
         return f"**Exact** composition ({r.method})."
     if r.deviation is None or (isinstance(r.deviation, float) and math.isnan(r.deviation)):
-        return (f"**Approximate** ({r.method}): generator arithmetic on {getattr(adapter, 'variant', 'this kind')} "
-                "is not the exact product; the deviation could not be measured.")
+        return (f"**Approximate** ({r.method}): the result is not the exact composition of its inputs "
+                "(trimmed, dropped or non-commuting entries); no deviation from the exact one was recorded.")
     return (f"**Approximate** ({r.method}): relative deviation from the exact composition "
             f"‖approx − exact‖/‖exact‖ = {r.deviation:.3g}.")

@@ -42,21 +42,27 @@ MAX_MESSAGE_CHARS = 200_000  # beyond this, refuse before tokenizing (the contex
 CSS = ".expression textarea {font-family: ui-monospace, monospace}"
 
 
-class WeightSlider(gr.Slider):
+def _weight_slider(**kw: Any) -> gr.Slider:
     """A slider that lets non-numbers through to the app (``"nan"``, NaN sent over the API), so the page can
-    explain them, instead of failing inside Gradio with an anonymous error."""
+    explain them, instead of failing inside Gradio with an anonymous error.
 
-    def get_block_name(self) -> str:
-        return "slider"
+    The override is per instance: subclassing a Gradio component makes Gradio write a ``.pyi`` stub next to
+    this file.
+    """
+    slider = gr.Slider(**kw)
+    strict = slider.preprocess
 
-    def preprocess(self, payload: Any) -> Any:
+    def preprocess(payload: Any) -> Any:
         try:
             value = float(payload)
         except (TypeError, ValueError):
             return payload
-        if not math.isfinite(value) or not self.minimum <= value <= self.maximum:
+        if not math.isfinite(value) or not slider.minimum <= value <= slider.maximum:
             return value
-        return super().preprocess(value)
+        return strict(value)
+
+    slider.preprocess = preprocess  # type: ignore[method-assign]
+    return slider
 
 
 def _text(content: Any) -> str:
@@ -110,8 +116,6 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         concurrency: how many chat/compare events run at once (they wait in the batcher, so set it at
             least to the batch size to let sessions share batches).
     """
-    method_keys = [k for _, k in METHODS]
-
     def mix_of(selected, method, t, density, weights):
         expression = build_expression(selected or [], list(weights), method, t, density)
         adapter, notes = mixer.evaluate(expression)
@@ -240,7 +244,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                                          max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters", allow_custom_value=True,
                                          scale=4)
                     refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="refresh", size="sm")
-                sliders = [WeightSlider(WEIGHT_RANGE[0], WEIGHT_RANGE[1], value=1.0, step=0.05, label="weight",
+                sliders = [_weight_slider(minimum=WEIGHT_RANGE[0], maximum=WEIGHT_RANGE[1], value=1.0, step=0.05, label="weight",
                                      visible=False, elem_id=f"weight-{i}", interactive=True)
                            for i in range(MAX_SLOTS)]
                 method = gr.Radio(list(METHODS), value="task_arithmetic", label="Method", elem_id="method")
