@@ -1,0 +1,340 @@
+"""The local store: round trips, revisions, tags, hostile inputs, concurrency, a push killed mid-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import composer
+import hub
+from hub.store import Store
+from tests.test_hub_helpers import (
+    assert_fsck_clean,
+    env,
+    files,
+    folder,
+    git,
+    hub_cmd,
+    prompt,
+    refs,
+    road,
+    tiny_base,
+)
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store()
+
+
+@pytest.fixture
+def pushed(tmp_path, store):
+    """alice/math with v1 and v2; returns (repo path, {tag: folder})."""
+    a, b = folder(tmp_path, "a", seed=0), folder(tmp_path, "b", seed=1)
+    assert hub.push(a, "alice/math").tag == "v1"
+    assert hub.push(b, "alice/math", message="second").tag == "v2"
+    return store.models / "alice" / "math", {"v1": a, "v2": b}
+
+
+def test_round_trip_push_log_pull_bit_for_bit_and_peft_loads(tmp_path, pushed, store):
+    from peft import PeftModel
+
+    repo, src = pushed
+    log = hub.log("alice/math")
+    assert [e["tags"] for e in log] == [["v2"], ["v1"]]
+    assert log[0]["message"] == "second"
+    out = hub.pull("alice/math@v1", to=tmp_path / "pulled")
+    got = files(out)
+    want = files(src["v1"])
+    # adapter files bit for bit; the card is the stored one (front matter completed on push)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert got[name] == want[name]
+    assert got["README.md"] == store.read(store.resolve("alice/math@v1"), "README.md")
+    assert files(hub.pull("alice/math@v2")) != got
+    model = PeftModel.from_pretrained(tiny_base(), str(out))
+    theta = model.base_model.model.model.layers[0].self_attn.q_proj.road_theta["default"]
+    assert torch.equal(theta.detach(), composer.load(src["v1"]).theta["model.layers.0.self_attn.q_proj"])
+    assert_fsck_clean(repo)
+    # working tree follows main
+    assert (repo / "adapter_model.safetensors").read_bytes() == want["adapter_model.safetensors"] or \
+        (repo / "adapter_model.safetensors").read_bytes() == files(src["v2"])["adapter_model.safetensors"]
+    assert git(repo, "status", "--porcelain").stdout == ""
+
+
+def test_cli_round_trip(tmp_path):
+    a, b = folder(tmp_path, "a", seed=0), folder(tmp_path, "b", seed=1)
+    p = hub_cmd("push", str(a), "alice/math")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "alice/math@v1"
+    assert hub_cmd("push", str(b), "alice/math").stdout.strip() == "alice/math@v2"
+    log = json.loads(hub_cmd("log", "alice/math", "--json").stdout)
+    assert [e["tags"] for e in log] == [["v2"], ["v1"]]
+    p = hub_cmd("pull", "alice/math@v1", "--to", str(tmp_path / "out"))
+    assert p.returncode == 0 and p.stdout.strip() == str(tmp_path / "out")
+    assert files(tmp_path / "out")["adapter_model.safetensors"] == files(a)["adapter_model.safetensors"]
+
+
+def test_resolve_tag_branch_sha(pushed, store):
+    v1 = hub.resolve("alice/math@v1").sha
+    v2 = hub.resolve("alice/math@v2").sha
+    assert v1 != v2
+    assert hub.resolve("alice/math").sha == v2
+    assert hub.resolve("alice/math@main").sha == v2
+    assert hub.resolve(f"alice/math@{v1}").sha == v1
+    assert hub.resolve(f"alice/math@{v1[:8]}").sha == v1
+    assert hub.load("alice/math@v1").source == f"alice/math@{v1}"
+    with pytest.raises(hub.RevisionNotFoundError) as e:
+        hub.resolve("alice/math@v3")
+    assert str(e.value) == "Version 'v3' of 'alice/math' not found. Available: v1, v2. Run 'hub log alice/math'."
+    assert isinstance(e.value, LookupError)
+    with pytest.raises(hub.RepositoryNotFoundError):
+        hub.resolve("alice/nothing")
+
+
+def test_tags_never_move_without_force(tmp_path, pushed, store):
+    repo, src = pushed
+    before = refs(repo)
+    with pytest.raises(hub.TagExistsError):
+        hub.tag("alice/math@v2", "v1")
+    with pytest.raises(hub.TagExistsError):
+        hub.push(src["v2"], "alice/math", tag="v1")
+    assert refs(repo) == before
+    assert_fsck_clean(repo)
+    hub.tag("alice/math@v1", "stable")
+    assert hub.resolve("alice/math@stable").sha == hub.resolve("alice/math@v1").sha
+    hub.tag("alice/math@v2", "stable", force=True)
+    assert hub.resolve("alice/math@stable").sha == hub.resolve("alice/math@v2").sha
+    r = hub.push(src["v1"], "alice/math", tag="v1", force=True)
+    assert hub.resolve("alice/math@v1").sha == r.sha
+
+
+def test_prompt_vector_and_card_kept(tmp_path, store):
+    path = folder(tmp_path, "p", prompt(0))
+    card = "---\nlicense: mit\ntags:\n- math\n---\n\n# My prompt\n\nHand-written text.\n"
+    (path / "README.md").write_text(card)
+    hub.push(path, "bob/prompt")
+    stored = store.read(store.resolve("bob/prompt"), "README.md").decode()
+    from hub.card import parse_card
+    front, body = parse_card(stored)
+    assert front["library_name"] == "peft" and front["base_model"] == "tiny-llama" and front["license"] == "mit"
+    assert front["tags"][:2] == ["task-prompt-vector", "adapter-hub"] and "math" in front["tags"]
+    assert "composed" not in front["tags"]
+    assert "Hand-written text." in body
+    # a later push without a card keeps the user's text
+    (path / "README.md").unlink()
+    hub.push(path, "bob/prompt")
+    assert "Hand-written text." in store.read(store.resolve("bob/prompt@v2"), "README.md").decode()
+
+
+def test_compose_pins_inputs_and_tags_card(tmp_path, pushed, store):
+    r = hub.compose("0.5*alice/math@v1 + 0.5*alice/math@v2", "team/mix", message="mix")
+    v1, v2 = hub.resolve("alice/math@v1").sha, hub.resolve("alice/math@v2").sha
+    mixed = hub.load("team/mix")
+    assert {i["ref"] for i in mixed.recipe.inputs} == {f"alice/math@{v1}", f"alice/math@{v2}"}
+    from hub.card import parse_card
+    front, _ = parse_card(store.read(store.resolve("team/mix"), "README.md"))
+    assert "composed" in front["tags"]
+    assert {i["ref"] for i in front["recipe"]["inputs"]} == {f"alice/math@{v1}", f"alice/math@{v2}"}
+    assert hub.log("team/mix")[0]["message"] == "mix" and r.tag == "v1"
+
+
+# --- hostile and broken inputs -------------------------------------------------------------------
+
+
+def _truncated(p: Path) -> None:
+    w = p / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-20])
+
+
+def _lying_header(p: Path) -> None:
+    w = p / "adapter_model.safetensors"
+    data = w.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = [header[key]["shape"][0] * 4]  # claims 4x the bytes it has
+    raw = json.dumps(header).encode()
+    w.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _nan(p: Path) -> None:
+    t = road(5).tensors()
+    key = next(iter(t))
+    t[key] = t[key].clone()
+    t[key][3] = float("nan")
+    save_file(t, str(p / "adapter_model.safetensors"))
+
+
+def _inf(p: Path) -> None:
+    t = road(5).tensors()
+    key = next(k for k in t if k.endswith("road_alpha"))
+    t[key] = t[key].clone()
+    t[key][0] = float("inf")
+    save_file(t, str(p / "adapter_model.safetensors"))
+
+
+def _wrong_shape(p: Path) -> None:
+    t = road(5).tensors()
+    key = next(k for k in t if k.endswith("road_theta"))
+    t[key] = torch.zeros(12)
+    save_file(t, str(p / "adapter_model.safetensors"))
+
+
+def _unknown_peft_type(p: Path) -> None:
+    cfg = json.loads((p / "adapter_config.json").read_text())
+    cfg["peft_type"] = "SHINY_NEW"
+    (p / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _pickle_only(p: Path) -> None:
+    tensors = composer.load(p).tensors()
+    (p / "adapter_model.safetensors").unlink()
+    torch.save(tensors, p / "adapter_model.bin")
+
+
+def _python_tag_card(p: Path) -> None:
+    (p / "README.md").write_text("---\nlicense: !!python/object/apply:os.system ['touch /tmp/pwned']\n---\nhi\n")
+
+
+def _bad_config_json(p: Path) -> None:
+    (p / "adapter_config.json").write_text("{not json")
+
+
+BROKEN = {
+    "truncated": (_truncated, composer.AdapterFormatError),
+    "lying-header": (_lying_header, composer.AdapterFormatError),
+    "nan": (_nan, composer.InvalidValueError),
+    "inf": (_inf, composer.InvalidValueError),
+    "wrong-shape": (_wrong_shape, composer.AdapterFormatError),
+    "unknown-peft-type": (_unknown_peft_type, composer.AdapterFormatError),
+    "pickle-only": (_pickle_only, composer.UnsafeFormatError),
+    "python-tag-card": (_python_tag_card, hub.InvalidCardError),
+    "bad-config": (_bad_config_json, composer.AdapterFormatError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_folders_rejected_store_unchanged(tmp_path, pushed, store, case):
+    repo, src = pushed
+    breaker, error = BROKEN[case]
+    bad = folder(tmp_path, "bad", seed=7)
+    breaker(bad)
+    before, v1_files = refs(repo), files(hub.pull("alice/math@v1", to=tmp_path / "before"))
+    with pytest.raises(error) as e:
+        hub.push(bad, "alice/math")
+    assert isinstance(e.value, ValueError) and str(e.value)
+    assert refs(repo) == before
+    assert_fsck_clean(repo)
+    assert files(hub.pull("alice/math@v1", to=tmp_path / "after")) == v1_files
+    # the CLI says it in one line and exits 1
+    p = hub_cmd("push", str(bad), "alice/math")
+    assert p.returncode == 1 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and "HUB_DEBUG" in p.stderr
+    assert refs(repo) == before
+    assert not Path("/tmp/pwned").exists() or case != "python-tag-card"
+
+
+BAD_IDS = ["alice/../math", "../math", "/abs/math", "alice//math", "alice/", "/", "", "alice/ma\x01th",
+           "alice/ma\nth", "alice/math\x7f", "al\udcffice/math", b"al\xffice/math", "alice", "a/b/c",
+           "alice/.hidden", "alice/math@", "alice/math@../x", "alice/ma th"]
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS, ids=[repr(i) for i in BAD_IDS])
+def test_bad_ids_rejected(tmp_path, pushed, store, bad_id):
+    repo, src = pushed
+    before = refs(repo)
+    listing = sorted(p.relative_to(store.root).as_posix() for p in store.models.rglob("*") if ".git" not in p.parts)
+    with pytest.raises(hub.InvalidIdError) as e:
+        hub.push(src["v1"], bad_id)
+    msg = str(e.value)
+    assert "namespace/name" in msg and "alice/math" in msg  # says what a valid id looks like
+    with pytest.raises(hub.InvalidIdError):
+        hub.resolve(bad_id)
+    assert refs(repo) == before
+    assert sorted(p.relative_to(store.root).as_posix() for p in store.models.rglob("*")
+                  if ".git" not in p.parts) == listing
+    assert_fsck_clean(repo)
+
+
+def test_bad_id_from_cli_non_utf8(tmp_path, pushed):
+    repo, src = pushed
+    p = subprocess.run([sys.executable, "-m", "hub", "push", str(src["v1"]), b"al\xffice/math"],
+                       capture_output=True, env=env(), timeout=120)
+    assert p.returncode == 1 and b"not UTF-8" in p.stderr
+
+
+def test_pickles_and_extras_are_left_out(tmp_path, store):
+    path = folder(tmp_path, "a")
+    torch.save({"x": torch.zeros(1)}, path / "training_args.bin")
+    (path / "optimizer.pt").write_bytes(b"junk")
+    r = hub.push(path, "alice/math")
+    assert set(r.skipped) == {"training_args.bin", "optimizer.pt"}
+    names = {n for n, _ in store.files(store.resolve("alice/math"))}
+    assert names == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+
+
+# --- concurrency and crashes ---------------------------------------------------------------------
+
+
+def test_eight_concurrent_pushes_make_eight_versions(tmp_path, store):
+    srcs = [folder(tmp_path, f"a{i}", seed=i) for i in range(8)]
+    procs = [subprocess.Popen([sys.executable, "-m", "hub", "push", str(s), "team/busy", "-m", f"push {i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+             for i, s in enumerate(srcs)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1] for r in results]
+    assert sorted(r[0].strip() for r in results) == sorted(f"team/busy@v{i}" for i in range(1, 9))
+    log = hub.log("team/busy")
+    assert len(log) == 8
+    assert sorted(t for e in log for t in e["tags"]) == sorted(f"v{i}" for i in range(1, 9))
+    # every version holds exactly one of the pushed folders
+    stored = {store.read(store.resolve(f"team/busy@v{i}"), "adapter_model.safetensors") for i in range(1, 9)}
+    assert stored == {files(s)["adapter_model.safetensors"] for s in srcs}
+    assert_fsck_clean(store.models / "team" / "busy")
+
+
+def test_pushes_to_different_repos_do_not_wait(tmp_path, store):
+    src = folder(tmp_path, "a")
+    with store.lock(hub.parse_id("alice/held")):
+        r = hub.push(src, "alice/free")  # would deadlock if locks were global
+    assert r.tag == "v1"
+
+
+@pytest.mark.parametrize("stage", ["lock", "objects", "commit", "refs"])
+def test_push_killed_mid_way_leaves_repo_usable(tmp_path, pushed, store, stage):
+    repo, src = pushed
+    before = refs(repo)
+    v1 = files(hub.pull("alice/math@v1", to=tmp_path / "v1"))
+    new = folder(tmp_path, "new", seed=9)
+    signal_file = tmp_path / "paused"
+    p = subprocess.Popen([sys.executable, "-m", "hub", "push", str(new), "alice/math"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE,
+                         env=env(HUB_TEST_PAUSE_AFTER=stage, HUB_TEST_PAUSE_SIGNAL=str(signal_file)))
+    deadline = time.monotonic() + 240
+    while not signal_file.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert_fsck_clean(repo)
+    if stage == "refs":  # killed after the ref transaction: the push is complete
+        assert hub.resolve("alice/math@v3").sha == hub.resolve("alice/math").sha
+    else:
+        assert refs(repo) == before
+    assert files(hub.pull("alice/math@v1", to=tmp_path / "v1-after")) == v1
+    # the lock died with the process; the next push goes through and the working tree is current
+    r = hub.push(src["v1"], "alice/math")
+    assert r.tag == ("v4" if stage == "refs" else "v3")
+    assert git(repo, "status", "--porcelain").stdout == ""
+    assert_fsck_clean(repo)
