@@ -134,6 +134,8 @@ class Mixer:
     def __init__(self, root: str | Path | None = None) -> None:
         self.store = hub.Store(root)
         self._lock = threading.Lock()
+        # warnings.catch_warnings is process-wide state: one evaluation at a time (each takes milliseconds).
+        self._eval_lock = threading.Lock()
         self._by_sha: dict[str, composer.Adapter] = {}
         self._mixes: dict[tuple, tuple[Any, list[str]]] = {}
 
@@ -196,7 +198,7 @@ class Mixer:
         if hit is not None:
             return hit
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with self._eval_lock, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 adapter = composer.evaluate(expression, resolve=self.load)
         except _KNOWN as e:
