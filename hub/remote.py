@@ -43,6 +43,13 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+def _offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a later setting counts too.
+    from huggingface_hub import constants
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
 def _status(e: BaseException) -> int | None:
     resp = getattr(e, "response", None)
     return getattr(resp, "status_code", None)
@@ -284,11 +291,9 @@ class HfRemote:
             InvalidIdError, RepositoryNotFoundError, RevisionNotFoundError, IntegrityError,
             composer.ComposerError, RemoteAccessError, RemoteUnavailableError.
         """
-        from huggingface_hub import constants
-
         ref = parse_id(repo_id)
         rev = ref.revision or BRANCH
-        if constants.HF_HUB_OFFLINE and self.store.exists(ref.repo_id):
+        if _offline() and self.store.exists(ref.repo_id):
             resolved = self.store.resolve(str(ref))  # offline: what was recorded before
         else:
             resolved = self._fetch(ref.repo_id, rev)
