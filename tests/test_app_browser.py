@@ -105,7 +105,8 @@ def test_mix_chat_and_save_in_a_browser(tmp_path, browser_page):
                                timeout=60_000)
         reply = page.locator("#chatbot .bot").last.inner_text().strip()
         expected = served.alone("alice/math@v1 - 0.3*bob/code@v1", "Hello there", max_new_tokens=24).strip()
-        assert reply and reply == expected
+        # The chat renders Markdown, so compare the letters and digits of the reply.
+        assert reply and [c for c in reply if c.isalnum()] == [c for c in expected if c.isalnum()]
         lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
         assert len(set(lengths)) > 2, lengths  # the reply arrived in pieces
 
