@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-eval", type=int, default=32, help="held-out style prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=int, default=72)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="few-shot training seeds")
     ap.add_argument("--steps", type=int, default=10, help="few-shot training steps K")
