@@ -274,8 +274,12 @@ def test_live_push_and_pull(tmp_path, monkeypatch):
     api = HfApi(token=os.environ["HF_TOKEN"])
     user = api.whoami()["name"]
     repo_id = f"{user}/adapter-hub-test-{uuid.uuid4().hex[:8]}"
+    from tests.test_hub_helpers import road
+    a = road(0)
+    # the Hub checks base_model in the card against existing repos
+    a = type(a)(**{**a.__dict__, "config": {**a.config, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
     try:
-        r = HfRemote(api).push(folder(tmp_path, "a"), repo_id, tag=None)
+        r = HfRemote(api).push(folder(tmp_path, "a", a), repo_id, tag=None)
         out = HfRemote(api).pull(f"{repo_id}@{r.tag}", to=tmp_path / "out")
         assert files(out)["adapter_model.safetensors"] == files(tmp_path / "a")["adapter_model.safetensors"]
     finally:
