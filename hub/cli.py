@@ -274,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command in ("list", "log", "show", "pull", "diff", "compose", "tag", "serve"):
+            from .shipped import import_examples
+            added = import_examples()
+            if added:
+                _err(f"Imported the shipped example adapters: {', '.join(added)}")
         return HANDLERS[args.command](args)
     except KeyboardInterrupt:
         _err("Interrupted.")

@@ -14,4 +14,5 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("ADAPTER_HUB_NO_EXAMPLES", "1")  # tests that want the shipped adapters unset it
     yield

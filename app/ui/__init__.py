@@ -42,16 +42,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def seed_store(mixer: Mixer, folder: Path = SHIPPED, namespace: str = "examples") -> list[str]:
-    """Push each shipped adapter folder as ``examples/<name>`` unless that repository exists already."""
-    added = []
-    if not folder.is_dir():
-        return added
-    for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
-        repo_id = f"{namespace}/{sub.name}"
-        if not mixer.store.exists(repo_id):
-            mixer.store.push(sub, repo_id, message="Shipped example adapter")
-            added.append(repo_id)
-    return added
+    """Import the shipped adapters as ``examples/<name>`` on first use (see :mod:`hub.shipped`)."""
+    from hub.shipped import import_examples
+
+    return import_examples(mixer.store, folder=folder)
 
 
 def build(model: Any, tokenizer: Any, *, root: str | os.PathLike | None = None, max_batch: int = 8,

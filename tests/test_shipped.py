@@ -1,0 +1,49 @@
+"""The shipped adapters: real PEFT folders with honest cards, imported into the store on first use."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import composer
+from hub import Store
+from hub.cli import main as hub_main
+from hub.shipped import SHIPPED, import_examples, shipped_folders
+
+FOLDERS = shipped_folders()
+pytestmark = pytest.mark.skipif(not FOLDERS, reason="no shipped adapters in adapters/")
+
+
+def front_matter(folder):
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    return yaml.safe_load(text.split("---")[1])
+
+
+def test_at_least_four_road_and_three_prompt_vectors():
+    kinds = [composer.load(f).kind for f in FOLDERS]
+    assert kinds.count("road") >= 4 and kinds.count("prompt") >= 3
+    for f in FOLDERS:
+        a = composer.load(f)
+        if a.kind == "prompt":
+            assert a.composable, f"{f.name} must record its init so that τ is known"
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
+def test_cards_record_data_steps_lr_seed_and_metrics(folder):
+    fm = front_matter(folder)
+    t = fm["training"]
+    for key in ("data_file", "data_sha256", "steps", "learning_rate", "seed", "final_loss"):
+        assert key in t, f"{folder.name}: card lacks training.{key}"
+    assert (SHIPPED / "data" / t["data_file"]).is_file()
+    assert fm["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_hub_list_imports_examples_once(monkeypatch, capsys):
+    monkeypatch.delenv("ADAPTER_HUB_NO_EXAMPLES")
+    assert hub_main(["list"]) == 0
+    out = capsys.readouterr()
+    ids = {line.split()[0] for line in out.out.splitlines() if line.strip()}
+    assert {f"examples/{f.name}" for f in FOLDERS} <= ids
+    assert "Imported the shipped example adapters" in out.err
+    # a second use does not import again, and a deleted example stays deleted
+    assert import_examples(Store()) == []
