@@ -47,9 +47,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "app": ("Start the Gradio app: mix adapters and chat with the result.", """
         hub app
         hub app -- --port 7861                             # options after '--' go to the app
-        hub app -- --help                                  # the app's own options"""),
-    "train": ("Train an adapter (optionally from a composed initialisation) and push it.", """
-        hub train -- --help                                # the trainer's own options"""),
+        hub app --help                                     # all of the app's options"""),
+    "train": ("Train a RoAd adapter or prompt vector on a JSONL file (optionally from a composition).", """
+        hub train data.jsonl -o out/upper --steps 120 --lr 5e-3
+        hub train data.jsonl -o out/new --init "0.5*examples/upper + 0.5*examples/json"
+        hub train --help                                   # all of the trainer's options"""),
 }
 
 
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8090)
 
     for name in ("app", "train"):
-        s = _sub(subs, name)
+        s = _sub(subs, name, add_help=False)  # --help reaches the app's / trainer's own parser
         s.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -269,7 +271,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hub`` and ``python -m hub``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] in (["app"], ["train"]):
+        # everything after the command (``--help`` included) belongs to the app's / trainer's own parser
+        args = argparse.Namespace(command=raw[0], args=raw[1:])
+    else:
+        args = parser.parse_args(raw)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -23,7 +23,10 @@ def test_help_has_summary_and_example(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert COMMANDS[command][0] in out
+    if command in ("app", "train"):  # delegated: the app's / trainer's own parser answers
+        assert out.startswith(f"usage: hub {command}")
+    else:
+        assert COMMANDS[command][0] in out
     examples = out.split("Examples:\n", 1)[1]
     assert f"hub {command}" in examples
 
