@@ -4,7 +4,7 @@ PEFT's RoAd (``peft/tuners/road/layer.py``) computes, for each adapted ``nn.Line
 
     y' = y * first_col + rotate_half(y) * second_col          rotate_half per group: (y1, y2) -> (-y2, y1)
 
-where ``first_col``/``second_col`` come from θ and α (``_prepare_cols``). We fold the minus sign of
+where ``first_col``/``second_col`` come from θ and α (``composer.road_math.columns``, PEFT's ``_prepare_cols``). We fold the minus sign of
 ``rotate_half`` into the table (``S = second_col`` with its first half of each group negated), so that with
 ``y`` viewed as ``(batch, seq, groups, 2, group_size/2)``::
 
@@ -25,27 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from composer import RoadAdapter
+from composer.adapters import VARIANTS
+from composer.road_math import columns
 
 from ..errors import MixError
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def prepare_cols(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's ``_prepare_cols``: full-width ``(first_col, second_col)`` for one layer."""
-    if variant == "road_1":
-        theta = theta.reshape(-1, group_size // 2).repeat_interleave(2, dim=0).flatten()
-        alpha = alpha.reshape(-1, group_size // 2).repeat_interleave(2, dim=0).flatten()
-        return alpha * theta.cos(), alpha * theta.sin()
-    if variant == "road_2":
-        return alpha * theta.cos(), alpha * theta.sin()
-    if variant == "road_4":
-        theta = theta.reshape(-1, 2, group_size)
-        alpha = alpha.reshape(-1, 2, group_size)
-        return ((alpha[:, 0, :] * theta[:, 0, :].cos()).flatten(),
-                (alpha[:, 1, :] * theta[:, 1, :].sin()).flatten())
-    raise MixError(f"Unknown RoAd variant {variant!r}; expected road_1, road_2 or road_4.")
 
 
 def signed_tables(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor
@@ -60,7 +45,9 @@ def signed_tables(variant: str, group_size: int, theta: torch.Tensor, alpha: tor
         t = theta.float().reshape(-1, 1, group_size // 2)
         a = alpha.float().reshape(-1, 1, group_size // 2)
         return a * t.cos(), a * t.sin()
-    first, second = prepare_cols(variant, group_size, theta.float(), alpha.float())
+    if variant not in VARIANTS:
+        raise MixError(f"Unknown RoAd variant {variant!r}; expected road_1, road_2 or road_4.")
+    first, second = columns(variant, group_size, theta.float(), alpha.float())
     h = group_size // 2
     c = first.reshape(-1, 2, h).contiguous()
     s = second.reshape(-1, 2, h).clone()
