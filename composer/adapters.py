@@ -154,6 +154,12 @@ class RoadAdapter:
             check_finite(f"{m}.road_theta", self.theta[m])
             check_finite(f"{m}.road_alpha", self.alpha[m])
 
+    def task_vectors(self) -> dict[str, torch.Tensor]:
+        """Per-module flat task vectors in float64, sorted by module: the generator ``(θ, log|α|)``."""
+        return {m: torch.cat([self.theta[m].double().flatten(),
+                              torch.log(self.alpha[m].double().abs().clamp_min(1e-30)).flatten()])
+                for m in sorted(self.theta)}
+
     def norms(self) -> dict[str, dict[str, float]]:
         """Per-module norms of the generator: ``{"theta": |θ|, "log_alpha": |log|α||}``."""
         out = {}
@@ -227,6 +233,11 @@ class PromptVector:
             check_finite("init", self.init)
         if self.vector is not None:
             check_finite("vector", self.vector)
+
+    def task_vectors(self) -> dict[str, torch.Tensor]:
+        """Per-virtual-token τ in float64 (the prompt itself when no init was recorded), in token order."""
+        v = self.vector if self.vector is not None else self.prompt
+        return {f"token_{i}": v[i].double().flatten() for i in range(v.shape[0])}
 
     def norms(self) -> dict[str, dict[str, float]]:
         v = self.vector if self.vector is not None else self.prompt

@@ -20,16 +20,6 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float(torch.dot(a, b) / (na * nb))
 
 
-def task_vectors(adapter: RoadAdapter | PromptVector) -> dict[str, torch.Tensor]:
-    """Per-module flat task vectors (float64)."""
-    if isinstance(adapter, RoadAdapter):
-        return {m: torch.cat([adapter.theta[m].double().flatten(),
-                              torch.log(adapter.alpha[m].double().abs().clamp_min(1e-30)).flatten()])
-                for m in adapter.theta}
-    v = adapter.vector if adapter.vector is not None else adapter.prompt
-    return {f"token_{i}": v[i].double().flatten() for i in range(v.shape[0])}
-
-
 def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[str, Any]:
     """Per-module ``diff_norm`` (‖τ_a − τ_b‖) and ``cosine`` (cos(τ_a, τ_b)), plus the totals.
 
@@ -39,7 +29,7 @@ def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[s
     if a.kind != b.kind:
         raise IncompatibleAdaptersError(f"Cannot compare a {a.kind} adapter with a {b.kind} adapter.",
                                         field="kind", left=a.kind, right=b.kind)
-    va, vb = task_vectors(a), task_vectors(b)
+    va, vb = a.task_vectors(), b.task_vectors()
     if set(va) != set(vb):
         only = sorted(set(va) ^ set(vb))
         raise IncompatibleAdaptersError(f"The adapters adapt different modules (first difference: '{only[0]}').",

@@ -18,7 +18,7 @@ import torch
 
 import composer
 import hub
-from composer import PromptVector, RoadAdapter
+from composer import RoadAdapter
 
 from ..errors import AppError
 
@@ -283,15 +283,7 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
 
 def task_vector(adapter: composer.Adapter) -> torch.Tensor:
     """The flat task vector: RoAd generator (θ, log|α|) over sorted modules, or a prompt's τ."""
-    if isinstance(adapter, RoadAdapter):
-        parts = []
-        for m in sorted(adapter.theta):
-            parts.append(adapter.theta[m].double().flatten())
-            parts.append(torch.log(adapter.alpha[m].double().abs().clamp_min(1e-30)).flatten())
-        return torch.cat(parts)
-    assert isinstance(adapter, PromptVector)
-    v = adapter.vector if adapter.vector is not None else adapter.prompt
-    return v.double().flatten()
+    return torch.cat(list(adapter.task_vectors().values()))
 
 
 def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]], weights: Sequence[float] | None = None
