@@ -259,14 +259,14 @@ def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
     if not math.isfinite(t):
         raise InvalidValueError(f"Interpolation parameter t={t} is not finite.", value=t)
     expr = f"interp({_label(a, 0)}, {_label(b, 1)}, {_fmt(t)})"
-    result = _linear([a, b], [1.0 - t, t], expression=expr, op="interpolate")
-    recipe = replace(result.recipe, params={"t": t})  # type: ignore[arg-type]
     if t in (0.0, 1.0):
         # Exact endpoints: the geodesic at 0/1 is the input itself; float rounding of exp(log α) would not be.
-        end = a if t == 0.0 else b
         check_compatible([a, b])
-        recipe = replace(recipe, exact=True, deviation=None)
-        return replace(end, recipe=recipe, source=None)
+        recipe = Recipe(expression=expr, inputs=_inputs([a, b]), weights=(1.0 - t, t), method="interpolate",
+                        params={"t": t}, exact=True)
+        return replace(a if t == 0.0 else b, recipe=recipe, source=None)
+    result = _linear([a, b], [1.0 - t, t], expression=expr, op="interpolate")
+    recipe = replace(result.recipe, params={"t": t})  # type: ignore[arg-type]
     if isinstance(a, PromptVector):
         assert isinstance(b, PromptVector) and a.init is not None and b.init is not None
         init = ((1.0 - t) * a.init.double() + t * b.init.double()).to(a.init.dtype)
