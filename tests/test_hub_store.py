@@ -167,20 +167,19 @@ def _lying_header(p: Path) -> None:
     w.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
-def _nan(p: Path) -> None:
-    t = road(5).tensors()
-    key = next(iter(t))
-    t[key] = t[key].clone()
-    t[key][3] = float("nan")
-    save_file(t, str(p / "adapter_model.safetensors"))
+def _non_finite(suffix: str, index: int, value: float):
+    """A fixture writer that puts ``value`` at ``index`` of the first tensor whose name ends with ``suffix``."""
+    def write(p: Path) -> None:
+        t = road(5).tensors()
+        key = next(k for k in t if k.endswith(suffix))
+        t[key] = t[key].clone()
+        t[key][index] = value
+        save_file(t, str(p / "adapter_model.safetensors"))
+    return write
 
 
-def _inf(p: Path) -> None:
-    t = road(5).tensors()
-    key = next(k for k in t if k.endswith("road_alpha"))
-    t[key] = t[key].clone()
-    t[key][0] = float("inf")
-    save_file(t, str(p / "adapter_model.safetensors"))
+_nan = _non_finite("", 3, float("nan"))
+_inf = _non_finite("road_alpha", 0, float("inf"))
 
 
 def _wrong_shape(p: Path) -> None:
