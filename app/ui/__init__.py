@@ -19,8 +19,6 @@ from .page import CSS, MAX_SLOTS, build_app
 __all__ = ["main", "build", "build_app", "Mixer", "MixInputError", "build_expression", "METHODS", "MAX_SLOTS",
            "seed_store", "parser"]
 
-SHIPPED = Path(__file__).resolve().parents[2] / "adapters"
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -41,11 +39,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def seed_store(mixer: Mixer, folder: Path = SHIPPED, namespace: str = "examples") -> list[str]:
+def seed_store(mixer: Mixer, folder: Path | None = None) -> list[str]:
     """Import the shipped adapters as ``examples/<name>`` on first use (see :mod:`hub.shipped`)."""
-    from hub.shipped import import_examples
+    from hub.shipped import SHIPPED, import_examples
 
-    return import_examples(mixer.store, folder=folder)
+    return import_examples(mixer.store, folder=folder or SHIPPED)
 
 
 def build(model: Any, tokenizer: Any, *, root: str | os.PathLike | None = None, max_batch: int = 8,
