@@ -1,5 +1,7 @@
-"""hub: versioned storage for adapters — a local git-backed store, the Hugging Face Hub as a remote, the
-``hub`` command.
+"""hub: versioned storage for adapters — a local git-backed store and the Hugging Face Hub as a remote.
+
+A library: it imports :mod:`composer` and nothing above it. The ``hub`` command line lives at the top of the
+house, in :mod:`app.cli`.
 
 Python API (same semantics as the CLI)::
 

@@ -225,7 +225,7 @@ def test_app_command_has_help_and_checks_auth(capsys):
 
 
 def test_hub_app_reaches_the_app_parser(capsys):
-    from hub.cli import main
+    from app.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["app", "--", "--help"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hub.cli import COMMANDS, build_parser, main
+from app.cli import COMMANDS, build_parser, main
 from tests.test_hub_helpers import folder, hub_cmd
 
 

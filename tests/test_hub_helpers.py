@@ -59,7 +59,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def hub_cmd(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True, env=env(**extra_env),
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env(**extra_env),
                           cwd=ROOT, timeout=300)
 
 

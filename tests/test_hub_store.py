@@ -267,7 +267,7 @@ def test_bad_ids_rejected(tmp_path, pushed, store, bad_id):
 
 def test_bad_id_from_cli_non_utf8(tmp_path, pushed):
     repo, src = pushed
-    p = subprocess.run([sys.executable, "-m", "hub", "push", str(src["v1"]), b"al\xffice/math"],
+    p = subprocess.run([sys.executable, "-m", "app.cli", "push", str(src["v1"]), b"al\xffice/math"],
                        capture_output=True, env=env(), timeout=120)
     assert p.returncode == 1 and b"not UTF-8" in p.stderr
 
@@ -287,7 +287,7 @@ def test_pickles_and_extras_are_left_out(tmp_path, store):
 
 def test_eight_concurrent_pushes_make_eight_versions(tmp_path, store):
     srcs = [folder(tmp_path, f"a{i}", seed=i) for i in range(8)]
-    procs = [subprocess.Popen([sys.executable, "-m", "hub", "push", str(s), "team/busy", "-m", f"push {i}"],
+    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "push", str(s), "team/busy", "-m", f"push {i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
              for i, s in enumerate(srcs)]
     results = [p.communicate(timeout=300) for p in procs]
@@ -316,7 +316,7 @@ def test_push_killed_mid_way_leaves_repo_usable(tmp_path, pushed, store, stage):
     v1 = files(hub.pull("alice/math@v1", to=tmp_path / "v1"))
     new = folder(tmp_path, "new", seed=9)
     signal_file = tmp_path / "paused"
-    p = subprocess.Popen([sys.executable, "-m", "hub", "push", str(new), "alice/math"], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "push", str(new), "alice/math"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE,
                          env=env(HUB_TEST_PAUSE_AFTER=stage, HUB_TEST_PAUSE_SIGNAL=str(signal_file)))
     deadline = time.monotonic() + 240

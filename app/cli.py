@@ -1,5 +1,9 @@
 """The ``hub`` command: version, share and compose adapters.
 
+The command line is the top of the house: it may import :mod:`app`, :mod:`hub` and :mod:`composer`, while
+those libraries import nothing of it. Seeding the store with the repository's shipped example adapters is
+its job too (:mod:`app.shipped`).
+
 Data goes to stdout (so ``$(hub pull alice/math@v1)`` works), messages to stderr. Known errors print one
 line and exit 1 (set ``HUB_DEBUG=1`` for the traceback); usage errors exit 2.
 """
@@ -212,7 +216,7 @@ def _cmd_show(a) -> int:
 
 def _cmd_diff(a) -> int:
     import hub
-    from .diff import diff
+    from hub.diff import diff
     d = diff(hub.load(a.a), hub.load(a.b))
     lines = [f"a: {d['a']}", f"b: {d['b']}", f"total: diff_norm={_fmt_float(d['diff_norm'])} "
              f"cosine={_fmt_float(d['cosine'])}"]
@@ -240,36 +244,37 @@ def _cmd_compose(a) -> int:
 
 
 def _cmd_serve(a) -> int:
-    from .serve import serve
+    from hub.serve import serve
     return serve(host=a.host, port=a.port)
 
 
-def _cmd_lazy(command: str, module: str):
-    def run(a) -> int:
-        import importlib
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise UsageError(f"'hub {command}' needs the app package ({module} could not be imported: {e}). "
-                             "Install the whole project with 'pip install -e .'.") from e
-        argv = a.args[1:] if a.args[:1] == ["--"] else a.args
-        return int(mod.main(argv) or 0)
-    return run
+def _passthrough(a) -> list[str]:
+    return a.args[1:] if a.args[:1] == ["--"] else a.args
+
+
+def _cmd_app(a) -> int:
+    from .ui import main as app_main  # Gradio and the engine: imported only for this command
+    return int(app_main(_passthrough(a)) or 0)
+
+
+def _cmd_train(a) -> int:
+    from .train import main as train_main  # torch and PEFT: imported only for this command
+    return int(train_main(_passthrough(a)) or 0)
 
 
 HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd_log, "show": _cmd_show,
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
-            "app": _cmd_lazy("app", "app.ui"), "train": _cmd_lazy("train", "app.train")}
+            "app": _cmd_app, "train": _cmd_train}
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     import composer
-    from .errors import HubError
+    from hub.errors import HubError
     return (HubError, composer.ComposerError, UsageError, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hub`` and ``python -m hub``; returns the exit code."""
+    """Entry point of ``hub`` and ``python -m app.cli``; returns the exit code."""
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:1] in (["app"], ["train"]):
@@ -300,3 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
