@@ -13,7 +13,11 @@ Not to be confused with MosaicML's ``composer`` package on PyPI, which uses the 
 
 from __future__ import annotations
 
-from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, describe
+from typing import TYPE_CHECKING
+
+# Errors are plain Python and always loaded; everything else (torch, safetensors, PEFT) is imported on first
+# use, so that ``import composer`` and ``from composer.errors import ...`` cost nothing for a command line
+# that only lists or tags versions.
 from .errors import (
     AdapterFormatError,
     ApproximationWarning,
@@ -21,15 +25,48 @@ from .errors import (
     ComposerError,
     ExpressionError,
     IncompatibleAdaptersError,
+    InvalidArgumentError,
+    InvalidCardError,
     InvalidValueError,
     NotComposableError,
     UnsafeFormatError,
 )
-from .io import from_peft, load, save, validate_folder
-from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
-from .expr import evaluate, parse
-from .initialise import init
-from .merge_methods import METHODS
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
+    from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, describe
+    from .expr import evaluate, format_name, parse
+    from .initialise import check_fits, init
+    from .io import from_peft, load, save, validate_folder
+    from .merge_methods import METHODS
+    from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
+
+_LAZY = {
+    "adapters": ("Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe"),
+    "io": ("load", "save", "from_peft", "validate_folder"),
+    "ops": ("add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible"),
+    "expr": ("evaluate", "parse", "format_name"),
+    "initialise": ("init", "check_fits"),
+    "merge_methods": ("METHODS",),
+}
+_OWNER = {name: module for module, names in _LAZY.items() for name in names}
+_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _OWNER:
+        value = getattr(importlib.import_module(f".{_OWNER[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'composer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_OWNER))
+
 
 __version__ = "0.1.0"
 
@@ -37,8 +74,9 @@ __all__ = [
     "Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe",
     "load", "save", "from_peft", "validate_folder",
     "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible", "METHODS",
-    "evaluate", "parse", "init",
+    "evaluate", "parse", "format_name", "init", "check_fits",
     "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",
-    "IncompatibleAdaptersError", "NotComposableError", "ExpressionError",
+    "IncompatibleAdaptersError", "NotComposableError", "ExpressionError", "InvalidArgumentError",
+    "InvalidCardError",
     "CompatibilityWarning", "ApproximationWarning",
 ]

@@ -2,7 +2,7 @@
 
 olah's ``mirrors-path`` serves ``<path>/models/<namespace>/<name>/`` git repositories — exactly the store's
 layout — so ``mirrors-path`` is the store root. ``offline = true`` keeps olah from asking huggingface.co first.
-Cards are checked on push (see :mod:`hub.card`) because olah reads them with an unsafe YAML loader.
+Cards are checked on push (see :mod:`composer.card`) because olah reads them with an unsafe YAML loader.
 """
 
 from __future__ import annotations

@@ -96,10 +96,19 @@ def test_commands_data_on_stdout(tmp_path, capsys):
     assert capsys.readouterr().out == f"{tmp_path / 'out'}\n"
 
 
-def test_compose_unknown_input_is_one_line(capsys):
+def test_compose_unknown_input_shows_the_whole_message_with_its_caret(capsys):
     assert main(["compose", "alice/nothing + alice/else", "-o", "team/mix"]) == 1
     cap = capsys.readouterr()
-    assert cap.out == "" and cap.err.count("\n") == 1
+    lines = cap.err.splitlines()
+    assert cap.out == "" and lines[0].startswith("Error: Cannot resolve 'alice/nothing'")
+    assert lines[1:] == ["  alice/nothing + alice/else", "  ^", "(set HUB_DEBUG=1 for the traceback)"]
+
+
+def test_syntax_error_caret_on_the_command_line(capsys):
+    assert main(["compose", "0.5*a/x + * b/y", "-o", "team/mix"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1] == "  0.5*a/x + * b/y"
+    assert lines[2] == "  " + " " * len("0.5*a/x + ") + "^"
 
 
 def test_python_m_hub_works():
