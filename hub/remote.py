@@ -191,7 +191,6 @@ class HfRemote:
         repo_id = ref.repo_id
         if tag is not None:
             tag = check_tag(tag)
-            check_reserved(repo_id, tag, force=force)
         self.store.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".stage-") as staging_name:
             staging = Path(staging_name)
@@ -212,6 +211,8 @@ class HfRemote:
                 raise TagExistsError(f"Tag '{tag}' of '{repo_id}' on {_endpoint()} already points at "
                                      f"{tags[tag][:12]}. Pick another tag, or pass --force to move it.",
                                      repo_id=repo_id, tag=tag, target=tags[tag])
+            else:
+                check_reserved(repo_id, tag, force=force)
             names = sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES)
             present = set()
             if head is not None:

@@ -373,7 +373,6 @@ class Store:
         ref = parse_id(repo_id, allow_revision=False)
         if tag is not None:
             tag = check_tag(tag)
-            check_reserved(ref.repo_id, tag, force=force)
         folder = Path(folder)
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".stage-") as staging_name:
@@ -387,11 +386,13 @@ class Store:
                 tags = self.tags(ref)
                 if tag is None and auto_version:
                     tag = next_version(tags)
-                elif tag is not None and tag in tags and not force:
-                    raise TagExistsError(
-                        f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never move "
-                        "silently. Pick another tag, or pass --force to move it.",
-                        repo_id=ref.repo_id, tag=tag, target=tags[tag])
+                elif tag is not None:
+                    if tag in tags and not force:
+                        raise TagExistsError(
+                            f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never move "
+                            "silently. Pick another tag, or pass --force to move it.",
+                            repo_id=ref.repo_id, tag=tag, target=tags[tag])
+                    check_reserved(ref.repo_id, tag, force=force)
 
                 def previous() -> bytes | None:
                     if parent is None:
@@ -457,7 +458,6 @@ class Store:
         """
         tag = check_tag(tag)
         resolved = self.resolve(repo_id)
-        check_reserved(resolved.ref.repo_id, tag, force=force)
         path = self._require(resolved.ref)
         with self.lock(resolved.ref):
             tags = self.tags(resolved.ref)
@@ -465,6 +465,7 @@ class Store:
                 raise TagExistsError(
                     f"Tag '{tag}' of '{resolved.ref.repo_id}' already points at {tags[tag][:12]}. "
                     "Pass --force to move it.", repo_id=resolved.ref.repo_id, tag=tag, target=tags[tag])
+            check_reserved(resolved.ref.repo_id, tag, force=force)
             old = tags.get(tag, _ZERO)
             self._git(path, "update-ref", f"refs/tags/{tag}", resolved.sha, old)
         return resolved
