@@ -138,8 +138,9 @@ def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):
     bad.write_text('{"prompt": "x"}\n')
     capsys.readouterr()  # save_pretrained's progress bars
     assert main([str(bad), "-o", str(tmp_path / "o"), "--base", str(base)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"Error: {bad}:1: expected") and err.count("\n") == 1 and "HUB_DEBUG=1" in err
+    errors = [line for line in capsys.readouterr().err.split("\n") if "Error:" in line]  # no progress bars
+    assert len(errors) == 1 and errors[0].endswith("(set HUB_DEBUG=1 for the traceback)")
+    assert errors[0][errors[0].index("Error:"):].startswith(f"Error: {bad}:1: expected")
     assert not (tmp_path / "o").exists()
     with pytest.raises(TrainingDataError, match="bad.jsonl:1"):
         read_examples(bad)
