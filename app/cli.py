@@ -320,7 +320,7 @@ def _cmd_compose(a) -> int:
 
 def _cmd_serve(a) -> int:
     from hub.serve import serve
-    return serve(host=a.host, port=a.port)
+    return serve(host=a.host, port=a.port, announce=_err)
 
 
 def _passthrough(a) -> list[str]:

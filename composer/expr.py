@@ -7,7 +7,8 @@ Grammar::
     factor  := NAME | "(" expr ")" | call
     call    := "interp" "(" expr "," expr "," NUMBER ")"
              | "compose" "(" expr "," expr ")"
-             | "merge" "(" METHOD ("," expr)+ ("," KEY "=" NUMBER)* ")"      KEY: density, seed
+             | "merge" "(" METHOD ("," expr)+ ("," KEY "=" NUMBER)* ")"
+                 KEY: a parameter METHOD declares in composer.METHODS (density; seed for DARE)
     NAME    := a run of letters, digits and ``_ . / @ : ~ -`` not starting with "-",
                or any text in backquotes (`my folder/with spaces`)
 

@@ -48,6 +48,15 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
 
 
+@pytest.mark.parametrize("argv", [["log", "--bogus"], ["push", "only-one-arg"], ["tag", "a/b@v1"]])
+def test_usage_errors_print_the_subcommands_own_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: hub {argv[0]} ") and f"hub {argv[0]}: error:" in err
+
+
 def test_known_errors_one_line_exit_1(capsys):
     assert main(["log", "alice/nothing"]) == 1
     cap = capsys.readouterr()
@@ -111,6 +120,33 @@ def test_syntax_error_caret_on_the_command_line(capsys):
     assert lines[2] == "  " + " " * len("0.5*a/x + ") + "^"
 
 
-def test_python_m_hub_works():
+def test_python_m_app_cli_works():
     p = hub_cmd("--help")
     assert p.returncode == 0 and "Examples:" in p.stdout
+
+
+LIGHT = """
+import contextlib, io, sys
+from app.cli import main
+for argv in (["--help"], ["list"], ["log", "alice/math"], ["tag", "alice/math@v1", "stable"], ["log", "--bogus"],
+             ["push"], ["log", "alice/nothing"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+heavy = sorted(m for m in ("torch", "transformers", "peft", "gradio", "safetensors.torch") if m in sys.modules)
+print(",".join(heavy) or "light")
+"""
+
+
+def test_read_only_commands_and_usage_errors_import_no_heavy_library(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_hub_helpers import env
+
+    assert main(["push", str(folder(tmp_path, "a")), "alice/math"]) == 0  # something to log and tag
+    p = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, env=env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "light"

@@ -341,14 +341,28 @@ def test_pickles_and_extras_are_left_out(tmp_path, store):
 # --- concurrency and crashes ---------------------------------------------------------------------
 
 
+def _push_child(src: str, i: int, root: str, out) -> None:
+    r = hub.push(src, "team/busy", message=f"push {i}", root=root)
+    out.put(f"{r.repo_id}@{r.tag}")
+
+
 def test_eight_concurrent_pushes_make_eight_versions(tmp_path, store):
+    import multiprocessing
+
     srcs = [folder(tmp_path, f"a{i}", seed=i) for i in range(8)]
-    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "push", str(s), "team/busy", "-m", f"push {i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
-             for i, s in enumerate(srcs)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [r[1] for r in results]
-    assert sorted(r[0].strip() for r in results) == sorted(f"team/busy@v{i}" for i in range(1, 9))
+    # Eight real processes contending for the repository's lock. A fork server imports torch once and forks
+    # the pushers from it (eight interpreters importing torch would cost more than the test itself).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["hub", "composer.io", "tests.test_hub_store"])
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_push_child, args=(str(s), i, str(store.root), out)) for i, s in enumerate(srcs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * 8
+    results = [out.get(timeout=10) for _ in procs]
+    assert sorted(results) == sorted(f"team/busy@v{i}" for i in range(1, 9))
     log = hub.log("team/busy")
     assert len(log) == 8
     assert sorted(t for e in log for t in e["tags"]) == sorted(f"v{i}" for i in range(1, 9))
