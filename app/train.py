@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import yaml
 
 import composer
+from composer.card import build_card
 from composer.data import IGNORE, collate, encode_example, file_sha256, read_examples  # noqa: F401 (re-exported)
 
 from .errors import AppError, TrainingDataError
@@ -213,7 +213,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     }
     if sub_record is not None:
         training["subspace"] = sub_record
-    card = training_card(adapter, training, getattr(model, "name_or_path", None) or "")
+    card = build_card(adapter, training=training, base_model=getattr(model, "name_or_path", None) or None)
     path = None
     if out_dir is not None:
         path = composer.save(adapter, out_dir, card=card)
@@ -221,24 +221,6 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         pm.unload()  # hand the caller's model back with its plain layers
     return TrainResult(adapter=adapter, path=path, losses=losses, first_step=first_step, card=card,
                        training=training)
-
-
-def training_card(adapter: Any, training: dict[str, Any], base_model: str) -> str:
-    """A model card whose YAML front matter records how the adapter was trained."""
-    tag = "road" if adapter.kind == "road" else "task-prompt-vector"
-    front = {"base_model": base_model or (adapter.base_model or ""), "library_name": "peft",
-             "tags": [tag, "adapter-hub", "trained"], "training": training}
-    body = [
-        f"# {tag} adapter trained with `hub train`", "",
-        f"- data: `{training['data_file']}` (sha256 `{training['data_sha256']}`, {training['examples']} examples)",
-        f"- steps: {training['steps']}, learning rate: {training['learning_rate']}, "
-        f"batch size: {training['batch_size']}, seed: {training['seed']}",
-        f"- init: `{training['init'] if isinstance(training['init'], str) else training['init'].get('expression')}`",
-        f"- loss: {training['first_loss']:.4f} -> {training['final_loss']:.4f}" if training["final_loss"] is not None
-        else "- loss: n/a",
-        "",
-    ]
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
 
 
 EXAMPLES = """Examples:
@@ -257,7 +239,7 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder to write the PEFT adapter to")
     p.add_argument("--kind", choices=["road", "prompt"], default="road")
     p.add_argument("--init", help="start from a composition, e.g. '0.5*a + 0.5*b' (folders or store ids)")
-    p.add_argument("--variant", choices=["road_1", "road_2", "road_4"], default="road_1")
+    p.add_argument("--variant", choices=composer.road_math.VARIANTS, default="road_1")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--target-modules", nargs="+", help="RoAd target modules (default: PEFT's, q_proj v_proj)")
     p.add_argument("--subspace", help="RoAd: train only a share of each layer's 2D pairs: 'k/n' (slot k of n "
@@ -292,10 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        batch_size=args.batch_size, seed=args.seed, out_dir=args.output,
                        subspace=_subspace_arg(args))
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
-        if os.environ.get("ADAPTER_HUB_DEBUG"):
-            raise
-        print(f"Error: {e}\n(set ADAPTER_HUB_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        from .cli import report_error  # the one formatter and debug switch (HUB_DEBUG) of the command line
+        return report_error(e)
     if args.json:
         print(json.dumps({"path": str(result.path), **result.training}))
     else:

@@ -15,7 +15,11 @@ Not to be confused with MosaicML's ``composer`` package on PyPI, which uses the 
 
 from __future__ import annotations
 
-from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, describe
+from typing import TYPE_CHECKING
+
+# Errors are plain Python and always loaded; everything else (torch, safetensors, PEFT) is imported on first
+# use, so that ``import composer`` and ``from composer.errors import ...`` cost nothing for a command line
+# that only lists or tags versions.
 from .errors import (
     AdapterFormatError,
     ApproximationWarning,
@@ -24,17 +28,52 @@ from .errors import (
     DataError,
     ExpressionError,
     IncompatibleAdaptersError,
+    InvalidArgumentError,
+    InvalidCardError,
     InvalidValueError,
     NotComposableError,
     UnsafeFormatError,
 )
-from .io import from_peft, load, save, validate_folder
-from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
-from .expr import evaluate, parse
-from .initialise import init
-from .fit import FitError, apply_coefficients, fit, rebuild
-from .subspace import Subspace, SubspaceError, active_pairs, overlap
-from .merge_methods import METHODS
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
+    from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, describe
+    from .expr import evaluate, format_name, parse
+    from .initialise import check_fits, init
+    from .io import from_peft, load, save, validate_folder
+    from .merge_methods import METHODS
+    from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
+    from .fit import FitError, apply_coefficients, fit, rebuild
+    from .subspace import Subspace, SubspaceError, active_pairs, overlap
+
+_LAZY = {
+    "adapters": ("Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe"),
+    "io": ("load", "save", "from_peft", "validate_folder"),
+    "ops": ("add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible"),
+    "expr": ("evaluate", "parse", "format_name"),
+    "initialise": ("init", "check_fits"),
+    "merge_methods": ("METHODS",),
+    "fit": ("fit", "apply_coefficients", "rebuild", "FitError"),
+    "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
+}
+_OWNER = {name: module for module, names in _LAZY.items() for name in names}
+_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _OWNER:
+        value = getattr(importlib.import_module(f".{_OWNER[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'composer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_OWNER))
+
 
 __version__ = "0.1.0"
 
@@ -42,10 +81,10 @@ __all__ = [
     "Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe",
     "load", "save", "from_peft", "validate_folder",
     "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible", "METHODS",
-    "evaluate", "parse", "init", "fit", "apply_coefficients", "rebuild",
-    "Subspace", "active_pairs", "overlap",
+    "evaluate", "parse", "format_name", "init", "check_fits", "fit", "apply_coefficients", "rebuild",
+    "Subspace", "active_pairs", "overlap", "FitError", "SubspaceError", "DataError",
     "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",
-    "IncompatibleAdaptersError", "NotComposableError", "ExpressionError", "DataError", "FitError",
-    "SubspaceError",
+    "IncompatibleAdaptersError", "NotComposableError", "ExpressionError", "InvalidArgumentError",
+    "InvalidCardError",
     "CompatibilityWarning", "ApproximationWarning",
 ]

@@ -17,8 +17,10 @@ from typing import Any, Union
 import torch
 
 from .errors import InvalidValueError
+from .road_math import VARIANTS, Variant, generator, layer_width
 
-VARIANTS = ("road_1", "road_2", "road_4")
+__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "PromptVector", "Adapter", "describe", "check_finite",
+           "task_vector", "cosine"]
 LIBRARY_VERSION = "0.1.0"
 
 
@@ -105,7 +107,7 @@ class RoadAdapter:
         source: where it came from (a folder, or ``namespace/name@sha``), used in recipes.
     """
 
-    variant: str
+    variant: Variant
     group_size: int
     theta: dict[str, torch.Tensor]
     alpha: dict[str, torch.Tensor]
@@ -134,8 +136,7 @@ class RoadAdapter:
 
     def width(self, module: str) -> int:
         """Output width of the adapted layer, derived from the tensor size and the variant."""
-        n = self.theta[module].numel()
-        return {"road_1": 2 * n, "road_2": n, "road_4": n // 2}[self.variant]
+        return layer_width(self.variant, self.theta[module].numel()) or 0
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.theta.values()) + sum(t.numel() for t in self.alpha.values())
@@ -154,19 +155,24 @@ class RoadAdapter:
             check_finite(f"{m}.road_theta", self.theta[m])
             check_finite(f"{m}.road_alpha", self.alpha[m])
 
-    def task_vectors(self) -> dict[str, torch.Tensor]:
-        """Per-module flat task vectors in float64, sorted by module: the generator ``(θ, log|α|)``."""
-        return {m: torch.cat([self.theta[m].double().flatten(),
-                              torch.log(self.alpha[m].double().abs().clamp_min(1e-30)).flatten()])
-                for m in sorted(self.theta)}
-
-    def norms(self) -> dict[str, dict[str, float]]:
-        """Per-module norms of the generator: ``{"theta": |θ|, "log_alpha": |log|α||}``."""
+    def generators(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-module generator ``(θ, log α)`` (:func:`composer.road_math.generator`; a zero α's log is
+        clamped to log 1e-30 so that norms and cosines stay finite)."""
         out = {}
         for m in self.theta:
-            la = torch.log(self.alpha[m].abs().clamp_min(1e-30))
-            out[m] = {"theta": float(self.theta[m].norm()), "log_alpha": float(la.norm())}
+            th, la = generator(self.theta[m], self.alpha[m])
+            out[m] = (th, la.clamp_min(_LOG_TINY))
         return out
+
+    def task_vectors(self) -> dict[str, torch.Tensor]:
+        """Per-module flat task vectors in float64, sorted by module: the generator ``(θ, log α)``."""
+        gens = self.generators()
+        return {m: torch.cat([gens[m][0].flatten(), gens[m][1].flatten()]) for m in sorted(gens)}
+
+    def norms(self) -> dict[str, dict[str, float]]:
+        """Per-module norms of the generator: ``{"theta": ‖θ‖, "log_alpha": ‖log α‖}``."""
+        return {m: {"theta": float(th.norm()), "log_alpha": float(la.norm())}
+                for m, (th, la) in self.generators().items()}
 
     def __repr__(self) -> str:
         return (f"RoadAdapter(variant={self.variant!r}, group_size={self.group_size}, "
@@ -249,6 +255,21 @@ class PromptVector:
 
 
 Adapter = Union[RoadAdapter, PromptVector]
+_LOG_TINY = math.log(1e-30)
+
+
+def task_vector(adapter: Adapter) -> torch.Tensor:
+    """The flat task vector (float64): RoAd generators over sorted modules, or a prompt's τ."""
+    return torch.cat(list(adapter.task_vectors().values()))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Cosine similarity of two flat vectors; ``None`` when either is zero (e.g. the identity adapter), where
+    the angle is undefined (``hub diff`` and the app both show it as n/a)."""
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return None
+    return max(-1.0, min(1.0, float(torch.dot(a.double().flatten(), b.double().flatten())) / (na * nb)))
 
 
 def describe(adapter: Adapter) -> dict[str, Any]:

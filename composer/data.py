@@ -14,8 +14,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
-
 from .errors import DataError
 
 IGNORE = -100
@@ -23,7 +21,8 @@ Conversation = list[dict[str, str]]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (the one owner: what the Hub records for LFS files,
+    what ``hub train`` and ``composer.fit`` record of their data). Light: no torch import."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -116,8 +115,10 @@ def encode_example(tokenizer: Any, messages: Conversation, max_length: int = 512
     return full, labels
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for a causal LM's loss."""
+def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Any]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors for a causal LM's loss."""
+    import torch
+
     n = max(len(r[0]) for r in rows)
     ids = torch.tensor([r[0] + [pad] * (n - len(r[0])) for r in rows])
     labels = torch.tensor([r[1] + [IGNORE] * (n - len(r[1])) for r in rows])

@@ -9,6 +9,9 @@ offending values as attributes so callers (the CLI, the app) can say what to do 
     ├── InvalidValueError(ValueError)      NaN/inf, or a scale of zero where a log is needed
     ├── IncompatibleAdaptersError(ValueError)  kinds, modules, shapes, variants or prompts differ
     ├── NotComposableError(ValueError)     e.g. a prompt without its recorded init
+    ├── InvalidArgumentError(ValueError)   a call that cannot work: no adapters, an unknown merge method,
+    │                                      one weight too few, a parameter out of range
+    ├── InvalidCardError(ValueError)       model card front matter that is not plain, safe YAML
     ├── ExpressionError(ValueError)        syntax or name errors in an expression, with the position
     └── DataError(ValueError)              example data (JSONL) unreadable or without usable rows
 
@@ -72,6 +75,20 @@ class IncompatibleAdaptersError(ComposerError, ValueError):
 
 class NotComposableError(ComposerError, ValueError):
     """The adapter can be used but not composed (a prompt saved without its init)."""
+
+
+class InvalidArgumentError(ComposerError, ValueError):
+    """The arguments of a composer call do not fit together (no adapters, an unknown method, a parameter out
+    of range). Attributes: ``name`` (the argument at fault) and ``value``."""
+
+    def __init__(self, message: str, *, name: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.value = value
+
+
+class InvalidCardError(ComposerError, ValueError):
+    """A model card's YAML front matter is unsafe (tags, anchors) or unparsable."""
 
 
 class ExpressionError(ComposerError, ValueError):

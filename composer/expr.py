@@ -7,7 +7,8 @@ Grammar::
     factor  := NAME | "(" expr ")" | call
     call    := "interp" "(" expr "," expr "," NUMBER ")"
              | "compose" "(" expr "," expr ")"
-             | "merge" "(" METHOD ("," expr)+ ("," KEY "=" NUMBER)* ")"      KEY: density, seed
+             | "merge" "(" METHOD ("," expr)+ ("," KEY "=" NUMBER)* ")"
+                 KEY: a parameter METHOD declares in composer.METHODS (density; seed for DARE)
     NAME    := a run of letters, digits and ``_ . / @ : ~ -`` not starting with "-",
                or any text in backquotes (`my folder/with spaces`)
 
@@ -16,18 +17,26 @@ Examples: ``0.7*alice/math@v2 + 0.7*alice/code - 0.3*bob/toxic``, ``interp(a, b,
 to subtract.
 
 A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight per input.
+
+This module also owns the *writer*: :func:`format_name`, :func:`format_number`, :func:`format_sum`,
+:func:`format_interp` and :func:`format_merge` produce text that :func:`parse` reads back to the same tree.
+Recipes (:mod:`composer.ops`) and the app's mixer both write expressions with them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import TYPE_CHECKING, Any, Union
 
-from .adapters import Adapter
-from .errors import ComposerError, ExpressionError
+from .errors import ComposerError, ExpressionError, InvalidArgumentError
 from .merge_methods import METHODS
+
+if TYPE_CHECKING:
+    from .adapters import Adapter
+
+FUNCTIONS = ("interp", "compose", "merge")
 
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_./@:~\-]")
@@ -191,8 +200,11 @@ class _Parser:
                 self.take()
                 key = self.peek()
                 if key.kind == "name" and self.toks[self.i + 1].text == "=":
-                    if key.text not in ("density", "seed"):
-                        raise self.error("Unknown parameter (use density= or seed=)", key)
+                    method = METHODS[str(params[0][1])]
+                    if method.param(key.text) is None:
+                        takes = " or ".join(f"{p.name}=" for p in method.params)
+                        raise self.error(f"Unknown parameter for {method.name}"
+                                         f" ({f'use {takes}' if takes else 'it takes none'})", key)
                     self.take()
                     self.take()
                     num = self.peek()
@@ -202,7 +214,7 @@ class _Parser:
                     params.append((key.text, float(num.text)))
                     continue
                 if len(params) > 1:
-                    raise self.error("Adapters must come before density=/seed=")
+                    raise self.error("Adapters must come before the method's parameters (density=, seed=)")
                 node = self.expr()
                 w, n = (_terms(node)[0] if isinstance(node, Linear) and len(node.terms) == 1 else (1.0, node))
                 args.append(n)
@@ -316,9 +328,13 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
             return ops.interpolate(ev(n.args[0]), ev(n.args[1]), float(p["t"]))
         if n.fn == "compose":
             return ops.compose(ev(n.args[0]), ev(n.args[1]))
-        seed = p.get("seed")
-        return ops.merge([ev(c) for c in n.args], list(n.weights), method=str(p["method"]),
-                         density=p.get("density"), seed=None if seed is None else int(seed))
+        method = str(p.pop("method"))
+        try:
+            return ops.merge([ev(c) for c in n.args], list(n.weights), method=method, **p)
+        except ExpressionError:
+            raise
+        except InvalidArgumentError as e:
+            raise ExpressionError(str(e), expression=expression, position=n.pos) from e
 
     result = ev(tree)
     if result.recipe is None:
@@ -326,3 +342,62 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
     inputs = tuple({"name": nm, "ref": cache[nm].source or nm} for nm in names(tree))
     recipe = replace(result.recipe, expression=expression.strip(), inputs=inputs)
     return replace(result, recipe=recipe)
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+def format_name(name: str) -> str:
+    """``name`` as the parser reads it back: bare when it tokenizes as one name, else in backquotes.
+
+    Raises:
+        ExpressionError: the name holds a backquote (or is empty), which no expression can carry.
+    """
+    if not name or "`" in name:
+        raise ExpressionError(f"The adapter name {name!r} cannot be written in an expression "
+                              f"({'it is empty' if not name else 'it holds a backquote'}); rename it.")
+    try:
+        toks = _tokenize(name)
+    except ExpressionError:
+        toks = []
+    if len(toks) == 2 and toks[0].kind == "name" and toks[0].text == name and name not in FUNCTIONS:
+        return name
+    return f"`{name}`"
+
+
+def format_number(x: float) -> str:
+    """The shortest text that reads back as the same float (``0.5``, ``2``, ``1e-05``)."""
+    x = float(x)
+    if x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x)
+
+
+def _term(weight: float, operand: str) -> str:
+    mag = abs(float(weight))
+    return operand if mag == 1.0 else f"{format_number(mag)}*{operand}"
+
+
+def format_sum(terms: Sequence[tuple[float, str]]) -> str:
+    """``w₁·x₁ + w₂·x₂ − …`` from ``(weight, operand)`` pairs; operands are already written (names through
+    :func:`format_name`, sub-expressions in parentheses). Example: ``0.7*a/x + b/y - 0.3*c/z``."""
+    out = []
+    for i, (w, operand) in enumerate(terms):
+        body = _term(w, operand)
+        if i == 0:
+            out.append(f"-{body}" if w < 0 else body)
+        else:
+            out.append(f" - {body}" if w < 0 else f" + {body}")
+    return "".join(out)
+
+
+def format_interp(a: str, b: str, t: float) -> str:
+    """``interp(a, b, t)`` from written operands."""
+    return f"interp({a}, {b}, {format_number(t)})"
+
+
+def format_merge(method: str, terms: Sequence[tuple[float, str]], params: Mapping[str, Any] | None = None) -> str:
+    """``merge(method, w₁*x₁, w₂*x₂, key=value, ...)`` from ``(weight, operand)`` pairs and the parameters."""
+    args = [format_sum([(w, x)]) for w, x in terms]
+    args += [f"{k}={format_number(v)}" for k, v in (params or {}).items()]
+    return f"merge({method}, {', '.join(args)})"

@@ -1,8 +1,9 @@
-"""Composed initialisation: a trainable PEFT model whose adapter starts from a composition."""
+"""Composed initialisation: a trainable PEFT model whose adapter starts from a composition, and the one
+check that an adapter fits a model (:func:`check_fits`, also what the app's engine asks)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,43 @@ def _road_config(adapter: RoadAdapter, linear_names: set[str] | None = None) -> 
     if linear_names is not None and {n for n in linear_names if n.rsplit(".", 1)[-1] in targets} != set(adapter.theta):
         targets = sorted(adapter.theta)  # the adapter covers only some layers: name them exactly
     return RoadConfig(variant=adapter.variant, group_size=adapter.group_size, target_modules=targets)
+
+
+def check_fits(adapter: Adapter, model: Any, *, modules: Mapping[str, Any] | None = None) -> None:
+    """Raise unless ``adapter`` can run on ``model``: every RoAd module is an ``nn.Linear`` of the model with
+    the adapter's width, or a prompt's ``token_dim`` equals the model's embedding width.
+
+    Args:
+        adapter: a RoAd adapter or prompt vector.
+        model: a ``transformers`` model (or any ``nn.Module`` with ``get_input_embeddings`` for prompts).
+        modules: ``dict(model.named_modules())`` when the caller already has it (the engine keeps one).
+
+    Raises:
+        IncompatibleAdaptersError: naming the module (or ``prompt_embeddings``), both widths and the base model
+            the adapter was trained on.
+    """
+    if isinstance(adapter, RoadAdapter):
+        modules = dict(model.named_modules()) if modules is None else modules
+        for m in adapter.theta:
+            layer = modules.get(m)
+            if not isinstance(layer, torch.nn.Linear):
+                example = next((n for n, x in modules.items() if isinstance(x, torch.nn.Linear)), "?")
+                raise IncompatibleAdaptersError(
+                    f"Module '{m}' of the adapter is not a Linear layer of this model (e.g. '{example}'); was it "
+                    f"trained on another base model ({adapter.base_model!r})?",
+                    field="modules", left=m, right=None, tensor=f"{m}.road_theta")
+            if layer.out_features != adapter.width(m):
+                raise IncompatibleAdaptersError(
+                    f"Tensor '{m}.road_theta' is for width {adapter.width(m)}, the model's layer has "
+                    f"{layer.out_features} outputs; was it trained on another base model ({adapter.base_model!r})?",
+                    field="shape", left=adapter.width(m), right=layer.out_features, tensor=f"{m}.road_theta")
+        return
+    dim, have = adapter.shape[1], model.get_input_embeddings().embedding_dim
+    if dim != have:
+        raise IncompatibleAdaptersError(
+            f"Tensor 'prompt_embeddings' has token_dim {dim}, the model's embeddings have {have}; was it trained "
+            f"on another base model ({adapter.base_model!r})?", field="shape", left=dim, right=have,
+            tensor="prompt_embeddings")
 
 
 def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[[str], Adapter] | None = None,
@@ -48,16 +86,7 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
                else adapter_or_expression)
     if isinstance(adapter, RoadAdapter):
         modules = dict(model.named_modules())
-        for m in adapter.theta:
-            if m not in modules or not isinstance(modules[m], torch.nn.Linear):
-                raise IncompatibleAdaptersError(
-                    f"Module '{m}' of the adapter is not a Linear layer of this model; was it trained on "
-                    f"{adapter.base_model!r}?", field="modules", left=m, right=None, tensor=f"{m}.road_theta")
-            if modules[m].out_features != adapter.width(m):
-                raise IncompatibleAdaptersError(
-                    f"Tensor '{m}.road_theta' is for width {adapter.width(m)}, the model's layer has "
-                    f"{modules[m].out_features}.", field="shape", left=adapter.width(m),
-                    right=modules[m].out_features, tensor=f"{m}.road_theta")
+        check_fits(adapter, model, modules=modules)
         linear = {n for n, mod in modules.items() if isinstance(mod, torch.nn.Linear)}
         peft_model = get_peft_model(model, _road_config(adapter, linear), adapter_name=adapter_name)
         targets = {n: mod for n, mod in peft_model.base_model.model.named_modules() if hasattr(mod, "road_theta")}
@@ -78,12 +107,8 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
         if not adapter.composable:
             raise NotComposableError("This prompt has no recorded init (prompt_vector.safetensors), so a new task "
                                      "cannot be initialised from its task vector. Retrain it with hub train.")
+        check_fits(adapter, model)
         n, dim = adapter.shape
-        emb = model.get_input_embeddings()
-        if emb.embedding_dim != dim:
-            raise IncompatibleAdaptersError(
-                f"Tensor 'prompt_embeddings' has token_dim {dim}, the model's embeddings have {emb.embedding_dim}.",
-                field="shape", left=dim, right=emb.embedding_dim, tensor="prompt_embeddings")
         cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=dim)
         peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
         with torch.no_grad():

@@ -26,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .adapters import VARIANTS, Adapter, PromptVector, Recipe, RoadAdapter, check_finite
+from .card import build_card
+from .road_math import layer_width
 from .errors import AdapterFormatError, NotComposableError, UnsafeFormatError
 
 CONFIG = "adapter_config.json"
@@ -100,7 +102,6 @@ def _parse_road(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tens
         (theta if which == "road_theta" else alpha)[module] = tensors[key]
     if not theta and not alpha:
         raise AdapterFormatError(f"{folder / WEIGHTS} holds no RoAd tensors.", path=folder)
-    per = {"road_1": 0.5, "road_2": 1, "road_4": 2}[variant]
     for m in sorted(set(theta) | set(alpha)):
         if m not in theta or m not in alpha:
             missing = "road_theta" if m not in theta else "road_alpha"
@@ -112,12 +113,11 @@ def _parse_road(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tens
                 f"Tensor '{m}.road_theta' has shape {tuple(t.shape)} and '{m}.road_alpha' {tuple(a.shape)}; "
                 "both must be 1-D and equal.", path=folder, tensor=f"{m}.road_theta")
         n = t.numel()
-        width = n / per
-        if width != int(width) or width == 0:
+        width = layer_width(variant, n)
+        if width is None:
             raise AdapterFormatError(
                 f"Tensor '{m}.road_theta' has {n} values, which no layer width gives for {variant}.",
                 path=folder, tensor=f"{m}.road_theta")
-        width = int(width)
         if width % g:
             raise AdapterFormatError(
                 f"group_size {g} does not divide the width {width} of layer '{m}' "
@@ -275,24 +275,12 @@ def save(adapter: Adapter, path: str | os.PathLike, *, card: str | None = None) 
     else:
         (folder / RECIPE).unlink(missing_ok=True)
     if card is None and not (folder / CARD).exists():
-        card = default_card(adapter)
+        card = build_card(adapter)
     if card is not None:
         _atomic_write(folder / CARD, lambda p: Path(p).write_text(card, encoding="utf-8"))
     _atomic_write(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
                                                                 encoding="utf-8"))
     return folder
-
-
-def default_card(adapter: Adapter) -> str:
-    """A minimal model card with the YAML front matter the Hub and ``hub`` expect."""
-    tag = "road" if isinstance(adapter, RoadAdapter) else "task-prompt-vector"
-    tags = [tag, "adapter-hub"] + (["composed"] if adapter.recipe else [])
-    lines = ["---", f"base_model: {json.dumps(adapter.base_model or '')}", "library_name: peft", "tags:"]
-    lines += [f"- {t}" for t in tags]
-    lines += ["---", "", f"# {tag} adapter", ""]
-    if adapter.recipe is not None:
-        lines += ["Composed with `composer`:", "", "```", adapter.recipe.expression, "```", ""]
-    return "\n".join(lines)
 
 
 def from_peft(model: Any, *, adapter_name: str = "default", init: torch.Tensor | None = None,

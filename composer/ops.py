@@ -27,17 +27,20 @@ from .adapters import Adapter, PromptVector, Recipe, RoadAdapter
 from .errors import (
     CompatibilityWarning,
     IncompatibleAdaptersError,
+    InvalidArgumentError,
     InvalidValueError,
     NotComposableError,
 )
+from .expr import format_interp, format_merge, format_name, format_sum
 
 # ---------------------------------------------------------------------------------------------- checks
 
 
 def _label(a: Adapter, i: int) -> str:
+    """How input ``i`` appears in a recipe's expression: its composition in parentheses, or its name."""
     if a.recipe is not None:
         return f"({a.recipe.expression})"
-    return a.source or f"input{i}"
+    return format_name(a.source or f"input{i}")
 
 
 def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) -> None:
@@ -48,7 +51,7 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
     ``base_model_name_or_path`` values with matching shapes only warn (:class:`CompatibilityWarning`).
     """
     if not adapters:
-        raise ValueError("no adapters given")
+        raise InvalidArgumentError("No adapters given; pass at least one.", name="adapters", value=[])
     for a in adapters:
         a.validate()
     first = adapters[0]
@@ -117,20 +120,15 @@ def _require_vector(a: Adapter, i: int) -> None:
 
 
 def _generator(a: RoadAdapter, m: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(θ, log α) in float64. A negative α is written as (θ + π, |α|): the same block for every variant."""
-    theta = a.theta[m].double()
-    alpha = a.alpha[m].double()
+    """(θ, log α) in float64 (:func:`road_math.generator`); a zero α has no logarithm and is refused."""
+    alpha = a.alpha[m]
     if bool((alpha == 0).any()):
         idx = int((alpha == 0).nonzero()[0])
         raise InvalidValueError(
             f"Tensor '{m}.road_alpha' is 0 at index {idx}: a zero scale has no logarithm, so it cannot enter "
             "generator arithmetic. Use composer.compose for exact products.",
             tensor=f"{m}.road_alpha", index=idx, value=0.0)
-    neg = alpha < 0
-    if bool(neg.any()):
-        theta = torch.where(neg, theta + math.pi, theta)
-        alpha = alpha.abs()
-    return theta, alpha.log()
+    return road_math.generator(a.theta[m], alpha)
 
 
 def _road_result(template: RoadAdapter, theta: dict, alpha: dict, recipe: Recipe,
@@ -164,25 +162,11 @@ def _inputs(adapters: Sequence[Adapter]) -> tuple[dict, ...]:
     return tuple(seen.values())
 
 
-def _weighted_expr(adapters: Sequence[Adapter], weights: Sequence[float]) -> str:
-    parts = []
-    for i, (a, w) in enumerate(zip(adapters, weights)):
-        term = _label(a, i) if w in (1, -1) else f"{_fmt(abs(w))}*{_label(a, i)}"
-        sign = "-" if w < 0 else "+"
-        parts.append(term if (i == 0 and sign == "+") else (f"-{term}" if i == 0 else f" {sign} {term}"))
-    return "".join(parts)
-
-
-def _fmt(x: float) -> str:
-    return repr(float(x)).rstrip("0").rstrip(".") if float(x) != int(x) else str(int(x))
-
-
 # ---------------------------------------------------------------------------------------------- linear
 
 
 def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: str = "task_arithmetic",
-            density: float | None = None, seed: int | None = None, expression: str | None = None,
-            op: str | None = None) -> Adapter:
+            params: dict | None = None, expression: str | None = None, op: str | None = None) -> Adapter:
     """``Σ wᵢ·genᵢ`` (or a merge method) over compatible adapters; the core of every linear operation."""
     check_compatible(adapters)
     weights = [float(w) for w in weights]
@@ -190,20 +174,14 @@ def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: st
         if not math.isfinite(w):
             raise InvalidValueError(f"Weight {w} is not finite; weights must be finite numbers.", value=w)
     m = merge_methods.METHODS[method]
-    if m.needs_density:
-        if density is None or not (0.0 < float(density) <= 1.0):
-            raise ValueError(f"Method {method!r} needs a density in (0, 1], got {density!r}.")
-    expr = expression or (_weighted_expr(adapters, weights) if method == "task_arithmetic"
-                          else f"merge({method}, " + ", ".join(_label(a, i) for i, a in enumerate(adapters)) + ")")
-    params: dict = {}
-    if m.needs_density:
-        params["density"] = float(density)  # type: ignore[arg-type]
-    if m.random:
-        params["seed"] = 0 if seed is None else int(seed)
+    params = m.check_params(params or {})
+    labels = [_label(a, i) for i, a in enumerate(adapters)]
+    expr = expression or (format_sum(list(zip(weights, labels))) if method == "task_arithmetic"
+                          else format_merge(method, list(zip(weights, labels)), params))
     first = adapters[0]
 
     def combine(ts: list[torch.Tensor]) -> torch.Tensor:
-        return merge_methods.apply(method, ts, weights, density=density, seed=seed)
+        return merge_methods.apply(method, ts, weights, params)
 
     if isinstance(first, RoadAdapter):
         theta, alpha = {}, {}
@@ -242,12 +220,12 @@ def sub(a: Adapter, b: Adapter) -> Adapter:
 
 def negate(a: Adapter) -> Adapter:
     """``−a``: for road_1 the exact inverse (−θ, 1/α); for prompts −τ."""
-    return _linear([a], [-1.0], expression=f"-{_label(a, 0)}", op="negate")
+    return _linear([a], [-1.0], expression=format_sum([(-1.0, _label(a, 0))]), op="negate")
 
 
 def scale(a: Adapter, factor: float) -> Adapter:
     """``factor·a``: (λθ, α^λ) for RoAd, λτ for prompts."""
-    return _linear([a], [factor], expression=f"{_fmt(factor)}*{_label(a, 0)}", op="scale")
+    return _linear([a], [factor], expression=format_sum([(factor, _label(a, 0))]), op="scale")
 
 
 def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
@@ -258,7 +236,7 @@ def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
     t = float(t)
     if not math.isfinite(t):
         raise InvalidValueError(f"Interpolation parameter t={t} is not finite.", value=t)
-    expr = f"interp({_label(a, 0)}, {_label(b, 1)}, {_fmt(t)})"
+    expr = format_interp(_label(a, 0), _label(b, 1), t)
     if t in (0.0, 1.0):
         # Exact endpoints: the geodesic at 0/1 is the input itself; float rounding of exp(log α) would not be.
         check_compatible([a, b])
@@ -275,29 +253,35 @@ def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
 
 
 def merge(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "task_arithmetic",
-          density: float | None = None, seed: int | None = None) -> Adapter:
+          **params: float | int | None) -> Adapter:
     """Merge task vectors with a named method (``composer.METHODS``).
 
     Args:
-        adapters: two or more compatible adapters.
+        adapters: one or more compatible adapters.
         weights: one weight per adapter (default 1.0 each).
         method: ``task_arithmetic``, ``ties``, ``dare_linear`` or ``dare_ties``.
-        density: fraction kept by TIES/DARE, in (0, 1].
-        seed: random seed for DARE's drop mask (default 0), recorded in the recipe.
+        **params: the method's declared parameters (``METHODS[method].params``): ``density`` (fraction kept
+            by TIES/DARE, in (0, 1]), ``seed`` (DARE's drop mask, default 0, recorded in the recipe).
 
     Returns:
         The merged adapter. TIES/DARE are heuristics: their recipe says ``exact=False``.
+
+    Raises:
+        InvalidArgumentError: no adapters, an unknown method, a weight count that does not match, a missing
+            or out-of-range parameter.
     """
     adapters = list(adapters)
     if not adapters:
-        raise ValueError("merge needs at least one adapter")
+        raise InvalidArgumentError("merge needs at least one adapter.", name="adapters", value=[])
     if method not in merge_methods.METHODS:
-        raise ValueError(f"Unknown merge method {method!r}. Available: {', '.join(merge_methods.METHODS)}.")
+        raise InvalidArgumentError(f"Unknown merge method {method!r}. Available: "
+                                   f"{', '.join(merge_methods.METHODS)}.", name="method", value=method)
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter.")
-    return _linear(adapters, list(weights), method=method, density=density, seed=seed)
+        raise InvalidArgumentError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per "
+                                   "adapter.", name="weights", value=list(weights))
+    return _linear(adapters, list(weights), method=method, params=params)
 
 
 def compose(a: Adapter, b: Adapter) -> Adapter:
@@ -311,7 +295,7 @@ def compose(a: Adapter, b: Adapter) -> Adapter:
         raise NotComposableError("compose() is the exact product of RoAd blocks; prompt vectors have none. "
                                  "Use composer.add(a, b) for τ arithmetic.")
     check_compatible([a, b], same_variant=False)
-    expr = f"compose({_label(a, 0)}, {_label(b, 1)})"
+    expr = f"compose({_label(a, 0)}, {_label(b, 1)})"  # the grammar's compose(x, y)
     if a.variant == b.variant == "road_1":
         r = _linear([a, b], [1.0, 1.0], expression=expr, op="compose")
         return r

@@ -9,11 +9,57 @@ PEFT's RoAd splits a layer output of width ``w`` into groups of ``g`` and pairs 
 - road_4: two (θ, α) per element (one for ``f``, one for ``s``): any 2x2 block.
 
 Blocks are returned as a tensor of shape ``(groups, g/2, 2, 2)``.
+
+This module owns two RoAd rules everyone else calls: the size of a variant's tensors for a layer width
+(:func:`num_values`, :func:`layer_width`, as PEFT's RoAd keeps its size rule per variant in one place), and
+the generator ``(θ, log α)`` that the arithmetic, ``hub diff`` and the app's plots all act on
+(:func:`generator`).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal, get_args
+
 import torch
+
+from .errors import InvalidArgumentError
+
+Variant = Literal["road_1", "road_2", "road_4"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+# (θ, α) values per output element of the adapted layer: road_1 one per 2D pair, road_2 one per element,
+# road_4 two per element (one for each column of the element's 2x2 block).
+_PER_ELEMENT: dict[str, tuple[int, int]] = {"road_1": (1, 2), "road_2": (1, 1), "road_4": (2, 1)}
+_ORDER = {"road_1": 1, "road_2": 2, "road_4": 4}
+
+
+def num_values(variant: str, width: int) -> int:
+    """Length of the ``road_theta`` (and ``road_alpha``) tensor of ``variant`` for a layer of ``width`` outputs."""
+    num, den = _PER_ELEMENT[variant]
+    return width * num // den
+
+
+def layer_width(variant: str, n: int) -> int | None:
+    """The layer width whose ``variant`` tensors hold ``n`` values, or ``None`` when no width gives ``n``."""
+    num, den = _PER_ELEMENT[variant]
+    width, rest = divmod(n * den, num)
+    return width if rest == 0 and width > 0 else None
+
+
+def generator(theta: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator ``(θ, log α)`` in float64, with a negative α written as ``(θ + π, |α|)``.
+
+    ``-α·R(θ) = α·R(θ + π)`` for every variant's block rows, so this is the same block, and
+    ``generator(identity) = (0, 0)``. A zero α has no logarithm: its log is ``-inf`` (callers that need
+    finite values check first).
+    """
+    theta = theta.double()
+    alpha = alpha.double()
+    neg = alpha < 0
+    if bool(neg.any()):
+        theta = torch.where(neg, theta + math.pi, theta)
+        alpha = alpha.abs()
+    return theta, alpha.log()
 
 
 def columns(variant: str, g: int, theta: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +74,8 @@ def columns(variant: str, g: int, theta: torch.Tensor, alpha: torch.Tensor) -> t
         th = theta.reshape(-1, 2, g)
         al = alpha.reshape(-1, 2, g)
         return (al[:, 0] * th[:, 0].cos()).flatten(), (al[:, 1] * th[:, 1].sin()).flatten()
-    raise ValueError(f"unknown RoAd variant {variant!r}")
+    raise InvalidArgumentError(f"Unknown RoAd variant {variant!r}; expected one of {', '.join(VARIANTS)}.",
+                               name="variant", value=variant)
 
 
 def blocks(variant: str, g: int, theta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -60,9 +107,9 @@ def road4_from_blocks(m: torch.Tensor, dtype: torch.dtype = torch.float32) -> tu
 def promote(variant: str, g: int, theta: torch.Tensor, alpha: torch.Tensor,
             to: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewrite parameters of ``variant`` as the wider variant ``to`` with identical blocks (exact)."""
-    order = {"road_1": 1, "road_2": 2, "road_4": 4}
-    if order[to] < order[variant]:
-        raise ValueError(f"cannot demote {variant} to {to}")
+    if _ORDER[to] < _ORDER[variant]:
+        raise InvalidArgumentError(f"Cannot demote {variant} to {to}: only road_1 -> road_2 -> road_4 is exact.",
+                                   name="to", value=to)
     if variant == to:
         return theta, alpha
     if variant == "road_1":

@@ -1,5 +1,7 @@
-"""hub: versioned storage for adapters — a local git-backed store, the Hugging Face Hub as a remote, the
-``hub`` command.
+"""hub: versioned storage for adapters — a local git-backed store and the Hugging Face Hub as a remote.
+
+A library: it imports :mod:`composer` and nothing above it. The ``hub`` command line lives at the top of the
+house, in :mod:`app.cli`.
 
 Python API (same semantics as the CLI)::
 
@@ -31,6 +33,7 @@ from .errors import (
     RemoteAccessError,
     RemoteUnavailableError,
     RepositoryNotFoundError,
+    ReservedTagError,
     RevisionNotFoundError,
     StoreError,
     TagExistsError,
@@ -42,7 +45,7 @@ __all__ = [
     "push", "pull", "log", "resolve", "load", "compose", "tag", "list_adapters",
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
-    "TagExistsError", "PushConflictError", "IntegrityError", "RemoteAccessError", "RemoteUnavailableError",
+    "TagExistsError", "ReservedTagError", "PushConflictError", "IntegrityError", "RemoteAccessError", "RemoteUnavailableError",
     "StoreError",
 ]
 
@@ -60,7 +63,8 @@ def _remote(remote: str | None, api: Any, store: Store):
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
-         force: bool = False, remote: str | None = None, api: Any = None, root: str | os.PathLike | None = None):
+         force: bool = False, allow_empty: bool = False, remote: str | None = None, api: Any = None,
+         root: str | os.PathLike | None = None):
     """Validate ``folder`` and store it as a new version of ``repo_id``.
 
     Args:
@@ -68,7 +72,9 @@ def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, mes
         repo_id: ``namespace/name``.
         tag: tag instead of the next ``vN``; an existing tag is an error unless ``force``.
         message: commit message.
-        force: move an existing ``tag``.
+        force: move an existing ``tag``, or take a tag shaped like an automatic version (``v7``).
+        allow_empty: make a new version even if the content equals the latest one (local store only; by
+            default such a push returns ``unchanged=True`` and makes none).
         remote: ``None`` for the local store, ``"hf"`` for the Hugging Face Hub (``HF_ENDPOINT``).
         api: an ``HfApi``-like object for the remote (tests inject one).
         root: store root (default ``$ADAPTER_HUB_HOME``).
@@ -77,14 +83,15 @@ def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, mes
         :class:`PushResult` (local) or ``hub.remote.RemotePushResult``, each with ``sha``, ``tag``, ``pinned``.
 
     Raises:
-        InvalidIdError, composer.ComposerError, InvalidCardError, TagExistsError, and for the remote
+        InvalidIdError, composer.ComposerError, InvalidCardError, TagExistsError, ReservedTagError, and for
+        the remote
         PushConflictError, RemoteAccessError, RemoteUnavailableError.
     """
     store = Store(root)
     r = _remote(remote, api, store)
     if r is not None:
         return r.push(folder, repo_id, tag=tag, message=message, force=force)
-    return store.push(folder, repo_id, tag=tag, message=message, force=force)
+    return store.push(folder, repo_id, tag=tag, message=message, force=force, allow_empty=allow_empty)
 
 
 def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | None = None, api: Any = None,
@@ -125,7 +132,8 @@ def load(repo_id: str, *, root: str | os.PathLike | None = None) -> composer.Ada
 
 
 def tag(repo_id: str, name: str, *, force: bool = False, root: str | os.PathLike | None = None) -> Resolved:
-    """Tag ``ns/name@rev`` as ``name``; existing tags move only with ``force``."""
+    """Tag ``ns/name@rev`` as ``name``; existing tags move, and ``v<digits>`` names are taken, only with
+    ``force``."""
     return Store(root).tag(repo_id, name, force=force)
 
 

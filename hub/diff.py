@@ -11,17 +11,12 @@ from typing import Any
 import torch
 
 from composer import IncompatibleAdaptersError, PromptVector, RoadAdapter
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0.0 or nb == 0.0:
-        return None  # undefined for a zero vector (e.g. the identity adapter)
-    return float(torch.dot(a, b) / (na * nb))
+from composer.adapters import cosine as _cos
 
 
 def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[str, Any]:
-    """Per-module ``diff_norm`` (‖τ_a − τ_b‖) and ``cosine`` (cos(τ_a, τ_b)), plus the totals.
+    """Per-module ``diff_norm`` (‖τ_a − τ_b‖) and ``cosine`` (cos(τ_a, τ_b)), plus the totals and
+    ``identical`` (the task vectors are equal). The cosine is ``None`` where a vector is zero.
 
     Raises:
         IncompatibleAdaptersError: different kinds, modules or shapes.
@@ -43,5 +38,6 @@ def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[s
         modules[m] = {"diff_norm": float((va[m] - vb[m]).norm()), "cosine": _cos(va[m], vb[m])}
     fa = torch.cat([va[m] for m in va]) if va else torch.zeros(0, dtype=torch.float64)
     fb = torch.cat([vb[m] for m in va]) if vb else torch.zeros(0, dtype=torch.float64)
-    return {"kind": a.kind, "a": a.source, "b": b.source, "diff_norm": float((fa - fb).norm()),
+    total = float((fa - fb).norm())
+    return {"kind": a.kind, "a": a.source, "b": b.source, "identical": total == 0.0, "diff_norm": total,
             "cosine": _cos(fa, fb), "modules": modules}

@@ -1,14 +1,15 @@
 """Errors raised by :mod:`hub`.
 
 Each subclasses :class:`HubError` and the builtin it resembles, and says what to do next. Format errors
-in an adapter folder come from :mod:`composer` unchanged (``composer.AdapterFormatError`` etc.).
+in an adapter folder and unsafe model cards come from :mod:`composer` unchanged
+(``composer.AdapterFormatError``, ``composer.InvalidCardError``, re-exported here as ``InvalidCardError``).
 
     HubError
     ├── InvalidIdError(ValueError)            'a/../b', '/abs', 'a//b', control characters
-    ├── InvalidCardError(ValueError)          model card front matter that is not plain, safe YAML
     ├── RepositoryNotFoundError(LookupError)  no such adapter in the store / on the remote
     ├── RevisionNotFoundError(LookupError)    no such tag, branch or commit
     ├── TagExistsError(ValueError)            a tag exists and --force was not given
+    ├── ReservedTagError(ValueError)          a tag that looks like an automatic version (v7) without --force
     ├── PushConflictError(RuntimeError)       someone else pushed first (remote parent_commit moved)
     ├── IntegrityError(ValueError)            a downloaded file does not match the remote's checksum
     ├── RemoteAccessError(PermissionError)    unauthorised or gated on the remote
@@ -17,6 +18,8 @@ in an adapter folder come from :mod:`composer` unchanged (``composer.AdapterForm
 """
 
 from __future__ import annotations
+
+from composer.errors import InvalidCardError  # noqa: F401 - the card rules are composer's (composer.card)
 
 
 class HubError(Exception):
@@ -29,10 +32,6 @@ class InvalidIdError(HubError, ValueError):
     def __init__(self, message: str, *, value: object = None) -> None:
         super().__init__(message)
         self.value = value
-
-
-class InvalidCardError(HubError, ValueError):
-    """A model card's YAML front matter is unsafe or unparsable."""
 
 
 class RepositoryNotFoundError(HubError, LookupError):
@@ -57,6 +56,15 @@ class TagExistsError(HubError, ValueError):
         self.repo_id = repo_id
         self.tag = tag
         self.target = target
+
+
+class ReservedTagError(HubError, ValueError):
+    """A hand-made tag that looks like an automatic version (``v<digits>``); pass ``force`` to take it anyway."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, tag: str | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.tag = tag
 
 
 class PushConflictError(HubError, RuntimeError):

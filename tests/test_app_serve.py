@@ -147,10 +147,16 @@ def test_save_through_the_api_adds_a_version(served):
     out = client.predict("team/saved", False, ["alice/math@v1", "bob/code@v1"], "task_arithmetic", 0.5, 0.5, *w,
                          api_name="/save")
     assert "team/saved@v1" in out[0]
+    assert hub.load("team/saved@v1", root=served.root).recipe.expression == "0.5*alice/math@v1 + 0.5*bob/code@v1"
+    # saving the same mix again makes no version and says so; a changed mix is the next version
     out = client.predict("team/saved", False, ["alice/math@v1", "bob/code@v1"], "task_arithmetic", 0.5, 0.5, *w,
+                         api_name="/save")
+    assert "Unchanged" in out[0] and "team/saved@v1" in out[0]
+    w2 = [0.7, 0.3] + [1.0] * (MAX_SLOTS - 2)
+    out = client.predict("team/saved", False, ["alice/math@v1", "bob/code@v1"], "task_arithmetic", 0.5, 0.5, *w2,
                          api_name="/save")
     assert "team/saved@v2" in out[0]
     recipe = hub.load("team/saved@v2", root=served.root).recipe
-    assert recipe.expression == "0.5*alice/math@v1 + 0.5*bob/code@v1"
+    assert recipe.expression == "0.7*alice/math@v1 + 0.3*bob/code@v1"
     bad = client.predict("not an id", False, ["alice/math@v1"], "task_arithmetic", 0.5, 0.5, *w, api_name="/save")
     assert "Not saved" in bad[0]

@@ -9,14 +9,14 @@ import threading
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import composer
 import hub
 from app.batcher import Batcher, fit_messages
 from app.engine import Engine
 from app.ui import Mixer, MixInputError, build, build_expression
-from tests.tiny import random_prompt, random_road
+from tests.tiny import random_prompt, random_road, tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -42,12 +42,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_chat_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     tok = char_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=CONTEXT,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model(seed, 32, vocab_size=len(tok), max_position_embeddings=CONTEXT,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     # Make greedy answers depend clearly on the adapters: spread the output logits.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
@@ -225,7 +222,7 @@ def test_app_command_has_help_and_checks_auth(capsys):
 
 
 def test_hub_app_reaches_the_app_parser(capsys):
-    from hub.cli import main
+    from app.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["app", "--", "--help"])

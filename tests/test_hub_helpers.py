@@ -1,4 +1,5 @@
-"""Helpers shared by the hub tests: tiny adapters, the CLI in a subprocess, store-state snapshots."""
+"""Helpers shared by the hub tests: tiny adapters, the CLI in a subprocess (``python -m app.cli``, for the few
+tests where a real process matters), store-state snapshots."""
 
 from __future__ import annotations
 
@@ -8,20 +9,18 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import composer
 from composer import PromptVector, RoadAdapter
+from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = 32
 
 
-def tiny_base(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+def tiny_base(seed: int = 0):
+    """The tiny Llama of :mod:`tests.tiny` (q_proj width 32)."""
+    return tiny_model(seed, HIDDEN)
 
 
 def road(seed: int = 0, scale: float = 0.2) -> RoadAdapter:
@@ -59,7 +58,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def hub_cmd(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True, env=env(**extra_env),
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env(**extra_env),
                           cwd=ROOT, timeout=300)
 
 

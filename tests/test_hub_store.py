@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import composer
 import hub
+from app.cli import main as cli_main
 from hub.store import Store
 from tests.test_hub_helpers import (
     assert_fsck_clean,
@@ -65,9 +66,10 @@ def test_round_trip_push_log_pull_bit_for_bit_and_peft_loads(tmp_path, pushed, s
     theta = model.base_model.model.model.layers[0].self_attn.q_proj.road_theta["default"]
     assert torch.equal(theta.detach(), composer.load(src["v1"]).theta["model.layers.0.self_attn.q_proj"])
     assert_fsck_clean(repo)
-    # working tree follows main
-    assert (repo / "adapter_model.safetensors").read_bytes() == want["adapter_model.safetensors"] or \
-        (repo / "adapter_model.safetensors").read_bytes() == files(src["v2"])["adapter_model.safetensors"]
+    # the working tree follows main, which is v2 (not v1)
+    v2_bytes = files(src["v2"])["adapter_model.safetensors"]
+    assert v2_bytes != want["adapter_model.safetensors"]
+    assert (repo / "adapter_model.safetensors").read_bytes() == v2_bytes
     assert git(repo, "status", "--porcelain").stdout == ""
 
 
@@ -107,7 +109,7 @@ def test_tags_never_move_without_force(tmp_path, pushed, store):
     with pytest.raises(hub.TagExistsError):
         hub.tag("alice/math@v2", "v1")
     with pytest.raises(hub.TagExistsError):
-        hub.push(src["v2"], "alice/math", tag="v1")
+        hub.push(src["v1"], "alice/math", tag="v1")
     assert refs(repo) == before
     assert_fsck_clean(repo)
     hub.tag("alice/math@v1", "stable")
@@ -124,16 +126,48 @@ def test_prompt_vector_and_card_kept(tmp_path, store):
     (path / "README.md").write_text(card)
     hub.push(path, "bob/prompt")
     stored = store.read(store.resolve("bob/prompt"), "README.md").decode()
-    from hub.card import parse_card
+    from composer.card import parse_card
     front, body = parse_card(stored)
     assert front["library_name"] == "peft" and front["base_model"] == "tiny-llama" and front["license"] == "mit"
     assert front["tags"][:2] == ["task-prompt-vector", "adapter-hub"] and "math" in front["tags"]
     assert "composed" not in front["tags"]
     assert "Hand-written text." in body
-    # a later push without a card keeps the user's text
-    (path / "README.md").unlink()
-    hub.push(path, "bob/prompt")
+    # a later push of new weights without a card keeps the user's text
+    path2 = folder(tmp_path, "p2", prompt(1))
+    (path2 / "README.md").unlink()
+    assert hub.push(path2, "bob/prompt").tag == "v2"
     assert "Hand-written text." in store.read(store.resolve("bob/prompt@v2"), "README.md").decode()
+
+
+def test_identical_push_makes_no_version_unless_asked(tmp_path, pushed, store, capsys):
+    repo, src = pushed
+    before = refs(repo)
+    r = hub.push(src["v2"], "alice/math")
+    assert r.unchanged and r.tag == "v2" and r.sha == hub.resolve("alice/math@v2").sha
+    assert refs(repo) == before
+    assert cli_main(["push", str(src["v2"]), "alice/math"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "alice/math@v2\n" and "Unchanged: alice/math is still v2" in cap.err
+    assert refs(repo) == before
+    # an explicit tag on identical content tags the latest version, and --allow-empty makes a new one
+    r = hub.push(src["v2"], "alice/math", tag="stable")
+    assert r.unchanged and hub.resolve("alice/math@stable").sha == r.sha
+    assert cli_main(["push", str(src["v2"]), "alice/math", "--allow-empty"]) == 0
+    assert capsys.readouterr().out == "alice/math@v3\n"
+    assert [e["tags"] for e in hub.log("alice/math")][:2] == [["v3"], ["v2", "stable"]]
+
+
+def test_tags_that_look_like_versions_need_force(pushed, store, capsys):
+    repo, src = pushed
+    before = refs(repo)
+    with pytest.raises(hub.ReservedTagError, match="automatic version"):
+        hub.tag("alice/math@v1", "v3")
+    assert cli_main(["tag", "alice/math@v1", "v3"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert refs(repo) == before
+    hub.tag("alice/math@v1", "v3", force=True)
+    assert hub.resolve("alice/math@v3").sha == hub.resolve("alice/math@v1").sha
+    assert hub.push(src["v1"], "alice/math", tag="release-1").tag == "release-1"  # non-version names are free
 
 
 def test_compose_pins_inputs_and_tags_card(tmp_path, pushed, store):
@@ -202,7 +236,11 @@ def _pickle_only(p: Path) -> None:
 
 
 def _python_tag_card(p: Path) -> None:
-    (p / "README.md").write_text("---\nlicense: !!python/object/apply:os.system ['touch /tmp/pwned']\n---\nhi\n")
+    (p / "README.md").write_text(_payload_card(p.parent / "code-ran"))
+
+
+def _payload_card(marker: Path) -> str:
+    return f"---\nlicense: !!python/object/apply:os.system ['touch {marker}']\n---\nhi\n"
 
 
 def _bad_config_json(p: Path) -> None:
@@ -223,7 +261,7 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_broken_folders_rejected_store_unchanged(tmp_path, pushed, store, case):
+def test_broken_folders_rejected_store_unchanged(tmp_path, pushed, store, case, capsys):
     repo, src = pushed
     breaker, error = BROKEN[case]
     bad = folder(tmp_path, "bad", seed=7)
@@ -236,11 +274,29 @@ def test_broken_folders_rejected_store_unchanged(tmp_path, pushed, store, case):
     assert_fsck_clean(repo)
     assert files(hub.pull("alice/math@v1", to=tmp_path / "after")) == v1_files
     # the CLI says it in one line and exits 1
-    p = hub_cmd("push", str(bad), "alice/math")
-    assert p.returncode == 1 and p.stdout == ""
-    assert len(p.stderr.strip().splitlines()) == 1 and "HUB_DEBUG" in p.stderr
+    assert cli_main(["push", str(bad), "alice/math"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.strip().splitlines()) == 1 and "HUB_DEBUG" in cap.err
     assert refs(repo) == before
-    assert not Path("/tmp/pwned").exists() or case != "python-tag-card"
+
+
+def test_card_with_a_python_tag_runs_no_code(tmp_path, pushed, capsys):
+    import yaml
+
+    marker = tmp_path / "code-ran"
+    card = _payload_card(marker)
+    # the payload is live: a reader with an unsafe loader (as olah behind 'hub serve' uses) runs it ...
+    yaml.load(card.split("---")[1], Loader=yaml.UnsafeLoader)  # noqa: S506 - the point of the check
+    assert marker.exists()
+    marker.unlink()
+    # ... while the push path refuses the card without running it, from Python and from the CLI
+    bad = folder(tmp_path, "bad", seed=7)
+    (bad / "README.md").write_text(card)
+    with pytest.raises(hub.InvalidCardError, match="python"):
+        hub.push(bad, "alice/math")
+    assert cli_main(["push", str(bad), "alice/math"]) == 1
+    assert "python" in capsys.readouterr().err
+    assert not marker.exists()
 
 
 BAD_IDS = ["alice/../math", "../math", "/abs/math", "alice//math", "alice/", "/", "", "alice/ma\x01th",
@@ -267,7 +323,7 @@ def test_bad_ids_rejected(tmp_path, pushed, store, bad_id):
 
 def test_bad_id_from_cli_non_utf8(tmp_path, pushed):
     repo, src = pushed
-    p = subprocess.run([sys.executable, "-m", "hub", "push", str(src["v1"]), b"al\xffice/math"],
+    p = subprocess.run([sys.executable, "-m", "app.cli", "push", str(src["v1"]), b"al\xffice/math"],
                        capture_output=True, env=env(), timeout=120)
     assert p.returncode == 1 and b"not UTF-8" in p.stderr
 
@@ -285,14 +341,28 @@ def test_pickles_and_extras_are_left_out(tmp_path, store):
 # --- concurrency and crashes ---------------------------------------------------------------------
 
 
+def _push_child(src: str, i: int, root: str, out) -> None:
+    r = hub.push(src, "team/busy", message=f"push {i}", root=root)
+    out.put(f"{r.repo_id}@{r.tag}")
+
+
 def test_eight_concurrent_pushes_make_eight_versions(tmp_path, store):
+    import multiprocessing
+
     srcs = [folder(tmp_path, f"a{i}", seed=i) for i in range(8)]
-    procs = [subprocess.Popen([sys.executable, "-m", "hub", "push", str(s), "team/busy", "-m", f"push {i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
-             for i, s in enumerate(srcs)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [r[1] for r in results]
-    assert sorted(r[0].strip() for r in results) == sorted(f"team/busy@v{i}" for i in range(1, 9))
+    # Eight real processes contending for the repository's lock. A fork server imports torch once and forks
+    # the pushers from it (eight interpreters importing torch would cost more than the test itself).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["hub", "composer.io", "tests.test_hub_store"])
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_push_child, args=(str(s), i, str(store.root), out)) for i, s in enumerate(srcs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * 8
+    results = [out.get(timeout=10) for _ in procs]
+    assert sorted(results) == sorted(f"team/busy@v{i}" for i in range(1, 9))
     log = hub.log("team/busy")
     assert len(log) == 8
     assert sorted(t for e in log for t in e["tags"]) == sorted(f"v{i}" for i in range(1, 9))
@@ -316,7 +386,7 @@ def test_push_killed_mid_way_leaves_repo_usable(tmp_path, pushed, store, stage):
     v1 = files(hub.pull("alice/math@v1", to=tmp_path / "v1"))
     new = folder(tmp_path, "new", seed=9)
     signal_file = tmp_path / "paused"
-    p = subprocess.Popen([sys.executable, "-m", "hub", "push", str(new), "alice/math"], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "push", str(new), "alice/math"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE,
                          env=env(HUB_TEST_PAUSE_AFTER=stage, HUB_TEST_PAUSE_SIGNAL=str(signal_file)))
     deadline = time.monotonic() + 240

@@ -7,8 +7,8 @@ import yaml
 
 import composer
 from hub import Store
-from hub.cli import main as hub_main
-from hub.shipped import SHIPPED, import_examples, shipped_folders
+from app.cli import main as hub_main
+from app.shipped import SHIPPED, import_examples, shipped_folders
 
 FOLDERS = shipped_folders()
 pytestmark = pytest.mark.skipif(not FOLDERS, reason="no shipped adapters in adapters/")

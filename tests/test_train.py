@@ -12,7 +12,7 @@ import yaml
 import composer
 from app.errors import TrainingDataError
 from app.train import encode_example, main, read_examples, train
-from tests.tiny import random_prompt, random_road, tiny_config, tiny_model
+from tests.tiny import random_prompt, random_road, tiny_model
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :+=?.,\n")
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,11 +38,7 @@ def char_tokenizer():
 def learner(seed: int = 0):
     """The tiny Llama with larger random weights: at the default init (0.02) its logits are nearly uniform
     whatever a small adapter does, so a few steps could not show learning."""
-    cfg = tiny_config()
-    cfg.initializer_range = 0.2
-    torch.manual_seed(seed)
-    from transformers import LlamaForCausalLM
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_model(seed, initializer_range=0.2)
 
 
 @pytest.fixture
@@ -135,11 +131,17 @@ def test_cli_trains_from_a_base_folder_with_init(tmp_path, data, capsys):
 
 
 def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):
+    base = tmp_path / "base"  # a loadable base, so the error is the data's (not a missing model's)
+    tiny_model().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    assert main([str(bad), "-o", str(tmp_path / "o"), "--base", str(tmp_path / "missing")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("Error:") and "ADAPTER_HUB_DEBUG" in err
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main([str(bad), "-o", str(tmp_path / "o"), "--base", str(base)]) == 1
+    errors = [line for line in capsys.readouterr().err.split("\n") if "Error:" in line]  # no progress bars
+    assert len(errors) == 1 and errors[0].endswith("(set HUB_DEBUG=1 for the traceback)")
+    assert errors[0][errors[0].index("Error:"):].startswith(f"Error: {bad}:1: expected")
+    assert not (tmp_path / "o").exists()
     with pytest.raises(TrainingDataError, match="bad.jsonl:1"):
         read_examples(bad)
     with pytest.raises(SystemExit) as e:

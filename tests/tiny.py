@@ -1,4 +1,4 @@
-"""Tiny models and adapters built from a config (no network), shared by the tests."""
+"""Tiny models and adapters built from a config (no network): the one tiny-model builder of the tests."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ HIDDEN = 32
 TARGETS = ("q_proj", "v_proj", "up_proj")
 
 
-def tiny_config(hidden: int = HIDDEN) -> LlamaConfig:
-    return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+def tiny_config(hidden: int = HIDDEN, **overrides) -> LlamaConfig:
+    """A 2-layer Llama config (group sizes 8 divide every width); ``overrides`` replace any field."""
+    kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
 
 
-def tiny_model(seed: int = 0, hidden: int = HIDDEN) -> LlamaForCausalLM:
+def tiny_model(seed: int = 0, hidden: int = HIDDEN, **overrides) -> LlamaForCausalLM:
+    """A tiny Llama in eval mode, seeded; ``overrides`` go to :func:`tiny_config` (e.g. ``vocab_size``,
+    ``initializer_range``)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(hidden)).eval()
+    return LlamaForCausalLM(tiny_config(hidden, **overrides)).eval()
 
 
 def module_widths(model, targets=TARGETS) -> dict[str, int]:

@@ -7,8 +7,7 @@
 
 from __future__ import annotations
 
-from .base import DEFAULT_NAME, INSTALL_HINT, default_cache_dir, gguf_path, load_base, store_root
+from .base import DEFAULT_NAME, INSTALL_HINT, default_cache_dir, gguf_path, load_base
 from .engine import Engine, Request
 
-__all__ = ["load_base", "Engine", "Request", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir", "gguf_path",
-           "store_root"]
+__all__ = ["load_base", "Engine", "Request", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir", "gguf_path"]

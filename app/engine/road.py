@@ -84,21 +84,14 @@ def adapter_tables(adapter: RoadAdapter, linears: dict[str, nn.Linear]) -> Table
     Raises:
         MixError: a module is missing from the model, is not an ``nn.Linear``, or has another width.
     """
-    out: Tables = {}
-    for name in adapter.theta:
-        layer = linears.get(name)
-        if layer is None:
-            raise MixError(
-                f"The RoAd adapter targets '{name}', which is not a linear layer of this base model "
-                f"(e.g. '{next(iter(linears), '?')}'). Was it trained on another base model "
-                f"({adapter.base_model!r})?", module=name)
-        width = adapter.width(name)
-        if width != layer.out_features:
-            raise MixError(
-                f"The RoAd adapter has width {width} for '{name}' but the layer has {layer.out_features} outputs; "
-                f"it was trained on another base model ({adapter.base_model!r}).", module=name)
-        out[name] = signed_tables(adapter.variant, adapter.group_size, adapter.theta[name], adapter.alpha[name])
-    return out
+    from composer import IncompatibleAdaptersError, check_fits
+
+    try:
+        check_fits(adapter, None, modules=linears)
+    except IncompatibleAdaptersError as e:
+        raise MixError(str(e), module=e.tensor.rsplit(".", 1)[0] if e.tensor else None) from e
+    return {name: signed_tables(adapter.variant, adapter.group_size, adapter.theta[name], adapter.alpha[name])
+            for name in adapter.theta}
 
 
 class RowRoadLinear(nn.Linear):

@@ -40,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def seed_store(mixer: Mixer, folder: Path | None = None) -> list[str]:
-    """Import the shipped adapters as ``examples/<name>`` on first use (see :mod:`hub.shipped`)."""
-    from hub.shipped import SHIPPED, import_examples
+    """Import the shipped adapters as ``examples/<name>`` on first use (see :mod:`app.shipped`)."""
+    from ..shipped import SHIPPED, import_examples
 
     return import_examples(mixer.store, folder=folder or SHIPPED)
 

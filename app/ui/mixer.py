@@ -19,14 +19,17 @@ import torch
 import composer
 import hub
 from composer import RoadAdapter
+from composer.adapters import cosine, task_vector
+from composer.expr import format_interp, format_merge, format_name, format_sum
+from composer.merge_methods import METHODS as MERGE_METHODS
 
 from ..errors import AppError
 
-# (label shown in the page, method key used by build_expression)
-METHODS = (("Task arithmetic", "task_arithmetic"), ("Interpolation", "interp"), ("TIES", "ties"),
-           ("DARE", "dare_linear"))
+# (label shown in the page, method key used by build_expression): interpolation, then every merge method of
+# composer's registry, so a method added there appears here with its own parameters.
+METHODS = ((MERGE_METHODS["task_arithmetic"].label, "task_arithmetic"), ("Interpolation", "interp"),
+           *((m.label, m.name) for m in MERGE_METHODS.values() if m.name != "task_arithmetic"))
 WEIGHT_RANGE = (-2.0, 2.0)
-_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_./@:~\-]*\Z")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _KNOWN = (composer.ComposerError, hub.HubError, AppError, ValueError, LookupError, OSError)
 
@@ -41,16 +44,17 @@ def message_of(e: BaseException) -> str:
     return text
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
+def takes(method: str, param: str) -> bool:
+    """Whether ``method`` (a key of :data:`METHODS`) takes ``param`` (``density``, ``seed``), per the registry."""
+    m = MERGE_METHODS.get(method)
+    return m is not None and m.param(param) is not None
 
 
 def _quote(name: str) -> str:
-    if _PLAIN_NAME.match(name) and name not in ("interp", "compose", "merge"):
-        return name
-    if "`" in name:
-        raise MixInputError(f"The adapter name {name!r} contains a backquote, which expressions cannot hold.")
-    return f"`{name}`"
+    try:
+        return format_name(name)
+    except composer.ExpressionError as e:
+        raise MixInputError(str(e)) from None
 
 
 def _check_weight(name: str, w: Any) -> float:
@@ -65,15 +69,6 @@ def _check_weight(name: str, w: Any) -> float:
     if not WEIGHT_RANGE[0] <= w <= WEIGHT_RANGE[1]:
         raise MixInputError(f"The weight of '{name}' is {w:g}, outside {WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g}.")
     return w
-
-
-def _term(w: float, name: str, first: bool) -> str:
-    q = _quote(name)
-    mag = abs(w)
-    body = q if mag == 1.0 else f"{_fmt(mag)}*{q}"
-    if first:
-        return f"-{body}" if w < 0 else body
-    return f" - {body}" if w < 0 else f" + {body}"
 
 
 def build_expression(selected: Sequence[str], weights: Sequence[Any], method: str = "task_arithmetic",
@@ -101,17 +96,20 @@ def build_expression(selected: Sequence[str], weights: Sequence[Any], method: st
             raise MixInputError(f"Interpolation goes from one adapter to another: choose exactly two adapters "
                                 f"(you chose {len(selected)}), or pick task arithmetic.")
         t = _check_number("t", t, 0.0, 1.0)
-        return f"interp({_quote(selected[0])}, {_quote(selected[1])}, {_fmt(t)})"
+        return format_interp(_quote(selected[0]), _quote(selected[1]), t)
     if len(weights) < len(selected):
         raise MixInputError(f"Got {len(weights)} weights for {len(selected)} adapters; give one weight each.")
     ws = [_check_weight(n, w) for n, w in zip(selected, weights)]
+    terms = [(w, _quote(n)) for n, w in zip(selected, ws)]
     if method == "task_arithmetic":
-        return "".join(_term(w, n, i == 0) for i, (n, w) in enumerate(zip(selected, ws)))
-    density = _check_number("density", density, 0.0, 1.0)
-    if density == 0.0:
-        raise MixInputError("A density of 0 keeps nothing; choose a density above 0 (e.g. 0.5).")
-    args = ", ".join(_term(w, n, True) for n, w in zip(selected, ws))
-    return f"merge({method}, {args}, density={_fmt(density)})"
+        return format_sum(terms)
+    params = {}
+    if takes(method, "density"):
+        density = _check_number("density", density, 0.0, 1.0)
+        if density == 0.0:
+            raise MixInputError("A density of 0 keeps nothing; choose a density above 0 (e.g. 0.5).")
+        params["density"] = density
+    return format_merge(method, terms, params)
 
 
 def _check_number(what: str, x: Any, lo: float, hi: float) -> float:
@@ -281,15 +279,10 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
     return rows
 
 
-def task_vector(adapter: composer.Adapter) -> torch.Tensor:
-    """The flat task vector: RoAd generator (θ, log|α|) over sorted modules, or a prompt's τ."""
-    return torch.cat(list(adapter.task_vectors().values()))
-
-
 def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]], weights: Sequence[float] | None = None
                   ) -> tuple[list[str], list[list[float | None]]]:
-    """Cosine similarity between task vectors, each times its weight (so a subtracted task shows as
-    opposed); ``None`` where two vectors cannot be compared."""
+    """Cosine similarity between task vectors (:func:`composer.adapters.cosine`), each times its weight (so a
+    subtracted task shows as opposed); ``None`` where two vectors cannot be compared or one is zero."""
     names = [n for n, _ in named]
     ws = list(weights) if weights is not None else [1.0] * len(named)
     vecs = [task_vector(a) * (1.0 if w is None else float(w)) for (_, a), w in zip(named, ws)]
@@ -297,11 +290,8 @@ def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]], weights: Sequen
     for i, a in enumerate(vecs):
         row: list[float | None] = []
         for j, b in enumerate(vecs):
-            if named[i][1].kind != named[j][1].kind or a.shape != b.shape:
-                row.append(None)
-                continue
-            den = float(a.norm() * b.norm())
-            row.append(float(a @ b) / den if den > 0 else 0.0)
+            same = named[i][1].kind == named[j][1].kind and a.shape == b.shape
+            row.append(cosine(a, b) if same else None)
         mat.append(row)
     return names, mat
 
@@ -316,7 +306,8 @@ def heatmap_html(names: Sequence[str], mat: Sequence[Sequence[float | None]]) ->
         cells = []
         for v in row:
             if v is None:
-                cells.append("<td style='background:#eee' title='different kinds or shapes'>n/a</td>")
+                cells.append("<td style='background:#eee' title='different kinds or shapes, or a zero task "
+                             "vector (the identity)'>n/a</td>")
                 continue
             a = min(1.0, abs(v))
             rgb = (int(255 - 160 * a), int(255 - 120 * a), 255) if v >= 0 else (255, int(255 - 160 * a),

@@ -35,6 +35,7 @@ from .mixer import (
     deviation_text,
     heatmap_html,
     layer_norms,
+    takes,
 )
 
 MAX_SLOTS = 6
@@ -84,7 +85,9 @@ def _conversation(history: list[dict]) -> list[dict[str, str]]:
 def _hf_token() -> bool:
     try:
         from huggingface_hub import get_token
-        return bool(get_token()) and not os.environ.get("HF_HUB_OFFLINE")
+        from hub.remote import offline
+
+        return bool(get_token()) and not offline()
     except Exception:  # noqa: BLE001 - no token means no HF push option
         return False
 
@@ -147,7 +150,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         return updates
 
     def on_method(method, selected):
-        return ([gr.update(visible=method == "interp"), gr.update(visible=method in ("ties", "dare_linear"))]
+        return ([gr.update(visible=method == "interp"), gr.update(visible=takes(method, "density"))]
                 + on_select(selected, method))
 
     def refresh_list(selected):
@@ -225,8 +228,12 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         except MixInputError as e:
             gr.Warning(str(e).splitlines()[0])
             return (f"**Not saved.** {e}", *refresh_list(selected))
-        msg = (f"**Saved**  `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with its "
-               f"recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
+        if getattr(local, "unchanged", False):
+            msg = (f"**Unchanged**: `{expression}` is already stored as **{local.repo_id}@{local.tag}** (commit "
+                   f"`{local.sha[:10]}`); no new version was made.")
+        else:
+            msg = (f"**Saved**  `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with "
+                   f"its recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
         if remote is not None:
             msg += f" Also pushed to the Hugging Face Hub as {remote.tag or remote.sha}."
         gr.Info(f"Saved {local.repo_id}@{local.tag}")

@@ -1,7 +1,16 @@
 """The ``hub`` command: version, share and compose adapters.
 
-Data goes to stdout (so ``$(hub pull alice/math@v1)`` works), messages to stderr. Known errors print one
-line and exit 1 (set ``HUB_DEBUG=1`` for the traceback); usage errors exit 2.
+The command line is the top of the house: it may import :mod:`app`, :mod:`hub` and :mod:`composer`, while
+those libraries import nothing of it. Seeding the store with the repository's shipped example adapters is
+its job too (:mod:`app.shipped`).
+
+Data goes to stdout (so ``$(hub pull alice/math@v1)`` works), messages to stderr. Known errors print their
+whole message (an expression's caret included) through one type -> formatter table, :data:`FORMATTERS`, and
+exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage errors exit 2 with the
+subcommand's own usage.
+
+Only commands that touch tensors import torch (``show``, ``diff``, ``push``, ``compose``, ``pull``, ``train``,
+``app``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
 """
 
 from __future__ import annotations
@@ -9,14 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
+
+DEBUG_ENV = "HUB_DEBUG"
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("Validate an adapter folder and store it as a new version (v1, v2, ...).", """
         hub push out/math alice/math
         hub push out/math alice/math --tag stable -m "retrained on more data"
+        hub push out/math alice/math --allow-empty        # a new version even if nothing changed
         hub push out/math alice/math --remote hf          # to the Hugging Face Hub (HF_ENDPOINT)"""),
     "pull": ("Fetch a version as a PEFT folder and print its path.", """
         hub pull alice/math@v1 --to math-v1
@@ -28,15 +42,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "log": ("Show the versions of an adapter, newest first.", """
         hub log alice/math
         hub log alice/math --json"""),
-    "show": ("Describe one version: kind, variant, modules, parameters, norms, base model, recipe.", """
+    "show": ("Describe one version: kind, variant, size, norms, base model, recipe, training record.", """
         hub show alice/math
+        hub show alice/math@v1 --modules                  # per-module norms, in layer order
         hub show alice/math@v1 --json"""),
     "diff": ("Compare two versions or adapters: per-module norm of the difference and cosine similarity.", """
         hub diff alice/math@v1 alice/math@v2
         hub diff alice/math bob/code --json"""),
-    "tag": ("Tag a version; existing tags move only with --force.", """
+    "tag": ("Tag a version; existing tags move, and v<digits> names are taken, only with --force.", """
         hub tag alice/math@v2 stable
-        hub tag alice/math@v3 stable --force"""),
+        hub tag alice/math@v3 stable --force              # move 'stable' to v3"""),
     "compose": ("Compose adapters by task arithmetic and store the result with its recipe.", """
         hub compose "0.7*alice/math@v2 + 0.3*bob/code" -o team/mix
         hub compose "interp(alice/math@v1, alice/math@v2, 0.25)" -o alice/math-mid -m "midpoint\""""),
@@ -56,7 +71,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class UsageError(Exception):
-    pass
+    """A command line that cannot work (raised by handlers; argparse handles the rest)."""
 
 
 def _fmt_help(name: str) -> str:
@@ -77,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hub", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Version, share and compose RoAd adapters and task prompt vectors.\n\n"
-                    "The local store lives in $ADAPTER_HUB_HOME (default ~/.cache/adapter-hub); '--remote hf' "
-                    "talks to the Hugging Face Hub at $HF_ENDPOINT.",
-        epilog=f"Examples:\n{examples}\n\nSet HUB_DEBUG=1 to see tracebacks.")
+                    "The local store lives in $ADAPTER_HUB_HOME (default $XDG_CACHE_HOME/adapter-hub or "
+                    "~/.cache/adapter-hub); '--remote hf' talks to the Hugging Face Hub at $HF_ENDPOINT.",
+        epilog=f"Examples:\n{examples}\n\nSet {DEBUG_ENV}=1 to see tracebacks.")
     subs = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = _sub(subs, "push")
@@ -87,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", metavar="ID", help="namespace/name")
     s.add_argument("--tag", help="tag instead of the next vN")
     s.add_argument("-m", "--message", help="commit message")
-    s.add_argument("--force", action="store_true", help="move --tag if it exists")
+    s.add_argument("--force", action="store_true", help="move --tag if it exists, or take a v<digits> name")
+    s.add_argument("--allow-empty", action="store_true",
+                   help="make a new version even if the content equals the latest one")
     s.add_argument("--remote", choices=["hf"], help="push to the Hugging Face Hub instead of the local store")
 
     s = _sub(subs, "pull")
@@ -104,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(subs, "show")
     s.add_argument("id", metavar="ID[@REV]")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--modules", action="store_true", help="per-module norms, in layer order")
+    s.add_argument("--json", action="store_true", help="machine-readable output (always with every module)")
 
     s = _sub(subs, "diff")
     s.add_argument("a", metavar="ID@A")
@@ -114,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(subs, "tag")
     s.add_argument("id", metavar="ID@REV")
     s.add_argument("tag", metavar="TAG")
-    s.add_argument("--force", action="store_true", help="move the tag if it exists")
+    s.add_argument("--force", action="store_true", help="move the tag if it exists, or take a v<digits> name")
 
     s = _sub(subs, "compose")
     s.add_argument("expression", metavar="EXPR", help="a composer expression over store ids")
@@ -132,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -144,14 +167,27 @@ def _fmt_float(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.6g}"
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
 def _cmd_push(a) -> int:
     import hub
-    r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, remote=a.remote)
+    r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, allow_empty=a.allow_empty,
+                 remote=a.remote)
     for name in getattr(r, "skipped", ()):
         _err(f"Left out '{name}' (not an adapter file).")
-    where = f" on {r.endpoint}" if hasattr(r, "endpoint") else ""
-    _err(f"Pushed {r.repo_id} {r.tag} ({r.sha[:12]}){where}.")
-    print(f"{r.repo_id}@{r.tag}")
+    if getattr(r, "unchanged", False):
+        _err(f"Unchanged: {r.repo_id} is still {r.tag or r.sha[:12]} ({r.sha[:12]}); no new version was made "
+             "(pass --allow-empty to make one anyway).")
+    else:
+        where = f" on {r.endpoint}" if hasattr(r, "endpoint") else ""
+        _err(f"Pushed {r.repo_id} {r.tag} ({r.sha[:12]}){where}.")
+    print(f"{r.repo_id}@{r.tag or r.sha}")
     return 0
 
 
@@ -183,15 +219,40 @@ def _cmd_log(a) -> int:
     return 0
 
 
-def _show_text(d: dict) -> str:
+def _training_text(t: dict) -> list[str]:
+    init = t.get("init")
+    init = init.get("expression") if isinstance(init, dict) else init
+    loss = ""
+    if t.get("first_loss") is not None and t.get("final_loss") is not None:
+        loss = f", loss {t['first_loss']:.4g} -> {t['final_loss']:.4g}"
+    lines = [f"training: {t.get('steps')} steps, lr {t.get('learning_rate')}, batch {t.get('batch_size')}, "
+             f"seed {t.get('seed')}, init {init}{loss}"]
+    if t.get("data_file"):
+        lines.append(f"  data: {t['data_file']} (sha256 {str(t.get('data_sha256', '?'))[:16]}…, "
+                     f"{t.get('examples', '?')} examples)")
+    for k, v in t.items():
+        if k not in ("kind", "steps", "learning_rate", "batch_size", "seed", "init", "first_loss", "final_loss",
+                     "data_file", "data_sha256", "examples"):
+            lines.append(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    return lines
+
+
+def _show_text(d: dict, modules: bool) -> str:
     lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "num_virtual_tokens",
                                       "token_dim", "composable", "base_model", "parameters", "modules",
                                       "deviation") if k in d]
     if "target_modules" in d:
         lines.append(f"target_modules: {', '.join(d['target_modules'])}")
-    lines.append("norms:")
-    for m, n in d["norms"].items():
-        lines.append(f"  {m}: " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in n.items()))
+    norms = d["norms"]
+    keys = sorted({k for n in norms.values() for k in n})
+    total = {k: sum((n.get(k) or 0.0) ** 2 for n in norms.values()) ** 0.5 for k in keys}
+    lines.append("norm: " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in total.items()) +
+                 ("" if modules else f"  (over {len(norms)} {'modules' if d['kind'] == 'road' else 'tokens'}; "
+                                     "--modules for each)"))
+    if modules:
+        width = max((len(m) for m in norms), default=0)
+        for m in sorted(norms, key=natural_key):
+            lines.append(f"  {m:{width}}  " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in norms[m].items()))
     if d.get("recipe"):
         r = d["recipe"]
         lines.append(f"recipe: {r['expression']}  (method {r['method']}, exact={r['exact']})")
@@ -199,25 +260,40 @@ def _show_text(d: dict) -> str:
             lines.append(f"  {i.get('name')} -> {i.get('ref')}")
     else:
         lines.append("recipe: none (trained, not composed)")
+    if isinstance(d.get("training"), dict):
+        lines += _training_text(d["training"])
     return "\n".join(lines)
 
 
 def _cmd_show(a) -> int:
     import composer
     import hub
-    d = composer.describe(hub.load(a.id))
-    _out(d, a.json, _show_text(d))
+    from composer.card import parse_card
+
+    store = hub.Store()
+    resolved = store.resolve(a.id)
+    d = composer.describe(store.load(f"{resolved.ref.repo_id}@{resolved.sha}"))
+    try:
+        front, _ = parse_card(store.read(resolved, "README.md"))
+    except (hub.HubError, composer.ComposerError):
+        front = {}
+    d["training"] = front.get("training")
+    _out(d, a.json, _show_text(d, a.modules))
     return 0
 
 
 def _cmd_diff(a) -> int:
     import hub
-    from .diff import diff
+    from hub.diff import diff
     d = diff(hub.load(a.a), hub.load(a.b))
+    if d["identical"] and not a.json:
+        print(f"identical: {d['a']} and {d['b']} have the same task vectors (diff_norm=0).")
+        return 0
     lines = [f"a: {d['a']}", f"b: {d['b']}", f"total: diff_norm={_fmt_float(d['diff_norm'])} "
              f"cosine={_fmt_float(d['cosine'])}"]
     width = max((len(m) for m in d["modules"]), default=0)
-    for m, v in d["modules"].items():
+    for m in sorted(d["modules"], key=natural_key):
+        v = d["modules"][m]
         lines.append(f"  {m:{width}}  diff_norm={_fmt_float(v['diff_norm'])}  cosine={_fmt_float(v['cosine'])}")
     _out(d, a.json, "\n".join(lines))
     return 0
@@ -234,54 +310,101 @@ def _cmd_tag(a) -> int:
 def _cmd_compose(a) -> int:
     import hub
     r = hub.compose(a.expression, a.output, message=a.message, tag=a.tag)
-    _err(f"Composed {r.repo_id} {r.tag} ({r.sha[:12]}).")
-    print(f"{r.repo_id}@{r.tag}")
+    if getattr(r, "unchanged", False):
+        _err(f"Unchanged: {r.repo_id} is still {r.tag} ({r.sha[:12]}); the composition equals it.")
+    else:
+        _err(f"Composed {r.repo_id} {r.tag} ({r.sha[:12]}).")
+    print(f"{r.repo_id}@{r.tag or r.sha}")
     return 0
 
 
 def _cmd_serve(a) -> int:
-    from .serve import serve
-    return serve(host=a.host, port=a.port)
+    from hub.serve import serve
+    return serve(host=a.host, port=a.port, announce=_err)
 
 
-def _cmd_lazy(command: str, module: str):
-    def run(a) -> int:
-        import importlib
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise UsageError(f"'hub {command}' needs the app package ({module} could not be imported: {e}). "
-                             "Install the whole project with 'pip install -e .'.") from e
-        argv = a.args[1:] if a.args[:1] == ["--"] else a.args
-        return int(mod.main(argv) or 0)
-    return run
+def _passthrough(a) -> list[str]:
+    return a.args[1:] if a.args[:1] == ["--"] else a.args
+
+
+def _cmd_app(a) -> int:
+    from .ui import main as app_main  # Gradio and the engine: imported only for this command
+    return int(app_main(_passthrough(a)) or 0)
+
+
+def _cmd_train(a) -> int:
+    from .train import main as train_main  # torch and PEFT: imported only for this command
+    return int(train_main(_passthrough(a)) or 0)
 
 
 HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd_log, "show": _cmd_show,
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
-            "app": _cmd_lazy("app", "app.ui"), "train": _cmd_lazy("train", "app.train")}
+            "app": _cmd_app, "train": _cmd_train}
+READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve")
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    import composer
-    from .errors import HubError
-    return (HubError, composer.ComposerError, UsageError, FileNotFoundError, PermissionError)
+# -------------------------------------------------------------------------------------------------- errors
+
+
+def _message(e: BaseException) -> str:
+    return str(e).strip() or type(e).__name__
+
+
+def _os_message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return _message(e)
+
+
+def _formatters() -> dict[type[BaseException], Callable[[BaseException], str]]:
+    """Known error types -> how to print them (the most specific class in an error's MRO wins). Errors of
+    other types are bugs: they keep their traceback."""
+    from composer.errors import ComposerError
+    from hub.errors import HubError
+
+    from .errors import AppError
+
+    return {HubError: _message, ComposerError: _message, AppError: _message, UsageError: _message,
+            FileNotFoundError: _os_message, PermissionError: _os_message}
+
+
+FORMATTERS = _formatters()
+
+
+def debug() -> bool:
+    """Whether ``HUB_DEBUG`` asks for tracebacks (the one debug switch of ``hub`` and ``hub train``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def report_error(e: BaseException) -> int:
+    """Print a known error's whole message on stderr and return 1; re-raise unknown errors (and every error
+    when ``HUB_DEBUG`` is set) so their traceback shows."""
+    fmt = next((FORMATTERS[c] for c in type(e).__mro__ if c in FORMATTERS), None)
+    if fmt is None or debug():
+        raise e
+    text = fmt(e)
+    hint = f"(set {DEBUG_ENV}=1 for the traceback)"
+    _err(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hub`` and ``python -m hub``; returns the exit code."""
+    """Entry point of ``hub`` and ``python -m app.cli``; returns the exit code."""
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:1] in (["app"], ["train"]):
         # everything after the command (``--help`` included) belongs to the app's / trainer's own parser
         args = argparse.Namespace(command=raw[0], args=raw[1:])
     else:
-        args = parser.parse_args(raw)
+        args, extra = parser.parse_known_args(raw)
+        if extra:  # a mistyped flag: answer with the subcommand's own usage, not the top-level one
+            (_subparser(parser, args.command) if args.command else parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
     try:
-        if args.command in ("list", "log", "show", "pull", "diff", "compose", "tag", "serve"):
+        if args.command in READS_STORE:
             from .shipped import import_examples
             added = import_examples()
             if added:
@@ -290,13 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("Interrupted.")
         return 130
-    except Exception as e:
-        if os.environ.get("HUB_DEBUG") or not isinstance(e, _known_errors()):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _err(f"Error: {first} (set HUB_DEBUG=1 for the traceback)")
-        return 1
+    except Exception as e:  # noqa: BLE001 - report_error re-raises what it does not know
+        return report_error(e)
 
 
 def run() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

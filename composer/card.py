@@ -1,5 +1,9 @@
 """Model cards: ``README.md`` with YAML front matter the Hugging Face Hub (and ``olah``) understand.
 
+The one card writer: :func:`composer.save` (a new folder), the store and the Hub remote (a push keeps the
+user's text and merges the required metadata in) and ``hub train`` (the training record) all call
+:func:`build_card`; everyone reads cards with :func:`parse_card`.
+
 Front matter is read with a safe loader *and* scanned for YAML tags, anchors and aliases first: ``olah``,
 behind ``hub serve``, reads cards with ``yaml.CLoader`` (unsafe), so a card carrying
 ``!!python/object/apply:os.system`` would run code on the serving host. We refuse such cards outright.
@@ -8,13 +12,14 @@ behind ``hub serve``, reads cards with ``yaml.CLoader`` (unsafe), so a card carr
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from composer import PromptVector, RoadAdapter
-
 from .errors import InvalidCardError
+
+if TYPE_CHECKING:
+    from .adapters import Adapter
 
 # The exact pattern olah uses to cut front matter out of a README (olah/mirror/repos.py, _match_card):
 # whatever it would feed to its unsafe loader must be safe too.
@@ -66,25 +71,32 @@ def parse_card(text: str | bytes) -> tuple[dict[str, Any], str]:
     return data, text.lstrip("\ufeff")[m.end():]
 
 
-def build_card(adapter: RoadAdapter | PromptVector, existing: str | bytes | None, *,
-               repo_id: str | None = None) -> str:
+def build_card(adapter: Adapter, existing: str | bytes | None = None, *, repo_id: str | None = None,
+               training: dict[str, Any] | None = None, base_model: str | None = None) -> str:
     """Write or update a card for ``adapter``: required metadata merged in, the user's own text kept.
 
     Args:
-        adapter: the adapter being pushed (its kind, base model and recipe fill the front matter).
+        adapter: the adapter (its kind, base model and recipe fill the front matter).
         existing: the card found in the pushed folder or the previous version, or ``None``.
         repo_id: used for the heading of a new card.
+        training: the training record (data file and sha256, steps, learning rate, seed, losses ...), kept
+            under ``training:`` in the front matter and summarised in a new card's text.
+        base_model: the base model's id, when it is not the adapter config's ``base_model_name_or_path``.
 
     Returns:
-        The full README.md text.
+        The full README.md text, which :func:`parse_card` accepts.
+
+    Raises:
+        InvalidCardError: ``existing`` is unsafe or malformed.
     """
     front, body = parse_card(existing) if existing else ({}, "")
     kind_tag = KIND_TAGS[adapter.kind]
     tags = [t for t in (front.get("tags") or []) if isinstance(t, str)]
-    tags = [t for t in tags if t not in KIND_TAGS.values() and t not in ("adapter-hub", "composed")]
-    tags = [kind_tag, "adapter-hub"] + (["composed"] if adapter.recipe else []) + tags
+    tags = [t for t in tags if t not in KIND_TAGS.values() and t not in ("adapter-hub", "composed", "trained")]
+    extra = (["composed"] if adapter.recipe else []) + (["trained"] if training or front.get("training") else [])
+    tags = [kind_tag, "adapter-hub"] + extra + tags
     out: dict[str, Any] = {"library_name": "peft"}
-    base = adapter.base_model
+    base = base_model or adapter.base_model
     # The Hub checks base_model against existing repos; a local path would make the commit fail.
     if isinstance(base, str) and _HF_ID.match(base) and not base.startswith((".", "/")):
         out["base_model"] = base
@@ -94,12 +106,32 @@ def build_card(adapter: RoadAdapter | PromptVector, existing: str | bytes | None
             out[k] = v
     if adapter.recipe is not None:
         out["recipe"] = adapter.recipe.to_dict()
+    if training is not None:
+        out["training"] = training
     if not body.strip():
-        title = repo_id or f"{kind_tag} adapter"
-        body = f"\n# {title}\n\nA {kind_tag} adapter stored with `hub`.\n"
-        if adapter.recipe is not None:
-            body += f"\nComposed with `composer`:\n\n```\n{adapter.recipe.expression}\n```\n"
+        body = _body(adapter, kind_tag, repo_id, training)
     yaml_text = yaml.safe_dump(out, sort_keys=False, allow_unicode=True, default_flow_style=False)
     card = f"---\n{yaml_text}---\n{body if body.startswith(chr(10)) else chr(10) + body}"
     parse_card(card)  # what we write must pass our own reader
     return card
+
+
+def _body(adapter: Adapter, kind_tag: str, repo_id: str | None, training: dict[str, Any] | None) -> str:
+    if training is not None:
+        init = training.get("init")
+        lines = [
+            f"# {kind_tag} adapter trained with `hub train`", "",
+            f"- data: `{training.get('data_file')}` (sha256 `{training.get('data_sha256')}`, "
+            f"{training.get('examples')} examples)",
+            f"- steps: {training.get('steps')}, learning rate: {training.get('learning_rate')}, "
+            f"batch size: {training.get('batch_size')}, seed: {training.get('seed')}",
+            f"- init: `{init.get('expression') if isinstance(init, dict) else init}`",
+        ]
+        first, final = training.get("first_loss"), training.get("final_loss")
+        lines.append(f"- loss: {first:.4f} -> {final:.4f}" if first is not None and final is not None
+                     else "- loss: n/a")
+        return "\n" + "\n".join(lines) + "\n"
+    body = f"\n# {repo_id or f'{kind_tag} adapter'}\n\nA {kind_tag} adapter stored with `hub`.\n"
+    if adapter.recipe is not None:
+        body += f"\nComposed with `composer`:\n\n```\n{adapter.recipe.expression}\n```\n"
+    return body

@@ -1,5 +1,8 @@
 """The example adapters that ship in the repository's ``adapters/`` folder, imported into the store once.
 
+This is the top of the house's job: :mod:`hub` is a library that knows no repository folders; the ``hub``
+command (:mod:`app.cli`) and the app call :func:`import_examples`.
+
 On first use of a store (``hub`` commands that read it, and the app), each shipped PEFT folder is pushed as
 ``examples/<folder name>``. A marker file records that the import ran, so an example deleted later stays
 deleted. Set ``ADAPTER_HUB_NO_EXAMPLES=1`` to skip the import (the test suite does).
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .store import Store
+from hub import Store
 
 SHIPPED = Path(__file__).resolve().parents[1] / "adapters"
 NAMESPACE = "examples"
