@@ -10,7 +10,7 @@ exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage err
 subcommand's own usage.
 
 Only commands that touch tensors import torch (``show``, ``diff``, ``push``, ``compose``, ``pull``, ``train``,
-``app``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
+``fit``, ``app``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub train data.jsonl -o out/upper --steps 120 --lr 5e-3
         hub train data.jsonl -o out/new --init "0.5*examples/upper + 0.5*examples/json"
         hub train --help                                   # all of the trainer's options"""),
+    "fit": ("Fit one mix coefficient per adapter (and layer) to a few examples of the combined behaviour.", """
+        hub fit examples/upper examples/signoff --data adapters/data/pair_upper_signoff.jsonl -o out/fit
+        hub fit a/x b/y --data pair.jsonl -o out/fit --push team/fitted   # also store it as a new version
+        hub fit ./upper ./signoff --data pair.jsonl -o out/fit --granularity adapter --steps 60 --json"""),
 }
 
 
@@ -139,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", metavar="ID", required=True, help="where to store the result")
     s.add_argument("-m", "--message", help="commit message")
     s.add_argument("--tag", help="tag instead of the next vN")
+
+    s = _sub(subs, "fit")
+    s.add_argument("adapters", metavar="ADAPTER", nargs="+",
+                   help="RoAd adapters to mix: folders or store ids (ns/name[@rev], pinned to their commit)")
+    s.add_argument("--data", required=True, metavar="FILE",
+                   help='JSONL, at most 32 examples: {"messages": [...]} or {"prompt": ..., "completion": ...}')
+    s.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the fitted adapter to")
+    s.add_argument("--push", metavar="ID", help="also store it as a new version of namespace/name")
+    # Defaults as in composer.fit (a test keeps them equal; importing it here would load torch for --help).
+    s.add_argument("--granularity", choices=["layer", "adapter"], default="layer",
+                   help="one coefficient per adapter and layer (default), or per adapter")
+    s.add_argument("--steps", type=int, default=30, help="optimisation steps (default 30)")
+    s.add_argument("--lr", type=float, default=0.05, help="learning rate of the coefficients (default 0.05)")
+    s.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the example order (default 0)")
+    s.add_argument("--base", metavar="MODEL",
+                   help="base model id or folder (default: offline SmolLM2-135M-Instruct)")
+    s.add_argument("--json", action="store_true", help="print the result (path, weights, losses) as JSON")
 
     s = _sub(subs, "serve")
     s.add_argument("--host", default="127.0.0.1")
@@ -337,10 +359,53 @@ def _cmd_train(a) -> int:
     return int(train_main(_passthrough(a)) or 0)
 
 
+def _resolve_input(name: str) -> Any:
+    """An adapter to fit: a folder, else a store id (``source`` pinned to its commit, as ``hub train --init``)."""
+    import hub
+
+    from .train import default_resolve
+
+    try:
+        return default_resolve(name)
+    except hub.InvalidIdError as e:
+        raise UsageError(f"No adapter folder '{name}', and it is not a store id either (ids look like "
+                         "'namespace/name[@rev]'). Run 'hub list' to see the store.") from e
+
+
+def _cmd_fit(a) -> int:
+    import composer
+    import hub
+
+    from . import fitting
+    from .engine import load_base  # torch, transformers and PEFT: imported only for this command
+
+    adapters = [_resolve_input(n) for n in a.adapters]  # before loading the model: a typo fails at once
+    model, tok = load_base(a.base)
+    fitted = composer.fit(adapters, a.data, model=model, tokenizer=tok, granularity=a.granularity,
+                          steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, progress=True)
+    path = fitting.save(fitted, a.output, base_model=getattr(model, "name_or_path", None) or None)
+    summary = fitting.summary(fitted, a.adapters)
+    pushed = None
+    if a.push:
+        r = hub.push(path, a.push, message=f"Fit {' + '.join(a.adapters)} to {os.path.basename(a.data)}")
+        pushed = f"{r.repo_id}@{r.tag or r.sha}"
+    if a.json:
+        print(json.dumps({"path": str(path), "pushed": pushed, **summary}, default=str))
+        return 0
+    for line in fitting.summary_lines(summary):
+        _err(line)
+    if pushed:
+        _err(f"Pushed {pushed}.")
+    print(path)
+    if pushed:
+        print(pushed)
+    return 0
+
+
 HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd_log, "show": _cmd_show,
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
-            "app": _cmd_app, "train": _cmd_train}
-READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve")
+            "app": _cmd_app, "train": _cmd_train, "fit": _cmd_fit}
+READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")
 
 
 # -------------------------------------------------------------------------------------------------- errors

@@ -60,20 +60,30 @@ def read_examples(source: str | os.PathLike | Iterable[dict]) -> list[Conversati
         return out
     p = Path(source)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"Cannot read data file '{p}': {e}", path=p) from e
+    return parse_jsonl(text, name=str(p), path=p)
+
+
+def parse_jsonl(text: str, *, name: str = "the examples", path: object = None) -> list[Conversation]:
+    """Conversations from JSONL text (a file's content, or examples pasted into the app), one per non-empty
+    line; errors name ``name`` and the line (``name:3``).
+
+    Raises:
+        DataError: bad JSON, a row of neither form, or no rows.
+    """
     out = []
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i} is not valid JSON ({e}).", path=p, line=i) from e
-        out.append(_conversation(row, f"{p}:{i}", p, i))
+            raise DataError(f"{name}:{i} is not valid JSON ({e}).", path=path, line=i) from e
+        out.append(_conversation(row, f"{name}:{i}", path, i))
     if not out:
-        raise DataError(f"'{p}' holds no examples; write one JSON object per line.", path=p)
+        raise DataError(f"'{name}' holds no examples; write one JSON object per line.", path=path)
     return out
 
 

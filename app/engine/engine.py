@@ -158,6 +158,25 @@ class Engine:
             for m in per_layer:
                 self._linears[m].road_rows = None
 
+    @contextmanager
+    def exclusive(self) -> Iterator[nn.Module]:
+        """Hold the engine while the caller works on ``self.model`` directly; yields the model.
+
+        No batch runs inside this block (a batch in flight finishes first; the next waits), so the caller may
+        change the model in place and undo it before leaving, as :func:`composer.fit` does (it wraps the model
+        in PEFT for the fit and unloads it again). The model's train/eval mode and every parameter's
+        ``requires_grad`` are restored on exit.
+        """
+        with self._lock:
+            training = self.model.training
+            grads = [(p, p.requires_grad) for p in self.model.parameters()]
+            try:
+                yield self.model
+            finally:
+                self.model.train(training)
+                for p, flag in grads:
+                    p.requires_grad_(flag)
+
     def close(self) -> None:
         """Give the model back as it was (plain ``nn.Linear`` layers)."""
         with self._lock:
