@@ -252,11 +252,39 @@ def _training_text(t: dict) -> list[str]:
     if t.get("data_file"):
         lines.append(f"  data: {t['data_file']} (sha256 {str(t.get('data_sha256', '?'))[:16]}…, "
                      f"{t.get('examples', '?')} examples)")
+    if isinstance(t.get("subspace"), dict):
+        lines.append(f"  subspace: {_subspace_text(t['subspace'])}")
     for k, v in t.items():
         if k not in ("kind", "steps", "learning_rate", "batch_size", "seed", "init", "first_loss", "final_loss",
-                     "data_file", "data_sha256", "examples"):
+                     "data_file", "data_sha256", "examples", "subspace"):
             lines.append(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
     return lines
+
+
+def _subspace_text(sub: dict, digest: bool = True) -> str:
+    """A training record's subspace in words: ``slot 0/4, seed 0, 25.0% of the pairs trainable, mask …``."""
+    slot = sub.get("slot")
+    what = f"slot {slot[0]}/{slot[1]}" if isinstance(slot, (list, tuple)) and len(slot) == 2 \
+        else f"random share {sub.get('share')}"
+    frac = sub.get("active_fraction")
+    share = f", {frac:.1%} of the pairs trainable" if isinstance(frac, (int, float)) else ""
+    mask = f", mask sha256 {str(sub.get('mask_sha256', '?'))[:16]}…" if digest else ""
+    return f"{what}, seed {sub.get('seed')}{share}{mask}"
+
+
+def _fit_text(r: dict) -> list[str]:
+    """A fit recipe's parameters in words (the coefficients themselves are in --json and recipe.json)."""
+    p = r.get("params") or {}
+    coef = p.get("coefficients") or {}
+    losses = p.get("losses") or {}
+    per = "per layer" if p.get("granularity") == "layer" else "per adapter"
+    weights = ", ".join(f"{w:.4g}" for w in r.get("weights") or [])
+    loss = ""
+    if losses.get("first") is not None and losses.get("final") is not None:
+        loss = f", loss {losses['first']:.4g} -> {losses['final']:.4g}"
+    return [f"  fit: {per}, {sum(len(c) for c in coef.values())} coefficients, mean weights {weights}",
+            f"  fitted on {p.get('examples')} examples (sha256 {str(p.get('data_sha256', '?'))[:16]}…), "
+            f"{p.get('steps')} steps, lr {p.get('lr')}{loss}"]
 
 
 def _show_text(d: dict, modules: bool) -> str:
@@ -271,6 +299,12 @@ def _show_text(d: dict, modules: bool) -> str:
     lines.append("norm: " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in total.items()) +
                  ("" if modules else f"  (over {len(norms)} {'modules' if d['kind'] == 'road' else 'tokens'}; "
                                      "--modules for each)"))
+    if d.get("active_pairs"):
+        ap = d["active_pairs"]
+        sub = (d.get("training") or {}).get("subspace") if isinstance(d.get("training"), dict) else None
+        lines.append(f"active pairs: {ap['fraction']:.1%} ({ap['active']} of {ap['pairs']} 2D pairs move away from "
+                     "the identity" + (f"; trained in {_subspace_text(sub, digest=False)})"
+                                       if isinstance(sub, dict) else ")"))
     if modules:
         width = max((len(m) for m in norms), default=0)
         for m in sorted(norms, key=natural_key):
@@ -280,6 +314,8 @@ def _show_text(d: dict, modules: bool) -> str:
         lines.append(f"recipe: {r['expression']}  (method {r['method']}, exact={r['exact']})")
         for i in r["inputs"]:
             lines.append(f"  {i.get('name')} -> {i.get('ref')}")
+        if r.get("method") == "fit":
+            lines += _fit_text(r)
     else:
         lines.append("recipe: none (trained, not composed)")
     if isinstance(d.get("training"), dict):
@@ -294,7 +330,12 @@ def _cmd_show(a) -> int:
 
     store = hub.Store()
     resolved = store.resolve(a.id)
-    d = composer.describe(store.load(f"{resolved.ref.repo_id}@{resolved.sha}"))
+    adapter = store.load(f"{resolved.ref.repo_id}@{resolved.sha}")
+    d = composer.describe(adapter)
+    if adapter.kind == "road":
+        from composer.subspace import active_share
+
+        d["active_pairs"] = active_share(adapter)
     try:
         front, _ = parse_card(store.read(resolved, "README.md"))
     except (hub.HubError, composer.ComposerError):
@@ -313,6 +354,10 @@ def _cmd_diff(a) -> int:
         return 0
     lines = [f"a: {d['a']}", f"b: {d['b']}", f"total: diff_norm={_fmt_float(d['diff_norm'])} "
              f"cosine={_fmt_float(d['cosine'])}"]
+    if d.get("active_pairs"):
+        o = d["active_pairs"]
+        lines.append(f"active pairs: {a.a} {o['active_a']:.1%}, {a.b} {o['active_b']:.1%}, shared {o['shared']} "
+                     f"(overlap {o['overlap']:.1%})")
     width = max((len(m) for m in d["modules"]), default=0)
     for m in sorted(d["modules"], key=natural_key):
         v = d["modules"][m]

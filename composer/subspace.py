@@ -14,8 +14,8 @@ A share of the pairs is chosen per module, deterministically:
 - ``share=f``: the first ``f`` of the seeded shuffle (random subspaces, as in ROSA); two seeds overlap by chance.
 
 Pairs outside the share stay exactly at the identity (θ = 0, α = 1), so the adapter is a plain PEFT folder.
-:func:`active_pairs` reads back which pairs an adapter moves, and :func:`overlap` reports how much two
-adapters' active pairs overlap (``hub diff``, ``hub show``, the app).
+:func:`active_pairs` reads back which pairs an adapter moves, :func:`active_share` how many, and :func:`overlap`
+how much two adapters' active pairs overlap (``hub show``, ``hub diff``, the app's heat map).
 """
 
 from __future__ import annotations
@@ -151,3 +151,12 @@ def overlap(a: RoadAdapter, b: RoadAdapter) -> dict[str, Any]:
     return {"modules": len(common), "pairs": total,
             "active_a": na / total if total else 0.0, "active_b": nb / total if total else 0.0,
             "shared": shared, "overlap": shared / smaller if smaller else 0.0}
+
+
+def active_share(adapter: RoadAdapter) -> dict[str, Any]:
+    """How many of the adapter's 2D pairs move away from the identity: ``{"active", "pairs", "fraction"}``
+    (``hub show``; a subspace-trained adapter moves about its share, a plainly trained one nearly all)."""
+    masks = active_pairs(adapter)
+    total = sum(int(v.numel()) for v in masks.values())
+    on = sum(int(v.sum()) for v in masks.values())
+    return {"active": on, "pairs": total, "fraction": on / total if total else 0.0}

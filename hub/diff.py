@@ -1,7 +1,9 @@
 """Compare two adapters as task vectors: per-module norm of the difference and cosine similarity.
 
 RoAd adapters are compared on their generator (θ, log α) — the vector the arithmetic acts on — and prompt
-vectors on τ (or on the prompt itself when no init was recorded).
+vectors on τ (or on the prompt itself when no init was recorded). For RoAd adapters the result also says how
+much their active 2D pairs overlap (:func:`composer.subspace.overlap`): adapters trained in disjoint subspaces
+share none.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from composer.adapters import cosine as _cos
 
 def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[str, Any]:
     """Per-module ``diff_norm`` (‖τ_a − τ_b‖) and ``cosine`` (cos(τ_a, τ_b)), plus the totals and
-    ``identical`` (the task vectors are equal). The cosine is ``None`` where a vector is zero.
+    ``identical`` (the task vectors are equal). The cosine is ``None`` where a vector is zero. RoAd adapters
+    also get ``active_pairs``: :func:`composer.subspace.overlap` of the two (shares, shared pairs, overlap).
 
     Raises:
         IncompatibleAdaptersError: different kinds, modules or shapes.
@@ -39,5 +42,10 @@ def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[s
     fa = torch.cat([va[m] for m in va]) if va else torch.zeros(0, dtype=torch.float64)
     fb = torch.cat([vb[m] for m in va]) if vb else torch.zeros(0, dtype=torch.float64)
     total = float((fa - fb).norm())
-    return {"kind": a.kind, "a": a.source, "b": b.source, "identical": total == 0.0, "diff_norm": total,
-            "cosine": _cos(fa, fb), "modules": modules}
+    out = {"kind": a.kind, "a": a.source, "b": b.source, "identical": total == 0.0, "diff_norm": total,
+           "cosine": _cos(fa, fb), "modules": modules}
+    if isinstance(a, RoadAdapter) and isinstance(b, RoadAdapter):
+        from composer.subspace import overlap
+
+        out["active_pairs"] = overlap(a, b)
+    return out

@@ -320,6 +320,54 @@ def heatmap_html(names: Sequence[str], mat: Sequence[Sequence[float | None]]) ->
             f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
 
 
+def overlap_matrix(named: Sequence[tuple[str, composer.Adapter]]
+                   ) -> tuple[list[str], list[list[Any]]]:
+    """How the chosen RoAd adapters' active 2D pairs overlap (prompt vectors have no pairs and are left out).
+
+    Returns:
+        ``(names, mat)``: ``mat[i][i]`` is the share of pairs adapter ``i`` moves, ``mat[i][j]`` the
+        :func:`composer.subspace.overlap` dict of ``i`` and ``j`` (``shared`` pairs, ``overlap`` = shared / the
+        smaller active set; 0 for adapters trained in disjoint subspaces).
+    """
+    from composer.subspace import active_share, overlap
+
+    road = [(n, a) for n, a in named if isinstance(a, RoadAdapter)]
+    names = [n for n, _ in road]
+    mat: list[list[Any]] = [[None] * len(road) for _ in road]
+    for i, (_, a) in enumerate(road):
+        mat[i][i] = active_share(a)["fraction"]
+        for j in range(i + 1, len(road)):
+            o = overlap(a, road[j][1])
+            mat[i][j] = o
+            mat[j][i] = {**o, "active_a": o["active_b"], "active_b": o["active_a"]}
+    return names, mat
+
+
+def overlap_html(names: Sequence[str], mat: Sequence[Sequence[Any]]) -> str:
+    """A small table under the heat map: each RoAd adapter's share of active pairs (diagonal) and, for each two,
+    the pairs both move (``shared (overlap %)``); ``""`` when no RoAd adapter is chosen."""
+    if not names:
+        return ""
+    head = "".join(f"<th title='{html.escape(n)}'>{html.escape(_short(n))}</th>" for n in names)
+    body = []
+    for i, n in enumerate(names):
+        cells = []
+        for j, v in enumerate(mat[i]):
+            if i == j:
+                cells.append(f"<td style='text-align:center;padding:4px 8px;font-weight:bold' title='share of this "
+                             f"adapter&#39;s pairs that move away from the identity'>{v:.0%} active</td>")
+            else:
+                tint = int(255 - 120 * min(1.0, v["overlap"]))
+                cells.append(f"<td style='background:rgb(255,{tint},{tint});text-align:center;padding:4px 8px' "
+                             f"title='pairs both adapters move, and that number over the smaller active set'>"
+                             f"{v['shared']} shared ({v['overlap']:.0%})</td>")
+        body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
+                    f"{''.join(cells)}</tr>")
+    return ("<div class='pair-overlap'><p><strong>Active 2D pairs</strong> (diagonal: share each adapter moves; "
+            "other cells: pairs both move, and their overlap; 0 shared means disjoint subspaces)</p>"
+            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+
+
 def _short(name: str) -> str:
     return name if len(name) <= 24 else "…" + name[-23:]
 

@@ -8,6 +8,7 @@ Layout::
     │ method, t, density               │ │ the store's adapters (kind, base, version)  │
     │ expression (hub compose syntax)  │ └─────────────────────────────────────────────┘
     │ status, per-layer plot, heat map │
+    │ (cosine; overlap of active pairs)│
     │ save as a new version            │
     └──────────────────────────────────┘
 
@@ -35,6 +36,8 @@ from .mixer import (
     deviation_text,
     heatmap_html,
     layer_norms,
+    overlap_html,
+    overlap_matrix,
     takes,
 )
 
@@ -136,8 +139,8 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                       else "Mix ready; the next chat message uses it.")
             if notes:
                 status += "\n\n" + "\n\n".join(f"**Note:** {n}" for n in notes)
-            return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
-                    deviation_text(adapter))
+            heat = heatmap_html(names, mat) + overlap_html(*overlap_matrix(named))
+            return (expression, status, _plot_frame(layer_norms(adapter)), heat, deviation_text(adapter))
         except MixInputError as e:
             return ("", f"**Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "")
 
