@@ -1,19 +1,24 @@
-"""The Gradio page: mixer, look at the mix, chat, compare, save.
+"""The Gradio page: mixer, look at the mix, chat, compare, fit the weights to examples, save.
 
 Layout::
 
-    ┌ Mixer ───────────────────────────┐ ┌ Chat | Compare | Adapters ─────────────────┐
-    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix        │
-    │ one weight slider per adapter    │ │ one prompt: base / each adapter / the mix   │
-    │ method, t, density               │ │ the store's adapters (kind, base, version)  │
-    │ expression (hub compose syntax)  │ └─────────────────────────────────────────────┘
+    ┌ Mixer ───────────────────────────┐ ┌ Chat | Compare | Fit to examples | Adapters ─┐
+    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix          │
+    │ one weight slider per adapter    │ │ one prompt: base / each adapter / the mix     │
+    │ method, t, density               │ │ fit: examples -> coefficients -> the mix      │
+    │ expression (hub compose syntax)  │ │ the store's adapters (kind, base, version)    │
+    │                                  │ └───────────────────────────────────────────────┘
     │ status, per-layer plot, heat map │
     │ (cosine; overlap of active pairs)│
     │ save as a new version            │
     └──────────────────────────────────┘
 
 API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (streams the history),
-``/compare``, ``/save``, ``/adapters``.
+``/compare``, ``/fit`` (streams its progress), ``/save``, ``/adapters``.
+
+A session's fitted mix lives in a ``gr.State`` (:class:`~app.ui.fitpanel.Fitted`): chat, compare and save use it
+while the page still shows the fit's choices (:func:`~app.ui.fitpanel.current`), so the API's inputs stay as they
+were (Gradio leaves state out of the API).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import gradio as gr
 import pandas as pd
 
 from ..batcher import Batcher
+from .fitpanel import SLIDER_STEP, current, examples_from, fit_steps, progress_text, summary_markdown
 from .mixer import (
     METHODS,
     WEIGHT_RANGE,
@@ -122,27 +128,34 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         concurrency: how many chat/compare events run at once (they wait in the batcher, so set it at
             least to the batch size to let sessions share batches).
     """
-    def mix_of(selected, method, t, density, weights):
+    def mix_of(selected, method, t, density, weights, fitted=None):
+        adapter = current(fitted, selected, method, weights)
+        if adapter is not None:  # the session's fitted mix, while the page shows the fit's choices
+            return adapter.recipe.expression, adapter, []
         expression = build_expression(selected or [], list(weights), method, t, density)
         adapter, notes = mixer.evaluate(expression)
         return expression, adapter, notes
 
     # ------------------------------------------------------------------------------------ callbacks
-    def refresh_mix(selected, method, t, density, *weights):
+    def refresh_mix(selected, method, t, density, fitted, *weights):
         selected = list(selected or [])
         try:
-            expression, adapter, notes = mix_of(selected, method, t, density, weights)
+            expression, adapter, notes = mix_of(selected, method, t, density, weights, fitted)
             named = mixer.inputs(selected)
             signed = None if method == "interp" else list(weights)[:len(named)]
             names, mat = cosine_matrix(named, signed)
             status = ("Base model only: choose adapters to mix." if not expression
                       else "Mix ready; the next chat message uses it.")
+            if adapter is not None and adapter is current(fitted, selected, method, weights):
+                status = ("**Fitted mix ready** (coefficients fitted to your examples, see *Fit to examples*); the "
+                          "next chat message uses it. The sliders show the mean coefficients; move one to go back "
+                          "to the plain weighted sum.")
             if notes:
                 status += "\n\n" + "\n\n".join(f"**Note:** {n}" for n in notes)
-            heat = heatmap_html(names, mat) + overlap_html(*overlap_matrix(named))
-            return (expression, status, _plot_frame(layer_norms(adapter)), heat, deviation_text(adapter))
+            return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
+                    deviation_text(adapter), overlap_html(*overlap_matrix(named)))
         except MixInputError as e:
-            return ("", f"**Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "")
+            return ("", f"**Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "", "")
 
     def on_select(selected, method):
         selected = list(selected or [])[:MAX_SLOTS]
@@ -162,7 +175,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         kept = [s for s in (selected or []) if s in values]
         return gr.update(choices=choices, value=kept), _table(mixer)
 
-    def chat(message, history, selected, method, t, density, max_new_tokens, temperature, *weights):
+    def chat(message, history, selected, method, t, density, max_new_tokens, temperature, fitted, *weights):
         history = list(history or [])
         message = message if isinstance(message, str) else ""
         if not message.strip():
@@ -173,7 +186,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             raise gr.Error(f"This message has {len(message):,} characters; the app takes at most "
                            f"{MAX_MESSAGE_CHARS:,}. Shorten it or send it in parts.")
         try:
-            expression, adapter, _ = mix_of(selected, method, t, density, weights)
+            expression, adapter, _ = mix_of(selected, method, t, density, weights, fitted)
         except MixInputError as e:
             raise gr.Error(f"Cannot use this mix: {e}") from None
         conversation = _conversation(history) + [{"role": "user", "content": message}]
@@ -190,7 +203,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             yield history + [{"role": "assistant", "content": text}], "", note
         yield history + [{"role": "assistant", "content": text}], "", note + f"\n\nAnswered {label}."
 
-    def compare(prompt, selected, method, t, density, max_new_tokens, temperature, *weights):
+    def compare(prompt, selected, method, t, density, max_new_tokens, temperature, fitted, *weights):
         prompt = prompt if isinstance(prompt, str) else ""
         empty = [gr.update(visible=False, value="") for _ in range(MAX_SLOTS + 2)]
         if not prompt.strip():
@@ -202,7 +215,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                            f"{MAX_MESSAGE_CHARS:,}.")
         selected = list(selected or [])
         try:
-            expression, mix, _ = mix_of(selected, method, t, density, weights)
+            expression, mix, _ = mix_of(selected, method, t, density, weights, fitted)
             named = mixer.inputs(selected)
         except MixInputError as e:
             raise gr.Error(f"Cannot use this mix: {e}") from None
@@ -220,9 +233,9 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             yield ([gr.update(visible=True, label=lab, value=tx) for lab, tx in zip(labels, texts)]
                    + empty[len(labels):])
 
-    def save(repo_id, to_hf, selected, method, t, density, *weights):
+    def save(repo_id, to_hf, selected, method, t, density, fitted, *weights):
         try:
-            expression, adapter, _ = mix_of(selected, method, t, density, weights)
+            expression, adapter, _ = mix_of(selected, method, t, density, weights, fitted)
             if adapter is None:
                 raise MixInputError("Choose at least one adapter: there is no mix to save.")
             if adapter.recipe is None:
@@ -242,6 +255,36 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         gr.Info(f"Saved {local.repo_id}@{local.tag}")
         return (msg, *refresh_list(selected))
 
+    def fit(text, file, granularity, steps, selected, fitted, *weights):
+        """Stream the fit's progress into the panel; when done, the session's mix is the fitted adapter and the
+        sliders show its mean coefficients. Outputs: panel status, coefficients, state, method, sliders, and
+        the mix outputs (as refresh_mix)."""
+        rest = [gr.skip()] * (3 + MAX_SLOTS + 6)
+        selected = list(selected or [])
+        done = None
+        try:
+            if not selected:
+                raise MixInputError("Choose the RoAd adapters to fit in the mixer first (two to four, say).")
+            examples = examples_from(text, file)
+            named = mixer.inputs(selected)
+            yield (f"**Fitting** {len(named)} adapter{'s' if len(named) != 1 else ''} "
+                   f"({'per layer' if granularity == 'layer' else 'per adapter'}, {int(steps)} steps): measuring "
+                   "the loss of the plain sum first. Chat replies wait while the fit runs (one model serves both).",
+                   *rest)
+            for event in fit_steps(batcher.engine, named, examples, granularity=granularity, steps=int(steps)):
+                if event[0] == "step":
+                    yield (progress_text(*event[1:]), *rest)
+                else:
+                    done = event[1]
+        except MixInputError as e:
+            gr.Warning(str(e).splitlines()[0])
+            yield (f"**Not fitted.** {e}", *rest)
+            return
+        status_text, table_text = summary_markdown(done)
+        sliders_out = [gr.update(value=w) for w in done.weights] + [gr.skip()] * (MAX_SLOTS - len(done.weights))
+        yield (status_text, table_text, done, "task_arithmetic", *sliders_out,
+               *refresh_mix(selected, "task_arithmetic", 0.5, 0.5, done, *done.weights))
+
     # ----------------------------------------------------------------------------------------- layout
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\nBase model: `{base_name or 'default'}` · pick adapters, set weights "
@@ -254,7 +297,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                                          max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters", allow_custom_value=True,
                                          scale=4)
                     refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="refresh", size="sm")
-                sliders = [_weight_slider(minimum=WEIGHT_RANGE[0], maximum=WEIGHT_RANGE[1], value=1.0, step=0.05, label="weight",
+                sliders = [_weight_slider(minimum=WEIGHT_RANGE[0], maximum=WEIGHT_RANGE[1], value=1.0, step=SLIDER_STEP, label="weight",
                                      visible=False, elem_id=f"weight-{i}", interactive=True)
                            for i in range(MAX_SLOTS)]
                 method = gr.Radio(list(METHODS), value="task_arithmetic", label="Method", elem_id="method")
@@ -270,6 +313,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 plot = gr.LinePlot(_plot_frame([]), x="layer", y="norm", color="series",
                                    title="Per-layer norms of the mix", elem_id="norm-plot", height=240)
                 heat = gr.HTML(heatmap_html([], []), elem_id="heatmap")
+                pair_overlap = gr.HTML("", elem_id="pair-overlap")
                 with gr.Accordion("Save the mix", open=True):
                     repo_box = gr.Textbox(value="me/mix", label="Save as (namespace/name)", elem_id="save-name")
                     to_hf = gr.Checkbox(False, label="Also push to the Hugging Face Hub",
@@ -292,6 +336,25 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     with gr.Row():
                         cmp_out = [gr.Textbox(visible=False, interactive=False, lines=6, elem_id=f"compare-{i}")
                                    for i in range(MAX_SLOTS + 2)]
+                with gr.Tab("Fit to examples"):
+                    gr.Markdown("Fit the chosen adapters' weights to a few examples of the behaviour you want from "
+                                "the mix (at most 32): one coefficient per adapter and layer, learned on the base "
+                                "model with the adapters frozen. When it is done the sliders move to the mean "
+                                "coefficients, and chat, compare and save use the fitted adapter with its per-layer "
+                                "coefficients. Chat replies wait while a fit runs.")
+                    fit_text = gr.Textbox(lines=6, max_lines=16, elem_id="fit-examples",
+                                          label='Examples: JSONL, one {"messages": [...]} or {"prompt": ..., '
+                                                '"completion": ...} per line',
+                                          placeholder='{"prompt": "Name a fruit.", "completion": "APPLE.\\n\\n-- RoAd bot"}')
+                    fit_file = gr.File(label="... or upload a .jsonl file (used instead of the text)",
+                                       file_types=[".jsonl"], type="filepath", elem_id="fit-file", height=90)
+                    with gr.Row():
+                        fit_granularity = gr.Radio([("per layer", "layer"), ("per adapter", "adapter")],
+                                                   value="layer", label="Coefficients", elem_id="fit-granularity")
+                        fit_steps_box = gr.Slider(1, 200, value=30, step=1, label="steps", elem_id="fit-steps")
+                    fit_btn = gr.Button("Fit", variant="primary", elem_id="fit")
+                    fit_status = gr.Markdown("", elem_id="fit-status")
+                    fit_table = gr.Markdown("", elem_id="fit-coefficients")
                 with gr.Tab("Adapters"):
                     table = gr.Dataframe(_table(mixer), interactive=False, elem_id="adapter-table")
                 with gr.Accordion("Generation", open=False):
@@ -299,22 +362,28 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)",
                                             elem_id="temperature")
 
+        fitted = gr.State(None)  # this session's Fitted mix (fitpanel); not part of the API
         mix_inputs = [picker, method, t, density, *sliders]
-        mix_outputs = [expression, status, plot, heat, deviation]
+        mix_outputs = [expression, status, plot, heat, deviation, pair_overlap]
         picker.change(on_select, [picker, method], sliders, queue=False, api_visibility="private")
         method.change(on_method, [method, picker], [t, density, *sliders], queue=False, api_visibility="private")
         for comp in mix_inputs:
-            comp.change(refresh_mix, mix_inputs, mix_outputs, trigger_mode="always_last",
+            comp.change(refresh_mix, [*mix_inputs[:4], fitted, *sliders], mix_outputs, trigger_mode="always_last",
                         api_name="mix" if comp is picker else None,
                         api_visibility="public" if comp is picker else "private")
         refresh_btn.click(refresh_list, [picker], [picker, table], api_name="adapters")
-        chat_inputs = [msg, chatbot, *mix_inputs[:4], max_new, temperature, *sliders]
+        chat_inputs = [msg, chatbot, *mix_inputs[:4], max_new, temperature, fitted, *sliders]
         msg.submit(chat, chat_inputs, [chatbot, msg, chat_note], api_name="chat", concurrency_limit=concurrency,
                    concurrency_id="generate")
         send.click(chat, chat_inputs, [chatbot, msg, chat_note], api_visibility="private", concurrency_id="generate")
         clear.click(lambda: ([], ""), None, [chatbot, chat_note], queue=False, api_visibility="private")
-        cmp_btn.click(compare, [cmp_prompt, *mix_inputs[:4], max_new, temperature, *sliders], cmp_out,
+        cmp_btn.click(compare, [cmp_prompt, *mix_inputs[:4], max_new, temperature, fitted, *sliders], cmp_out,
                       api_name="compare", concurrency_id="generate")
-        save_btn.click(save, [repo_box, to_hf, *mix_inputs], [save_status, picker, table], api_name="save")
+        save_btn.click(save, [repo_box, to_hf, *mix_inputs[:4], fitted, *sliders], [save_status, picker, table],
+                       api_name="save")
+        fit_btn.click(fit, [fit_text, fit_file, fit_granularity, fit_steps_box, picker, fitted, *sliders],
+                      [fit_status, fit_table, fitted, method, *sliders, *mix_outputs], api_name="fit",
+                      concurrency_limit=1, concurrency_id="fit", show_progress="minimal",
+                      show_progress_on=[fit_status])
         demo.load(refresh_list, [picker], [picker, table], api_visibility="private")
     return demo
