@@ -3,10 +3,12 @@
     AppError
     ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
     ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
-    └── TrainingDataError(ValueError)  the JSONL training file is unreadable or has no usable rows
+    TrainingDataError = composer.errors.DataError: the JSONL training file is unreadable or has no usable rows
 """
 
 from __future__ import annotations
+
+from composer.errors import DataError
 
 
 class AppError(Exception):
@@ -39,15 +41,6 @@ class MixError(AppError, ValueError):
         self.module = module
 
 
-class TrainingDataError(AppError, ValueError):
-    """The training data is unusable.
-
-    Attributes:
-        path: the data file.
-        line: 1-based line number of the first bad row, when known.
-    """
-
-    def __init__(self, message: str, *, path: object = None, line: int | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-        self.line = line
+# The data readers live in composer (``composer.data``, shared by ``hub train`` and ``composer.fit``); the
+# app's name for their error is the same class.
+TrainingDataError = DataError

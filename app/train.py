@@ -22,11 +22,9 @@ import torch
 
 import composer
 from composer.card import build_card
-from hub.remote import file_sha256
+from composer.data import IGNORE, collate, encode_example, file_sha256, read_examples  # noqa: F401 (re-exported)
 
 from .errors import AppError, TrainingDataError
-
-IGNORE = -100
 
 
 @dataclass
@@ -50,85 +48,6 @@ class TrainResult:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def read_examples(path: str | os.PathLike) -> list[list[dict[str, str]]]:
-    """Read the JSONL file into chat conversations ending with the assistant's answer.
-
-    Raises:
-        TrainingDataError: unreadable file, bad JSON, a row of neither form, or no rows.
-    """
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainingDataError(f"Cannot read training data '{p}': {e}", path=p) from e
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainingDataError(f"{p}:{i} is not valid JSON ({e}).", path=p, line=i) from e
-        if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
-            msgs = row["messages"]
-            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                       for m in msgs):
-                raise TrainingDataError(f"{p}:{i}: every message needs string 'role' and 'content'.", path=p, line=i)
-            if msgs[-1]["role"] != "assistant":
-                raise TrainingDataError(
-                    f"{p}:{i}: the last message has role {msgs[-1]['role']!r}; it must be the assistant's answer "
-                    "(the loss is computed on it).", path=p, line=i)
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-            msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-        else:
-            raise TrainingDataError(
-                f"{p}:{i}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}, "
-                f"got {line[:80]!r}.", path=p, line=i)
-        out.append(msgs)
-    if not out:
-        raise TrainingDataError(f"'{p}' holds no examples; write one JSON object per line.", path=p)
-    return out
-
-
-def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if not isinstance(ids, list) else ids)
-    # No chat template: a plain "role: content" transcript, closed by the eos token.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    if generation_prompt:
-        text += "assistant: "
-    else:
-        text = text.rstrip("\n") + (tokenizer.eos_token or "")
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: int = 512
-                   ) -> tuple[list[int], list[int]]:
-    """Token ids of the conversation and labels that are ``-100`` everywhere but the answer tokens."""
-    prompt = _ids(tokenizer, messages[:-1], True)
-    full = _ids(tokenizer, messages, False)
-    n = len(prompt) if full[: len(prompt)] == prompt else len(_common_prefix(prompt, full))
-    full = full[:max_length]
-    labels = [IGNORE] * min(n, len(full)) + full[n:]
-    return full, labels
-
-
-def _common_prefix(a: list[int], b: list[int]) -> list[int]:
-    i = 0
-    while i < min(len(a), len(b)) and a[i] == b[i]:
-        i += 1
-    return a[:i]
-
-
-def _collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    n = max(len(r[0]) for r in rows)
-    ids = torch.tensor([r[0] + [pad] * (n - len(r[0])) for r in rows])
-    labels = torch.tensor([r[1] + [IGNORE] * (n - len(r[1])) for r in rows])
-    mask = torch.tensor([[1] * len(r[0]) + [0] * (n - len(r[0])) for r in rows])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def _road_model(model: Any, variant: str, group_size: int, target_modules: Sequence[str] | None) -> Any:
     from peft import RoadConfig, get_peft_model
 
@@ -148,6 +67,35 @@ def _prompt_model(model: Any, num_virtual_tokens: int) -> Any:
     return pm
 
 
+def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
+                          ) -> tuple[dict[str, tuple[torch.Tensor, str]], dict[str, Any] | None]:
+    """Zero the gradients of RoAd parameters outside ``subspace``; returns param name -> (mask, module)."""
+    if subspace is None:
+        return {}, None
+    from composer.subspace import Subspace, param_mask, num_pairs
+
+    if kind != "road":
+        raise ValueError("A subspace applies to RoAd adapters only (--kind road).")
+    if isinstance(subspace, str):
+        subspace = Subspace.parse(subspace)
+    masks: dict[str, tuple[torch.Tensor, str]] = {}
+    pair_masks: dict[str, torch.Tensor] = {}
+    for name, mod in pm.named_modules():
+        if not hasattr(mod, "road_theta") or "default" not in getattr(mod, "road_theta", {}):
+            continue
+        module = name.removeprefix("base_model.model.")
+        variant, g = mod.variant["default"], mod.group_size["default"]
+        theta = mod.road_theta["default"]
+        pairs = subspace.pairs(module, num_pairs(variant, theta.numel()))
+        pm_mask = param_mask(variant, g, pairs).to(theta.device)
+        pair_masks[module] = pairs
+        for pname in ("road_theta", "road_alpha"):
+            p = getattr(mod, pname)["default"]
+            p.register_hook(lambda grad, m=pm_mask: grad * m.to(grad.dtype))
+            masks[f"{name}.{pname}.default"] = (pm_mask, module)
+    return masks, subspace.record(pair_masks)
+
+
 def default_resolve(name: str) -> Any:
     """Resolve a name in an ``--init`` expression: a folder path, else a store id through :mod:`hub`."""
     if Path(name).expanduser().is_dir():
@@ -163,7 +111,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
           resolve: Callable[[str], Any] | None = None, variant: str = "road_1", group_size: int = 64,
           target_modules: Sequence[str] | None = None, num_virtual_tokens: int = 8, steps: int = 100,
           lr: float | None = None, batch_size: int = 4, seed: int = 0, out_dir: str | os.PathLike | None = None,
-          max_length: int = 512, progress: bool = True) -> TrainResult:
+          max_length: int = 512, progress: bool = True, subspace: Any = None) -> TrainResult:
     """Fine-tune a RoAd adapter or a prompt vector; loss on the answer tokens only.
 
     Args:
@@ -179,6 +127,9 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         steps, lr, batch_size, seed: optimisation (AdamW; ``lr`` defaults to 3e-3 for RoAd, 3e-2 for prompts).
         out_dir: where to save the PEFT folder (nothing is saved when ``None``).
         max_length: examples are cut to this many tokens.
+        subspace: RoAd only: a :class:`composer.subspace.Subspace` (or its text, ``"k/n"`` / ``"0.25"``) naming
+            the share of each layer's 2D pairs to train; every other pair stays exactly where it started (the
+            identity for a fresh adapter). Recorded in the card with a digest of the masks.
         progress: show a progress bar with the loss (``HF_HUB_DISABLE_PROGRESS_BARS`` silences it).
 
     Returns:
@@ -221,6 +172,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     named = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    masks, sub_record = _restrict_to_subspace(pm, subspace, kind)
+    start = {n: p.detach().clone() for n, p in named.items()} if masks else {}
     if lr is None:
         lr = 3e-3 if kind == "road" else 3e-2
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -237,7 +190,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
             batch, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
             if step == 0:
                 first_step = {n: p.detach().clone() for n, p in named.items()}
-            out = pm(**_collate(batch, pad))
+            out = pm(**collate(batch, pad))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -246,6 +199,10 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     finally:
         bar.close()
     pm.eval()
+    if masks:  # pairs outside the subspace end exactly where they started (gradients there were zero anyway)
+        with torch.no_grad():
+            for n, (mask, _) in masks.items():
+                named[n].copy_(torch.where(mask, named[n], start[n]))
     adapter = composer.from_peft(pm, init=prompt_init)
     data_hash = file_sha256(data_path)
     training = {
@@ -254,6 +211,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         "init": init_recipe if init_recipe is not None else ("identity" if kind == "road" else "sample_vocab"),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
     }
+    if sub_record is not None:
+        training["subspace"] = sub_record
     card = build_card(adapter, training=training, base_model=getattr(model, "name_or_path", None) or None)
     path = None
     if out_dir is not None:
@@ -267,6 +226,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
 EXAMPLES = """Examples:
   hub train data.jsonl -o my-road                      # RoAd (road_1) on the default SmolLM2 base
   hub train data.jsonl -o my-prompt --kind prompt --virtual-tokens 16
+  hub train data.jsonl -o slot0 --subspace 0/4          # RoAd in slot 0 of 4 disjoint shares of the pairs
   hub train data.jsonl -o mix-ft --init "0.5*alice/math + 0.5*./code-adapter" --steps 200
 """
 
@@ -282,6 +242,9 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=composer.road_math.VARIANTS, default="road_1")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--target-modules", nargs="+", help="RoAd target modules (default: PEFT's, q_proj v_proj)")
+    p.add_argument("--subspace", help="RoAd: train only a share of each layer's 2D pairs: 'k/n' (slot k of n "
+                   "disjoint slots) or a fraction like 0.5; the rest stay at the identity")
+    p.add_argument("--subspace-seed", type=int, default=0, help="seed of the per-module pair shuffle (default 0)")
     p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 3e-2 prompt)")
@@ -292,6 +255,14 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     return p
 
 
+def _subspace_arg(args: argparse.Namespace) -> Any:
+    if not args.subspace:
+        return None
+    from composer.subspace import Subspace
+
+    return Subspace.parse(args.subspace, seed=args.subspace_seed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``hub train``: returns the exit code (0 ok, 1 known error, 2 usage error from argparse)."""
     args = build_parser().parse_args(argv)
@@ -300,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(load_base(args.base), args.data, kind=args.kind, init=args.init, variant=args.variant,
                        group_size=args.group_size, target_modules=args.target_modules,
                        num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,
-                       batch_size=args.batch_size, seed=args.seed, out_dir=args.output)
+                       batch_size=args.batch_size, seed=args.seed, out_dir=args.output,
+                       subspace=_subspace_arg(args))
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
         from .cli import report_error  # the one formatter and debug switch (HUB_DEBUG) of the command line
         return report_error(e)

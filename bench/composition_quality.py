@@ -1,25 +1,35 @@
-"""What composition buys, measured on the shipped adapters (deterministic given --seed).
+"""Does composition behave? Style rates, joint rates and content NLL on held-out prompts (deterministic).
 
-    python bench/composition_quality.py                 # everything (about 15-25 min on 2 CPU cores)
-    python bench/composition_quality.py --skip-prompts  # only the RoAd style tables
+    python bench/composition_quality.py                          # every section (an hour or more on 2 CPU cores)
+    python bench/composition_quality.py --only alone pairs       # sections by name
+    python bench/composition_quality.py --only pairs --pairs upper+signoff --methods add fit
 
-Tables (markdown, on stdout):
+Sections (markdown tables on stdout, progress on stderr, raw numbers with ``--json-out``):
 
-1. Style adapters: the rate at which greedy replies to held-out prompts (topics never seen in training) show
-   each property — for the base model, each adapter alone, and each pair added with ``composer.add``.
-2. An interpolation sweep ``interp(upper, signoff, t)`` for t = 0, 0.25, 0.5, 0.75, 1.
-3. Subtraction: ``(upper + signoff) - signoff`` should lose the sign-off and keep upper case.
-4. Task prompt vectors, the paper's protocol at small scale: accuracy on the target task (restaurant review
-   sentiment) after K few-shot training steps starting from the random origin P₀ versus from
-   P₀ + τ_product + τ_movie, over several seeds (mean ± standard deviation), plus zero-shot rows.
+``alone``   each style adapter alone and the base model on ``--n-head`` held-out prompts (topics never in any
+            training, fitting or few-shot file): the rate of each property, with a 95% Wilson interval, and the
+            content measure: mean per-token NLL, under the adapter, of its reference reply (the base model's own
+            greedy reply to the prompt, restyled the way the training data was made).
+``pairs``   for every pair of styles: the joint rate (both properties in the same reply), each property's rate
+            and the NLL of the pair's reference (the reply restyled with both styles), for the baselines
+            (``add``, a grid of weights, TIES and DARE at ``--densities``, ``interp``) and the fitted mix
+            (``composer.fit`` on the pair's 32 shipped examples, training topics only) on ``--n-sweep`` prompts;
+            then the best method of each pair again on ``--n-head`` other prompts (selection and report use
+            disjoint prompts). Pairs that contradict by definition are shown and left out of the targets.
+``init``    RoAd multi-task initialisation: few-shot training on ``--shots`` combined examples for ``--steps``
+            steps from the identity, from ``add`` of the adapters (and of ``--alt-adapters``), and from the
+            fitted mix; ``--seeds`` seeds, mean ± std of the joint rate on ``--n-sweep`` held-out prompts.
+``prompts`` task prompt vectors (the paper's protocol at small scale): restaurant-review sentiment few-shot from
+            the random origin P₀ versus P₀ + τ_product + τ_movie, plus zero-shot rows.
 
-All generation goes through :class:`app.engine.Engine`, every configuration's rows in shared batches.
+Every reply is greedy, batched through :class:`app.engine.Engine` (rows of many configurations share a batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -35,10 +45,32 @@ import torch  # noqa: E402
 import composer  # noqa: E402
 import tasks  # noqa: E402
 
+SECTIONS = ("alone", "pairs", "init", "prompts")
+METHODS = ("add", "grid", "ties", "dare", "interp", "fit")
+T0 = time.perf_counter()
+
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(f"[{time.perf_counter() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k/n."""
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def fmt_rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+# ------------------------------------------------------------------------------------------- measuring
 
 def generate_all(engine, configs: dict[str, object], prompts: list[str], max_new_tokens: int,
                  batch: int) -> dict[str, list[str]]:
@@ -54,46 +86,197 @@ def generate_all(engine, configs: dict[str, object], prompts: list[str], max_new
     return out
 
 
-def rates(replies: list[str]) -> dict[str, float]:
-    return {s: sum(tasks.CHECKS[s](r) for r in replies) / len(replies) for s in tasks.STYLES}
+def nll(engine, mix, prompts: list[str], references: list[str], batch: int) -> float:
+    """Mean per-token negative log-likelihood of the reference answers under ``mix`` (answer tokens only)."""
+    from composer.data import IGNORE, encode_example
+
+    tok = engine.tokenizer
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch):
+        enc = [encode_example(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+               for p, r in zip(prompts[i:i + batch], references[i:i + batch])]
+        n = max(len(e[0]) for e in enc)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (n - len(e[0])) + e[0] for e in enc])  # left padding, as the engine expects
+        mask = torch.tensor([[0] * (n - len(e[0])) + [1] * len(e[0]) for e in enc])
+        labels = torch.tensor([[IGNORE] * (n - len(e[1])) + e[1] for e in enc])
+        logits = engine.forward(ids, mask, [mix] * len(enc)).float()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = labels[:, 1:]
+        keep = tgt != IGNORE
+        picked = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        total += float(-(picked * keep).sum())
+        count += int(keep.sum())
+    return total / max(count, 1)
 
 
-def table(title: str, results: dict[str, dict[str, float]], cols=tasks.STYLES) -> str:
-    lines = [f"### {title}", "", "| configuration | " + " | ".join(cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.0f}%" for c in cols) + " |")
+def references(engine, prompts: list[str], batch: int) -> list[str]:
+    """The base model's own greedy replies, cut to their first sentences (as the training data was made)."""
+    log(f"base replies for {len(prompts)} prompts (the content of every reference)")
+    return tasks.base_replies(prompts, engine, batch=batch)
+
+
+def score(replies: list[str], styles) -> dict:
+    n = len(replies)
+    d = {"n": n, "rates": {s: sum(tasks.check(s, r) for r in replies) for s in tasks.STYLES}}
+    if styles is not None and len(styles) > 1:
+        d["joint"] = sum(tasks.joint(styles, r) for r in replies)
+    return d
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+def load_styles(folder: Path) -> dict[str, composer.RoadAdapter]:
+    return {s: composer.load(folder / s) for s in tasks.STYLES if (folder / s).is_dir()}
+
+
+def section_alone(engine, styles, prompts, refs, args, results) -> str:
+    configs: dict[str, object] = {"base model": None, **styles}
+    t0 = time.perf_counter()
+    replies = generate_all(engine, configs, prompts, args.max_new_tokens, args.batch)
+    lines = [f"### Each adapter alone: {len(prompts)} held-out prompts (greedy, ≤{args.max_new_tokens} new tokens)",
+             "", "Rate of each property with its 95% interval; NLL = mean per-token NLL of the adapter's own "
+             "reference reply (base model: of the plain reply).", "",
+             "| configuration | " + " | ".join(tasks.STYLES) + " | NLL |", "|---|" + "---|" * (len(tasks.STYLES) + 1)]
+    for name, mix in configs.items():
+        sc = score(replies[name], None)
+        style = name if name in tasks.STYLES else None
+        ref = [tasks.stylise(style, r) if style else r for r in refs]
+        sc["nll"] = nll(engine, mix, prompts, ref, args.nll_batch)
+        sc["example"] = replies[name][0]
+        results["alone"][name] = sc
+        lines.append(f"| {name} | " + " | ".join(fmt_rate(sc["rates"][s], sc["n"]) for s in tasks.STYLES)
+                     + f" | {sc['nll']:.3f} |")
+    log(f"alone: {time.perf_counter() - t0:.0f}s")
     return "\n".join(lines) + "\n"
 
 
-def style_tables(engine, adapters_dir: Path, seed: int, n_eval: int, max_new_tokens: int, batch: int) -> str:
-    styles = {s: composer.load(adapters_dir / s) for s in tasks.STYLES}
-    _, prompts = tasks.style_prompts(seed, n_eval=n_eval)
-    configs: dict[str, object] = {"base model": None}
-    configs.update({s: a for s, a in styles.items()})
-    names = list(tasks.STYLES)
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            configs[f"{names[i]} + {names[j]}"] = composer.add(styles[names[i]], styles[names[j]])
-    sweep = {f"interp(upper, signoff, {t})": composer.interpolate(styles["upper"], styles["signoff"], t)
-             for t in (0.0, 0.25, 0.5, 0.75, 1.0)}
-    both = composer.add(styles["upper"], styles["signoff"])
-    subs = {"upper + signoff": both,
-            "(upper + signoff) - signoff": composer.sub(both, styles["signoff"]),
-            "(upper + signoff) - upper": composer.sub(both, styles["upper"])}
-    all_configs = {**configs, **sweep, **{k: v for k, v in subs.items() if k not in configs}}
+def pair_configs(a: str, b: str, styles, args, fits: dict) -> dict[str, object]:
+    A, B = styles[a], styles[b]
+    out: dict[str, object] = {}
+    if "add" in args.methods:
+        out["add"] = composer.add(A, B)
+    if "grid" in args.methods:
+        for wa in args.grid:
+            for wb in args.grid:
+                if (wa, wb) != (1.0, 1.0):
+                    out[f"{wa:g}·{a} + {wb:g}·{b}"] = composer.merge([A, B], [wa, wb])
+    for d in args.densities:
+        if "ties" in args.methods:
+            out[f"ties d={d:g}"] = composer.merge([A, B], [1.0, 1.0], method="ties", density=d)
+        if "dare" in args.methods:
+            out[f"dare_ties d={d:g}"] = composer.merge([A, B], [1.0, 1.0], method="dare_ties", density=d, seed=0)
+    if "interp" in args.methods:
+        for t in args.interp:
+            out[f"interp t={t:g}"] = composer.interpolate(A, B, t)
+    if "fit" in args.methods:
+        out["fit"] = fits[(a, b)]
+    return out
+
+
+def fit_pair(engine, a, b, styles, args) -> composer.RoadAdapter:
+    path = Path(args.data) / f"pair_{a}_{b}.jsonl"
     t0 = time.perf_counter()
-    replies = generate_all(engine, all_configs, prompts, max_new_tokens, batch)
-    log(f"style generation: {time.perf_counter() - t0:.0f}s")
-    res = {name: rates(r) for name, r in replies.items()}
-    out = [table(f"Style properties on {len(prompts)} held-out prompts (greedy, {max_new_tokens} new tokens)",
-                 {k: res[k] for k in configs}),
-           table("Interpolation sweep", {k: res[k] for k in sweep}, cols=("upper", "signoff")),
-           table("Subtraction", {k: res[k] for k in subs}, cols=("upper", "signoff"))]
-    examples = {k: replies[k][0] for k in ("base model", "upper + signoff", "(upper + signoff) - signoff")}
-    out.append("Example replies to the first held-out prompt "
-               f"({prompts[0]!r}):\n\n```json\n{json.dumps(examples, indent=1, ensure_ascii=False)}\n```\n")
-    return "\n".join(out)
+    res = composer.fit([styles[a], styles[b]], path, model=engine.model, tokenizer=engine.tokenizer,
+                       granularity=args.fit_granularity, steps=args.fit_steps, lr=args.fit_lr,
+                       batch_size=args.fit_batch, seed=args.seed)
+    p = res.recipe.params
+    log(f"fit {a}+{b}: loss {p['losses']['first']:.3f} -> {p['losses']['final']:.3f} in "
+        f"{time.perf_counter() - t0:.0f}s")
+    return res
+
+
+def section_pairs(engine, styles, sweep_prompts, sweep_refs, head_prompts, head_refs, args, results) -> str:
+    out = []
+    fits: dict = {}
+    wanted = [p for p in tasks.pairs() if not args.pairs or f"{p[0]}+{p[1]}" in args.pairs]
+    for a, b in wanted:
+        reason = tasks.contradiction((a, b))
+        if reason:
+            out.append(f"### {a} + {b}: contradictory by definition ({reason}); left out of the targets\n")
+            continue
+        if "fit" in args.methods:
+            fits[(a, b)] = fit_pair(engine, a, b, styles, args)
+        configs = pair_configs(a, b, styles, args, fits)
+        t0 = time.perf_counter()
+        replies = generate_all(engine, configs, sweep_prompts, args.max_new_tokens, args.batch)
+        ref = [tasks.stylise_all((a, b), r) for r in sweep_refs]
+        rows = {}
+        for name, mix in configs.items():
+            sc = score(replies[name], (a, b))
+            sc["nll"] = nll(engine, mix, sweep_prompts, ref, args.nll_batch)
+            if name == "fit":
+                sc["fit"] = {k: v for k, v in mix.recipe.params.items() if k != "coefficients"}
+                sc["coefficients"] = mix.recipe.params["coefficients"]
+            rows[name] = sc
+        log(f"pair {a}+{b} sweep: {time.perf_counter() - t0:.0f}s")
+        best = max(rows, key=lambda k: (rows[k]["joint"], -rows[k]["nll"]))
+        lines = [f"### {a} + {b}: {len(sweep_prompts)} held-out prompts per method", "",
+                 f"| method | joint ({a} and {b}) | {a} | {b} | NLL of the combined reference |",
+                 "|---|---|---|---|---|"]
+        for name, sc in rows.items():
+            lines.append(f"| {name}{' (best)' if name == best else ''} | {fmt_rate(sc['joint'], sc['n'])} | "
+                         f"{fmt_rate(sc['rates'][a], sc['n'])} | {fmt_rate(sc['rates'][b], sc['n'])} | "
+                         f"{sc['nll']:.3f} |")
+        res = results["pairs"].setdefault(f"{a}+{b}", {"sweep": rows})
+        if args.n_head:
+            rep = generate_all(engine, {best: configs[best]}, head_prompts, args.max_new_tokens, args.batch)[best]
+            sc = score(rep, (a, b))
+            sc["nll"] = nll(engine, configs[best], head_prompts, [tasks.stylise_all((a, b), r) for r in head_refs],
+                            args.nll_batch)
+            sc["method"] = best
+            sc["example"] = rep[0]
+            res["head"] = sc
+            lines += ["", f"Best method (`{best}`) on {sc['n']} other held-out prompts: joint "
+                      f"{fmt_rate(sc['joint'], sc['n'])}, {a} {fmt_rate(sc['rates'][a], sc['n'])}, "
+                      f"{b} {fmt_rate(sc['rates'][b], sc['n'])}, NLL {sc['nll']:.3f}."]
+        out.append("\n".join(lines) + "\n")
+        print(out[-1], flush=True)
+    return ""
+
+
+def section_init(engine, styles, alt, prompts, args, results) -> str:
+    from app.train import train
+
+    a, b = args.init_pair.split("+")
+    pair = (a, b)
+    starts: dict[str, object] = {"identity": None, "add": composer.add(styles[a], styles[b])}
+    if alt:
+        starts["add (alt adapters)"] = composer.add(alt[a], alt[b])
+    if "fit" in args.methods:
+        starts["fitted mix"] = fit_pair(engine, a, b, styles, args)
+    scores: dict[str, list[float]] = {k: [] for k in starts}
+    zero: dict[str, float] = {}
+    base_cfg = {"variant": "road_1", "group_size": styles[a].group_size,
+                "target_modules": sorted({m.rsplit(".", 1)[-1] for m in styles[a].theta})}
+    with tempfile.TemporaryDirectory() as tmp:
+        zero_rep = generate_all(engine, {k: v for k, v in starts.items()}, prompts, args.max_new_tokens, args.batch)
+        zero = {k: score(v, pair)["joint"] / len(prompts) for k, v in zero_rep.items()}
+        for s in args.seeds:
+            rows = tasks.combined_examples(pair, Path(args.data), args.shots, seed=100 + s)
+            path = Path(tmp) / f"shots_{s}.jsonl"
+            tasks.write_jsonl(path, rows)
+            trained = {}
+            for name, start in starts.items():
+                t0 = time.perf_counter()
+                r = train((engine.model, engine.tokenizer), path, kind="road", init=start, steps=args.steps,
+                          lr=args.init_lr, batch_size=4, seed=s, progress=False, **(base_cfg if start is None else {}))
+                trained[name] = r.adapter
+                log(f"  init seed {s} from {name}: loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+            rep = generate_all(engine, trained, prompts, args.max_new_tokens, args.batch)
+            for name in trained:
+                scores[name].append(score(rep[name], pair)["joint"] / len(prompts))
+    results["init"] = {"pair": f"{a}+{b}", "shots": args.shots, "steps": args.steps, "seeds": args.seeds,
+                       "n": len(prompts), "zero": zero, "joint": scores}
+    lines = [f"### RoAd multi-task initialisation: {a} + {b}, {args.shots} examples, {args.steps} steps "
+             f"(batch 4, lr {args.init_lr:g}), seeds {args.seeds}, joint rate on {len(prompts)} held-out prompts",
+             "", "| start | before training | after: mean | std | per seed |", "|---|---|---|---|---|"]
+    for name, vals in scores.items():
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lines.append(f"| {name} | {100 * zero[name]:.0f}% | {100 * statistics.mean(vals):.1f}% | {100 * sd:.1f} | "
+                     + ", ".join(f"{100 * v:.0f}%" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def accuracy(engine, mix, examples: list[dict], batch: int) -> float:
@@ -104,82 +287,119 @@ def accuracy(engine, mix, examples: list[dict], batch: int) -> float:
     return sum(p == e["label"] for p, e in zip(preds, examples)) / len(examples)
 
 
-def prompt_tables(engine, adapters_dir: Path, seed: int, seeds: list[int], steps: int, shots: int,
-                  n_eval: int, batch: int, lr: float | None) -> str:
+def section_prompts(engine, adapters_dir: Path, args, results) -> str:
     from app.train import train
 
     src_a = composer.load(adapters_dir / "sent_product")
     src_b = composer.load(adapters_dir / "sent_movie")
     target = composer.load(adapters_dir / "sent_restaurant")
-    evals = tasks.sentiment_examples("restaurant", n_eval, seed, split="eval")
-    zero = {
-        "base model (no prompt)": accuracy(engine, None, evals, batch),
-        "origin P₀ (untrained prompt)": accuracy(engine, composer.PromptVector(
-            prompt=src_a.init, init=src_a.init, vector=torch.zeros_like(src_a.init), config=src_a.config),
-            evals, batch),
-        "τ_product alone": accuracy(engine, src_a, evals, batch),
-        "τ_movie alone": accuracy(engine, src_b, evals, batch),
-        "P₀ + τ_product + τ_movie (no target training)": accuracy(engine, composer.add(src_a, src_b), evals, batch),
-        "sent_restaurant (shipped, fully trained)": accuracy(engine, target, evals, batch),
-    }
-    lines = [f"### Task prompt vectors: restaurant-review sentiment, {n_eval} held-out reviews", "",
-             "Zero-shot (no training on the target):", "", "| prompt | accuracy |", "|---|---|"]
-    lines += [f"| {k} | {100 * v:.1f}% |" for k, v in zero.items()]
+    evals = tasks.sentiment_examples("restaurant", args.prompt_eval, args.seed, split="eval")
     origin = composer.PromptVector.from_parts(src_a.init, torch.zeros_like(src_a.init), dict(src_a.config),
                                               source="origin")
+    zero = {
+        "base model (no prompt)": accuracy(engine, None, evals, args.batch),
+        "origin P₀ (untrained prompt)": accuracy(engine, origin, evals, args.batch),
+        "τ_product alone": accuracy(engine, src_a, evals, args.batch),
+        "τ_movie alone": accuracy(engine, src_b, evals, args.batch),
+        "P₀ + τ_product + τ_movie (no target training)": accuracy(engine, composer.add(src_a, src_b), evals,
+                                                                  args.batch),
+        "sent_restaurant (shipped, fully trained)": accuracy(engine, target, evals, args.batch),
+    }
+    lines = [f"### Task prompt vectors: restaurant-review sentiment, {args.prompt_eval} held-out reviews", "",
+             "Zero-shot (no training on the target):", "", "| prompt | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.1f}% |" for k, v in zero.items()]
     starts = {"random origin P₀": origin, "P₀ + τ_product + τ_movie": composer.add(src_a, src_b)}
-    results: dict[str, list[float]] = {k: [] for k in starts}
-    model, tok = engine.model, engine.tokenizer
+    accs: dict[str, list[float]] = {k: [] for k in starts}
     with tempfile.TemporaryDirectory() as tmp:
-        for s in seeds:
-            few = tasks.sentiment_examples("restaurant", shots, 1000 + s)
+        for s in args.seeds:
+            few = tasks.sentiment_examples("restaurant", args.prompt_shots, 1000 + s)
             path = Path(tmp) / f"few_{s}.jsonl"
             tasks.write_jsonl(path, [{"prompt": e["prompt"], "completion": e["completion"]} for e in few])
             for name, start in starts.items():
-                t0 = time.perf_counter()
-                r = train((model, tok), path, init=start, steps=steps, seed=s, lr=lr, batch_size=4,
-                          progress=False)
-                acc = accuracy(engine, r.adapter, evals, batch)
-                results[name].append(acc)
-                log(f"  seed {s} {name}: {100 * acc:.1f}% ({time.perf_counter() - t0:.0f}s)")
-    lines += ["", f"Few-shot: {shots} target examples, {steps} training steps (batch 4), seeds {seeds}:", "",
-              "| start | accuracy mean | std | per seed |", "|---|---|---|---|"]
-    for name, accs in results.items():
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {name} | {100 * statistics.mean(accs):.1f}% | {100 * sd:.1f} | "
-                     + ", ".join(f"{100 * a:.0f}%" for a in accs) + " |")
+                r = train((engine.model, engine.tokenizer), path, init=start, steps=args.prompt_steps, seed=s,
+                          batch_size=4, progress=False)
+                accs[name].append(accuracy(engine, r.adapter, evals, args.batch))
+                log(f"  prompts seed {s} {name}: {100 * accs[name][-1]:.1f}%")
+    results["prompts"] = {"zero": zero, "few_shot": accs}
+    lines += ["", f"Few-shot: {args.prompt_shots} target examples, {args.prompt_steps} training steps (batch 4), "
+              f"seeds {args.seeds}:", "", "| start | accuracy mean | std | per seed |", "|---|---|---|---|"]
+    for name, vals in accs.items():
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lines.append(f"| {name} | {100 * statistics.mean(vals):.1f}% | {100 * sd:.1f} | "
+                     + ", ".join(f"{100 * a:.0f}%" for a in vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+# ------------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", default=str(ROOT / "adapters"), help="folder with the shipped adapters")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    ap.add_argument("--adapters", default=str(ROOT / "adapters"), help="folder with the style and prompt adapters")
+    ap.add_argument("--alt-adapters", default=None, help="a second set of style adapters for the init section")
+    ap.add_argument("--data", default=str(ROOT / "adapters" / "data"), help="folder with pair_<a>_<b>.jsonl")
     ap.add_argument("--base", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-eval", type=int, default=32, help="held-out style prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=72)
+    ap.add_argument("--n-head", type=int, default=200, help="held-out prompts for the headline rows")
+    ap.add_argument("--n-sweep", type=int, default=64, help="held-out prompts for baselines and sweeps")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--nll-batch", type=int, default=16)
+    ap.add_argument("--pairs", nargs="*", default=None, help="only these pairs, e.g. upper+signoff")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--grid", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="weights of the grid")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.6], help="TIES / DARE densities")
+    ap.add_argument("--interp", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="interpolation t")
+    ap.add_argument("--fit-steps", type=int, default=30)
+    ap.add_argument("--fit-lr", type=float, default=0.05)
+    ap.add_argument("--fit-batch", type=int, default=8)
+    ap.add_argument("--fit-granularity", choices=["adapter", "layer"], default="layer")
+    ap.add_argument("--init-pair", default="upper+signoff")
+    ap.add_argument("--shots", type=int, default=8, help="few-shot combined examples (init section)")
+    ap.add_argument("--steps", type=int, default=10, help="few-shot training steps (init section)")
+    ap.add_argument("--init-lr", type=float, default=5e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="few-shot training seeds")
-    ap.add_argument("--steps", type=int, default=10, help="few-shot training steps K")
-    ap.add_argument("--shots", type=int, default=8, help="few-shot target examples")
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--prompt-eval", type=int, default=64, help="held-out target reviews")
-    ap.add_argument("--skip-prompts", action="store_true")
-    ap.add_argument("--skip-styles", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument("--prompt-eval", type=int, default=64, help="held-out target reviews (prompts section)")
+    ap.add_argument("--prompt-shots", type=int, default=8)
+    ap.add_argument("--prompt-steps", type=int, default=10)
+    ap.add_argument("--json-out", default=None, help="write every number measured to this JSON file")
+    return ap
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from app.engine import Engine, load_base
 
     torch.manual_seed(args.seed)
     model, tok = load_base(args.base)
     engine = Engine(model, tok)
     adapters_dir = Path(args.adapters)
-    print(f"# composition quality (seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    if not args.skip_styles:
-        print(style_tables(engine, adapters_dir, args.seed, args.n_eval, args.max_new_tokens, args.batch), flush=True)
-    if not args.skip_prompts:
-        print(prompt_tables(engine, adapters_dir, args.seed, args.seeds, args.steps, args.shots, args.prompt_eval,
-                            args.batch, args.lr), flush=True)
+    styles = load_styles(adapters_dir)
+    alt = load_styles(Path(args.alt_adapters)) if args.alt_adapters else {}
+    results: dict = {"args": vars(args), "alone": {}, "pairs": {}}
+    print(f"# composition quality (seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"adapters {adapters_dir})\n", flush=True)
+    held = tasks.heldout_prompts(args.seed)
+    head, sweep = held[: args.n_head], held[args.n_head: args.n_head + args.n_sweep]
+    if len(sweep) < args.n_sweep:  # fewer than n_head + n_sweep held-out prompts: sweeps reuse the first ones
+        sweep = held[: args.n_sweep]
+    need_refs = {"alone", "pairs"} & set(args.only)
+    head_refs = references(engine, head, args.batch) if need_refs and args.n_head else []
+    sweep_refs = references(engine, sweep, args.batch) if "pairs" in args.only else []
+    try:
+        if "alone" in args.only:
+            print(section_alone(engine, styles, head, head_refs, args, results), flush=True)
+        if "pairs" in args.only:
+            section_pairs(engine, styles, sweep, sweep_refs, head, head_refs, args, results)
+        if "init" in args.only:
+            print(section_init(engine, styles, alt, sweep, args, results), flush=True)
+        if "prompts" in args.only:
+            print(section_prompts(engine, adapters_dir, args, results), flush=True)
+    finally:
+        results["seconds"] = round(time.perf_counter() - T0)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
+    log(f"done in {time.perf_counter() - T0:.0f}s")
 
 
 if __name__ == "__main__":

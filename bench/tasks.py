@@ -47,6 +47,20 @@ FORMS = [
 
 STYLES = ("upper", "signoff", "bullets", "json")
 
+# Topics used only for evaluation: never in a training file, a fitting file or the few-shot data. With the 16
+# held-out topics of the seeded split below they give 40 topics x 8 forms = 320 held-out prompts.
+EVAL_TOPICS = [
+    "volleyball", "lemons", "submarines", "glaciers", "parrots", "windmills", "mushrooms", "kangaroos",
+    "pencils", "earthquakes", "tulips", "marathons", "pyramids", "octopuses", "skateboards", "coral reefs",
+    "accordions", "waterfalls", "hedgehogs", "pepper", "ice skating", "satellites", "frogs",
+    "carpentry",
+]
+
+# Pairs whose properties contradict each other by definition: left out of the targets, reported as such.
+CONTRADICTIONS = {
+    frozenset({"bullets", "json"}): "a reply cannot be both a bulleted list and a bare JSON object",
+}
+
 
 # ------------------------------------------------------------------------------------------- properties
 
@@ -80,6 +94,45 @@ def is_json_answer(reply: str) -> bool:
 CHECKS = {"upper": is_upper, "signoff": has_signoff, "bullets": is_bullets, "json": is_json_answer}
 
 
+def content(reply: str) -> str:
+    """The reply's text without the sign-off line and, for a JSON reply, the answer's value alone.
+
+    The upper-case property is judged on this, so that a combined reply is not failed for the sign-off line's
+    own letters or for the lower-case ``"answer"`` key that the JSON style requires.
+    """
+    text = reply.strip()
+    stripped = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
+    lines = [ln for ln in stripped.splitlines() if ln.strip().lower() != SIGNOFF.lower()]
+    body = "\n".join(lines)
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, ValueError):
+        return body
+    if isinstance(obj, dict) and isinstance(obj.get("answer"), str):
+        return obj["answer"]
+    return body
+
+
+def check(style: str, reply: str) -> bool:
+    """``style``'s property, judged so that the other styles' markup does not count against it."""
+    return is_upper(content(reply)) if style == "upper" else CHECKS[style](reply)
+
+
+def joint(styles: tuple[str, ...] | list[str], reply: str) -> bool:
+    """Every property of ``styles`` in the same reply (the combined behaviour of a pair)."""
+    return all(check(s, reply) for s in styles)
+
+
+def contradiction(styles) -> str | None:
+    """Why the styles cannot hold together, or ``None`` when a reply can show all of them."""
+    return CONTRADICTIONS.get(frozenset(styles))
+
+
+def pairs() -> list[tuple[str, str]]:
+    """Every pair of shipped styles, in STYLES order."""
+    return [(a, b) for i, a in enumerate(STYLES) for b in STYLES[i + 1:]]
+
+
 def stylise(style: str, reply: str) -> str:
     """The training answer for ``style`` made from a plain ``reply``."""
     reply = reply.strip()
@@ -95,6 +148,50 @@ def stylise(style: str, reply: str) -> str:
     if style == "json":
         return json.dumps({"answer": reply}, ensure_ascii=False)
     raise ValueError(f"unknown style {style!r}; choose from {', '.join(STYLES)}")
+
+
+def stylise_all(styles, reply: str) -> str:
+    """The combined training/reference answer: upper case first, then the structure, then the sign-off."""
+    if contradiction(styles):
+        raise ValueError(f"{' + '.join(styles)}: {contradiction(styles)}")
+    out = reply.strip()
+    if "upper" in styles:
+        out = out.upper()
+    for structure in ("bullets", "json"):
+        if structure in styles:
+            out = stylise(structure, out)
+    if "signoff" in styles:
+        out = stylise("signoff", out)
+    return out
+
+
+def heldout_prompts(seed: int = 0, n: int = 320) -> list[str]:
+    """Prompts on topics no training, fitting or few-shot file uses: the seeded split's 16 held-out topics
+    first (the prompts earlier tables used), then :data:`EVAL_TOPICS`; deterministic, at most 320."""
+    _, first = style_prompts(seed, n_eval=10**6)
+    rng = random.Random(f"eval-{seed}")
+    extra = [f.format(t=t) for t in EVAL_TOPICS for f in FORMS]
+    rng.shuffle(extra)
+    return (first + extra)[:n]
+
+
+def plain_replies(data_dir: Path) -> list[tuple[str, str]]:
+    """(prompt, the base model's reply) for the training prompts, read back from the shipped sign-off data."""
+    rows = []
+    for line in (Path(data_dir) / "style_signoff.jsonl").read_text(encoding="utf-8").splitlines():
+        msgs = json.loads(line)["messages"]
+        body = msgs[-1]["content"]
+        rows.append((msgs[0]["content"], body[: -len(SIGNOFF)].rstrip() if body.endswith(SIGNOFF) else body))
+    return rows
+
+
+def combined_examples(styles, data_dir: Path, n: int = 32, seed: int = 0) -> list[dict]:
+    """``n`` chat examples of the combined behaviour, made from training prompts (training topics only)."""
+    rows = plain_replies(data_dir)
+    rng = random.Random(f"combined-{'+'.join(styles)}-{seed}")
+    rng.shuffle(rows)
+    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": stylise_all(styles, r)}]}
+            for p, r in rows[:n]]
 
 
 def style_prompts(seed: int = 0, n_train: int = 160, n_eval: int = 40) -> tuple[list[str], list[str]]:
@@ -217,9 +314,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="adapters/data", help="folder for the JSONL files")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs", action="store_true",
+                    help="only write pair_<a>_<b>.jsonl: 32 combined examples per non-contradictory pair, made "
+                         "from the existing style data (no model needed)")
     args = ap.parse_args(argv)
-    for name, path in make_all(Path(args.out), args.seed).items():
-        print(f"{name}\t{path}")
+    out = Path(args.out)
+    if not args.pairs:
+        for name, path in make_all(out, args.seed).items():
+            print(f"{name}\t{path}")
+    for a, b in pairs():
+        if contradiction((a, b)):
+            continue
+        path = out / f"pair_{a}_{b}.jsonl"
+        write_jsonl(path, combined_examples((a, b), out, 32, args.seed))
+        print(f"pair_{a}_{b}\t{path}")
 
 
 if __name__ == "__main__":

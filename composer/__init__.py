@@ -8,6 +8,8 @@ Public surface::
     init(model, adapter_or_expression)                           a trainable PeftModel starting there
     check_compatible(adapters) / check_fits(adapter, model)      the checks every operation runs first
     METHODS                                                      merge methods and the parameters they declare
+    fit(adapters, examples, model=..., tokenizer=...)            mix coefficients fitted to a few examples
+    subspace.Subspace / active_pairs / overlap                   RoAd adapters trained in a share of the pairs
 
 Errors are :class:`ComposerError` subclasses (each also a ``ValueError``), in :mod:`composer.errors`.
 
@@ -26,6 +28,7 @@ from .errors import (
     ApproximationWarning,
     CompatibilityWarning,
     ComposerError,
+    DataError,
     ExpressionError,
     IncompatibleAdaptersError,
     InvalidArgumentError,
@@ -42,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
     from .io import from_peft, load, save, validate_folder
     from .merge_methods import METHODS
     from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
+    from .fit import FitError, apply_coefficients, fit, rebuild
+    from .subspace import Subspace, SubspaceError, active_pairs, overlap
 
 _LAZY = {
     "adapters": ("Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe"),
@@ -50,9 +55,11 @@ _LAZY = {
     "expr": ("evaluate", "parse", "format_name"),
     "initialise": ("init", "check_fits"),
     "merge_methods": ("METHODS",),
+    "fit": ("fit", "apply_coefficients", "rebuild", "FitError"),
+    "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors"}
+_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data"}
 
 
 def __getattr__(name: str):
@@ -77,7 +84,8 @@ __all__ = [
     "Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe",
     "load", "save", "from_peft", "validate_folder",
     "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible", "METHODS",
-    "evaluate", "parse", "format_name", "init", "check_fits",
+    "evaluate", "parse", "format_name", "init", "check_fits", "fit", "apply_coefficients", "rebuild",
+    "Subspace", "active_pairs", "overlap", "FitError", "SubspaceError", "DataError",
     "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",
     "IncompatibleAdaptersError", "NotComposableError", "ExpressionError", "InvalidArgumentError",
     "InvalidCardError",

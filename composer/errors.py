@@ -12,7 +12,8 @@ offending values as attributes so callers (the CLI, the app) can say what to do 
     ├── InvalidArgumentError(ValueError)   a call that cannot work: no adapters, an unknown merge method,
     │                                      one weight too few, a parameter out of range
     ├── InvalidCardError(ValueError)       model card front matter that is not plain, safe YAML
-    └── ExpressionError(ValueError)        syntax or name errors in an expression, with the position
+    ├── ExpressionError(ValueError)        syntax or name errors in an expression, with the position
+    └── DataError(ValueError)              example data (JSONL) unreadable or without usable rows
 
     CompatibilityWarning(UserWarning)      same shapes, different ``base_model_name_or_path``
     ApproximationWarning(UserWarning)      generator arithmetic on road_2/road_4 is not exact
@@ -112,3 +113,17 @@ class CompatibilityWarning(UserWarning):
 
 class ApproximationWarning(UserWarning):
     """The result is an approximation of the exact composition (road_2/road_4 generator arithmetic)."""
+
+
+class DataError(ComposerError, ValueError):
+    """Example data (JSONL for training or fitting) is unreadable or has no usable rows.
+
+    Attributes:
+        path: the data file, when there is one.
+        line: 1-based line number of the first bad row, when known.
+    """
+
+    def __init__(self, message: str, *, path: object = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line

@@ -31,6 +31,7 @@ from .errors import (
     RevisionNotFoundError,
     TagExistsError,
 )
+from composer.data import file_sha256
 from .ids import check_tag, next_version, parse_id
 from .store import ADAPTER_FILES, BRANCH, PushResult, Store, check_reserved, write_card
 
@@ -116,16 +117,6 @@ def map_error(e: BaseException, repo_id: str, action: str) -> HubError | None:
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks (what the Hub records for LFS files; ``hub train``
-    records its data file's too)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

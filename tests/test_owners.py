@@ -198,7 +198,7 @@ def test_next_version_and_natural_tag_order():
 def test_sha256_of_a_file_has_one_owner(tmp_path):
     import hashlib
 
-    from hub.remote import file_sha256
+    from composer.data import file_sha256
 
     p = tmp_path / "x"
     p.write_bytes(b"abc" * 1000)
