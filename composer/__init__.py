@@ -4,11 +4,14 @@ Public surface::
 
     load(path) / save(adapter, path) / from_peft(model)        PEFT-format I/O
     add, sub, negate, scale, interpolate, merge, compose         arithmetic (see DESIGN.md)
-    evaluate("0.7*a + 0.3*b - c", resolve=...)                   expressions
+    evaluate("0.7*a + 0.3*b - c", resolve=...) / parse(text)     expressions; format_name(name) writes a name
     init(model, adapter_or_expression)                           a trainable PeftModel starting there
-    check_compatible(adapters)                                   the checks every operation runs first
+    check_compatible(adapters) / check_fits(adapter, model)      the checks every operation runs first
+    METHODS                                                      merge methods and the parameters they declare
     fit(adapters, examples, model=..., tokenizer=...)            mix coefficients fitted to a few examples
     subspace.Subspace / active_pairs / overlap                   RoAd adapters trained in a share of the pairs
+
+Errors are :class:`ComposerError` subclasses (each also a ``ValueError``), in :mod:`composer.errors`.
 
 Not to be confused with MosaicML's ``composer`` package on PyPI, which uses the same import name.
 """

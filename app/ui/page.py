@@ -18,7 +18,6 @@ API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import gradio as gr
