@@ -37,6 +37,7 @@ from .errors import (
     RevisionNotFoundError,
     StoreError,
     TagExistsError,
+    UnsafeFolderError,
 )
 from .ids import RepoRef, parse_id
 from .store import PushResult, Resolved, Store, default_root
@@ -45,8 +46,8 @@ __all__ = [
     "push", "pull", "log", "resolve", "load", "compose", "tag", "list_adapters",
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
-    "TagExistsError", "ReservedTagError", "PushConflictError", "IntegrityError", "RemoteAccessError", "RemoteUnavailableError",
-    "StoreError",
+    "TagExistsError", "ReservedTagError", "UnsafeFolderError", "PushConflictError", "IntegrityError",
+    "RemoteAccessError", "RemoteUnavailableError", "StoreError",
 ]
 
 REMOTES = ("hf",)

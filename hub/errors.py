@@ -6,6 +6,7 @@ in an adapter folder and unsafe model cards come from :mod:`composer` unchanged
 
     HubError
     ├── InvalidIdError(ValueError)            'a/../b', '/abs', 'a//b', control characters
+    ├── UnsafeFolderError(ValueError)         a pushed folder holds a symbolic link or a non-regular file
     ├── RepositoryNotFoundError(LookupError)  no such adapter in the store / on the remote
     ├── RevisionNotFoundError(LookupError)    no such tag, branch or commit
     ├── TagExistsError(ValueError)            a tag exists and --force was not given
@@ -32,6 +33,17 @@ class InvalidIdError(HubError, ValueError):
     def __init__(self, message: str, *, value: object = None) -> None:
         super().__init__(message)
         self.value = value
+
+
+class UnsafeFolderError(HubError, ValueError):
+    """A pushed folder is, or holds, a symbolic link or something that is not a plain file.
+
+    Attributes: ``path`` (the offending entry).
+    """
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class RepositoryNotFoundError(HubError, LookupError):

@@ -46,6 +46,7 @@ from composer.card import build_card, parse_card
 
 from .errors import RepositoryNotFoundError, ReservedTagError, RevisionNotFoundError, StoreError, TagExistsError
 from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
+from .staging import check_folder, copy_files
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
@@ -326,16 +327,12 @@ class Store:
         Returns:
             The staged adapter and the names of the files left out (not adapter files).
         """
-        if not folder.is_dir():
+        if not folder.is_dir() and not folder.is_symlink():
             raise composer.AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
+        check_folder(folder)  # before anything reads through a link
         composer.load(folder)  # errors name the user's folder
-        skipped = []
-        for p in sorted(folder.iterdir()):
-            if p.name in ADAPTER_FILES and p.is_file():
-                shutil.copyfile(p, staging / p.name)
-            elif not p.name.startswith("."):
-                skipped.append(p.name)
+        skipped = copy_files(folder, staging, ADAPTER_FILES)
         # What is stored is the staged copy, so validate that too (the folder may change under us).
         adapter = composer.load(staging)
         if (staging / "README.md").exists():
