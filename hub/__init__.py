@@ -25,10 +25,12 @@ from typing import Any
 import composer
 
 from .errors import (
+    FolderNotEmptyError,
     HubError,
     IntegrityError,
     InvalidCardError,
     InvalidIdError,
+    LockTimeoutError,
     PushConflictError,
     RemoteAccessError,
     RemoteUnavailableError,
@@ -47,7 +49,7 @@ __all__ = [
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
     "TagExistsError", "ReservedTagError", "UnsafeFolderError", "PushConflictError", "IntegrityError",
-    "RemoteAccessError", "RemoteUnavailableError", "StoreError",
+    "RemoteAccessError", "RemoteUnavailableError", "StoreError", "FolderNotEmptyError", "LockTimeoutError",
 ]
 
 REMOTES = ("hf",)
@@ -112,7 +114,7 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
         path = r.pull(repo_id, to=to)
     else:
         resolved = store.resolve(repo_id)
-        path = store.export(resolved, to) if to is not None else store.snapshot(resolved)
+        path = store.pull_to(resolved, to) if to is not None else store.snapshot(resolved)
     composer.load(path)
     return Path(path)
 

@@ -295,7 +295,7 @@ class HfRemote:
         else:
             resolved = self._fetch(ref.repo_id, rev)
         if to is not None:
-            return self.store.export(resolved, to)
+            return self.store.pull_to(resolved, to)
         return self.store.snapshot(resolved)
 
     def _fetch(self, repo_id: str, rev: str):
