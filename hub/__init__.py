@@ -154,7 +154,7 @@ def compose(expression: str, repo_id: str, *, message: str | None = None, tag: s
     store = Store(root)
     adapter = composer.evaluate(expression, resolve=store.load)
     store.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=store.root, prefix=".compose-") as tmp:
+    with store.staging_dir("compose") as tmp:
         composer.save(adapter, tmp)
         return store.push(tmp, repo_id, tag=tag, force=force,
                           message=message or f"Compose {expression.strip()}")

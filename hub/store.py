@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -57,6 +55,7 @@ from .errors import (
     UnsafeFolderError,
 )
 from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
+from .locks import clear_dead_staging, clear_stale_git_locks, owner_tag, repo_lock
 from .staging import check_folder, copy_files
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
@@ -78,11 +77,6 @@ def default_root() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "adapter-hub"
-
-
-def _unwritable(e: OSError) -> bool:
-    cause = e.__cause__ if isinstance(e, StoreError) and isinstance(e.__cause__, OSError) else e
-    return cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _fallback_snapshots(root: Path) -> Path:
@@ -174,17 +168,18 @@ class Store:
     def repo_path(self, ref: RepoRef) -> Path:
         return self.models / ref.namespace / ref.name
 
-    @contextlib.contextmanager
-    def lock(self, ref: RepoRef) -> Iterator[None]:
-        """Exclusive lock on one repository; released by the kernel if the process dies."""
+    def lock(self, ref: RepoRef, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock on one repository (see :mod:`hub.locks`): released by the kernel if the process dies,
+        announced after a second of waiting, given up with :class:`LockTimeoutError` after ``timeout``."""
         path = self.root / "locks" / ref.namespace / f"{ref.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return repo_lock(path, f"'{ref.repo_id}'", timeout)
+
+    def staging_dir(self, kind: str = "stage") -> tempfile.TemporaryDirectory:
+        """A temporary folder under the root named after its owner (``.stage-<host>-<pid>-*``), so one left by a
+        killed process can be recognised and removed by a later push (:func:`hub.locks.clear_dead_staging`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        clear_dead_staging(self.root)
+        return tempfile.TemporaryDirectory(dir=self.root, prefix=f".{kind}-{owner_tag()}-")
 
     def _require(self, ref: RepoRef) -> Path:
         path = self.repo_path(ref)
@@ -397,10 +392,14 @@ class Store:
             return first
         try:
             return self._snapshot_into(resolved, first)
+        except OSError:
+            pass  # read-only or otherwise unwritable here: export to the user's cache instead
+        second = _fallback_snapshots(self.root) / rel
+        try:
+            return self._snapshot_into(resolved, second)
         except OSError as e:
-            if not _unwritable(e):
-                raise
-        return self._snapshot_into(resolved, _fallback_snapshots(self.root) / rel)
+            raise StoreError(f"Could not write a snapshot of {resolved.pinned} under {first.parent} or "
+                             f"{second.parent}: {e.strerror or e}. Pass --to DIR to pull elsewhere.") from e
 
     def _snapshot_into(self, resolved: Resolved, final: Path) -> Path:
         if final.is_dir():
@@ -474,14 +473,14 @@ class Store:
         if tag is not None:
             tag = check_tag(tag)
         folder = Path(folder)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".stage-") as staging_name:
+        with self.staging_dir() as staging_name:
             staging = Path(staging_name)
             adapter, skipped = self.stage(folder, staging)
             _pause("validate")
             with self.lock(ref):
                 _pause("lock")
                 path = self._init(ref)
+                clear_stale_git_locks(path)  # we hold the lock: git lock files here are a dead writer's
                 parent = self._rev(path, f"refs/heads/{BRANCH}")
                 tags = self.tags(ref)
                 if tag is not None:
@@ -566,6 +565,7 @@ class Store:
         resolved = self.resolve(repo_id)
         path = self._require(resolved.ref)
         with self.lock(resolved.ref):
+            clear_stale_git_locks(path)
             check_tag(tag, branches=self.branches(path))
             tags = self.tags(resolved.ref)
             if tag in tags and not force:
