@@ -15,8 +15,8 @@ and the code cannot disagree::
     history_chars        ADAPTER_HUB_MAX_HISTORY_CHARS          200000      a chat request's whole history
     history_turns        ADAPTER_HUB_MAX_HISTORY_TURNS          1000        a chat request's turns
 
-A value that is not a number (or not positive) is refused with :class:`LimitExceededError`'s sibling
-message rather than silently ignored.
+A variable that is not a positive number is refused with a :class:`LimitExceededError` that says so, rather
+than silently ignored.
 """
 
 from __future__ import annotations
