@@ -186,10 +186,11 @@ def natural_key(name: str) -> list:
 
 def _cmd_push(a) -> int:
     import hub
+    from hub.text import shown
     r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, allow_empty=a.allow_empty,
                  remote=a.remote)
     for name in getattr(r, "skipped", ()):
-        _err(f"Left out '{name}' (not an adapter file).")
+        _err(f"Left out '{shown(name)}' (not an adapter file).")
     if getattr(r, "unchanged", False):
         _err(f"Unchanged: {r.repo_id} is still {r.tag or r.sha[:12]} ({r.sha[:12]}); no new version was made "
              "(pass --allow-empty to make one anyway).")

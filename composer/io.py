@@ -62,7 +62,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise AdapterFormatError(
             f"'{folder}' has no {CONFIG}; a PEFT adapter folder needs {CONFIG} and {WEIGHTS}. "
-            f"Found: {', '.join(present) or 'nothing'}.", path=folder)
+            f"Found: {', '.join(repr(n)[1:-1] for n in present) or 'nothing'}.", path=folder)
     cfg = _read_json(path, "an adapter config")
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{path} must hold a JSON object, got {type(cfg).__name__}", path=path)
