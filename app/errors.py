@@ -3,8 +3,8 @@
     AppError
     ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
     ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
-    ├── RequestError(ValueError)       a chat request's settings or size are out of bounds (NaN temperature,
-    │                                  a history over the limit)
+    └── RequestError(ValueError)       a chat request's settings or size are out of bounds (NaN temperature,
+                                       a history over the limit)
     TrainingDataError = composer.errors.DataError: the JSONL training file is unreadable or has no usable rows
 """
 

@@ -8,7 +8,7 @@ import json
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import composer
@@ -142,9 +142,14 @@ def test_recipe_reader_raises_only_its_own_errors(tmp_path_factory, valid, recip
     assert isinstance(r.expression, str) and all(isinstance(w, float) for w in r.weights)
 
 
+_YAML_BITS = st.sampled_from(["---\n", "!", "!!", "&a", "*a", "[", "{", "- ", ": ", "x", "\n", "  ", "'", '"',
+                              "%YAML 1.1\n", "#"])
+
+
 @SETTINGS
 @given(st.one_of(st.text(max_size=200).map(lambda t: "---\n" + t + "\n---\nbody"), st.binary(max_size=200),
-                 st.text(string.printable, max_size=200)))
+                 st.text(string.printable, max_size=200), st.lists(_YAML_BITS, max_size=30).map("".join)))
+@example("---\n!\n---\nbody")  # a bare '!' tag: its token value holds None (was a TypeError)
 def test_card_reader_raises_only_its_own_errors(text):
     try:
         front, _ = parse_card(text)
