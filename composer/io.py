@@ -136,6 +136,12 @@ def _check_targets(folder: Path, cfg: dict[str, Any], modules: list[str]) -> Non
     except re.error as e:
         raise AdapterFormatError(f"{CONFIG}: target_modules {targets!r:.80} is not a valid regular expression "
                                  f"({e}).", path=folder) from e
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        # e.g. modules_to_save: 1 or layers_to_transform: "x" — PEFT's own matching fails on them
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterFormatError(f"{CONFIG}: PEFT cannot match its modules with this config ({first}); check "
+                                 "modules_to_save, exclude_modules, layers_to_transform and layers_pattern.",
+                                 path=folder) from e
     if unlisted:
         raise AdapterFormatError(
             f"{CONFIG}: the weights hold tensors for '{unlisted[0]}', which target_modules {targets!r:.80} does "

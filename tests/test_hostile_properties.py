@@ -109,11 +109,13 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
                      max_leaves=20)
 _KEYS = st.sampled_from(["peft_type", "variant", "group_size", "target_modules", "num_virtual_tokens", "token_dim",
                          "num_transformer_submodules", "exclude_modules", "layers_to_transform", "modules_to_save",
-                         "task_type", "inference_mode", "base_model_name_or_path", "init_weights"])
+                         "task_type", "inference_mode", "base_model_name_or_path", "init_weights",
+                         "layers_pattern"])
 
 
 @SETTINGS
 @given(changes=st.dictionaries(_KEYS, _JSON, max_size=4))
+@example(changes={"num_virtual_tokens": None, "modules_to_save": 1})  # PEFT's matcher raised TypeError
 def test_config_reader_raises_only_its_own_errors(tmp_path_factory, valid, changes):
     path = tmp_path_factory.mktemp("cfg")
     for p in valid.iterdir():
