@@ -34,6 +34,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidCardError,
     InvalidValueError,
+    LimitExceededError,
     NotComposableError,
     UnsafeFormatError,
 )
@@ -59,7 +60,7 @@ _LAZY = {
     "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data"}
+_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data", "limits"}
 
 
 def __getattr__(name: str):
@@ -88,6 +89,6 @@ __all__ = [
     "Subspace", "active_pairs", "overlap", "FitError", "SubspaceError", "DataError",
     "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",
     "IncompatibleAdaptersError", "NotComposableError", "ExpressionError", "InvalidArgumentError",
-    "InvalidCardError",
+    "InvalidCardError", "LimitExceededError",
     "CompatibilityWarning", "ApproximationWarning",
 ]

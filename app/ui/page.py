@@ -17,6 +17,7 @@ API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
@@ -24,6 +25,7 @@ import gradio as gr
 import pandas as pd
 
 from ..batcher import Batcher
+from ..errors import RequestError
 from .mixer import (
     METHODS,
     WEIGHT_RANGE,
@@ -34,6 +36,7 @@ from .mixer import (
     deviation_text,
     heatmap_html,
     layer_norms,
+    plain,
     takes,
 )
 
@@ -134,11 +137,11 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             status = ("Base model only: choose adapters to mix." if not expression
                       else "Mix ready; the next chat message uses it.")
             if notes:
-                status += "\n\n" + "\n\n".join(f"**Note:** {n}" for n in notes)
+                status += "\n\n" + "\n\n".join(f"**Note:** {plain(n)}" for n in notes)
             return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
                     deviation_text(adapter))
         except MixInputError as e:
-            return ("", f"**Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "")
+            return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]), heatmap_html([], []), "")
 
     def on_select(selected, method):
         selected = list(selected or [])[:MAX_SLOTS]
@@ -171,14 +174,17 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         try:
             expression, adapter, _ = mix_of(selected, method, t, density, weights)
         except MixInputError as e:
-            raise gr.Error(f"Cannot use this mix: {e}") from None
+            raise gr.Error(html.escape(f"Cannot use this mix: {e}")) from None
         conversation = _conversation(history) + [{"role": "user", "content": message}]
-        stream = batcher.submit(conversation, adapter, max_new_tokens=int(max_new_tokens),
-                                temperature=float(temperature))
+        try:
+            stream = batcher.submit(conversation, adapter, max_new_tokens=int(max_new_tokens),
+                                    temperature=temperature)
+        except RequestError as e:
+            raise gr.Error(html.escape(str(e))) from None
         note = stream.note or ""
         if note:
-            gr.Info(note)
-        label = f"under `{expression}`" if expression else "base model"
+            gr.Info(html.escape(note))
+        label = f"under {plain(expression)}" if expression else "base model"
         history = history + [{"role": "user", "content": message}]
         yield history + [{"role": "assistant", "content": ""}], "", note + f"\n\nAnswering {label}."
         text = ""
@@ -201,17 +207,20 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             expression, mix, _ = mix_of(selected, method, t, density, weights)
             named = mixer.inputs(selected)
         except MixInputError as e:
-            raise gr.Error(f"Cannot use this mix: {e}") from None
+            raise gr.Error(html.escape(f"Cannot use this mix: {e}")) from None
         labels = ["base model"] + [f"{n} alone" for n, _ in named]
         mixes: list[Any] = [None] + [a for _, a in named]
         if expression and len(named) > 1 or (len(named) == 1 and expression != selected[0]):
             labels.append(f"mix: {expression}")
             mixes.append(mix)
         conv = [{"role": "user", "content": prompt}]
-        stream = batcher.submit_many([(conv, m) for m in mixes], max_new_tokens=int(max_new_tokens),
-                                     temperature=float(temperature))
+        try:
+            stream = batcher.submit_many([(conv, m) for m in mixes], max_new_tokens=int(max_new_tokens),
+                                         temperature=temperature)
+        except RequestError as e:
+            raise gr.Error(html.escape(str(e))) from None
         if stream.note:
-            gr.Info(stream.note)
+            gr.Info(html.escape(stream.note))
         for texts in stream:
             yield ([gr.update(visible=True, label=lab, value=tx) for lab, tx in zip(labels, texts)]
                    + empty[len(labels):])
@@ -225,16 +234,16 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 raise MixInputError(f"'{expression}' is a stored adapter as it is; change a weight to save a mix.")
             local, remote = mixer.save(adapter, repo_id, expression=expression, to_hf=bool(to_hf))
         except MixInputError as e:
-            gr.Warning(str(e).splitlines()[0])
-            return (f"**Not saved.** {e}", *refresh_list(selected))
+            gr.Warning(html.escape(str(e).splitlines()[0]))
+            return (f"**Not saved.** {plain(e)}", *refresh_list(selected))
         if getattr(local, "unchanged", False):
-            msg = (f"**Unchanged**: `{expression}` is already stored as **{local.repo_id}@{local.tag}** (commit "
+            msg = (f"**Unchanged**: {plain(expression)} is already stored as **{local.repo_id}@{local.tag}** (commit "
                    f"`{local.sha[:10]}`); no new version was made.")
         else:
-            msg = (f"**Saved**  `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with "
+            msg = (f"**Saved**  {plain(expression)} as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with "
                    f"its recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
         if remote is not None:
-            msg += f" Also pushed to the Hugging Face Hub as {remote.tag or remote.sha}."
+            msg += f" Also pushed to the Hugging Face Hub as {plain(remote.tag or remote.sha)}."
         gr.Info(f"Saved {local.repo_id}@{local.tag}")
         return (msg, *refresh_list(selected))
 
