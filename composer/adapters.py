@@ -83,9 +83,9 @@ class Recipe:
         for w in weights:
             _finite(w, "weights")
         params = _field(d, "params", dict, {})
+        budget = [_MAX_PARAM_VALUES]
         for k, v in params.items():
-            if not (v is None or isinstance(v, (str, bool)) or _finite(v, f"params.{k}") is not None):
-                raise TypeError(f"'params.{k}' must be a number, a string, true/false or null")
+            _plain(v, f"params.{k}", 0, budget)
         deviation = d.get("deviation")
         if deviation is not None:
             _finite(deviation, "deviation")
@@ -109,6 +109,30 @@ def _field(d: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise TypeError(f"'{key}' must be {_JSON_TYPE[kind]}, got {type(value).__name__} {value!r:.60}")
     return value
+
+
+_MAX_PARAM_VALUES = 100_000  # a fitted mix records a few dozen to a few thousand coefficients
+_MAX_PARAM_DEPTH = 3         # e.g. params.coefficients.<group>[i]
+
+
+def _plain(value: Any, key: str, depth: int, budget: list[int]) -> None:
+    """A recipe parameter: null, a string, true/false, a finite number, or (nested a little, as a fit's
+    coefficients and losses are) lists and objects of those."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"'params' holds more than {_MAX_PARAM_VALUES} values; a recipe records settings, not data")
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, (list, dict)):
+        if depth >= _MAX_PARAM_DEPTH:
+            raise TypeError(f"'{key}' nests deeper than {_MAX_PARAM_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            if isinstance(value, dict) and not isinstance(k, str):
+                raise TypeError(f"'{key}' must have string keys")
+            _plain(v, f"{key}.{k}", depth + 1, budget)
+        return
+    _finite(value, key)
 
 
 def _finite(value: Any, key: str) -> float:

@@ -75,7 +75,7 @@ def test_prompt_sizes_are_checked(tmp_path, changes, needle):
     ({"expression": "a", "weights": ["1"]}, "'weights'"),
     ({"expression": "a", "weights": [1e400]}, "valid JSON|'weights'"),
     ({"expression": "a", "exact": "yes"}, "'exact'"),
-    ({"expression": "a", "params": {"t": [1]}}, "params"),
+    ({"expression": "a", "params": {"t": [[[[1]]]]}}, "params"),
     ([1, 2], "JSON object"),
 ])
 def test_recipe_fields_are_type_checked(tmp_path, recipe, needle):
