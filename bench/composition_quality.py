@@ -398,8 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     head, sweep = held[: args.n_head], held[args.n_head: args.n_head + args.n_sweep]
     if len(sweep) < args.n_sweep:  # fewer than n_head + n_sweep held-out prompts: sweeps reuse the first ones
         sweep = held[: args.n_sweep]
-    need_refs = {"alone", "pairs"} & set(args.only)
-    head_refs = references(engine, head, args.batch) if need_refs and args.n_head else []
+    need_head = "alone" in args.only or ("pairs" in args.only and args.confirm)
+    head_refs = references(engine, head, args.batch) if need_head and args.n_head else []
     sweep_refs = references(engine, sweep, args.batch) if "pairs" in args.only else []
     try:
         if "alone" in args.only:
