@@ -158,6 +158,11 @@ def test_fit_at_its_start_is_add_and_per_adapter_has_one_group(data, pair):
         assert torch.equal(start.theta[m], added.theta[m]) and torch.equal(start.alpha[m], added.alpha[m])
     one = composer.fit([a, b], data, model=learner(), tokenizer=char_tokenizer(), granularity="adapter", steps=2)
     assert list(one.recipe.params["coefficients"]) == ["all"]
+    per_module = composer.fit([a, b], data, model=learner(), tokenizer=char_tokenizer(), granularity="module",
+                              steps=2, lr=0.2)
+    assert set(per_module.recipe.params["coefficients"]) == set(a.theta)
+    rebuilt = composer.apply_coefficients([a, b], per_module.recipe.params["coefficients"], granularity="module")
+    assert all(torch.equal(rebuilt.theta[m], per_module.theta[m]) for m in a.theta)
 
 
 def test_fit_refuses_what_it_cannot_do(data, pair):
