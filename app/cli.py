@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the fitted adapter to")
     s.add_argument("--push", metavar="ID", help="also store it as a new version of namespace/name")
     # Defaults as in composer.fit (a test keeps them equal; importing it here would load torch for --help).
-    s.add_argument("--granularity", choices=["layer", "adapter"], default="layer",
-                   help="one coefficient per adapter and layer (default), or per adapter")
+    s.add_argument("--granularity", choices=["layer", "adapter", "module"], default="layer",
+                   help="one coefficient per adapter and layer (default), per adapter, or per adapted module")
     s.add_argument("--steps", type=int, default=30, help="optimisation steps (default 30)")
     s.add_argument("--lr", type=float, default=0.05, help="learning rate of the coefficients (default 0.05)")
     s.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
@@ -177,12 +177,21 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return sub.choices[name]
 
 
+def _safe(text: str) -> str:
+    """Names from folders, cards and stores, shown and never obeyed: each line's control characters escaped
+    (a name holding ESC[2K or a newline could otherwise clear or forge lines of the user's terminal)."""
+    from hub.text import shown
+
+    return "\n".join(shown(line) for line in str(text).split("\n"))
+
+
 def _err(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    print(_safe(msg), file=sys.stderr)
 
 
 def _out(data: Any, as_json: bool, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if as_json else text)
+    # JSON escapes control characters itself (ensure_ascii); text gets the same treatment as messages.
+    print(json.dumps(data, indent=2, default=str) if as_json else _safe(text))
 
 
 def _fmt_float(x: float | None) -> str:
@@ -199,10 +208,11 @@ def natural_key(name: str) -> list:
 
 def _cmd_push(a) -> int:
     import hub
+    from hub.text import shown
     r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, allow_empty=a.allow_empty,
                  remote=a.remote)
     for name in getattr(r, "skipped", ()):
-        _err(f"Left out '{name}' (not an adapter file).")
+        _err(f"Left out '{shown(name)}' (not an adapter file).")
     if getattr(r, "unchanged", False):
         _err(f"Unchanged: {r.repo_id} is still {r.tag or r.sha[:12]} ({r.sha[:12]}); no new version was made "
              "(pass --allow-empty to make one anyway).")
@@ -215,7 +225,7 @@ def _cmd_push(a) -> int:
 
 def _cmd_pull(a) -> int:
     import hub
-    print(hub.pull(a.id, to=a.to, remote=a.remote))
+    print(_safe(str(hub.pull(a.id, to=a.to, remote=a.remote))))
     return 0
 
 
@@ -228,8 +238,8 @@ def _cmd_list(a) -> int:
         _err("The store is empty. Push an adapter with 'hub push DIR namespace/name'.")
     else:
         for r in rows:
-            print(f"{r['id']:40} {str(r['latest'] or '-'):10} {(r['sha'] or '')[:12]}  "
-                  f"{len(r['versions'])} version{'s' if len(r['versions']) != 1 else ''}")
+            print(_safe(f"{r['id']:40} {str(r['latest'] or '-'):10} {(r['sha'] or '')[:12]}  "
+                        f"{len(r['versions'])} version{'s' if len(r['versions']) != 1 else ''}"))
     return 0
 
 
@@ -277,7 +287,7 @@ def _fit_text(r: dict) -> list[str]:
     p = r.get("params") or {}
     coef = p.get("coefficients") or {}
     losses = p.get("losses") or {}
-    per = "per layer" if p.get("granularity") == "layer" else "per adapter"
+    per = f"per {p.get('granularity')}"
     weights = ", ".join(f"{w:.4g}" for w in r.get("weights") or [])
     loss = ""
     if losses.get("first") is not None and losses.get("final") is not None:
@@ -475,7 +485,7 @@ def _formatters() -> dict[type[BaseException], Callable[[BaseException], str]]:
     from .errors import AppError
 
     return {HubError: _message, ComposerError: _message, AppError: _message, UsageError: _message,
-            FileNotFoundError: _os_message, PermissionError: _os_message}
+            OSError: _os_message}  # a full disk, a read-only mount, a missing file: the environment, not a bug
 
 
 FORMATTERS = _formatters()
@@ -498,6 +508,19 @@ def report_error(e: BaseException) -> int:
     return 1
 
 
+def _seed_examples() -> None:
+    """Import the shipped examples once; a store we cannot write (a shared read-only mount) is read as it is."""
+    from hub.errors import HubError
+
+    from .shipped import import_examples
+    try:
+        added = import_examples()
+    except (OSError, HubError):
+        return
+    if added:
+        _err(f"Imported the shipped example adapters: {', '.join(added)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hub`` and ``python -m app.cli``; returns the exit code."""
     parser = build_parser()
@@ -515,10 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command in READS_STORE:
-            from .shipped import import_examples
-            added = import_examples()
-            if added:
-                _err(f"Imported the shipped example adapters: {', '.join(added)}")
+            _seed_examples()
         return HANDLERS[args.command](args)
     except KeyboardInterrupt:
         _err("Interrupted.")

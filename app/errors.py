@@ -3,6 +3,8 @@
     AppError
     ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
     ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
+    └── RequestError(ValueError)       a chat request's settings or size are out of bounds (NaN temperature,
+                                       a history over the limit)
     TrainingDataError = composer.errors.DataError: the JSONL training file is unreadable or has no usable rows
 """
 
@@ -39,6 +41,15 @@ class MixError(AppError, ValueError):
         super().__init__(message)
         self.row = row
         self.module = module
+
+
+class RequestError(AppError, ValueError):
+    """A chat request cannot be served as given. Attributes: ``field`` (what is at fault), ``value``."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
 
 
 # The data readers live in composer (``composer.data``, shared by ``hub train`` and ``composer.fit``); the

@@ -50,21 +50,23 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     """The summary as lines of text: one per adapter (mean weight, and its range over layers), then the loss."""
     coef = s["coefficients"]
     width = max((len(n) for n in s["adapters"]), default=0)
-    per = "per layer" if s["granularity"] == "layer" else "per adapter"
+    per = f"per {s['granularity']}"
     lines = [f"fitted {len(s['adapters'])} adapter{'s' if len(s['adapters']) != 1 else ''} {per} "
              f"({len(coef) * len(s['adapters'])} coefficients) on {s['examples']} examples, {s['steps']} steps, "
              f"lr {s['lr']:g}"]
     for i, name in enumerate(s["adapters"]):
         vals = [cs[i] for cs in coef.values()]
-        spread = f"  (over {len(vals)} layers: {min(vals):.4g} .. {max(vals):.4g})" if len(vals) > 1 else ""
+        spread = (f"  (over {len(vals)} {s['granularity']}s: {min(vals):.4g} .. {max(vals):.4g})"
+                  if len(vals) > 1 else "")
         lines.append(f"  {name:{width}}  mean weight {s['weights'][i]:.4g}{spread}")
     lines.append(f"loss {_num(s['first_loss'])} -> {_num(s['final_loss'])} in {s['seconds']} s")
     return lines
 
 
-def coefficients_markdown(s: dict[str, Any]) -> str:
-    """The per-group coefficients as a Markdown table (groups down, adapters across)."""
-    head = "| group | " + " | ".join(f"`{n}`" for n in s["adapters"]) + " |"
+def coefficients_markdown(s: dict[str, Any], *, code: bool = True) -> str:
+    """The per-group coefficients as a Markdown table (groups down, adapters across; names in code spans unless
+    ``code=False``, for names the caller has escaped itself)."""
+    head = "| group | " + " | ".join(f"`{n}`" if code else str(n) for n in s["adapters"]) + " |"
     rule = "|---|" + "---:|" * len(s["adapters"])
     rows = [f"| {g} | " + " | ".join(f"{c:.3f}" for c in cs) + " |" for g, cs in s["coefficients"].items()]
     mean = "| **mean** | " + " | ".join(f"**{w:.3f}**" for w in s["weights"]) + " |"

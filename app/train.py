@@ -10,6 +10,7 @@ and losses; a prompt vector saves its origin P₀ (``prompt_vector.safetensors``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -97,14 +98,32 @@ def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
 
 
 def default_resolve(name: str) -> Any:
-    """Resolve a name in an ``--init`` expression: a folder path, else a store id through :mod:`hub`."""
-    if Path(name).expanduser().is_dir():
-        return composer.load(Path(name).expanduser())
+    """Resolve a name in an ``--init`` expression: a store id through :mod:`hub`, else a folder path.
+
+    A name that is both (a folder ``alice/math`` in the working directory and the store's ``alice/math``) is
+    refused rather than silently picking one; ``./alice/math`` always means the folder. A folder's input is
+    pinned in the recipe by its absolute path and the sha256 of its weights.
+    """
+    import hashlib
+
+    import hub
+
+    folder = Path(name).expanduser()
+    in_store = False
     try:
-        import hub
-    except ImportError:  # pragma: no cover - hub ships with this package
-        raise LookupError(f"'{name}' is not a folder, and the hub package is unavailable to look it up.")
-    return hub.load(name)
+        in_store = hub.Store().exists(hub.parse_id(name).repo_id)
+    except hub.HubError:
+        pass
+    if in_store and folder.is_dir():
+        raise LookupError(f"'{name}' is both a folder here and an adapter in the store; write './{name}' for the "
+                          f"folder or '{name}@<version>' for the stored one.")
+    if in_store:
+        return hub.load(name)
+    if folder.is_dir():
+        adapter = composer.load(folder)
+        digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+        return dataclasses.replace(adapter, source=f"{folder.resolve()}#sha256:{digest}")
+    return hub.load(name)  # not a folder: the store's error says what is there
 
 
 def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: Any = None,

@@ -126,8 +126,8 @@ def score(replies: list[str], styles) -> dict:
 
 # --------------------------------------------------------------------------------------------- sections
 
-def load_styles(folder: Path) -> dict[str, composer.RoadAdapter]:
-    return {s: composer.load(folder / s) for s in tasks.STYLES if (folder / s).is_dir()}
+def load_styles(folder: Path, only=None) -> dict[str, composer.RoadAdapter]:
+    return {s: composer.load(folder / s) for s in tasks.STYLES if (folder / s).is_dir() and (not only or s in only)}
 
 
 def section_alone(engine, styles, prompts, refs, args, results) -> str:
@@ -174,7 +174,18 @@ def pair_configs(a: str, b: str, styles, args, fits: dict) -> dict[str, object]:
     return out
 
 
+_FITS: dict = {}
+
+
 def fit_pair(engine, a, b, styles, args) -> composer.RoadAdapter:
+    """``composer.fit`` of the pair on its shipped examples (cached: the init section reuses the pairs' fit)."""
+    key = (a, b, id(styles[a]), id(styles[b]))
+    if key not in _FITS:
+        _FITS[key] = _fit_pair(engine, a, b, styles, args)
+    return _FITS[key]
+
+
+def _fit_pair(engine, a, b, styles, args) -> composer.RoadAdapter:
     path = Path(args.data) / f"pair_{a}_{b}.jsonl"
     t0 = time.perf_counter()
     res = composer.fit([styles[a], styles[b]], path, model=engine.model, tokenizer=engine.tokenizer,
@@ -219,7 +230,7 @@ def section_pairs(engine, styles, sweep_prompts, sweep_refs, head_prompts, head_
                          f"{fmt_rate(sc['rates'][a], sc['n'])} | {fmt_rate(sc['rates'][b], sc['n'])} | "
                          f"{sc['nll']:.3f} |")
         res = results["pairs"].setdefault(f"{a}+{b}", {"sweep": rows})
-        if args.n_head:
+        if args.n_head and args.confirm:
             rep = generate_all(engine, {best: configs[best]}, head_prompts, args.max_new_tokens, args.batch)[best]
             sc = score(rep, (a, b))
             sc["nll"] = nll(engine, configs[best], head_prompts, [tasks.stylise_all((a, b), r) for r in head_refs],
@@ -345,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--nll-batch", type=int, default=16)
+    ap.add_argument("--styles", nargs="+", choices=tasks.STYLES, default=None,
+                    help="only these style adapters (the alone section; pairs need both of theirs)")
     ap.add_argument("--pairs", nargs="*", default=None, help="only these pairs, e.g. upper+signoff")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--grid", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="weights of the grid")
@@ -362,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-eval", type=int, default=64, help="held-out target reviews (prompts section)")
     ap.add_argument("--prompt-shots", type=int, default=8)
     ap.add_argument("--prompt-steps", type=int, default=10)
+    ap.add_argument("--no-confirm", dest="confirm", action="store_false",
+                    help="pairs: skip re-running each pair's best method on the --n-head prompts")
     ap.add_argument("--json-out", default=None, help="write every number measured to this JSON file")
     return ap
 
@@ -374,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_base(args.base)
     engine = Engine(model, tok)
     adapters_dir = Path(args.adapters)
-    styles = load_styles(adapters_dir)
+    styles = load_styles(adapters_dir, args.styles)
     alt = load_styles(Path(args.alt_adapters)) if args.alt_adapters else {}
     results: dict = {"args": vars(args), "alone": {}, "pairs": {}}
     print(f"# composition quality (seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -383,8 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     head, sweep = held[: args.n_head], held[args.n_head: args.n_head + args.n_sweep]
     if len(sweep) < args.n_sweep:  # fewer than n_head + n_sweep held-out prompts: sweeps reuse the first ones
         sweep = held[: args.n_sweep]
-    need_refs = {"alone", "pairs"} & set(args.only)
-    head_refs = references(engine, head, args.batch) if need_refs and args.n_head else []
+    need_head = "alone" in args.only or ("pairs" in args.only and args.confirm)
+    head_refs = references(engine, head, args.batch) if need_head and args.n_head else []
     sweep_refs = references(engine, sweep, args.batch) if "pairs" in args.only else []
     try:
         if "alone" in args.only:

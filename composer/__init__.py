@@ -4,11 +4,14 @@ Public surface::
 
     load(path) / save(adapter, path) / from_peft(model)        PEFT-format I/O
     add, sub, negate, scale, interpolate, merge, compose         arithmetic (see DESIGN.md)
-    evaluate("0.7*a + 0.3*b - c", resolve=...)                   expressions
+    evaluate("0.7*a + 0.3*b - c", resolve=...) / parse(text)     expressions; format_name(name) writes a name
     init(model, adapter_or_expression)                           a trainable PeftModel starting there
-    check_compatible(adapters)                                   the checks every operation runs first
+    check_compatible(adapters) / check_fits(adapter, model)      the checks every operation runs first
+    METHODS                                                      merge methods and the parameters they declare
     fit(adapters, examples, model=..., tokenizer=...)            mix coefficients fitted to a few examples
     subspace.Subspace / active_pairs / overlap                   RoAd adapters trained in a share of the pairs
+
+Errors are :class:`ComposerError` subclasses (each also a ``ValueError``), in :mod:`composer.errors`.
 
 Not to be confused with MosaicML's ``composer`` package on PyPI, which uses the same import name.
 """
@@ -31,6 +34,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidCardError,
     InvalidValueError,
+    LimitExceededError,
     NotComposableError,
     UnsafeFormatError,
 )
@@ -56,7 +60,7 @@ _LAZY = {
     "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data"}
+_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data", "limits"}
 
 
 def __getattr__(name: str):
@@ -85,6 +89,6 @@ __all__ = [
     "Subspace", "active_pairs", "overlap", "FitError", "SubspaceError", "DataError",
     "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",
     "IncompatibleAdaptersError", "NotComposableError", "ExpressionError", "InvalidArgumentError",
-    "InvalidCardError",
+    "InvalidCardError", "LimitExceededError",
     "CompatibilityWarning", "ApproximationWarning",
 ]

@@ -67,16 +67,82 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """Read a recipe, checking every field's type (a recipe comes from a folder anyone may have written).
+
+        Raises:
+            TypeError / ValueError: naming the field and what it must be.
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"a recipe is a JSON object, got {type(d).__name__}")
+        inputs = _field(d, "inputs", list, [])
+        for i, item in enumerate(inputs):
+            if not isinstance(item, dict) or set(item) - {"name", "ref"} or \
+                    not all(isinstance(v, str) for v in item.values()):
+                raise TypeError(f"'inputs'[{i}] must be an object with string 'name' and 'ref', got {item!r:.80}")
+        weights = _field(d, "weights", list, [])
+        for w in weights:
+            _finite(w, "weights")
+        params = _field(d, "params", dict, {})
+        budget = [_MAX_PARAM_VALUES]
+        for k, v in params.items():
+            _plain(v, f"params.{k}", 0, budget)
+        deviation = d.get("deviation")
+        if deviation is not None:
+            _finite(deviation, "deviation")
         return cls(
-            expression=str(d.get("expression", "")),
-            inputs=tuple(dict(i) for i in d.get("inputs", ())),
-            weights=tuple(float(w) for w in d.get("weights", ())),
-            method=str(d.get("method", "task_arithmetic")),
-            params=dict(d.get("params", {})),
-            exact=bool(d.get("exact", True)),
-            deviation=d.get("deviation"),
-            library_version=str(d.get("library_version", LIBRARY_VERSION)),
+            expression=_field(d, "expression", str, ""),
+            inputs=tuple(dict(i) for i in inputs),
+            weights=tuple(float(w) for w in weights),
+            method=_field(d, "method", str, "task_arithmetic"),
+            params=dict(params),
+            exact=_field(d, "exact", bool, True),
+            deviation=None if deviation is None else float(deviation),
+            library_version=_field(d, "library_version", str, LIBRARY_VERSION),
         )
+
+
+_JSON_TYPE = {str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def _field(d: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = d.get(key, default)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise TypeError(f"'{key}' must be {_JSON_TYPE[kind]}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+_MAX_PARAM_VALUES = 100_000  # a fitted mix records a few dozen to a few thousand coefficients
+_MAX_PARAM_DEPTH = 3         # e.g. params.coefficients.<group>[i]
+
+
+def _plain(value: Any, key: str, depth: int, budget: list[int]) -> None:
+    """A recipe parameter: null, a string, true/false, a finite number, or (nested a little, as a fit's
+    coefficients and losses are) lists and objects of those."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"'params' holds more than {_MAX_PARAM_VALUES} values; a recipe records settings, not data")
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, (list, dict)):
+        if depth >= _MAX_PARAM_DEPTH:
+            raise TypeError(f"'{key}' nests deeper than {_MAX_PARAM_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            if isinstance(value, dict) and not isinstance(k, str):
+                raise TypeError(f"'{key}' must have string keys")
+            _plain(v, f"{key}.{k}", depth + 1, budget)
+        return
+    _finite(value, key)
+
+
+def _finite(value: Any, key: str) -> float:
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:  # a JSON integer with hundreds of digits
+        ok = False
+    if not ok:
+        raise ValueError(f"'{key}' must hold finite numbers, got {str(value)[:60]}")
+    return float(value)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -29,21 +29,42 @@ KIND_TAGS = {"road": "road", "prompt": "task-prompt-vector"}
 _HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
 
 
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
 def _check_yaml(text: str, where: str) -> Any:
+    from . import limits
+
+    max_depth = int(limits.get("nesting")) + 1  # +1: the front matter's own top-level mapping
+    depth = 0
     try:
         for token in yaml.scan(text, Loader=yaml.SafeLoader):
             if isinstance(token, yaml.TagToken):
                 raise InvalidCardError(
                     f"The model card's YAML front matter ({where}) carries the language tag "
-                    f"'{''.join(token.value)}' at line {token.start_mark.line + 1}; tags such as !!python/... can "
+                    f"'{''.join(v or '' for v in token.value)}' at line {token.start_mark.line + 1}; tags such as !!python/... can "
                     "run code on a server that reads the card. Remove the tag and keep plain values.")
             if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
                 raise InvalidCardError(
                     f"The model card's YAML front matter ({where}) uses anchors/aliases (line "
                     f"{token.start_mark.line + 1}); write the values out in full.")
+            # Count nesting from tokens: the loader below recurses once per level.
+            depth += isinstance(token, _OPEN) - isinstance(token, _CLOSE)
+            if depth > max_depth:
+                raise limits.exceeded("nesting", f"more than {max_depth - 1}",
+                                      what=f"The nesting of the model card's YAML front matter ({where})")
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise InvalidCardError(f"The model card's YAML front matter ({where}) is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InvalidCardError(f"The model card's YAML front matter ({where}) is not valid YAML: {problem}{at}."
+                               ) from e
+    except RecursionError as e:
+        raise limits.exceeded("nesting", "hundreds of levels",
+                              what=f"The nesting of the model card's YAML front matter ({where})") from e
 
 
 def parse_card(text: str | bytes) -> tuple[dict[str, Any], str]:
@@ -52,6 +73,9 @@ def parse_card(text: str | bytes) -> tuple[dict[str, Any], str]:
     Raises:
         InvalidCardError: not UTF-8, YAML tags/anchors, invalid YAML, or front matter that is not a mapping.
     """
+    from . import limits
+
+    limits.check("config_bytes", len(text), "README.md (the model card)")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")

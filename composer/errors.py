@@ -13,7 +13,8 @@ offending values as attributes so callers (the CLI, the app) can say what to do 
     │                                      one weight too few, a parameter out of range
     ├── InvalidCardError(ValueError)       model card front matter that is not plain, safe YAML
     ├── ExpressionError(ValueError)        syntax or name errors in an expression, with the position
-    └── DataError(ValueError)              example data (JSONL) unreadable or without usable rows
+    ├── DataError(ValueError)              example data (JSONL) unreadable or without usable rows
+    └── LimitExceededError(ValueError)     a size or amount of work over a limit of :mod:`composer.limits`
 
     CompatibilityWarning(UserWarning)      same shapes, different ``base_model_name_or_path``
     ApproximationWarning(UserWarning)      generator arithmetic on road_2/road_4 is not exact
@@ -105,6 +106,19 @@ class ExpressionError(ComposerError, ValueError):
         super().__init__(message)
         self.expression = expression
         self.position = position
+
+
+class LimitExceededError(ComposerError, ValueError):
+    """A size or amount of work is over a configurable limit (see :mod:`composer.limits`).
+
+    Attributes: ``limit`` (its name), ``value``, ``maximum``.
+    """
+
+    def __init__(self, message: str, *, limit: str, value: object = None, maximum: object = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
 
 
 class CompatibilityWarning(UserWarning):

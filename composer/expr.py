@@ -21,16 +21,22 @@ A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight
 This module also owns the *writer*: :func:`format_name`, :func:`format_number`, :func:`format_sum`,
 :func:`format_interp` and :func:`format_merge` produce text that :func:`parse` reads back to the same tree.
 Recipes (:mod:`composer.ops`) and the app's mixer both write expressions with them.
+
+Work is bounded before anything is loaded (:mod:`composer.limits`): the text's length, the number of adapter
+names, the nesting of parentheses, calls and signs; numbers must be finite.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Union
 
-from .errors import ComposerError, ExpressionError, InvalidArgumentError
+from . import limits
+from .errors import ComposerError, ExpressionError, InvalidArgumentError, LimitExceededError
 from .merge_methods import METHODS
 
 if TYPE_CHECKING:
@@ -73,6 +79,9 @@ def _tokenize(s: str) -> list[Tok]:
             continue
         m = _NUMBER.match(s, i)
         if m and not (m.end() < len(s) and _NAME_CHARS.match(s[m.end()]) and s[m.end()] != "-"):
+            if not math.isfinite(float(m.group(0))):
+                raise ExpressionError(f"The number {m.group(0)!r} is too large (it overflows to infinity)",
+                                      expression=s, position=i)
             toks.append(Tok("num", m.group(0), i))
             i = m.end()
             continue
@@ -110,11 +119,38 @@ class Call:
 Node = Union[Name, Linear, Call]
 
 
+_KEYWORDS = frozenset(("interp", "compose", "merge", "density", "seed", *METHODS))
+
+
+def _limit(text: str, name: str, value: int, what: str, position: int | None = None) -> None:
+    try:
+        limits.check(name, value, what)
+    except LimitExceededError as e:
+        raise ExpressionError(str(e), expression=text if len(text) <= 200 else "", position=position) from e
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
+        _limit(text, "expression_chars", len(text), "The expression's length")
         self.toks = _tokenize(text)
         self.i = 0
+        self.depth = 0
+        self.max_depth = int(limits.get("expression_depth"))
+        n = sum(1 for t in self.toks if t.kind == "name" and t.text not in _KEYWORDS)
+        _limit(text, "expression_terms", n, "The number of adapter names in the expression")
+
+    @contextlib.contextmanager
+    def nested(self) -> Iterator[None]:
+        """One level of parentheses, call or sign; refused past the depth limit instead of recursing on."""
+        self.depth += 1
+        if self.depth > self.max_depth:
+            _limit(self.text, "expression_depth", self.depth, "The nesting of the expression",
+                   position=self.peek().pos)
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     def peek(self) -> Tok:
         return self.toks[self.i]
@@ -154,12 +190,14 @@ class _Parser:
         t = self.peek()
         if t.kind == "op" and t.text == "-":
             self.take()
-            return _linear([(-w, n) for w, n in _terms(self.term())])
+            with self.nested():
+                return _linear([(-w, n) for w, n in _terms(self.term())])
         if t.kind == "num":
             self.take()
             w = float(t.text)
             self.expect("*")
-            return _linear([(w * v, n) for v, n in _terms(self.term())])
+            with self.nested():
+                return _linear([(w * v, n) for v, n in _terms(self.term())])
         node = self.factor()
         if self.peek().kind == "op" and self.peek().text == "*":
             self.take()
@@ -174,14 +212,16 @@ class _Parser:
         t = self.peek()
         if t.kind == "op" and t.text == "(":
             self.take()
-            node = self.expr()
+            with self.nested():
+                node = self.expr()
             self.expect(")")
             return node
         if t.kind == "name":
             self.take()
             nxt = self.peek()
             if nxt.kind == "op" and nxt.text == "(" and t.text in ("interp", "compose", "merge"):
-                return self.call(t)
+                with self.nested():
+                    return self.call(t)
             return Name(t.text, t.pos)
         raise self.error("Expected an adapter name, a number or '('")
 

@@ -4,8 +4,9 @@ The mix of RoAd adapters ``a₁ … aₙ`` with coefficients ``c`` is generator 
 
     θ_m = Σᵢ cᵢ,g(m) · θᵢ,m        log α_m = Σᵢ cᵢ,g(m) · log αᵢ,m        g(m): the module's group
 
-with ``granularity="adapter"`` (one group: ``n`` numbers) or ``"layer"`` (one group per transformer layer,
-``n × layers`` numbers, a few dozen for SmolLM2). For road_1 the mix is exact (``c = 1`` everywhere is
+with ``granularity="adapter"`` (one group: ``n`` numbers), ``"layer"`` (one group per transformer layer,
+``n × layers`` numbers, a few dozen for SmolLM2) or ``"module"`` (one per adapted layer: 420 for two SmolLM2
+adapters on all 7 projections). For road_1 the mix is exact (``c = 1`` everywhere is
 ``composer.add``); for road_2/road_4 it is the same per-element approximation as the other linear operations.
 
 :func:`fit` learns ``c`` by gradient descent on the answer tokens of at most 32 examples of the combined
@@ -29,7 +30,7 @@ from .adapters import Adapter, Recipe, RoadAdapter
 from .errors import ComposerError, DataError, IncompatibleAdaptersError
 from .ops import _generator, _inputs, _label, _road_result, check_compatible
 
-GRANULARITIES = ("adapter", "layer")
+GRANULARITIES = ("adapter", "layer", "module")
 MAX_EXAMPLES = 32
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
@@ -39,9 +40,12 @@ class FitError(ComposerError, ValueError):
 
 
 def group_of(module: str, granularity: str) -> str:
-    """The coefficient group of a module: ``"all"``, or ``"layer.N"`` from the ``layers.N.`` in its name."""
+    """The coefficient group of a module: ``"all"``, ``"layer.N"`` from the ``layers.N.`` in its name, or the
+    module's own name (``"module"``: one coefficient per adapter and adapted layer)."""
     if granularity == "adapter":
         return "all"
+    if granularity == "module":
+        return module
     m = _LAYER.search(module)
     return f"layer.{int(m.group(1))}" if m else "other"
 
@@ -51,7 +55,12 @@ def groups(adapter: RoadAdapter, granularity: str) -> list[str]:
     if granularity not in GRANULARITIES:
         raise FitError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}.")
     found = {group_of(m, granularity) for m in adapter.theta}
-    return sorted(found, key=lambda g: (g == "other", int(g.split(".")[1]) if g.startswith("layer.") else -1, g))
+
+    def order(g: str) -> tuple:
+        m = _LAYER.search(g) or re.match(r"layer\.(\d+)$", g)
+        return (m is None, int(m.group(1)) if m else -1, g)
+
+    return sorted(found, key=order)
 
 
 def _check(adapters: Sequence[Adapter]) -> list[RoadAdapter]:
@@ -161,7 +170,8 @@ def fit(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict
         adapters: compatible RoAd adapters (their names in the recipe come from ``source``).
         examples: a JSONL path or rows (``{"messages": [...]}`` / ``{"prompt", "completion"}``), at most 32.
         model, tokenizer: the base causal LM (not wrapped by PEFT; it is handed back unchanged) and its tokenizer.
-        granularity: ``"adapter"`` (one coefficient per adapter) or ``"layer"`` (one per adapter and layer).
+        granularity: ``"adapter"`` (one coefficient per adapter), ``"layer"`` (one per adapter and layer) or
+            ``"module"`` (one per adapter and adapted module).
         steps, lr, batch_size, seed: Adam on the coefficients, starting from ``init`` (default 1.0 each: ``add``).
         max_length: examples are cut to this many tokens.
         callback: called after every step with ``(step, steps, loss)`` (progress bars, the app's panel).

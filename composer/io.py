@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from .adapters import VARIANTS, Adapter, PromptVector, Recipe, RoadAdapter, check_finite
 from .card import build_card
 from .road_math import layer_width
-from .errors import AdapterFormatError, NotComposableError, UnsafeFormatError
+from . import limits
+from .errors import AdapterFormatError, ComposerError, NotComposableError, UnsafeFormatError
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -39,34 +42,118 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _PREFIX = "base_model.model."
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """A small JSON file, bounded in size and nesting, parsed without ever recursing past the limit."""
+    size = path.stat().st_size
+    limits.check("config_bytes", size, f"{path} ({what})")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and integers of thousands of digits
+        raise AdapterFormatError(f"{path} is not valid JSON: {e}", path=path) from e
+    except RecursionError as e:
+        raise limits.exceeded("nesting", "hundreds of levels", what=f"The nesting of {path}") from e
+    limits.check_nesting(data, str(path))
+    return data
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
     if not path.is_file():
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise AdapterFormatError(
             f"'{folder}' has no {CONFIG}; a PEFT adapter folder needs {CONFIG} and {WEIGHTS}. "
-            f"Found: {', '.join(present) or 'nothing'}.", path=folder)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path} is not valid JSON: {e}", path=path) from e
+            f"Found: {', '.join(repr(n)[1:-1] for n in present) or 'nothing'}.", path=folder)
+    cfg = _read_json(path, "an adapter config")
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{path} must hold a JSON object, got {type(cfg).__name__}", path=path)
     return cfg
 
 
+# What PEFT and our arithmetic handle; float8 and complex tensors would fail later, deep inside torch.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
         raise AdapterFormatError(
             f"{path} is not a readable safetensors file ({e}). It may be truncated or corrupt; "
             "re-export it with safetensors.torch.save_file.", path=path) from e
     for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise AdapterFormatError(f"Tensor '{name}' in {path} has dtype {t.dtype}; expected a float tensor.",
-                                     path=path, tensor=name)
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterFormatError(
+                f"Tensor '{name}' in {path} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64 "
+                "(convert it with tensor.float() before saving).", path=path, tensor=name)
     return tensors
+
+
+def _check_sizes(folder: Path) -> None:
+    """Refuse adapter files over the size limit before reading a byte of them."""
+    total = sum(p.stat().st_size for p in (folder / WEIGHTS, folder / PROMPT_VECTOR) if p.is_file())
+    limits.check("adapter_bytes", total, f"The adapter in '{folder}'")
+
+
+def _dimension(cfg: dict[str, Any], key: str, default: Any, folder: Path) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFormatError(f"{CONFIG}: {key} must be a positive integer, got {str(value)[:60]!r}.",
+                                 path=folder)
+    limits.check("dimension", value, f"{CONFIG}: {key}")
+    return value
+
+
+def _peft_reads(folder: Path, cfg: dict[str, Any]) -> Any:
+    """PEFT's own config class for ``cfg`` (what ``PeftModel.from_pretrained`` builds), or a one-line error."""
+    from peft import PeftConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**cfg))
+    except (TypeError, ValueError, KeyError, AttributeError, re.error) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterFormatError(f"{folder / CONFIG}: PEFT cannot load this config ({first}). Fix the field "
+                                 "it names, or re-save the adapter with PEFT.", path=folder) from e
+
+
+def _check_targets(folder: Path, cfg: dict[str, Any], modules: list[str]) -> None:
+    """Every tensor's module must be one PEFT targets, and every listed target must have tensors."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = cfg.get("target_modules")
+    ok = (isinstance(targets, str) and 0 < len(targets) <= 1000) or (
+        isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
+    if not ok:
+        raise AdapterFormatError(
+            f"{CONFIG}: target_modules must be a non-empty list of module names (e.g. [\"q_proj\", \"v_proj\"]) "
+            f"or a regular expression, got {str(targets)[:80]!r}.", path=folder)
+    pcfg = _peft_reads(folder, cfg)
+    try:
+        # PEFT returns a truthy marker for excluded modules: those are not adapted either.
+        found = {m: check_target_module_exists(pcfg, m) for m in modules}
+        unlisted = [m for m, hit in found.items() if not hit or type(hit).__name__ == "_ExcludedModule"]
+    except re.error as e:
+        raise AdapterFormatError(f"{CONFIG}: target_modules {targets!r:.80} is not a valid regular expression "
+                                 f"({e}).", path=folder) from e
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        # e.g. modules_to_save: 1 or layers_to_transform: "x" — PEFT's own matching fails on them
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterFormatError(f"{CONFIG}: PEFT cannot match its modules with this config ({first}); check "
+                                 "modules_to_save, exclude_modules, layers_to_transform and layers_pattern.",
+                                 path=folder) from e
+    if unlisted:
+        raise AdapterFormatError(
+            f"{CONFIG}: the weights hold tensors for '{unlisted[0]}', which target_modules {targets!r:.80} does "
+            "not select; PEFT would not load them. List every adapted module in target_modules.",
+            path=folder, tensor=f"{unlisted[0]}.road_theta")
+    if isinstance(targets, list):
+        unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if unused:
+            raise AdapterFormatError(
+                f"{CONFIG}: target_modules lists '{unused[0]}', but the weights hold no tensors for it; PEFT "
+                "would adapt modules this adapter has no values for. Remove it from target_modules.",
+                path=folder)
 
 
 def _weights_path(folder: Path) -> Path:
@@ -88,8 +175,8 @@ def _parse_road(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tens
     if variant not in VARIANTS:
         raise AdapterFormatError(f"{CONFIG}: variant {variant!r} is not one of {', '.join(VARIANTS)}.",
                                  path=folder)
-    g = cfg.get("group_size", 64)
-    if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % 2:
+    g = _dimension(cfg, "group_size", 64, folder)
+    if g % 2:
         raise AdapterFormatError(f"{CONFIG}: group_size must be a positive even integer, got {g!r}.", path=folder)
     theta: dict[str, torch.Tensor] = {}
     alpha: dict[str, torch.Tensor] = {}
@@ -125,6 +212,7 @@ def _parse_road(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tens
                 path=folder, tensor=f"{m}.road_theta")
         check_finite(f"{m}.road_theta", t)
         check_finite(f"{m}.road_alpha", a)
+    _check_targets(folder, cfg, sorted(theta))
     return RoadAdapter(variant=variant, group_size=g, theta=theta, alpha=alpha, config=cfg)
 
 
@@ -135,13 +223,15 @@ def _parse_prompt(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Te
             f"A PROMPT_TUNING adapter holds exactly 'prompt_embeddings'; found {sorted(tensors)}.",
             path=folder, tensor=extra[0] if extra else "prompt_embeddings")
     prompt = tensors["prompt_embeddings"]
-    n = cfg.get("num_virtual_tokens", 0) * cfg.get("num_transformer_submodules", 1)
-    expected = (n, cfg.get("token_dim"))
+    n = _dimension(cfg, "num_virtual_tokens", None, folder) * _dimension(cfg, "num_transformer_submodules", 1,
+                                                                          folder)
+    expected = (n, _dimension(cfg, "token_dim", None, folder))
     if tuple(prompt.shape) != expected:
         raise AdapterFormatError(
             f"Tensor 'prompt_embeddings' has shape {tuple(prompt.shape)} but the config says "
             f"num_virtual_tokens x token_dim = {expected}.", path=folder, tensor="prompt_embeddings")
     check_finite("prompt_embeddings", prompt)
+    _peft_reads(folder, cfg)
     pv = folder / PROMPT_VECTOR
     if not pv.is_file():
         return PromptVector(prompt=prompt, init=None, vector=None, config=cfg)
@@ -188,6 +278,7 @@ def load(path: str | os.PathLike) -> Adapter:
         raise AdapterFormatError(
             f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles ROAD and "
             "PROMPT_TUNING adapters.", path=folder)
+    _check_sizes(folder)
     tensors = _read_safetensors(_weights_path(folder))
     adapter: Adapter
     if peft_type == "ROAD":
@@ -197,9 +288,13 @@ def load(path: str | os.PathLike) -> Adapter:
     recipe = None
     rp = folder / RECIPE
     if rp.is_file():
+        data = _read_json(rp, "a recipe")
         try:
-            recipe = Recipe.from_dict(json.loads(rp.read_text(encoding="utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+            recipe = Recipe.from_dict(data)
+            limits.check("expression_chars", len(recipe.expression), f"{rp}: the expression's length")
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ComposerError):
+                raise
             raise AdapterFormatError(f"{rp} is not a valid recipe: {e}", path=rp) from e
     return type(adapter)(**{**adapter.__dict__, "recipe": recipe, "source": str(folder)})
 

@@ -51,7 +51,7 @@ class Param:
             return self.default  # type: ignore[return-value]
         try:
             v = self.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidArgumentError(f"{self.name} of {method!r} must be a number, got {value!r}.") from None
         if self.type is int and float(value) != v:
             raise InvalidArgumentError(f"{self.name} of {method!r} must be a whole number, got {value!r}.")
@@ -67,7 +67,7 @@ class Param:
 
 
 DENSITY = Param("density", float, None, 0.0, 1.0, low_open=True, help="fraction of entries kept, in (0, 1]")
-SEED = Param("seed", int, 0, 0, None, help="seed of the random drop mask (recorded in the recipe)")
+SEED = Param("seed", int, 0, 0, 2**63 - 1, help="seed of the random drop mask (recorded in the recipe)")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from . import merge_methods, road_math
-from .adapters import Adapter, PromptVector, Recipe, RoadAdapter
+from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, check_finite
 from .errors import (
     CompatibilityWarning,
     IncompatibleAdaptersError,
@@ -191,6 +191,7 @@ def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: st
             la = combine([g[1] for g in gens])
             theta[mod] = th.to(first.theta[mod].dtype)
             alpha[mod] = la.exp().to(first.alpha[mod].dtype)
+            _check_result(mod, theta[mod], alpha[mod], weights)
         heuristic = method != "task_arithmetic"
         exact = first.variant == "road_1" and not heuristic
         recipe = Recipe(expression=expr, inputs=_inputs(adapters), weights=tuple(weights),
@@ -202,9 +203,22 @@ def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: st
         return result
     # prompt vectors: τ arithmetic around the first input's origin
     vector = combine([a.vector for a in adapters]).to(first.vector.dtype)  # type: ignore[union-attr, misc]
+    _check_result("vector", vector, None, weights)
     recipe = Recipe(expression=expr, inputs=_inputs(adapters), weights=tuple(weights), method=op or method,
                     params=params, exact=method == "task_arithmetic")
     return PromptVector.from_parts(first.init, vector, dict(first.config), recipe=recipe)  # type: ignore[arg-type]
+
+
+def _check_result(name: str, t: torch.Tensor, alpha: torch.Tensor | None, weights: list[float]) -> None:
+    """Finite inputs and finite weights can still overflow (1e300 * a); say so instead of storing inf."""
+    try:
+        check_finite(name, t)
+        if alpha is not None:
+            check_finite(f"{name}.road_alpha", alpha)
+    except InvalidValueError as e:
+        raise InvalidValueError(
+            f"The result overflows ({e.tensor} is {e.value}) with weights {weights}; use smaller weights.",
+            tensor=e.tensor, index=e.index, value=e.value) from e
 
 
 def add(a: Adapter, b: Adapter, *more: Adapter) -> Adapter:

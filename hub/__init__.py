@@ -25,10 +25,12 @@ from typing import Any
 import composer
 
 from .errors import (
+    FolderNotEmptyError,
     HubError,
     IntegrityError,
     InvalidCardError,
     InvalidIdError,
+    LockTimeoutError,
     PushConflictError,
     RemoteAccessError,
     RemoteUnavailableError,
@@ -37,6 +39,7 @@ from .errors import (
     RevisionNotFoundError,
     StoreError,
     TagExistsError,
+    UnsafeFolderError,
 )
 from .ids import RepoRef, parse_id
 from .store import PushResult, Resolved, Store, default_root
@@ -45,8 +48,8 @@ __all__ = [
     "push", "pull", "log", "resolve", "load", "compose", "tag", "list_adapters",
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
-    "TagExistsError", "ReservedTagError", "PushConflictError", "IntegrityError", "RemoteAccessError", "RemoteUnavailableError",
-    "StoreError",
+    "TagExistsError", "ReservedTagError", "UnsafeFolderError", "PushConflictError", "IntegrityError",
+    "RemoteAccessError", "RemoteUnavailableError", "StoreError", "FolderNotEmptyError", "LockTimeoutError",
 ]
 
 REMOTES = ("hf",)
@@ -111,7 +114,7 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
         path = r.pull(repo_id, to=to)
     else:
         resolved = store.resolve(repo_id)
-        path = store.export(resolved, to) if to is not None else store.snapshot(resolved)
+        path = store.pull_to(resolved, to) if to is not None else store.snapshot(resolved)
     composer.load(path)
     return Path(path)
 
@@ -151,7 +154,7 @@ def compose(expression: str, repo_id: str, *, message: str | None = None, tag: s
     store = Store(root)
     adapter = composer.evaluate(expression, resolve=store.load)
     store.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=store.root, prefix=".compose-") as tmp:
+    with store.staging_dir("compose") as tmp:
         composer.save(adapter, tmp)
         return store.push(tmp, repo_id, tag=tag, force=force,
                           message=message or f"Compose {expression.strip()}")

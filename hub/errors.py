@@ -6,6 +6,9 @@ in an adapter folder and unsafe model cards come from :mod:`composer` unchanged
 
     HubError
     ├── InvalidIdError(ValueError)            'a/../b', '/abs', 'a//b', control characters
+    ├── UnsafeFolderError(ValueError)         a pushed folder holds a symbolic link or a non-regular file
+    ├── FolderNotEmptyError(FileExistsError)  'pull --to' a folder that holds something else
+    ├── LockTimeoutError(TimeoutError)        another writer held the repository's lock too long
     ├── RepositoryNotFoundError(LookupError)  no such adapter in the store / on the remote
     ├── RevisionNotFoundError(LookupError)    no such tag, branch or commit
     ├── TagExistsError(ValueError)            a tag exists and --force was not given
@@ -32,6 +35,36 @@ class InvalidIdError(HubError, ValueError):
     def __init__(self, message: str, *, value: object = None) -> None:
         super().__init__(message)
         self.value = value
+
+
+class UnsafeFolderError(HubError, ValueError):
+    """A pushed folder is, or holds, a symbolic link or something that is not a plain file.
+
+    Attributes: ``path`` (the offending entry).
+    """
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class FolderNotEmptyError(HubError, FileExistsError):
+    """A pull's destination holds files that are not an earlier pull's. Attributes: ``path``."""
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class LockTimeoutError(HubError, TimeoutError):
+    """A lock stayed held by another process past the timeout. Attributes: ``path``, ``owner``, ``waited``."""
+
+    def __init__(self, message: str, *, path: object = None, owner: str | None = None,
+                 waited: float | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner = owner
+        self.waited = waited
 
 
 class RepositoryNotFoundError(HubError, LookupError):

@@ -100,13 +100,35 @@ def revision_reason(rev: str) -> str | None:
     return None
 
 
-def check_tag(tag: object) -> str:
-    """Validate a tag name (``v3``, ``stable``, ``2024-06``)."""
+# Names a tag may not take: a revision is looked up as a tag first, so a tag called like a branch or a commit
+# would make Hugging Face clients (which default to the branch) and `hub pull` disagree on what it means.
+RESERVED_TAGS = frozenset(("main", "HEAD"))
+_FULL_SHA = re.compile(r"[0-9a-fA-F]{40}\Z")
+
+
+def check_tag(tag: object, *, branches: frozenset[str] | set[str] = frozenset()) -> str:
+    """Validate a tag name (``v3``, ``stable``, ``2024-06``).
+
+    Args:
+        tag: the proposed name.
+        branches: the repository's branch names, which a tag may not shadow.
+
+    Raises:
+        InvalidIdError: a malformed name, or one that is a branch's name or looks like a commit sha.
+    """
     text = _text(tag)
     if not _TAG.match(text) or ".." in text or text.endswith((".", ".lock")):
         raise InvalidIdError(
             f"Invalid tag {text!r}: tags are 1-100 letters, digits, '_', '-' or '.', starting with a letter, "
             "digit or '_' (e.g. 'v3', 'stable').", value=tag)
+    if text in RESERVED_TAGS or text in branches:
+        raise InvalidIdError(
+            f"Invalid tag {text!r}: it is the name of a branch, so 'name@{text}' would mean two versions "
+            "(Hugging Face clients read the branch, 'hub pull' the tag). Pick another tag, e.g. 'stable'.",
+            value=tag)
+    if _FULL_SHA.match(text):
+        raise InvalidIdError(f"Invalid tag {text!r}: it looks like a commit sha, so 'name@{text}' would be "
+                             "ambiguous. Pick another tag, e.g. 'stable'.", value=tag)
     return text
 
 

@@ -183,7 +183,7 @@ class HfRemote:
         if tag is not None:
             tag = check_tag(tag)
         self.store.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".stage-") as staging_name:
+        with self.store.staging_dir() as staging_name:
             staging = Path(staging_name)
             adapter, _ = self.store.stage(Path(folder), staging)
 
@@ -295,7 +295,7 @@ class HfRemote:
         else:
             resolved = self._fetch(ref.repo_id, rev)
         if to is not None:
-            return self.store.export(resolved, to)
+            return self.store.pull_to(resolved, to)
         return self.store.snapshot(resolved)
 
     def _fetch(self, repo_id: str, rev: str):
@@ -312,7 +312,7 @@ class HfRemote:
             except RevisionNotFoundError:
                 pass
         self.store.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".pull-") as tmp:
+        with self.store.staging_dir("pull") as tmp:
             local = Path(self._call(repo_id, "pull", self.api.snapshot_download, repo_id, revision=sha,
                                     local_dir=tmp))
             files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -44,8 +44,19 @@ from collections.abc import Callable
 import composer
 from composer.card import build_card, parse_card
 
-from .errors import RepositoryNotFoundError, ReservedTagError, RevisionNotFoundError, StoreError, TagExistsError
+from .errors import (
+    FolderNotEmptyError,
+    InvalidIdError,
+    RepositoryNotFoundError,
+    ReservedTagError,
+    RevisionNotFoundError,
+    StoreError,
+    TagExistsError,
+    UnsafeFolderError,
+)
 from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
+from .locks import clear_dead_staging, clear_stale_git_locks, owner_tag, repo_lock
+from .staging import check_folder, copy_files
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
@@ -66,6 +77,20 @@ def default_root() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "adapter-hub"
+
+
+def _fallback_snapshots(root: Path) -> Path:
+    """Where snapshots of a read-only store go: the user's cache, one folder per store root."""
+    digest = hashlib.sha256(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = Path(cache) / "adapter-hub-readonly" / digest
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"adapter-hub-readonly-{os.getuid()}" / digest
 
 
 def _pause(stage: str) -> None:
@@ -143,17 +168,18 @@ class Store:
     def repo_path(self, ref: RepoRef) -> Path:
         return self.models / ref.namespace / ref.name
 
-    @contextlib.contextmanager
-    def lock(self, ref: RepoRef) -> Iterator[None]:
-        """Exclusive lock on one repository; released by the kernel if the process dies."""
+    def lock(self, ref: RepoRef, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock on one repository (see :mod:`hub.locks`): released by the kernel if the process dies,
+        announced after a second of waiting, given up with :class:`LockTimeoutError` after ``timeout``."""
         path = self.root / "locks" / ref.namespace / f"{ref.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return repo_lock(path, f"'{ref.repo_id}'", timeout)
+
+    def staging_dir(self, kind: str = "stage") -> tempfile.TemporaryDirectory:
+        """A temporary folder under the root named after its owner (``.stage-<host>-<pid>-*``), so one left by a
+        killed process can be recognised and removed by a later push (:func:`hub.locks.clear_dead_staging`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        clear_dead_staging(self.root)
+        return tempfile.TemporaryDirectory(dir=self.root, prefix=f".{kind}-{owner_tag()}-")
 
     def _require(self, ref: RepoRef) -> Path:
         path = self.repo_path(ref)
@@ -197,6 +223,10 @@ class Store:
             name, sha, peeled = (line.split(" ") + ["", ""])[:3]
             tags[name] = peeled or sha
         return tags
+
+    def branches(self, path: Path) -> set[str]:
+        out = self._out(path, "for-each-ref", "--format=%(refname:strip=2)", "refs/heads")
+        return set(out.splitlines()) | {BRANCH}
 
     def resolve(self, repo_id: str) -> Resolved:
         """Pin ``namespace/name[@rev]`` to a commit; ``rev`` is a tag, a branch or a (short) commit sha.
@@ -286,19 +316,92 @@ class Store:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         path = self._require(resolved.ref)
-        for name, oid in self.files(resolved):
-            data = self._git(path, "cat-file", "blob", oid).stdout
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+        try:
+            for name, oid in self.files(resolved):
+                if name not in ADAPTER_FILES:  # the store holds nothing else; never write outside dest
+                    continue
+                data = self._git(path, "cat-file", "blob", oid).stdout
+                target = dest / name
+                fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(data)
+                    os.replace(tmp, target)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        except OSError as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"Could not write {dest}: {e.strerror or e}. Free some space or pick another "
+                             "folder with --to.") from e
+        return dest
+
+    def pull_to(self, resolved: Resolved, dest: str | os.PathLike) -> Path:
+        """Materialise a commit as exactly its files in ``dest``, never a mixture with what was there.
+
+        A missing or empty ``dest`` is filled; one holding only adapter files (an earlier pull) is replaced
+        as a whole (written aside, then swapped in); anything else is refused.
+
+        Raises:
+            FolderNotEmptyError, UnsafeFolderError, StoreError.
+        """
+        dest = Path(dest)
+        if dest.is_symlink():
+            raise UnsafeFolderError(f"'{dest}' is a symbolic link; pass the folder itself with --to.", path=dest)
+        if dest.exists() and not dest.is_dir():
+            raise FolderNotEmptyError(f"'{dest}' exists and is not a folder; pass a new or empty folder to --to.",
+                                      path=dest)
+        present = sorted(os.listdir(dest)) if dest.is_dir() else []
+        if not present:
+            return self.export(resolved, dest)
+        foreign = [n for n in present if n not in ADAPTER_FILES]
+        if foreign:
+            raise FolderNotEmptyError(
+                f"'{dest}' is not empty and holds files that are not adapter files ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); pull into a new or empty folder, or remove them.",
+                path=dest)
+        parent = dest.resolve().parent
+        new = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.pull-"))
+        old = parent / f".{dest.name}.old-{new.name.rsplit('-', 1)[-1]}"
+        try:
+            self.export(resolved, new)
+            os.rename(dest, old)
+            try:
+                os.rename(new, dest)
+            except BaseException:
+                os.rename(old, dest)
+                raise
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"Could not replace {dest}: {e.strerror or e}. It is unchanged.") from e
+        shutil.rmtree(old, ignore_errors=True)
         return dest
 
     def snapshot(self, resolved: Resolved) -> Path:
-        """A read-only export at ``snapshots/<ns>/<name>/<sha>/``, created once."""
-        final = self.root / "snapshots" / resolved.ref.namespace / resolved.ref.name / resolved.sha
+        """A read-only export at ``snapshots/<ns>/<name>/<sha>/``, created once.
+
+        On a read-only store (a shared mount) the export goes to a per-user cache instead
+        (:func:`_fallback_snapshots`), so reads never need write access to the store.
+        """
+        rel = Path(resolved.ref.namespace) / resolved.ref.name / resolved.sha
+        first = self.root / "snapshots" / rel
+        if first.is_dir():
+            return first
+        try:
+            return self._snapshot_into(resolved, first)
+        except OSError:
+            pass  # read-only or otherwise unwritable here: export to the user's cache instead
+        second = _fallback_snapshots(self.root) / rel
+        try:
+            return self._snapshot_into(resolved, second)
+        except OSError as e:
+            raise StoreError(f"Could not write a snapshot of {resolved.pinned} under {first.parent} or "
+                             f"{second.parent}: {e.strerror or e}. Pass --to DIR to pull elsewhere.") from e
+
+    def _snapshot_into(self, resolved: Resolved, final: Path) -> Path:
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -326,16 +429,12 @@ class Store:
         Returns:
             The staged adapter and the names of the files left out (not adapter files).
         """
-        if not folder.is_dir():
+        if not folder.is_dir() and not folder.is_symlink():
             raise composer.AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
+        check_folder(folder)  # before anything reads through a link
         composer.load(folder)  # errors name the user's folder
-        skipped = []
-        for p in sorted(folder.iterdir()):
-            if p.name in ADAPTER_FILES and p.is_file():
-                shutil.copyfile(p, staging / p.name)
-            elif not p.name.startswith("."):
-                skipped.append(p.name)
+        skipped = copy_files(folder, staging, ADAPTER_FILES)
         # What is stored is the staged copy, so validate that too (the folder may change under us).
         adapter = composer.load(staging)
         if (staging / "README.md").exists():
@@ -374,16 +473,18 @@ class Store:
         if tag is not None:
             tag = check_tag(tag)
         folder = Path(folder)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".stage-") as staging_name:
+        with self.staging_dir() as staging_name:
             staging = Path(staging_name)
             adapter, skipped = self.stage(folder, staging)
             _pause("validate")
             with self.lock(ref):
                 _pause("lock")
                 path = self._init(ref)
+                clear_stale_git_locks(path)  # we hold the lock: git lock files here are a dead writer's
                 parent = self._rev(path, f"refs/heads/{BRANCH}")
                 tags = self.tags(ref)
+                if tag is not None:
+                    check_tag(tag, branches=self.branches(path))
                 if tag is None and auto_version:
                     tag = next_version(tags)
                 elif tag is not None:
@@ -421,8 +522,12 @@ class Store:
                     lines.append(f"update refs/tags/{tag} {sha}" if force and tag in tags
                                  else f"create refs/tags/{tag} {sha}")
                 for t in extra_tags:
+                    try:
+                        check_tag(t, branches=self.branches(path))
+                    except InvalidIdError:
+                        continue  # a remote's tag we cannot mirror safely; the remote still resolves it
                     if t not in tags and t != tag:
-                        lines.append(f"create refs/tags/{check_tag(t)} {sha}")
+                        lines.append(f"create refs/tags/{t} {sha}")
                 for r, target in (extra_refs or {}).items():
                     lines.append(f"update {r} {target or sha}")
                 lines += ["prepare", "commit", ""]
@@ -460,6 +565,8 @@ class Store:
         resolved = self.resolve(repo_id)
         path = self._require(resolved.ref)
         with self.lock(resolved.ref):
+            clear_stale_git_locks(path)
+            check_tag(tag, branches=self.branches(path))
             tags = self.tags(resolved.ref)
             if tag in tags and not force:
                 raise TagExistsError(

@@ -12,6 +12,7 @@ from peft.tuners.road.layer import _get_delta_weight
 
 import composer
 from composer import PromptVector, RoadAdapter
+from composer.road_math import num_values
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -23,7 +24,7 @@ def road_pair(draw, variant="road_1"):
     n_mod = draw(st.integers(1, 2))
     seed = draw(st.integers(0, 10_000))
     gen = torch.Generator().manual_seed(seed)
-    per = {"road_1": g // 2, "road_2": g, "road_4": 2 * g}[variant] * groups
+    per = num_values(variant, g * groups)  # a layer of `groups` groups
 
     def one(i):
         theta = {f"model.layers.{k}.mlp.up_proj": torch.randn(per, generator=gen) for k in range(n_mod)}

@@ -11,8 +11,7 @@ import torch
 from peft import PeftModel
 
 import composer
-from app.engine import Engine, base as base_mod, load_base
-from app.errors import BaseModelError
+from app.engine import Engine, load_base
 
 pytestmark = pytest.mark.slow
 

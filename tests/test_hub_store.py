@@ -175,7 +175,7 @@ def test_compose_pins_inputs_and_tags_card(tmp_path, pushed, store):
     v1, v2 = hub.resolve("alice/math@v1").sha, hub.resolve("alice/math@v2").sha
     mixed = hub.load("team/mix")
     assert {i["ref"] for i in mixed.recipe.inputs} == {f"alice/math@{v1}", f"alice/math@{v2}"}
-    from hub.card import parse_card
+    from composer.card import parse_card
     front, _ = parse_card(store.read(store.resolve("team/mix"), "README.md"))
     assert "composed" in front["tags"]
     assert {i["ref"] for i in front["recipe"]["inputs"]} == {f"alice/math@{v1}", f"alice/math@{v2}"}

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from composer import PromptVector, RoadAdapter
+from composer.road_math import num_values
 
 HIDDEN = 32
 TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -35,10 +36,9 @@ def module_widths(model, targets=TARGETS) -> dict[str, int]:
 def random_road(model, variant: str = "road_1", group_size: int = 8, seed: int = 0, scale: float = 0.3,
                 targets=TARGETS, base: str = "tiny-llama") -> RoadAdapter:
     g = torch.Generator().manual_seed(seed)
-    per = {"road_1": 0.5, "road_2": 1, "road_4": 2}[variant]
     theta, alpha = {}, {}
     for name, width in module_widths(model, targets).items():
-        n = int(width * per)
+        n = num_values(variant, width)
         theta[name] = torch.randn(n, generator=g) * scale
         alpha[name] = 1 + torch.randn(n, generator=g) * scale * 0.3
     cfg = {"base_model_name_or_path": base, "target_modules": sorted(targets)}

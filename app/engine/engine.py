@@ -26,7 +26,7 @@ from composer import PromptVector, RoadAdapter
 
 from ..errors import MixError
 from . import road
-from .sampling import pick_next
+from .sampling import check_sampling, pick_next
 
 Mix = Any  # None | RoadAdapter | PromptVector | Sequence[RoadAdapter | PromptVector] | str (an expression)
 
@@ -254,8 +254,7 @@ class Engine:
         the loop ends when every row stopped or ``max_new_tokens`` were made.
         """
         max_new_tokens = int(sampling.pop("max_new_tokens", 256))
-        temperature = float(sampling.pop("temperature", 0.0))
-        top_p = float(sampling.pop("top_p", 1.0))
+        temperature, top_p = check_sampling(sampling.pop("temperature", 0.0), sampling.pop("top_p", 1.0))
         seed = sampling.pop("seed", None)
         if sampling.pop("do_sample", True) is False:
             temperature = 0.0

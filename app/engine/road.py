@@ -46,7 +46,7 @@ def signed_tables(variant: str, group_size: int, theta: torch.Tensor, alpha: tor
         a = alpha.float().reshape(-1, 1, group_size // 2)
         return a * t.cos(), a * t.sin()
     if variant not in VARIANTS:
-        raise MixError(f"Unknown RoAd variant {variant!r}; expected road_1, road_2 or road_4.")
+        raise MixError(f"Unknown RoAd variant {variant!r}; expected one of {', '.join(VARIANTS)}.")
     first, second = columns(variant, group_size, theta.float(), alpha.float())
     h = group_size // 2
     c = first.reshape(-1, 2, h).contiguous()

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ..errors import RequestError
+
+
+def check_sampling(temperature: object, top_p: object) -> tuple[float, float]:
+    """``(temperature, top_p)`` as floats, or :class:`RequestError` for values sampling cannot use.
+
+    NaN and inf pass a ``<= 0`` test and only fail deep inside ``torch.multinomial``; refuse them here.
+    """
+    try:
+        t, p = float(temperature), float(top_p)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"temperature and top_p must be numbers, got {temperature!r} and {top_p!r}.",
+                           field="temperature", value=temperature) from None
+    if not math.isfinite(t) or t < 0:
+        raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.",
+                           field="temperature", value=temperature)
+    if not math.isfinite(p) or not 0 < p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {top_p!r}.", field="top_p", value=top_p)
+    return t, p
 
 
 def pick_next(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,

@@ -25,7 +25,7 @@ import composer
 from composer.data import parse_jsonl
 
 from .. import fitting
-from .mixer import WEIGHT_RANGE, MixInputError
+from .mixer import WEIGHT_RANGE, MixInputError, plain
 
 SLIDER_STEP = 0.05
 # Half a slider step: a browser may snap a slider shown at 1.07 to 1.05, which is still the fit; one step of
@@ -143,8 +143,8 @@ def progress_text(step: int, steps: int, loss: float) -> str:
 def summary_markdown(f: Fitted) -> tuple[str, str]:
     """``(status, coefficients)`` for the page once a fit is done."""
     s = f.summary
-    per = "per layer" if s["granularity"] == "layer" else "per adapter"
-    means = ", ".join(f"`{n}` {w:.3f}" for n, w in zip(s["adapters"], s["weights"]))
+    per = f"per {s['granularity']}"
+    means = ", ".join(f"{plain(n)} {w:.3f}" for n, w in zip(s["adapters"], s["weights"]))
     clamped = any(abs(w - v) > 0.005 + 1e-9 for w, v in zip(s["weights"], f.weights))
     status = (f"**Fitted** {len(s['adapters'])} adapter{'s' if len(s['adapters']) != 1 else ''} {per} on "
               f"{s['examples']} examples in {s['seconds']} s: loss {s['first_loss']:.4f} → {s['final_loss']:.4f}. "
@@ -154,4 +154,6 @@ def summary_markdown(f: Fitted) -> tuple[str, str]:
               "adapters goes back to the plain weighted sum.")
     if clamped:
         status += f" (A mean outside {WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g} shows at the slider's end.)"
-    return status, f"**Fitted coefficients ({per})**\n\n" + fitting.coefficients_markdown(s)
+    # Names come from the store (anyone may have written them): shown as literal text, never as Markdown or HTML.
+    table = fitting.coefficients_markdown({**s, "adapters": [plain(n) for n in s["adapters"]]}, code=False)
+    return status, f"**Fitted coefficients ({per})**\n\n" + table

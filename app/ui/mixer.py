@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import composer
 import hub
 from composer import RoadAdapter
@@ -372,15 +370,28 @@ def _short(name: str) -> str:
     return name if len(name) <= 24 else "…" + name[-23:]
 
 
+_MD_SPECIAL = frozenset("\\`*_{}[]()#+!|~")
+
+
+def plain(value: object) -> str:
+    """``value`` as literal text inside Markdown: HTML escaped and Markdown punctuation backslashed.
+
+    Names, recipes and error messages come from folders and stores anyone may have written; shown through
+    Markdown unescaped, ``<img src=...>`` in a recipe field made the browser fetch a URL.
+    """
+    text = html.escape(str(value), quote=True)
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text)
+
+
 def deviation_text(adapter: composer.Adapter | None) -> str:
     """A sentence about exactness: exact, or approximate with the relative deviation."""
     if adapter is None or adapter.recipe is None:
         return ""
     r = adapter.recipe
     if r.exact:
-        return f"**Exact** composition ({r.method})."
+        return f"**Exact** composition ({plain(r.method)})."
     if r.deviation is None or (isinstance(r.deviation, float) and math.isnan(r.deviation)):
-        return (f"**Approximate** ({r.method}): the result is not the exact composition of its inputs "
+        return (f"**Approximate** ({plain(r.method)}): the result is not the exact composition of its inputs "
                 "(trimmed, dropped or non-commuting entries); no deviation from the exact one was recorded.")
-    return (f"**Approximate** ({r.method}): relative deviation from the exact composition "
+    return (f"**Approximate** ({plain(r.method)}): relative deviation from the exact composition "
             f"‖approx − exact‖/‖exact‖ = {r.deviation:.3g}.")

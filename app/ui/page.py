@@ -23,14 +23,15 @@ were (Gradio leaves state out of the API).
 
 from __future__ import annotations
 
+import html
 import math
-import os
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from ..batcher import Batcher
+from ..errors import RequestError
 from .fitpanel import SLIDER_STEP, current, examples_from, fit_steps, progress_text, summary_markdown
 from .mixer import (
     METHODS,
@@ -44,6 +45,7 @@ from .mixer import (
     layer_norms,
     overlap_html,
     overlap_matrix,
+    plain,
     takes,
 )
 
@@ -151,11 +153,11 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                           "next chat message uses it. The sliders show the mean coefficients; move one to go back "
                           "to the plain weighted sum.")
             if notes:
-                status += "\n\n" + "\n\n".join(f"**Note:** {n}" for n in notes)
+                status += "\n\n" + "\n\n".join(f"**Note:** {plain(n)}" for n in notes)
             return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
                     deviation_text(adapter), overlap_html(*overlap_matrix(named)))
         except MixInputError as e:
-            return ("", f"**Cannot build this mix.** {e}", _plot_frame([]), heatmap_html([], []), "", "")
+            return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]), heatmap_html([], []), "", "")
 
     def on_select(selected, method):
         selected = list(selected or [])[:MAX_SLOTS]
@@ -188,14 +190,17 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         try:
             expression, adapter, _ = mix_of(selected, method, t, density, weights, fitted)
         except MixInputError as e:
-            raise gr.Error(f"Cannot use this mix: {e}") from None
+            raise gr.Error(html.escape(f"Cannot use this mix: {e}")) from None
         conversation = _conversation(history) + [{"role": "user", "content": message}]
-        stream = batcher.submit(conversation, adapter, max_new_tokens=int(max_new_tokens),
-                                temperature=float(temperature))
+        try:
+            stream = batcher.submit(conversation, adapter, max_new_tokens=int(max_new_tokens),
+                                    temperature=temperature)
+        except RequestError as e:
+            raise gr.Error(html.escape(str(e))) from None
         note = stream.note or ""
         if note:
-            gr.Info(note)
-        label = f"under `{expression}`" if expression else "base model"
+            gr.Info(html.escape(note))
+        label = f"under {plain(expression)}" if expression else "base model"
         history = history + [{"role": "user", "content": message}]
         yield history + [{"role": "assistant", "content": ""}], "", note + f"\n\nAnswering {label}."
         text = ""
@@ -218,17 +223,20 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             expression, mix, _ = mix_of(selected, method, t, density, weights, fitted)
             named = mixer.inputs(selected)
         except MixInputError as e:
-            raise gr.Error(f"Cannot use this mix: {e}") from None
+            raise gr.Error(html.escape(f"Cannot use this mix: {e}")) from None
         labels = ["base model"] + [f"{n} alone" for n, _ in named]
         mixes: list[Any] = [None] + [a for _, a in named]
         if expression and len(named) > 1 or (len(named) == 1 and expression != selected[0]):
             labels.append(f"mix: {expression}")
             mixes.append(mix)
         conv = [{"role": "user", "content": prompt}]
-        stream = batcher.submit_many([(conv, m) for m in mixes], max_new_tokens=int(max_new_tokens),
-                                     temperature=float(temperature))
+        try:
+            stream = batcher.submit_many([(conv, m) for m in mixes], max_new_tokens=int(max_new_tokens),
+                                         temperature=temperature)
+        except RequestError as e:
+            raise gr.Error(html.escape(str(e))) from None
         if stream.note:
-            gr.Info(stream.note)
+            gr.Info(html.escape(stream.note))
         for texts in stream:
             yield ([gr.update(visible=True, label=lab, value=tx) for lab, tx in zip(labels, texts)]
                    + empty[len(labels):])
@@ -242,16 +250,16 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 raise MixInputError(f"'{expression}' is a stored adapter as it is; change a weight to save a mix.")
             local, remote = mixer.save(adapter, repo_id, expression=expression, to_hf=bool(to_hf))
         except MixInputError as e:
-            gr.Warning(str(e).splitlines()[0])
-            return (f"**Not saved.** {e}", *refresh_list(selected))
+            gr.Warning(html.escape(str(e).splitlines()[0]))
+            return (f"**Not saved.** {plain(e)}", *refresh_list(selected))
         if getattr(local, "unchanged", False):
-            msg = (f"**Unchanged**: `{expression}` is already stored as **{local.repo_id}@{local.tag}** (commit "
+            msg = (f"**Unchanged**: {plain(expression)} is already stored as **{local.repo_id}@{local.tag}** (commit "
                    f"`{local.sha[:10]}`); no new version was made.")
         else:
-            msg = (f"**Saved**  `{expression}` as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with "
+            msg = (f"**Saved**  {plain(expression)} as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with "
                    f"its recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
         if remote is not None:
-            msg += f" Also pushed to the Hugging Face Hub as {remote.tag or remote.sha}."
+            msg += f" Also pushed to the Hugging Face Hub as {plain(remote.tag or remote.sha)}."
         gr.Info(f"Saved {local.repo_id}@{local.tag}")
         return (msg, *refresh_list(selected))
 
@@ -268,7 +276,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             examples = examples_from(text, file)
             named = mixer.inputs(selected)
             yield (f"**Fitting** {len(named)} adapter{'s' if len(named) != 1 else ''} "
-                   f"({'per layer' if granularity == 'layer' else 'per adapter'}, {int(steps)} steps): measuring "
+                   f"(per {granularity}, {int(steps)} steps): measuring "
                    "the loss of the plain sum first. Chat replies wait while the fit runs (one model serves both).",
                    *rest)
             for event in fit_steps(batcher.engine, named, examples, granularity=granularity, steps=int(steps)):
@@ -277,8 +285,8 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 else:
                     done = event[1]
         except MixInputError as e:
-            gr.Warning(str(e).splitlines()[0])
-            yield (f"**Not fitted.** {e}", *rest)
+            gr.Warning(html.escape(str(e).splitlines()[0]))
+            yield (f"**Not fitted.** {plain(e)}", *rest)
             return
         status_text, table_text = summary_markdown(done)
         sliders_out = [gr.update(value=w) for w in done.weights] + [gr.skip()] * (MAX_SLOTS - len(done.weights))

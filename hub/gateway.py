@@ -1,0 +1,112 @@
+"""The front door of ``hub serve``: a small read-only HTTP proxy in front of the ``olah`` child.
+
+::
+
+    client ──HTTP──> gateway (host:port, this process) ──HTTP──> olah (127.0.0.1:<private port>, child)
+
+It exists for what olah answers badly, and to keep the server read-only whatever olah's routes become:
+
+- ``GET /`` answers a short text saying what this is and how to use it (olah answers 500);
+- ``/api/models/<ns>/<name>`` without a revision is asked as ``.../revision/main`` (olah asks
+  huggingface.co for the newest commit even for its own mirrors, and answers 401 "repository not found");
+- only ``GET`` and ``HEAD`` pass; anything else is ``405`` (the store is never written through the server).
+
+Responses are streamed through in blocks, with their status and headers (hop-by-hop headers dropped).
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_MODEL_INFO = re.compile(r"/api/models/([^/?#]+)/([^/?#]+)/?(\?.*)?\Z")
+_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+                  "transfer-encoding", "upgrade"))
+_BLOCK = 1 << 16
+
+
+def _handler(upstream: tuple[str, int], public: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "adapter-hub"
+        protocol_version = "HTTP/1.0"  # one request per connection: bodies end when the connection closes
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
+            pass  # olah keeps the access log
+
+        def _text(self, status: int, text: str, extra: dict[str, str] | None = None) -> None:
+            body = text.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _forward(self) -> None:
+            path = self.path
+            if path in ("/", ""):
+                self._text(200, f"adapter-hub: a read-only store served over the Hugging Face Hub API.\n"
+                                f"Use it with HF_ENDPOINT={public} (huggingface_hub, transformers, peft).\n"
+                                f"Example: HF_ENDPOINT={public} hf download <namespace>/<name> --revision v1\n")
+                return
+            m = _MODEL_INFO.match(path)
+            if m:
+                path = f"/api/models/{m.group(1)}/{m.group(2)}/revision/main{m.group(3) or ''}"
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
+            conn = http.client.HTTPConnection(*upstream, timeout=300)
+            try:
+                conn.request(self.command, path, headers=headers)
+                resp = conn.getresponse()
+            except OSError as e:
+                conn.close()
+                self._text(502, f"The store's server (olah) did not answer: {e}. It may still be starting.\n")
+                return
+            try:
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    while block := resp.read(_BLOCK):
+                        self.wfile.write(block)
+            except OSError:
+                pass  # the client went away
+            finally:
+                conn.close()
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._forward()
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._forward()
+
+        def _read_only(self) -> None:
+            self._text(405, "This server is read-only: push with 'hub push' on the machine that holds the store.\n",
+                       {"Allow": "GET, HEAD"})
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _read_only  # noqa: N815
+
+    return Handler
+
+
+class Gateway:
+    """The proxy, serving in a background thread until :meth:`close`."""
+
+    def __init__(self, host: str, port: int, upstream: tuple[str, int]) -> None:
+        public = f"http://{host}:{port}"
+        self.httpd = ThreadingHTTPServer((host, port), _handler(upstream, public))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="hub-gateway", daemon=True)
+
+    def start(self) -> Gateway:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

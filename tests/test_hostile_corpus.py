@@ -1,0 +1,387 @@
+"""A hostile-input corpus, generated: each case builds a hostile folder, id, expression or environment, runs
+the ``hub`` command in-process against a store that ``hub serve`` is serving, and checks what a careful
+user expects: the exit code (1, or 2 for usage), one ``Error:`` line that says what to do, no traceback,
+the store unchanged (every repository's refs and objects), and the server still answering.
+
+Add a case by adding a function to ``CASES``: it gets the scratch folder and returns the argv (and may set
+variables through ``monkeypatch``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import composer
+import hub
+from app.cli import main
+from tests.test_hub_helpers import env, folder, git
+
+SECRET = "aws_secret_access_key = DO-NOT-LEAK"
+
+
+# ------------------------------------------------------------------------------------------- the server
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A store with alice/math v1 and v2, served by `hub serve` for the whole module."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    root = tmp / "store"
+    old = os.environ.get("ADAPTER_HUB_HOME")
+    hub.push(folder(tmp, "a", seed=0), "alice/math", root=root)
+    hub.push(folder(tmp, "b", seed=1), "alice/math", root=root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env(ADAPTER_HUB_HOME=str(root)), cwd=tmp)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while not _answers(base):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()
+            time.sleep(0.3)
+        yield root, base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if old is not None:
+            os.environ["ADAPTER_HUB_HOME"] = old
+
+
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/api/models/alice/math/revision/v1", timeout=5) as r:
+            return r.status == 200 and "sha" in json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+
+
+def state(root: Path) -> dict:
+    """Every repository's refs and objects, and the names at the root (staging leftovers show up here)."""
+    out: dict = {"root": sorted(p.name for p in root.iterdir() if p.name not in ("snapshots", "serve", "locks"))}
+    models = root / "models"
+    for repo in sorted(models.glob("*/*")):
+        if (repo / ".git").is_dir():
+            out[str(repo.relative_to(models))] = (
+                git(repo, "for-each-ref", "--format=%(refname) %(objectname)").stdout,
+                git(repo, "cat-file", "--batch-all-objects", "--batch-check").stdout)
+        else:
+            out[str(repo.relative_to(models))] = "not a repository"
+    return out
+
+
+# ------------------------------------------------------------------------------------- the hostile cases
+
+def _cfg(path: Path, **changes) -> Path:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _secret(tmp: Path) -> Path:
+    p = tmp / "elsewhere" / "credentials"
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(SECRET)
+    return p
+
+
+def _linked(name: str):
+    def case(tmp: Path, mp) -> list[str]:
+        src = folder(tmp, "src")
+        (src / name).unlink(missing_ok=True)
+        (src / name).symlink_to(_secret(tmp))
+        return ["push", str(src), "alice/math"]
+    return case
+
+
+def _folder_link(tmp, mp):
+    link = tmp / "link"
+    link.symlink_to(folder(tmp, "src"), target_is_directory=True)
+    return ["push", str(link), "alice/math"]
+
+
+def _subfolder_link(tmp, mp):
+    src = folder(tmp, "src")
+    (src / "checkpoint").symlink_to(_secret(tmp).parent, target_is_directory=True)
+    return ["push", str(src), "alice/math"]
+
+
+def _fifo_card(tmp, mp):
+    src = folder(tmp, "src")
+    (src / "README.md").unlink()
+    os.mkfifo(src / "README.md")
+    return ["push", str(src), "alice/math"]
+
+
+def _config(**changes):
+    def case(tmp, mp):
+        return ["push", str(_cfg(folder(tmp, "src"), **changes)), "alice/math"]
+    return case
+
+
+def _raw_config(text: str):
+    def case(tmp, mp):
+        src = folder(tmp, "src")
+        (src / "adapter_config.json").write_text(text)
+        return ["push", str(src), "alice/math"]
+    return case
+
+
+def _recipe(data: object):
+    def case(tmp, mp):
+        src = folder(tmp, "src")
+        (src / "recipe.json").write_text(json.dumps(data))
+        return ["push", str(src), "alice/math"]
+    return case
+
+
+def _card(text: str | bytes):
+    def case(tmp, mp):
+        src = folder(tmp, "src")
+        (src / "README.md").write_bytes(text.encode() if isinstance(text, str) else text)
+        return ["push", str(src), "alice/math"]
+    return case
+
+
+def _weights(transform: Callable[[dict], dict] | None = None, raw: bytes | None = None):
+    def case(tmp, mp):
+        src = folder(tmp, "src")
+        path = src / "adapter_model.safetensors"
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            save_file(transform(composer.load(src).tensors()), path)
+        return ["push", str(src), "alice/math"]
+    return case
+
+
+def _pickles_only(tmp, mp):
+    src = folder(tmp, "src")
+    (src / "adapter_model.safetensors").unlink()
+    (src / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return ["push", str(src), "alice/math"]
+
+
+def _limit(var: str, value: str, argv: Callable):
+    def case(tmp, mp):
+        mp.setenv(var, value)
+        return argv(tmp)
+    return case
+
+
+def _pull_to_foreign(tmp, mp):
+    out = tmp / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    return ["pull", "alice/math@v1", "--to", str(out)]
+
+
+def _pull_to_file(tmp, mp):
+    (tmp / "file").write_text("x")
+    return ["pull", "alice/math@v1", "--to", str(tmp / "file")]
+
+
+def _lock_dir(tmp, mp):
+    root = Path(os.environ["ADAPTER_HUB_HOME"])
+    (root / "locks" / "alice" / "zzz.lock").mkdir(parents=True, exist_ok=True)
+    return ["push", str(folder(tmp, "src")), "alice/zzz"]
+
+
+def _compose(expr: str):
+    return lambda tmp, mp: ["compose", "-o", "team/mix", "--", expr]
+
+
+def _deep_json(depth: int) -> str:
+    return json.dumps({"peft_type": "ROAD"})[:-1] + ', "x": ' + "[" * depth + "]" * depth + "}"
+
+
+def _header(n: int) -> bytes:
+    return struct.pack("<Q", n) + b"{"
+
+
+def _f8(ts):
+    return {k: v.to(torch.float8_e4m3fn) for k, v in ts.items()}
+
+
+def _cplx(ts):
+    return {k: v.to(torch.complex64) for k, v in ts.items()}
+
+
+def _nan(ts):
+    return {k: v.clone().fill_(float("nan")) for k, v in ts.items()}
+
+
+CASES: dict[str, tuple[Callable, int]] = {
+    # a push never follows links, never blocks on a pipe
+    "card link to a secret": (_linked("README.md"), 1),
+    "recipe link to a secret": (_linked("recipe.json"), 1),
+    "weights link": (_linked("adapter_model.safetensors"), 1),
+    "config link": (_linked("adapter_config.json"), 1),
+    "folder is a link": (_folder_link, 1),
+    "subfolder is a link": (_subfolder_link, 1),
+    "card is a FIFO": (_fifo_card, 1),
+    # only what PEFT loads
+    "target_modules match nothing": (_config(target_modules=["k_proj"]), 1),
+    "target_modules list a module without tensors": (_config(target_modules=["q_proj", "v_proj"]), 1),
+    "target_modules wrong type": (_config(target_modules={"q_proj": 1}), 1),
+    "target_modules bad regex": (_config(target_modules="(("), 1),
+    "group_size a string": (_config(group_size="8"), 1),
+    "group_size overflows": (_config(group_size=10**30), 1),
+    "group_size absurd": (_config(group_size=2**40), 1),
+    "variant a list": (_config(variant=["road_1"]), 1),
+    "peft_type unknown": (_config(peft_type="LORA_9000"), 1),
+    "config nested 100 deep": (_raw_config(_deep_json(100)), 1),
+    "config nested 100000 deep": (_raw_config(_deep_json(100_000)), 1),
+    "config number of 5000 digits": (_raw_config('{"peft_type": "ROAD", "group_size": ' + "9" * 5000 + "}"), 1),
+    "config 1e999": (_raw_config('{"peft_type": "ROAD", "group_size": 1e999}'), 1),
+    "config not JSON": (_raw_config("{"), 1),
+    "config a list": (_raw_config("[1, 2]"), 1),
+    "config too big": (_raw_config('{"peft_type": "ROAD", "pad": "' + "x" * (2**20 + 10) + '"}'), 1),
+    "recipe expression a dict": (_recipe({"expression": {"a": 1}}), 1),
+    "recipe weights strings": (_recipe({"expression": "a", "weights": ["1"]}), 1),
+    "recipe inputs with markup objects": (_recipe({"expression": "a", "inputs": [{"name": {"<img>": 1}}]}), 1),
+    "recipe a list": (_recipe([1, 2, 3]), 1),
+    "weights float8": (_weights(_f8), 1),
+    "weights complex": (_weights(_cplx), 1),
+    "weights NaN": (_weights(_nan), 1),
+    "weights truncated": (_weights(raw=_header(10)), 1),
+    "weights header claims 1 EiB": (_weights(raw=_header(2**60)), 1),
+    "weights empty file": (_weights(raw=b""), 1),
+    "pickles only": (_pickles_only, 1),
+    "card python tag": (_card("---\nx: !!python/object/apply:os.system ['true']\n---\n"), 1),
+    "card anchors": (_card("---\na: &x 1\nb: *x\n---\n"), 1),
+    "card nested 100 deep": (_card("---\na: " + "[" * 100 + "]" * 100 + "\n---\n"), 1),
+    "card nested 50000 deep": (_card("---\na: " + "[" * 50_000 + "]" * 50_000 + "\n---\n"), 1),
+    "card not UTF-8": (_card(b"---\na: \xff\n---\n"), 1),
+    "card bad YAML": (_card("---\na: [1\n---\n"), 1),
+    "card too big": (_card("x" * (2**20 + 1)), 1),
+    "adapter over the size limit": (_limit("ADAPTER_HUB_MAX_ADAPTER_BYTES", "100",
+                                           lambda t: ["push", str(folder(t, "src")), "alice/math"]), 1),
+    "limit variable not a number": (_limit("ADAPTER_HUB_LOCK_TIMEOUT", "soon",
+                                           lambda t: ["push", str(folder(t, "src")), "alice/math"]), 1),
+    # ids, tags, revisions
+    "id traversal": (lambda t, mp: ["push", str(folder(t, "src")), "alice/../../etc"], 1),
+    "id absolute": (lambda t, mp: ["pull", "/etc/passwd"], 1),
+    "id three parts": (lambda t, mp: ["log", "a/b/c"], 1),
+    "id control character": (lambda t, mp: ["log", "alice/ma\x1b[2Kth"], 1),
+    "id newline": (lambda t, mp: ["show", "alice/math\nError: forged"], 1),
+    "revision traversal": (lambda t, mp: ["pull", "alice/math@../../HEAD"], 1),
+    "revision missing": (lambda t, mp: ["pull", "alice/math@v99"], 1),
+    "tag main": (lambda t, mp: ["tag", "alice/math@v1", "main"], 1),
+    "tag HEAD": (lambda t, mp: ["tag", "alice/math@v1", "HEAD"], 1),
+    "tag a sha": (lambda t, mp: ["tag", "alice/math@v1", "a" * 40], 1),
+    "tag traversal": (lambda t, mp: ["tag", "alice/math@v1", "../x"], 1),
+    "push tag main": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "alice/math", "--tag", "main"], 1),
+    # pulls
+    "pull into a foreign folder": (_pull_to_foreign, 1),
+    "pull onto a file": (_pull_to_file, 1),
+    # locks
+    "lock path is a folder": (_lock_dir, 1),
+    # expressions
+    "expression of 10000 terms": (_compose(" + ".join(["alice/math"] * 10_000)), 1),
+    "expression 20000 characters": (_compose("alice/math" + " " * 20_000), 1),
+    "expression nested 5000 deep": (_compose("(" * 5000 + "alice/math" + ")" * 5000), 1),
+    "expression signs 5000 deep": (_compose("-" * 5000 + "alice/math"), 1),
+    "weight overflows": (_compose("1e999*alice/math"), 1),
+    "weights overflow the result": (_compose("1e300*alice/math@v1 + 1e300*alice/math@v2"), 1),
+    "merge density 0": (_compose("merge(ties, alice/math@v1, alice/math@v2, density=0)"), 1),
+    "merge seed 1e30": (_compose("merge(dare_linear, alice/math@v1, alice/math@v2, density=0.5, seed=1e30)"), 1),
+    "merge unknown method": (_compose("merge(nope, alice/math@v1, alice/math@v2)"), 1),
+    "expression unknown name": (_compose("alice/nothing + alice/math"), 1),
+    "expression garbage": (_compose("+*)("), 1),
+    # usage
+    "unknown flag": (lambda t, mp: ["push", "--frobnicate"], 2),
+}
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hostile_input(name, served, tmp_path, monkeypatch, capsys):
+    root, base = served
+    monkeypatch.setenv("ADAPTER_HUB_HOME", str(root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    build, want = CASES[name]
+    argv = build(tmp_path, monkeypatch)
+    before = state(root)
+    code, out, err = _run(argv, capsys)
+    assert code == want, (code, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "\x1b" not in err and "\x1b" not in out
+    lines = [line for line in err.splitlines() if line.strip()]
+    if want == 2:
+        assert lines and lines[-1].startswith("usage:") or "error:" in lines[-1]
+    else:
+        assert lines and lines[0].startswith("Error: ")
+        assert sum(line.startswith("Error: ") for line in lines) == 1
+        # one line; an expression error adds the expression and a caret under the position
+        assert len(lines) == 1 or (argv[0] == "compose" and len(lines) <= 4), err
+    assert out == ""
+    assert SECRET not in err
+    assert state(root) == before
+    assert _answers(base), "the server stopped answering"
+
+
+def test_hostile_names_are_escaped_when_left_out(served, tmp_path, monkeypatch, capsys):
+    """A folder holding a file whose name forges a line and clears the terminal: pushed, name escaped."""
+    root, _ = served
+    monkeypatch.setenv("ADAPTER_HUB_HOME", str(tmp_path / "own-store"))
+    src = folder(tmp_path, "src")
+    (src / "notes\n\x1b[2KError: forged").write_text("x")
+    code, out, err = _run(["push", str(src), "bob/notes"], capsys)
+    assert code == 0, err
+    assert "\x1b" not in err and "\\x1b[2K" in err and "\\n" in err
+    assert not any(line.startswith("Error: forged") for line in err.splitlines())
+
+
+@pytest.mark.parametrize("path, method", [
+    ("/api/models/../../../../etc/passwd", "GET"),
+    ("/api/models/alice/math/resolve/v1/..%2f..%2f..%2fetc%2fpasswd", "GET"),
+    ("/api/models/alice%2f..%2f..%2fmath/revision/v1", "GET"),
+    ("/" + "a" * 10_000, "GET"),
+    ("/api/models/alice/math/revision/%00", "GET"),
+    ("/api/models/alice/math", "DELETE"),
+    ("/api/repos/create", "POST"),
+])
+def test_hostile_requests_leave_the_server_serving(served, path, method):
+    root, base = served
+    req = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        assert e.code != 200
+    except OSError:
+        body = b""
+    assert b"root:" not in body
+    assert _answers(base)

@@ -1,0 +1,91 @@
+"""`hub serve` as a user runs it: GET / answers, model info without a revision works, writes are refused,
+and SIGTERM stops the olah child too (a restart finds the port free)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import hub
+from tests.test_hub_helpers import env, folder
+
+pytest.importorskip("olah")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path):
+    root = tmp_path / "server"
+    sha = hub.push(folder(tmp_path, "a"), "alice/math", root=root).sha
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env(ADAPTER_HUB_HOME=str(root)), cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/api/models/alice/math", timeout=2) as r:
+                    info = json.loads(r.read())
+                    break
+            except (OSError, ValueError):
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.3)
+        assert info["sha"] == sha  # model info without a revision: main
+        with urllib.request.urlopen(f"{base}/", timeout=5) as r:
+            assert r.status == 200 and b"HF_ENDPOINT" in r.read()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/api/repos/create", data=b"{}", method="POST"),
+                                   timeout=5)
+        assert e.value.code == 405
+        children = _children(proc.pid)
+        assert children, "olah child not found"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 15
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(c) for c in children), "olah outlived 'hub serve'"
+        with socket.socket() as s:  # the port is free again (as a restart binds it: SO_REUSEADDR)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
