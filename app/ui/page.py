@@ -275,11 +275,15 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 raise MixInputError("Choose the RoAd adapters to fit in the mixer first (two to four, say).")
             examples = examples_from(text, file)
             named = mixer.inputs(selected)
+            try:
+                steps = int(steps)
+            except (TypeError, ValueError):
+                raise MixInputError(f"The number of steps is {steps!r}, not a whole number.") from None
             yield (f"**Fitting** {len(named)} adapter{'s' if len(named) != 1 else ''} "
-                   f"(per {granularity}, {int(steps)} steps): measuring "
+                   f"(per {plain(granularity)}, {steps} steps): measuring "
                    "the loss of the plain sum first. Chat replies wait while the fit runs (one model serves both).",
                    *rest)
-            for event in fit_steps(batcher.engine, named, examples, granularity=granularity, steps=int(steps)):
+            for event in fit_steps(batcher.engine, named, examples, granularity=granularity, steps=steps):
                 if event[0] == "step":
                     yield (progress_text(*event[1:]), *rest)
                 else:
