@@ -425,6 +425,10 @@ def _resolve_input(name: str) -> Any:
     except hub.InvalidIdError as e:
         raise UsageError(f"No adapter folder '{name}', and it is not a store id either (ids look like "
                          "'namespace/name[@rev]'). Run 'hub list' to see the store.") from e
+    except LookupError as e:
+        if isinstance(e, hub.HubError):
+            raise
+        raise UsageError(str(e)) from e  # a name that is both a folder here and a store id
 
 
 def _cmd_fit(a) -> int:
