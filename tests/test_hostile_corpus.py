@@ -41,17 +41,19 @@ def served(tmp_path_factory):
     """A store with alice/math v1 and v2, served by `hub serve` for the whole module."""
     tmp = tmp_path_factory.mktemp("corpus")
     root = tmp / "store"
-    old = os.environ.get("ADAPTER_HUB_HOME")
     hub.push(folder(tmp, "a", seed=0), "alice/math", root=root)
     hub.push(folder(tmp, "b", seed=1), "alice/math", root=root)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp / "serve.log", "wb")
+    # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
+    server_env = env(ADAPTER_HUB_HOME=str(root), ADAPTER_HUB_NO_EXAMPLES="1", HF_HUB_OFFLINE="1",
+                     HF_HOME=str(tmp / "hf-home"), XDG_CACHE_HOME=str(tmp / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env(ADAPTER_HUB_HOME=str(root)), cwd=tmp)
+                            stderr=subprocess.STDOUT, env=server_env, cwd=tmp)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     try:
         while not _answers(base):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()
@@ -65,8 +67,6 @@ def served(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
-        if old is not None:
-            os.environ["ADAPTER_HUB_HOME"] = old
 
 
 def _answers(base: str) -> bool:
