@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
     from .io import from_peft, load, save, validate_folder
     from .merge_methods import METHODS
     from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
-    from .fit import FitError, apply_coefficients, fit, rebuild
+    from .mixfit import FitError, apply_coefficients, fit, rebuild
     from .subspace import Subspace, SubspaceError, active_pairs, overlap
 
 _LAZY = {
@@ -56,7 +56,7 @@ _LAZY = {
     "expr": ("evaluate", "parse", "format_name"),
     "initialise": ("init", "check_fits"),
     "merge_methods": ("METHODS",),
-    "fit": ("fit", "apply_coefficients", "rebuild", "FitError"),
+    "mixfit": ("fit", "apply_coefficients", "rebuild", "FitError"),
     "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}

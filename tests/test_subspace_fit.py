@@ -171,7 +171,7 @@ def test_fit_refuses_what_it_cannot_do(data, pair):
     with pytest.raises(composer.FitError, match="at most 32"):
         composer.fit([a, b], rows, model=learner(), tokenizer=char_tokenizer())
     with pytest.raises(composer.FitError, match="granularity"):
-        composer.fit([a, b], data, model=learner(), tokenizer=char_tokenizer(), granularity="module")
+        composer.fit([a, b], data, model=learner(), tokenizer=char_tokenizer(), granularity="token")
     with pytest.raises(composer.DataError):
         composer.fit([a, b], [{"nope": 1}], model=learner(), tokenizer=char_tokenizer())
     from tests.tiny import random_prompt
