@@ -205,6 +205,7 @@ def section_pairs(engine, styles, sweep_prompts, sweep_refs, head_prompts, head_
         reason = tasks.contradiction((a, b))
         if reason:
             out.append(f"### {a} + {b}: contradictory by definition ({reason}); left out of the targets\n")
+            print(out[-1], flush=True)
             continue
         if "fit" in args.methods:
             fits[(a, b)] = fit_pair(engine, a, b, styles, args)
