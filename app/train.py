@@ -73,10 +73,11 @@ def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
     """Zero the gradients of RoAd parameters outside ``subspace``; returns param name -> (mask, module)."""
     if subspace is None:
         return {}, None
-    from composer.subspace import Subspace, param_mask, num_pairs
+    from composer.subspace import Subspace, SubspaceError, num_pairs, param_mask
 
     if kind != "road":
-        raise ValueError("A subspace applies to RoAd adapters only (--kind road).")
+        raise SubspaceError("A subspace applies to RoAd adapters only (--kind road); prompt vectors train every "
+                            "virtual token.")
     if isinstance(subspace, str):
         subspace = Subspace.parse(subspace)
     masks: dict[str, tuple[torch.Tensor, str]] = {}

@@ -187,7 +187,6 @@ def fit(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict
         DataError: unusable examples.
         IncompatibleAdaptersError: the adapters do not fit ``model``.
     """
-    from peft.utils import get_peft_model_state_dict  # noqa: F401  (PEFT must be importable before init)
     from torch.nn.utils import parametrize
 
     from .data import collate, encode_all, examples_sha256, read_examples
@@ -253,9 +252,8 @@ def fit(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict
             bar = tqdm(total=steps, desc="fit mix")
         order: list[int] = []
         for step in range(steps):
-            if len(order) < batch_size:
+            while len(order) < batch_size:  # epochs in a seeded order; a batch may span two of them
                 order += torch.randperm(len(rows), generator=gen).tolist()
-                order += torch.randperm(len(rows), generator=gen).tolist() if len(order) < batch_size else []
             batch_rows, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
             loss = pm(**collate(batch_rows, pad)).loss
             opt.zero_grad(set_to_none=True)
