@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fit-steps", type=int, default=30)
     ap.add_argument("--fit-lr", type=float, default=0.05)
     ap.add_argument("--fit-batch", type=int, default=8)
-    ap.add_argument("--fit-granularity", choices=["adapter", "layer"], default="layer")
+    ap.add_argument("--fit-granularity", choices=["adapter", "layer", "module"], default="layer")
     ap.add_argument("--init-pair", default="upper+signoff")
     ap.add_argument("--shots", type=int, default=8, help="few-shot combined examples (init section)")
     ap.add_argument("--steps", type=int, default=10, help="few-shot training steps (init section)")
