@@ -152,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the fitted adapter to")
     s.add_argument("--push", metavar="ID", help="also store it as a new version of namespace/name")
     # Defaults as in composer.fit (a test keeps them equal; importing it here would load torch for --help).
-    s.add_argument("--granularity", choices=["layer", "adapter", "module"], default="layer",
-                   help="one coefficient per adapter and layer (default), per adapter, or per adapted module")
+    s.add_argument("--granularity", choices=["module", "layer", "adapter"], default="module",
+                   help="one coefficient per adapter and adapted module (default; 420 for two SmolLM2 adapters on "
+                        "7 projections), per adapter and layer, or per adapter")
     s.add_argument("--steps", type=int, default=30, help="optimisation steps (default 30)")
-    s.add_argument("--lr", type=float, default=0.05, help="learning rate of the coefficients (default 0.05)")
+    s.add_argument("--lr", type=float, default=0.1, help="learning rate of the coefficients (default 0.1)")
     s.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     s.add_argument("--seed", type=int, default=0, help="seed of the example order (default 0)")
     s.add_argument("--base", metavar="MODEL",

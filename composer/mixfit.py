@@ -161,7 +161,7 @@ class _Mix(torch.nn.Module):
 
 
 def fit(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict], *, model: Any, tokenizer: Any,
-        granularity: str = "layer", steps: int = 30, lr: float = 0.05, batch_size: int = 8, seed: int = 0,
+        granularity: str = "module", steps: int = 30, lr: float = 0.1, batch_size: int = 8, seed: int = 0,
         max_length: int = 256, init: Sequence[float] | None = None,
         callback: Callable[[int, int, float], None] | None = None, progress: bool = False) -> RoadAdapter:
     """Learn mix coefficients on a few examples of the combined behaviour; base and adapters stay frozen.
