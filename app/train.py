@@ -69,8 +69,8 @@ def _prompt_model(model: Any, num_virtual_tokens: int) -> Any:
 
 
 def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
-                          ) -> tuple[dict[str, tuple[torch.Tensor, str]], dict[str, Any] | None]:
-    """Zero the gradients of RoAd parameters outside ``subspace``; returns param name -> (mask, module)."""
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Zero the gradients of RoAd parameters outside ``subspace``; returns param name -> mask, and the record."""
     if subspace is None:
         return {}, None
     from composer.subspace import Subspace, SubspaceError, num_pairs, param_mask
@@ -80,7 +80,7 @@ def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
                             "virtual token.")
     if isinstance(subspace, str):
         subspace = Subspace.parse(subspace)
-    masks: dict[str, tuple[torch.Tensor, str]] = {}
+    masks: dict[str, torch.Tensor] = {}
     pair_masks: dict[str, torch.Tensor] = {}
     for name, mod in pm.named_modules():
         if not hasattr(mod, "road_theta") or "default" not in getattr(mod, "road_theta", {}):
@@ -94,7 +94,7 @@ def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
         for pname in ("road_theta", "road_alpha"):
             p = getattr(mod, pname)["default"]
             p.register_hook(lambda grad, m=pm_mask: grad * m.to(grad.dtype))
-            masks[f"{name}.{pname}.default"] = (pm_mask, module)
+            masks[f"{name}.{pname}.default"] = pm_mask
     return masks, subspace.record(pair_masks)
 
 
@@ -221,7 +221,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     pm.eval()
     if masks:  # pairs outside the subspace end exactly where they started (gradients there were zero anyway)
         with torch.no_grad():
-            for n, (mask, _) in masks.items():
+            for n, mask in masks.items():
                 named[n].copy_(torch.where(mask, named[n], start[n]))
     adapter = composer.from_peft(pm, init=prompt_init)
     data_hash = file_sha256(data_path)

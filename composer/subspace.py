@@ -29,6 +29,7 @@ import torch
 
 from .adapters import RoadAdapter
 from .errors import ComposerError
+from .road_math import layer_width
 
 
 class SubspaceError(ComposerError, ValueError):
@@ -113,8 +114,11 @@ def param_mask(variant: str, group_size: int, pair_mask: torch.Tensor) -> torch.
 
 
 def num_pairs(variant: str, numel: int) -> int:
-    """Number of 2D pairs in a layer whose θ tensor has ``numel`` entries."""
-    return {"road_1": numel, "road_2": numel // 2, "road_4": numel // 4}[variant]
+    """Number of 2D pairs (half the layer's width) in a layer whose θ tensor has ``numel`` entries."""
+    width = layer_width(variant, numel)
+    if width is None:
+        raise SubspaceError(f"A {variant} tensor of {numel} values fits no layer width.")
+    return width // 2
 
 
 def active_pairs(adapter: RoadAdapter) -> dict[str, torch.Tensor]:
