@@ -58,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmd in commands.items():
                 times[name].append(_run(cmd, env))
     base = statistics.median(times["python -c pass"])
-    print(f"{'command':28} {'median s':>9} {'- python':>9} {'goal s':>7}  ok   (median of {args.repeats}, "
-          f"{os.cpu_count()} CPUs, {sys.version.split()[0]})")
+    print(f"{'command':28} {'median s':>9} {'min-max s':>13} {'- python':>9} {'goal s':>7}  ok   "
+          f"(median of {args.repeats}, {os.cpu_count()} CPUs, {sys.version.split()[0]}, "
+          f"load average {os.getloadavg()[0]:.2f})")
     for name, ts in times.items():
         med = statistics.median(ts)
         goal = goals.get(name)
         ok = "" if goal is None else ("yes" if med < goal else "NO")
-        print(f"{name:28} {med:9.3f} {med - base:9.3f} {'' if goal is None else f'{goal:7.1f}':>7}  {ok}")
+        spread = f"{min(ts):.3f}-{max(ts):.3f}"
+        print(f"{name:28} {med:9.3f} {spread:>13} {med - base:9.3f} {'' if goal is None else f'{goal:7.1f}':>7}  {ok}")
     return 0
 
 
