@@ -105,9 +105,9 @@ def default_resolve(name: str) -> Any:
     refused rather than silently picking one; ``./alice/math`` always means the folder. A folder's input is
     pinned in the recipe by its absolute path and the sha256 of its weights.
     """
-    import hashlib
-
     import hub
+    from composer.data import file_sha256
+    from composer.mixfit import PIN
 
     folder = Path(name).expanduser()
     in_store = False
@@ -122,8 +122,8 @@ def default_resolve(name: str) -> Any:
         return hub.load(name)
     if folder.is_dir():
         adapter = composer.load(folder)
-        digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
-        return dataclasses.replace(adapter, source=f"{folder.resolve()}#sha256:{digest}")
+        digest = file_sha256(folder / "adapter_model.safetensors")[:16]
+        return dataclasses.replace(adapter, source=f"{folder.resolve()}{PIN}{digest}")
     return hub.load(name)  # not a folder: the store's error says what is there
 
 

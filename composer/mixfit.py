@@ -136,13 +136,43 @@ def _fit_expression(adapters: Sequence[Adapter]) -> str:
     return "fit(" + ", ".join(_label(a, i) for i, a in enumerate(adapters)) + ")"
 
 
-def rebuild(recipe: Recipe, resolve: Callable[[str], Adapter]) -> Adapter:
-    """Rebuild a fitted adapter from its recipe: resolve each pinned input, apply the recorded coefficients."""
+PIN = "#sha256:"
+
+
+def rebuild(recipe: Recipe, resolve: Callable[[str], Adapter] | None = None) -> Adapter:
+    """Rebuild a fitted adapter from its recipe: resolve each pinned input, apply the recorded coefficients.
+
+    An input pinned as a folder (``/abs/path#sha256:<digest>``, what ``hub fit`` records for folders) is loaded
+    here, after checking that its weights still have that digest; any other reference (a store id pinned to its
+    commit, ``alice/a@<sha>``) goes to ``resolve`` (``hub.load`` for the local store).
+
+    Raises:
+        FitError: the recipe is not a fit, a pinned folder changed or is gone, or an input needs ``resolve``.
+    """
     if recipe.method not in ("fit", "fit_coefficients"):
         raise FitError(f"Recipe method {recipe.method!r} is not a fit; use composer.evaluate(recipe.expression).")
-    inputs = [resolve(i.get("ref") or i["name"]) for i in recipe.inputs]
+    inputs = [_input(i.get("ref") or i["name"], resolve) for i in recipe.inputs]
     return apply_coefficients(inputs, recipe.params["coefficients"], granularity=recipe.params["granularity"],
                               recipe=recipe)
+
+
+def _input(ref: str, resolve: Callable[[str], Adapter] | None) -> Adapter:
+    folder, pinned, digest = ref.partition(PIN)
+    if pinned:
+        from .data import file_sha256
+        from .io import load
+
+        weights = os.path.join(folder, "adapter_model.safetensors")
+        now = file_sha256(weights) if os.path.isfile(weights) else None
+        if now is None or not digest or not now.startswith(digest):
+            state = f"its weights now have sha256:{now[:len(digest) or 16]}" if now else "its weights are gone"
+            raise FitError(f"The fit's input {folder} was pinned at sha256:{digest}, but {state}; restore that "
+                           "version of the folder or fit again.")
+        return load(folder)
+    if resolve is None:
+        raise FitError(f"The fit's input {ref!r} is not a pinned folder; pass resolve= to find it "
+                       "(hub.load for a store id).")
+    return resolve(ref)
 
 
 class _Mix(torch.nn.Module):

@@ -75,12 +75,16 @@ def test_hub_fit_lowers_the_loss_pins_store_ids_and_pushes(setup, capsys):
     assert r.method == "fit" and r.inputs[0]["ref"] == f"alice/a@{sha}"  # the store id, pinned to its commit
     assert r.weights == pytest.approx(out["weights"])
     # the recipe rebuilds the same adapter from its pinned inputs, bit for bit
-    from app.train import default_resolve
-
     assert r.inputs[1]["ref"].startswith(f"{s['b']}#sha256:")  # a folder, pinned by its weights' digest
-    again = composer.rebuild(r, lambda ref: default_resolve(ref.split("#sha256:")[0]))
+    again = composer.rebuild(r, hub.load)  # rebuild checks and loads the pinned folder itself
     for m in fitted.theta:
         assert torch.equal(again.theta[m], fitted.theta[m]) and torch.equal(again.alpha[m], fitted.alpha[m])
+    with pytest.raises(composer.FitError, match="input .* needs|not a pinned folder"):
+        composer.rebuild(r)  # the store id needs a resolver
+    # a pinned folder that changed since the fit is refused, not silently rebuilt into something else
+    composer.save(random_road(learner(), seed=9, scale=0.3), s["b"])
+    with pytest.raises(composer.FitError, match="was pinned at sha256:.*restore that version"):
+        composer.rebuild(r, hub.load)
     stored = hub.load("team/fitted@v1")
     assert stored.recipe.params["coefficients"] == r.params["coefficients"]
 

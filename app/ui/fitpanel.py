@@ -5,7 +5,7 @@ fitted adapter as the session's current mix.
         │  fit_steps(): composer.fit in a worker thread that holds the engine (Engine.exclusive), so no chat
         │  batch runs while PEFT wraps the model; yields ("step", step, steps, loss) ... ("done", adapter)
         ▼
-    Fitted(selected, weights shown on the sliders, adapter with per-layer coefficients, summary)
+    Fitted(selected, weights shown on the sliders, adapter with its coefficients, summary)
         │  current(): the session's mix is the fitted adapter while the adapters, the method (task arithmetic)
         │  and the sliders are as the fit left them; moving any of them goes back to the plain weighted sum
         ▼
@@ -41,7 +41,7 @@ class Fitted:
     Attributes:
         selected: the adapters it was fitted for, in the picker's order.
         weights: what the sliders show (each adapter's mean coefficient, rounded to 0.01, clamped to the range).
-        adapter: the fitted :class:`composer.RoadAdapter` (per-layer coefficients, ``fit`` recipe).
+        adapter: the fitted :class:`composer.RoadAdapter` (its coefficients, ``fit`` recipe).
         summary: :func:`app.fitting.summary` of it, under the picker's names.
     """
 

@@ -361,8 +361,8 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     fit_file = gr.File(label="... or upload a .jsonl file (used instead of the text)",
                                        file_types=[".jsonl"], type="filepath", elem_id="fit-file", height=90)
                     with gr.Row():
-                        fit_granularity = gr.Radio([("per layer", "layer"), ("per adapter", "adapter")],
-                                                   value="layer", label="Coefficients", elem_id="fit-granularity")
+                        fit_granularity = gr.Radio([("per module", "module"), ("per layer", "layer"),
+                                                    ("per adapter", "adapter")], value="module", label="Coefficients", elem_id="fit-granularity")
                         fit_steps_box = gr.Slider(1, 200, value=30, step=1, label="steps", elem_id="fit-steps")
                     fit_btn = gr.Button("Fit", variant="primary", elem_id="fit")
                     fit_status = gr.Markdown("", elem_id="fit-status")
