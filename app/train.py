@@ -131,7 +131,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
           resolve: Callable[[str], Any] | None = None, variant: str = "road_1", group_size: int = 64,
           target_modules: Sequence[str] | None = None, num_virtual_tokens: int = 8, steps: int = 100,
           lr: float | None = None, batch_size: int = 4, seed: int = 0, out_dir: str | os.PathLike | None = None,
-          max_length: int = 512, progress: bool = True, subspace: Any = None) -> TrainResult:
+          max_length: int = 512, progress: bool = True, subspace: Any = None, anchor: bool = False) -> TrainResult:
     """Fine-tune a RoAd adapter or a prompt vector; loss on the answer tokens only.
 
     Args:
@@ -150,6 +150,11 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         subspace: RoAd only: a :class:`composer.subspace.Subspace` (or its text, ``"k/n"`` / ``"0.25"``) naming
             the share of each layer's 2D pairs to train; every other pair stays exactly where it started (the
             identity for a fresh adapter). Recorded in the card with a digest of the masks.
+        anchor: RoAd only: train an adapter that claims only the tokens its behaviour changes. An answer token the
+            base model would produce anyway (its greedy choice there, teacher-forced) is trained towards the base
+            model's own distribution (KL to the base) instead of towards the token, so the adapter does not learn
+            to defend content it did not change; every other answer token gets the usual cross-entropy. Costs one
+            more forward pass of the base per step. See :func:`anchored_loss`.
         progress: show a progress bar with the loss (``HF_HUB_DISABLE_PROGRESS_BARS`` silences it).
 
     Returns:
@@ -163,6 +168,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
 
     if kind not in ("road", "prompt"):
         raise ValueError(f"kind must be 'road' or 'prompt', got {kind!r}.")
+    if anchor and kind != "road":
+        raise ValueError("anchor applies to RoAd training only (a prompt vector changes the input, not the layers).")
     if isinstance(base, tuple):
         model, tok = base
     else:
@@ -210,11 +217,12 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
             batch, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
             if step == 0:
                 first_step = {n: p.detach().clone() for n, p in named.items()}
-            out = pm(**collate(batch, pad))
+            inputs = collate(batch, pad)
+            loss = anchored_loss(pm, inputs) if anchor else pm(**inputs).loss
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             opt.step()
-            losses.append(float(out.loss.detach()))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
         bar.close()
@@ -229,6 +237,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         "kind": adapter.kind, "data_file": Path(data_path).name, "data_sha256": data_hash, "examples": len(rows),
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "seed": seed,
         "init": init_recipe if init_recipe is not None else ("identity" if kind == "road" else "sample_vocab"),
+        "objective": "anchored" if anchor else "cross_entropy",
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
     }
     if sub_record is not None:
@@ -243,10 +252,33 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
                        training=training)
 
 
+def anchored_loss(pm: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on the answer tokens the base model would not produce, KL to the base on those it would.
+
+    ``pm`` is the PEFT-wrapped model being trained; its adapter is switched off for the base's pass (no gradient).
+    A token the base already predicts (its argmax there equals the target) is not the adapter's to claim: the
+    loss there is KL(base ‖ adapted), zero when the adapter leaves that position as the base has it. Two
+    adapters trained this way each move only their own tokens, which is what adding them needs.
+    """
+    labels = inputs["labels"][:, 1:]
+    feed = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad(), pm.disable_adapter():
+        base = torch.log_softmax(pm(**feed).logits[:, :-1].float(), -1)
+    logp = torch.log_softmax(pm(**feed).logits[:, :-1].float(), -1)
+    keep = labels != IGNORE
+    target = labels.clamp_min(0).unsqueeze(-1)
+    ce = -logp.gather(-1, target).squeeze(-1)
+    kl = (base.exp() * (base - logp)).sum(-1)
+    own = base.argmax(-1) == labels
+    per_token = torch.where(own, kl, ce)
+    return (per_token * keep).sum() / keep.sum().clamp_min(1)
+
+
 EXAMPLES = """Examples:
   hub train data.jsonl -o my-road                      # RoAd (road_1) on the default SmolLM2 base
   hub train data.jsonl -o my-prompt --kind prompt --virtual-tokens 16
   hub train data.jsonl -o slot0 --subspace 0/4          # RoAd in slot 0 of 4 disjoint shares of the pairs
+  hub train data.jsonl -o slot1 --subspace 1/4 --anchor # ... and claiming only the tokens it changes
   hub train data.jsonl -o mix-ft --init "0.5*alice/math + 0.5*./code-adapter" --steps 200
 """
 
@@ -265,6 +297,9 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     p.add_argument("--subspace", help="RoAd: train only a share of each layer's 2D pairs: 'k/n' (slot k of n "
                    "disjoint slots) or a fraction like 0.5; the rest stay at the identity")
     p.add_argument("--subspace-seed", type=int, default=0, help="seed of the per-module pair shuffle (default 0)")
+    p.add_argument("--anchor", action="store_true", help="RoAd: on answer tokens the base model would produce "
+                   "anyway, train towards the base's distribution (KL) instead of the token, so the adapter moves "
+                   "only what its behaviour changes (adapters trained so add better); one more base pass per step")
     p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 3e-2 prompt)")
@@ -292,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        group_size=args.group_size, target_modules=args.target_modules,
                        num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, seed=args.seed, out_dir=args.output,
-                       subspace=_subspace_arg(args))
+                       subspace=_subspace_arg(args), anchor=args.anchor)
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
         from .cli import report_error  # the one formatter and debug switch (HUB_DEBUG) of the command line
         return report_error(e)

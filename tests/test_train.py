@@ -12,6 +12,7 @@ import yaml
 import composer
 from app.errors import TrainingDataError
 from app.train import encode_example, main, read_examples, train
+from composer.data import IGNORE as IGNORE_ID
 from tests.tiny import random_prompt, random_road, tiny_model
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :+=?.,\n")
@@ -147,3 +148,51 @@ def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "Examples:" in capsys.readouterr().out
+
+
+def test_anchored_loss_claims_only_the_tokens_the_base_would_not_produce():
+    from app.train import _road_model, anchored_loss
+
+    torch.manual_seed(0)
+    pm = _road_model(learner(), "road_1", 8, None)  # a fresh RoAd adapter: the identity
+    prompt = torch.randint(4, 40, (1, 6))
+    with pm.disable_adapter():
+        ids = pm.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=1)
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_ID
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    # The base's own greedy tokens: each is the base's argmax, so the loss is KL(base || base) = 0, and so is
+    # its gradient: the adapter has nothing to claim. Plain cross-entropy would still pull (sharpen) it.
+    loss = anchored_loss(pm, inputs)
+    loss.backward()
+    grads = [p.grad for p in pm.parameters() if p.requires_grad]
+    assert float(loss) == pytest.approx(0.0, abs=1e-6) and all(float(g.abs().max()) < 1e-7 for g in grads)
+    pm.zero_grad()
+    pm(**inputs).loss.backward()
+    assert max(float(p.grad.abs().max()) for p in pm.parameters() if p.requires_grad) > 1e-6
+    # One token the base would not produce: the loss is that token's cross-entropy, over the answer tokens.
+    other = int((ids[0, 8] + 1 - 4) % 40 + 4)
+    ids2 = ids.clone()
+    ids2[0, 8] = other
+    labels2 = ids2.clone()
+    labels2[:, :6] = IGNORE_ID
+    with torch.no_grad():
+        logits = pm(input_ids=ids2).logits[0, :-1].float()
+        inputs2 = {"input_ids": ids2, "attention_mask": torch.ones_like(ids2), "labels": labels2}
+        got = float(anchored_loss(pm, inputs2))
+    logp = torch.log_softmax(logits, -1)
+    claimed = [j for j in range(5, 10) if int(logp[j].argmax()) != int(ids2[0, j + 1])]
+    assert 7 in claimed  # position 7 predicts token 8, which the base does not
+    expected = sum(-float(logp[j, ids2[0, j + 1]]) for j in claimed) / 5  # KL terms are 0 at the identity
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_anchored_training_learns_a_task_and_records_its_objective(data):
+    kw = dict(group_size=8, steps=30, batch_size=8, lr=3e-2, seed=0, progress=False)
+    res = train((learner(), char_tokenizer()), data, anchor=True, **kw)
+    first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
+    assert last < 0.85 * first, res.losses
+    assert res.training["objective"] == "anchored"
+    assert train((learner(), char_tokenizer()), data, **{**kw, "steps": 1}).training["objective"] == "cross_entropy"
+    with pytest.raises(ValueError, match="RoAd training only"):
+        train((learner(), char_tokenizer()), data, kind="prompt", anchor=True, **kw)
