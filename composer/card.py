@@ -151,6 +151,15 @@ def _body(adapter: Adapter, kind_tag: str, repo_id: str | None, training: dict[s
             f"batch size: {training.get('batch_size')}, seed: {training.get('seed')}",
             f"- init: `{init.get('expression') if isinstance(init, dict) else init}`",
         ]
+        if training.get("objective") == "anchored":
+            lines.append("- objective: anchored (cross-entropy on the tokens the base would not produce, KL to the "
+                         "base on the rest)")
+        sub = training.get("subspace")
+        if isinstance(sub, dict):
+            where = (f"slot {sub['slot'][0]} of {sub['slot'][1]}" if isinstance(sub.get("slot"), list)
+                     and len(sub["slot"]) == 2 else f"a random share {sub.get('share')}")
+            lines.append(f"- subspace: {where} of every layer's 2D pairs (seed {sub.get('seed')}); the rest stay at "
+                         "the identity")
         first, final = training.get("first_loss"), training.get("final_loss")
         lines.append(f"- loss: {first:.4f} -> {final:.4f}" if first is not None and final is not None
                      else "- loss: n/a")
