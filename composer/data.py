@@ -20,6 +20,17 @@ IGNORE = -100
 Conversation = list[dict[str, str]]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode of a file written through a temporary file (mkstemp makes 0600): what any new file would get,
+# 0644 under the usual umask 022. composer.save and the store's pulls use it.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks (the one owner: what the Hub records for LFS files,
     what ``hub train`` and ``composer.fit`` record of their data). Light: no torch import."""

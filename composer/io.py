@@ -31,6 +31,7 @@ from .adapters import VARIANTS, Adapter, PromptVector, Recipe, RoadAdapter, chec
 from .card import build_card
 from .road_math import layer_width
 from . import limits
+from .data import FILE_MODE
 from .errors import AdapterFormatError, ComposerError, NotComposableError, UnsafeFormatError
 
 CONFIG = "adapter_config.json"
@@ -332,6 +333,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # not mkstemp's 0600: what any new file would get
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 import composer
+from composer.data import FILE_MODE
 from composer.card import build_card, parse_card
 
 from .errors import (
@@ -326,6 +327,7 @@ class Store:
                 try:
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(data)
+                    os.chmod(tmp, FILE_MODE)  # not mkstemp's 0600: what any new file would get
                     os.replace(tmp, target)
                 except BaseException:
                     Path(tmp).unlink(missing_ok=True)

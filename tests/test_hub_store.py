@@ -407,3 +407,19 @@ def test_push_killed_mid_way_leaves_repo_usable(tmp_path, pushed, store, stage):
     assert r.tag == ("v4" if stage == "refs" else "v3")
     assert git(repo, "status", "--porcelain").stdout == ""
     assert_fsck_clean(repo)
+
+
+def test_saved_and_pulled_files_get_the_usual_permissions_not_mkstemps(tmp_path):
+    import os
+    import stat
+
+    from tests.tiny import random_road, tiny_model
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    composer.save(random_road(tiny_model(), seed=1), tmp_path / "a")
+    hub.push(tmp_path / "a", "alice/perm")
+    hub.pull("alice/perm", to=tmp_path / "pulled")
+    for folder in ("a", "pulled"):
+        for f in (tmp_path / folder).iterdir():  # 0644 under the usual umask 022, never mkstemp's 0600
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (folder, f.name)
