@@ -2,28 +2,23 @@
 # Rebuild the shipped adapters from scratch on the offline SmolLM2-135M-Instruct (CPU is enough).
 #   bash adapters/train_all.sh            # data (bench/tasks.py) then 4 RoAd + 3 prompt vectors
 #   bash adapters/train_all.sh json       # only the named adapters
-# Deterministic given the seeds below. upper and signoff are trained in disjoint subspaces of the 2D pairs
-# (slots 0 and 1 of 4, seed 0: each moves a quarter of every layer's pairs, the rest stay exactly at the identity);
-# about 16-20 min each on 2 idle CPU cores. bullets and json are the earlier full-share adapters (fewer steps to fit
-# that session's CPU time); retraining them in slots 2 and 3 is `SLOTS=all bash adapters/train_all.sh bullets json`.
+# Deterministic given the seeds below. The four style adapters are trained in disjoint subspaces of the 2D pairs
+# (slots 0-3 of 4, seed 0: each moves a quarter of every layer's pairs, the rest stay exactly at the identity);
+# about 16-20 min each on 2 idle CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f adapters/data/style_upper.jsonl ] || python bench/tasks.py --out adapters/data
 [ -f adapters/data/pair_upper_signoff.jsonl ] || python bench/tasks.py --pairs --out adapters/data
-declare -A STEPS=([upper]=120 [signoff]=120 [bullets]=60 [json]=60
+declare -A STEPS=([upper]=120 [signoff]=120 [bullets]=120 [json]=120
                   [sent_product]=60 [sent_movie]=60 [sent_restaurant]=60)
 declare -A SLOT=([upper]=0/4 [signoff]=1/4 [bullets]=2/4 [json]=3/4)
 ONLY=("$@")
 want() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 for style in upper signoff bullets json; do
   want "$style" || continue
-  sub=()
-  if [[ "$style" == upper || "$style" == signoff || "${SLOTS:-}" == all ]]; then
-    sub=(--subspace "${SLOT[$style]}" --subspace-seed 0)
-  fi
   hub train adapters/data/style_$style.jsonl -o adapters/$style --kind road --variant road_1 --group-size 64 \
     --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 "${sub[@]}"
+    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0
 done
 # The three prompt vectors share one origin P0 (same seed), as in the task prompt vectors paper.
 for domain in product movie restaurant; do
