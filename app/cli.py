@@ -523,7 +523,7 @@ def _seed_examples() -> None:
     except (OSError, HubError):
         return
     if added:
-        _err(f"Imported the shipped example adapters: {', '.join(added)}")
+        _err(f"Imported the shipped example adapters (new or retrained): {', '.join(added)}")
 
 
 def main(argv: list[str] | None = None) -> int:

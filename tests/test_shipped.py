@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 import composer
+import hub
 from hub import Store
 from app.cli import main as hub_main
 from app.shipped import SHIPPED, import_examples, shipped_folders
@@ -47,3 +48,31 @@ def test_hub_list_imports_examples_once(monkeypatch, capsys):
     assert "Imported the shipped example adapters" in out.err
     # a second use does not import again, and a deleted example stays deleted
     assert import_examples(Store()) == []
+
+
+def test_a_retrained_example_arrives_as_a_new_version_and_a_deleted_one_stays_deleted(tmp_path, monkeypatch):
+    import shutil
+
+    from app.shipped import MARKER
+    from tests.tiny import random_road, tiny_model
+
+    monkeypatch.delenv("ADAPTER_HUB_NO_EXAMPLES")
+    shipped = tmp_path / "shipped"
+    for name, seed in (("one", 1), ("two", 2)):
+        composer.save(random_road(tiny_model(), seed=seed), shipped / name)
+    store = Store(tmp_path / "store")
+    assert import_examples(store, folder=shipped) == ["examples/one", "examples/two"]
+    assert import_examples(store, folder=shipped) == []  # nothing new shipped: nothing pushed
+    # the repository ships a retrained "one" and a new "three"; the user deleted "two"
+    composer.save(random_road(tiny_model(), seed=7), shipped / "one")
+    composer.save(random_road(tiny_model(), seed=3), shipped / "three")
+    shutil.rmtree(store.repo_path(hub.parse_id("examples/two")))
+    assert not store.exists("examples/two")
+    assert import_examples(store, folder=shipped) == ["examples/one@v2", "examples/three"]
+    assert [e["tags"] for e in store.log("examples/one")] == [["v2"], ["v1"]]
+    assert not store.exists("examples/two")
+    assert import_examples(store, folder=shipped) == []
+    # a store imported by the first marker format (a line per id) is brought up to date once, by content
+    (store.root / MARKER).write_text("examples/one\nexamples/two\nexamples/three\n", encoding="utf-8")
+    assert import_examples(store, folder=shipped) == []  # same content: no new version
+    assert len(store.log("examples/one")) == 2
