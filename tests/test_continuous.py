@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.engine import Engine
-from app.engine.continuous import Row, RunningBatch
+from app.engine.continuous import ConflictError, Row, RunningBatch
 from app.errors import MixError, RequestError
 from tests.tiny import random_prompt, random_road, tiny_model
 
@@ -148,7 +148,7 @@ def test_a_mix_that_cannot_join_leaves_the_running_rows_untouched(engine, mixes)
     ok = Row(prompt(1), mixes[1], max_new_tokens=8)
     rb.join([ok])
     other_groups = random_road(engine.model, "road_1", group_size=4, seed=9)
-    with pytest.raises(MixError, match="group sizes"):
+    with pytest.raises(ConflictError, match="group sizes"):
         rb.join([Row(prompt(2), other_groups, max_new_tokens=8)])
     with pytest.raises(MixError, match="token_dim"):
         rb.join([Row(prompt(2), random_prompt(dim=64), max_new_tokens=8)])

@@ -36,12 +36,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import RequestError
+from ..errors import MixError, RequestError
 from . import road
 from .sampling import check_sampling, generator, pick_rows
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+class ConflictError(MixError):
+    """Rows that are fine alone but cannot share the running batch (they adapt a layer with another group size
+    than a running row): join them once those rows have left."""
 
 
 @dataclass(eq=False)
@@ -128,8 +133,9 @@ class RunningBatch:
             The rows given, each with its first token.
 
         Raises:
-            MixError: a row's mix does not fit the model, or adapts a layer with another group size than a
-                running row (nothing joins; the running rows are untouched).
+            MixError: a row's mix does not fit the model (nothing joins; the running rows are untouched).
+            ConflictError: the rows adapt a layer with another group size than a running row (a
+                :class:`MixError`; they can join once those rows have left).
         """
         from transformers import DynamicCache
 
@@ -141,7 +147,14 @@ class RunningBatch:
         with eng._lock, torch.no_grad():
             split = [eng._split(r.mix, i) for i, r in enumerate(rows)]
             tables = [s[0] for s in split]
-            layers = road.batch_tables(self._row_tables + tables)  # checks group sizes against running rows
+            try:
+                layers = road.batch_tables(self._row_tables + tables)
+            except MixError as e:
+                if not self.rows:
+                    raise
+                road.batch_tables(tables)  # raises if the newcomers cannot even run together alone
+                raise ConflictError(f"{e} (the rows wait until the running rows that conflict have left)",
+                                    module=e.module) from e
             new_layers = {m: (c[len(self.rows):], s[len(self.rows):]) for m, (c, s) in layers.items()}
             n = max(len(r.input_ids) for r in rows)
             pad = eng._pad_id()
