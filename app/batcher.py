@@ -129,6 +129,7 @@ class Batcher:
         batches: ``continuous``: rows running right after each admission; ``gather``: rows per batch run
             (newest last, kept short; for tests and stats).
         cancelled: how many rows were cancelled (closed streams) before they ended.
+        admitted: how many rows left the waiting queue for the batch.
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, wait_ms: float = 15.0,
@@ -148,6 +149,7 @@ class Batcher:
         self.context = int(context or getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.batches: list[int] = []
         self.cancelled = 0
+        self.admitted = 0
         self.running: RunningBatch | None = None
         self._waiting: deque[_Job] = deque()
         self._waiting_rows = 0
@@ -231,6 +233,7 @@ class Batcher:
                 self._waiting_rows -= len(job.requests)
                 self.cancelled += len(job.requests)
                 job.closed = True
+                job.out.put(_DONE)
             self._cv.notify_all()
 
     @property
@@ -248,6 +251,7 @@ class Batcher:
     def _take(self) -> _Job:
         job = self._waiting.popleft()
         self._waiting_rows -= len(job.requests)
+        self.admitted += len(job.requests)
         return job
 
     def _shut(self, jobs: Sequence[_Job]) -> None:
@@ -277,37 +281,48 @@ class Batcher:
                         break
                     admit.append(self._take())
                     n += k
-            for job in [j for j in jobs if j.cancelled.is_set()]:
-                running.leave(job.rows)
-                self.cancelled += sum(r.finish == "cancelled" for r in job.rows)
-                self._finish(job)
-            jobs = [j for j in jobs if not j.closed]
-            if admit:
-                joined = self._join(running, admit)
-                for job in joined:  # the first token goes out before the next step
-                    self._emit(job)
-                jobs += [j for j in joined if not j.closed]
-            if running.rows:
-                try:
-                    running.step()
-                except Exception as e:  # noqa: BLE001 - the worker must survive; fail the rows in flight
-                    for job in jobs:
+            try:
+                jobs = self._iteration(running, jobs, admit)
+            except Exception as e:  # noqa: BLE001 - the worker must survive: fail the rows in flight, go on
+                for job in jobs + admit:
+                    if not job.closed:
                         job.closed = True
                         job.out.put(e)
-                    running = self.running = RunningBatch(self.engine)
-                    jobs = []
-                    continue
-            for job in jobs:
-                self._emit(job)
-            jobs = [j for j in jobs if not j.closed]
+                running = self.running = RunningBatch(self.engine)
+                jobs = []
         self._shut(jobs)
+
+    def _iteration(self, running: RunningBatch, jobs: list[_Job], admit: list[_Job]) -> list[_Job]:
+        """Cancelled rows leave, admitted jobs join, one step for all; returns the jobs still running."""
+        for job in [j for j in jobs if j.cancelled.is_set()]:
+            running.leave(job.rows)
+            self.cancelled += sum(r.finish == "cancelled" for r in job.rows)
+            self._finish(job)
+        jobs = [j for j in jobs if not j.closed]
+        if admit:
+            joined = self._join(running, admit)
+            for job in joined:  # the first token goes out before the next step
+                self._emit(job)
+            jobs += [j for j in joined if not j.closed]
+        if running.rows:
+            running.step()
+        for job in jobs:
+            self._emit(job)
+        return [j for j in jobs if not j.closed]
 
     def _join(self, running: RunningBatch, admit: list[_Job]) -> list[_Job]:
         """Join the admitted jobs (together, or one by one to isolate a bad mix); returns the jobs that joined."""
+        ok = []
         for job in admit:
             temperature, top_p, seed = job.sampling
-            job.rows = [Row(ids, r.mix, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed, owner=job)
-                        for ids, r, n in zip(job.ids, job.requests, job.limits)]
+            try:
+                job.rows = [Row(ids, r.mix, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+                                owner=job) for ids, r, n in zip(job.ids, job.requests, job.limits)]
+                ok.append(job)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                job.closed = True
+                job.out.put(e)
+        admit = ok
         joined = []
         groups = [admit] if len(admit) == 1 else [admit, *([j] for j in admit)]
         for group in groups:
@@ -362,6 +377,7 @@ class Batcher:
                     if job.key == first.key and rows + len(job.requests) <= self.max_batch:
                         self._waiting.remove(job)
                         self._waiting_rows -= len(job.requests)
+                        self.admitted += len(job.requests)
                         batch.append(job)
                         rows += len(job.requests)
                 left = deadline - time.monotonic()

@@ -76,12 +76,13 @@ def free_port() -> int:
 class Served:
     """The app served on 127.0.0.1 in this process, over a fresh store with the tiny adapters."""
 
-    def __init__(self, root, *, max_batch: int = 8, concurrency: int = 16) -> None:
+    def __init__(self, root, *, max_batch: int = 8, concurrency: int = 16, **batcher) -> None:
         self.root = root
         self.model, self.tok = tiny_chat_model()
         self.ids = populate_store(root, self.model)
         self.demo, self.mixer, self.batcher = build(self.model, self.tok, root=root, max_batch=max_batch,
-                                                    wait_ms=30, concurrency=concurrency, base_name="tiny-llama")
+                                                    wait_ms=30, concurrency=concurrency, base_name="tiny-llama",
+                                                    **batcher)
         self.port = free_port()
         self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True,
                          quiet=True, share=False)
