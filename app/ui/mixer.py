@@ -364,24 +364,24 @@ def heatmap_html(names: Sequence[str], mat: Sequence[Sequence[float | None]]) ->
     """An HTML heat map: blue for aligned task vectors, red for opposed ones (interference)."""
     if not names:
         return "<p><em>Choose adapters to see how their task vectors relate.</em></p>"
-    head = "".join(f"<th title='{html.escape(n)}'>{html.escape(_short(n))}</th>" for n in names)
+    head = "".join(f"<th title='{html.escape(n)}' style='{_CELL}'>{html.escape(_short(n))}</th>" for n in names)
     body = []
     for n, row in zip(names, mat):
         cells = []
         for v in row:
             if v is None:
-                cells.append("<td style='background:#eee' title='different kinds or shapes, or a zero task "
-                             "vector (the identity)'>n/a</td>")
+                cells.append(f"<td style='background:#eee;{_CELL}' title='different kinds or shapes, or a zero "
+                             "task vector (the identity)'>n/a</td>")
                 continue
             a = min(1.0, abs(v))
             rgb = (int(255 - 160 * a), int(255 - 120 * a), 255) if v >= 0 else (255, int(255 - 160 * a),
                                                                                  int(255 - 160 * a))
-            cells.append(f"<td style='background:rgb{rgb};text-align:center;padding:4px 8px'>{v:+.2f}</td>")
-        body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
+            cells.append(f"<td style='background:rgb{rgb};text-align:center;{_CELL}'>{v:+.2f}</td>")
+        body.append(f"<tr><th style='text-align:right;{_CELL}' title='{html.escape(n)}'>{html.escape(_short(n))}</th>"
                     f"{''.join(cells)}</tr>")
-    return ("<div class='cosine-heatmap'><p><strong>Cosine similarity of the weighted task vectors</strong> "
-            "(negative cells: the tasks pull against each other)</p>"
-            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+    return ("<div class='cosine-heatmap' style='max-width:100%;overflow-x:auto'><p><strong>Cosine similarity of the "
+            "weighted task vectors</strong> (negative cells: the tasks pull against each other)</p>"
+            f"<table style='{_TABLE}'><tr><th style='{_CELL}'></th>{head}</tr>{''.join(body)}</table></div>")
 
 
 def overlap_matrix(named: Sequence[tuple[str, composer.Adapter]]
@@ -412,24 +412,31 @@ def overlap_html(names: Sequence[str], mat: Sequence[Sequence[Any]]) -> str:
     the pairs both move (``shared (overlap %)``); ``""`` when no RoAd adapter is chosen."""
     if not names:
         return ""
-    head = "".join(f"<th title='{html.escape(n)}'>{html.escape(_short(n))}</th>" for n in names)
+    head = "".join(f"<th title='{html.escape(n)}' style='{_CELL}'>{html.escape(_short(n))}</th>" for n in names)
     body = []
     for i, n in enumerate(names):
         cells = []
         for j, v in enumerate(mat[i]):
             if i == j:
-                cells.append(f"<td style='text-align:center;padding:4px 8px;font-weight:bold' title='share of this "
+                cells.append(f"<td style='text-align:center;font-weight:bold;{_CELL}' title='share of this "
                              f"adapter&#39;s pairs that move away from the identity'>{v:.0%} active</td>")
             else:
                 tint = int(255 - 120 * min(1.0, v["overlap"]))
-                cells.append(f"<td style='background:rgb(255,{tint},{tint});text-align:center;padding:4px 8px' "
+                cells.append(f"<td style='background:rgb(255,{tint},{tint});text-align:center;{_CELL}' "
                              f"title='pairs both adapters move, and that number over the smaller active set'>"
                              f"{v['shared']} shared ({v['overlap']:.0%})</td>")
-        body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
+        body.append(f"<tr><th style='text-align:right;{_CELL}' title='{html.escape(n)}'>{html.escape(_short(n))}</th>"
                     f"{''.join(cells)}</tr>")
-    return ("<div class='pair-overlap'><p><strong>Active 2D pairs</strong> (diagonal: share each adapter moves; "
-            "other cells: pairs both move, and their overlap; 0 shared means disjoint subspaces)</p>"
-            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+    return ("<div class='pair-overlap' style='max-width:100%;overflow-x:auto'><p><strong>Active 2D pairs</strong> "
+            "(diagonal: share each adapter moves; other cells: pairs both move, and their overlap; 0 shared means "
+            f"disjoint subspaces)</p><table style='{_TABLE}'><tr><th style='{_CELL}'></th>{head}</tr>{''.join(body)}"
+            "</table></div>")
+
+
+# Tables take their column's width whatever the number of adapters: fixed layout, names cut with an ellipsis
+# (the full name is in each header's tooltip), numbers wrap before they overflow.
+_TABLE = "border-collapse:collapse;width:100%;table-layout:fixed"
+_CELL = "padding:4px 4px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font-size:0.85em"
 
 
 def _short(name: str) -> str:
@@ -445,8 +452,10 @@ def plain(value: object) -> str:
     Names, recipes and error messages come from folders and stores anyone may have written; shown through
     Markdown unescaped, ``<img src=...>`` in a recipe field made the browser fetch a URL.
     """
-    text = html.escape(str(value), quote=True)
-    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text)
+    # Markdown punctuation first, then HTML: escaping in the other order put a backslash inside entities
+    # ("&#x27;" became "&\\#x27;"), and the page showed the entity's letters instead of the quote.
+    text = "".join("\\" + c if c in _MD_SPECIAL else c for c in str(value))
+    return html.escape(text, quote=False)
 
 
 def deviation_text(adapter: composer.Adapter | None) -> str:

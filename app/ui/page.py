@@ -232,7 +232,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         try:
             sampling = int(max_new_tokens), temperature
         except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"max new tokens must be a whole number, got {max_new_tokens!r}.") from None
+            raise gr.Error(html.escape(f"max new tokens must be a whole number, got {max_new_tokens!r}.")) from None
         if len(conv.waiting()) > MAX_QUEUED:
             raise gr.Error(f"{len(conv.waiting()) - 1} of your messages are already waiting for a reply; send this "
                            "one when they are answered.")
@@ -451,7 +451,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 with gr.Tab("Chat"):
                     chatbot = gr.Chatbot(label="Chat under the current mix (each reply names its mix)",
                                          elem_id="chatbot", height=380)
-                    with gr.Group(visible=False, elem_id="new-conversation") as offer_box:
+                    with gr.Column(visible=False, elem_id="new-conversation", variant="panel") as offer_box:
                         offer_text = gr.Markdown("", elem_id="new-conversation-text")
                         with gr.Row():
                             new_btn = gr.Button("Start a new conversation", variant="primary", size="sm",
@@ -493,7 +493,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     fit_table = gr.Markdown("", elem_id="fit-coefficients")
                 with gr.Tab("Adapters"):
                     table = gr.Dataframe(_table(mixer), interactive=False, elem_id="adapter-table", wrap=True,
-                                         column_widths=["22%", "16%", "20%", "8%", "8%", "26%"])
+                                         column_widths=["20%", "15%", "17%", "9%", "10%", "29%"])
                 with gr.Accordion("Generation", open=False):
                     max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
                     temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)",
