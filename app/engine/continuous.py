@@ -116,6 +116,7 @@ class RunningBatch:
         self._top_p = torch.zeros(0)
         self._gens: list[torch.Generator | None] = []
         self._row_tables: list[road.Tables | None] = []
+        self._packed = _Packed()
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -147,15 +148,8 @@ class RunningBatch:
         with eng._lock, torch.no_grad():
             split = [eng._split(r.mix, i) for i, r in enumerate(rows)]
             tables = [s[0] for s in split]
-            try:
-                layers = road.batch_tables(self._row_tables + tables)
-            except MixError as e:
-                if not self.rows:
-                    raise
-                road.batch_tables(tables)  # raises if the newcomers cannot even run together alone
-                raise ConflictError(f"{e} (the rows wait until the running rows that conflict have left)",
-                                    module=e.module) from e
-            new_layers = {m: (c[len(self.rows):], s[len(self.rows):]) for m, (c, s) in layers.items()}
+            packed = self._packed.rows(tables, self._row_tables)  # raises MixError / ConflictError
+            new_layers = self._packed.views(packed)
             n = max(len(r.input_ids) for r in rows)
             pad = eng._pad_id()
             ids = torch.tensor([[pad] * (n - len(r.input_ids)) + list(r.input_ids) for r in rows])
@@ -172,7 +166,7 @@ class RunningBatch:
             top_p = torch.tensor([r.top_p for r in rows])
             nxt = pick_rows(logits, temp, top_p, gens)
             t3 = time.perf_counter()
-            self._merge(cache, mask, pos[:, -1], nxt, temp, top_p, gens, tables, layers)
+            self._merge(cache, mask, pos[:, -1], nxt, temp, top_p, gens, tables, packed)
             self.rows.extend(rows)
         self.stats["prefill"] += t2 - t1
         self.stats["sample"] += t3 - t2
@@ -181,7 +175,7 @@ class RunningBatch:
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
         return rows
 
-    def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, layers) -> None:
+    def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, packed) -> None:
         if self._cache is None or not self.rows:
             self._cache = cache
             self._mask = mask
@@ -198,7 +192,8 @@ class RunningBatch:
         self._top_p = torch.cat((self._top_p, top_p))
         self._gens.extend(gens)
         self._row_tables.extend(tables)
-        self._layers = layers
+        self._packed.append(packed)
+        self._layers = self._packed.views()
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[Row]:
@@ -279,8 +274,118 @@ class RunningBatch:
         self._top_p = self._top_p.index_select(0, idx)
         self._gens = [self._gens[i] for i in keep]
         self._row_tables = [self._row_tables[i] for i in keep]
-        self._layers = {m: (c.index_select(0, idx), s.index_select(0, idx)) for m, (c, s) in self._layers.items()}
+        self._packed.keep(idx, self._row_tables)
+        self._layers = self._packed.views()
         self.rows = [self.rows[i] for i in keep]
+
+
+class _Packed:
+    """Every running row's RoAd tables in one ``(rows, width)`` tensor; each layer's ``(C, S)`` is a view of it.
+
+    Joining rows is one ``cat`` and leaving one ``index_select``, whatever the number of adapted layers (the
+    model's 210 for SmolLM2 with all projections), instead of one stack per layer. Columns hold, per module
+    in ``layout``, the full ``(groups, 2, h)`` C then S; a row that does not adapt a module holds the identity
+    there (C = 1, S = 0, exact). The layout grows when a newcomer adapts a new module and is rebuilt from the
+    running rows when they all leave or a newcomer's group size does not fit it.
+    """
+
+    def __init__(self) -> None:
+        self.layout: dict[str, tuple[int, torch.Size]] = {}
+        self.width = 0
+        self.data = torch.zeros(0, 0)
+        self._ident = torch.zeros(0)
+        self._vectors: dict[int, tuple[road.Tables, torch.Tensor]] = {}
+
+    def _extend(self, tables: road.Tables) -> bool:
+        """Add ``tables``' modules to the layout; ``False`` when a module's shape disagrees with it."""
+        grown = False
+        for m in sorted(tables):
+            shape = road.full_tables(tables[m])[0].shape
+            if m in self.layout:
+                if self.layout[m][1] != shape:
+                    return False
+                continue
+            self.layout[m] = (self.width, shape)
+            self.width += 2 * shape.numel()
+            grown = True
+        if grown:
+            ident = []
+            for m, (_, shape) in self.layout.items():
+                ident += [torch.ones(shape.numel()), torch.zeros(shape.numel())]
+            old = self._ident.numel()
+            self._ident = torch.cat(ident)
+            # Running rows get the identity in the new columns; cached vectors are for the old width.
+            self.data = torch.cat((self.data, self._ident[old:].expand(self.data.shape[0], -1)), 1)
+            self._vectors.clear()
+        return True
+
+    def _vector(self, tables: road.Tables | None) -> torch.Tensor:
+        if tables is None:
+            return self._ident
+        hit = self._vectors.get(id(tables))
+        if hit is not None and hit[0] is tables:
+            return hit[1]
+        vec = self._ident.clone()
+        for m, cs in tables.items():
+            off, shape = self.layout[m]
+            c, s = road.full_tables(cs)
+            n = shape.numel()
+            vec[off:off + n] = c.reshape(-1)
+            vec[off + n:off + 2 * n] = s.reshape(-1)
+        if len(self._vectors) > 256:
+            self._vectors.clear()
+        self._vectors[id(tables)] = (tables, vec)
+        return vec
+
+    def rows(self, tables: list[road.Tables | None], running: list[road.Tables | None]) -> torch.Tensor:
+        """The packed rows of newcomers with ``tables`` (the layout grows to fit them).
+
+        Raises:
+            MixError: newcomers adapt one layer with different group sizes.
+            ConflictError: they fit alone but not beside the running rows.
+        """
+        new = [t for t in tables if t is not None]
+        if not all(self._extend(t) for t in new):
+            # Rebuild the layout from the running rows only (modules of rows gone may be in the way).
+            self.reset()
+            for t in running:
+                if t is not None:
+                    self._extend(t)
+            self.data = torch.stack([self._vector(t) for t in running]) if running else torch.zeros(0, self.width)
+            if not all(self._extend(t) for t in new):
+                alone = _Packed()
+                if not all(alone._extend(t) for t in new):
+                    raise MixError("Rows of this request adapt one layer with different group sizes; serve them "
+                                   "separately or retrain with one group size.")
+                raise ConflictError("These rows adapt a layer with other group sizes than running rows; they "
+                                    "wait until those rows have left.")
+        return torch.stack([self._vector(t) for t in tables]) if tables else torch.zeros(0, self.width)
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.data = torch.cat((self.data, rows)) if self.data.numel() or self.data.shape[0] else rows
+
+    def keep(self, idx: torch.Tensor, running: list[road.Tables | None]) -> None:
+        if all(t is None for t in running):
+            self.reset()  # only base-model rows: no layer needs the update
+            self.data = torch.zeros(len(running), 0)
+            return
+        self.data = self.data.index_select(0, idx)
+
+    def reset(self) -> None:
+        self.layout, self.width = {}, 0
+        self._ident = torch.zeros(0)
+        self._vectors.clear()
+        self.data = torch.zeros(0, 0)
+
+    def views(self, data: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each module's ``(C, S)`` as ``(rows, 1, groups, 2, h)`` views of ``data`` (default: every row)."""
+        data = self.data if data is None else data
+        b = data.shape[0]
+        out = {}
+        for m, (off, shape) in self.layout.items():
+            n = shape.numel()
+            out[m] = (data[:, off:off + n].view(b, 1, *shape), data[:, off + n:off + 2 * n].view(b, 1, *shape))
+        return out
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
