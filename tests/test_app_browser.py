@@ -223,6 +223,21 @@ def test_messages_sent_while_a_reply_streams_are_answered_in_order(tmp_path, bro
                                timeout=30_000)
         assert served.batcher.cancelled == before + 1
         assert "0.5*alice/math@v1" in bubbles(page, "bot")[0].split("\n")[0]
+
+        # Closing a tab while its reply streams cancels that row too.
+        other = page.context.browser.new_page()
+        other.goto(served.url)
+        other.wait_for_selector("#adapters", timeout=30_000)
+        set_max_new(other, 200)
+        send(other, "Tell me a long story")
+        other.wait_for_function("""() => { const b = document.querySelectorAll('#chatbot .bot');
+            return b.length === 1 && b[0].innerText.trim().split('\\n').length > 1; }""", timeout=30_000)
+        other.close()
+        deadline = time.monotonic() + 30
+        while served.batcher.cancelled < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert served.batcher.cancelled == before + 2
+        assert not served.batcher.running.rows
     finally:
         served.close()
 

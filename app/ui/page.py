@@ -40,7 +40,6 @@ from .mixer import (
     WEIGHT_RANGE,
     Mixer,
     MixInputError,
-    build_expression,
     cosine_matrix,
     deviation_text,
     heatmap_html,
