@@ -16,8 +16,8 @@ and the cost of the per-row generators and join/leave bookkeeping against a deco
 Everything is bounded: each user sends ``--requests`` requests, and every configuration stops admitting
 new requests after ``--budget-s`` seconds.
 
-    ADAPTER_HUB_HOME=... python bench/serve_load.py            # 1/4/16/32 users, 3 requests each (~25 min)
-    ADAPTER_HUB_HOME=... python bench/serve_load.py --quick    # 1/16 users, 2 requests each (~6 min)
+    python bench/serve_load.py            # 1/4/16/32 users, 2 requests each (~10-20 min on 2 shared cores)
+    python bench/serve_load.py --quick    # 1/16 users, 1 request each (~3 min)
 """
 
 from __future__ import annotations
@@ -189,17 +189,17 @@ def _shared_sample(logits, temperature, top_p, gen):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, nargs="+", default=None, help="concurrent users (default 1 4 16 32)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per user (default 3; --quick 2)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per user (default 2; --quick 1)")
     ap.add_argument("--think-s", type=float, default=1.0, help="mean think time between a user's requests")
     ap.add_argument("--max-batch", type=int, default=16, help="rows decoding together, both schedulers")
     ap.add_argument("--wait-ms", type=float, default=15.0, help="gather's gathering window (the app's default)")
-    ap.add_argument("--budget-s", type=float, default=240.0, help="per configuration: no new request after this")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="per configuration: no new request after this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--quick", action="store_true", help="1 and 16 users, 2 requests each")
+    ap.add_argument("--quick", action="store_true", help="1 and 16 users, 1 request each")
     args = ap.parse_args(argv)
     users = args.users or ([1, 16] if args.quick else [1, 4, 16, 32])
-    requests = args.requests or (2 if args.quick else 3)
+    requests = args.requests or (1 if args.quick else 2)
     if min(users) < 1 or requests < 1:
         ap.error("--users and --requests must be at least 1")
     if args.threads:
