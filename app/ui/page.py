@@ -3,7 +3,7 @@
 Layout::
 
     ┌ Mixer ───────────────────────────┐ ┌ Chat | Compare | Fit to examples | Adapters ─┐
-    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix          │
+    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix, stop    │
     │ one weight slider per adapter    │ │ one prompt: base / each adapter / the mix     │
     │ method, t, density               │ │ fit: examples -> coefficients -> the mix      │
     │ expression (hub compose syntax)  │ │ the store's adapters (kind, base, version)    │
@@ -13,8 +13,13 @@ Layout::
     │ save as a new version            │
     └──────────────────────────────────┘
 
-API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (streams the history),
-``/compare``, ``/fit`` (streams its progress), ``/save``, ``/adapters``.
+API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (streams the history; each reply
+starts with a line naming its mix, :func:`reply_text` cuts it), ``/compare``, ``/fit`` (streams its progress),
+``/save``, ``/adapters``.
+
+The chat never drops a message: a send while a reply streams is queued per session and answered in order
+(:mod:`app.ui.conversation`); *Stop* and a closed tab cancel the streaming row; a mix change with replies on
+screen offers a new conversation.
 
 A session's fitted mix lives in a ``gr.State`` (:class:`~app.ui.fitpanel.Fitted`): chat, compare and save use it
 while the page still shows the fit's choices (:func:`~app.ui.fitpanel.current`), so the API's inputs stay as they
