@@ -1,19 +1,27 @@
-"""A small batcher: chat requests from concurrent sessions run together as one engine batch.
+"""The batcher: chat requests from concurrent sessions share the engine, one decode step at a time.
 
 Gradio's own batching does not take streaming functions, so the app queues its requests here instead::
 
-    session threads                         worker thread
-    ───────────────                         ─────────────
-    batcher.submit(messages, mix) ──┐
-    batcher.submit(messages, mix) ──┼──►  queue ──► gather for ``wait_ms`` (up to ``max_batch`` rows)
-    batcher.submit_many(rows)     ──┘                ──► one Engine.generate_tokens batch
-          ▲                                               │
-          └──── per-request queue ◄── each row's text ────┘  (a session only reads its own rows)
+    session threads                          worker thread (scheduler="continuous", the default)
+    ───────────────                          ──────────────────────────────────────────────────
+    batcher.submit(messages, mix) ──┐        loop:
+    batcher.submit(messages, mix) ──┼──► waiting queue ─► admit jobs while the batch has room (max_batch)
+    batcher.submit_many(rows)     ──┘   (at most          ─► prefill them, first token  (RunningBatch.join)
+          ▲                              max_queue rows;  ─► one decode step for every running row
+          │                              past it: BusyError)   finished or cancelled rows leave at once
+          └──── per-request queue ◄── each row's text after every step (a session only reads its own rows)
 
-A job (one ``submit`` or one ``submit_many`` group) is never split across batches, so a compare request
-(base, each adapter, the mix) is answered in one batch. Jobs with different sampling settings (temperature,
-top_p, seed) run in different batches; ``max_new_tokens`` is per row. Long conversations are cut to the
-model's context before they are queued, and the returned :class:`Stream` says so in ``note``.
+A job (one ``submit`` or one ``submit_many`` group) joins the batch as a whole, so a compare request (base,
+each adapter, the mix) is prefilled together. Every row keeps its own sampling settings and seeded generator,
+so jobs with different temperatures share the batch and a row's answer never depends on its batch mates.
+Closing a stream (a closed tab, a stop button) cancels its rows before the next step.
+
+``scheduler="gather"`` keeps the earlier path for comparison (``bench/serve_load.py``): gather jobs with the
+same sampling settings for ``wait_ms``, then run them as one :meth:`Engine.generate_tokens` batch to the
+end; a request arriving meanwhile waits for the whole batch.
+
+Long conversations are cut to the model's context before they are queued, and the returned :class:`Stream`
+says so in ``note``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,23 +37,35 @@ from typing import Any
 from composer import limits
 
 from .engine import Engine, Request
+from .engine.continuous import ConflictError, Row, RunningBatch
 from .engine.sampling import check_sampling
-from .errors import RequestError
+from .errors import BusyError, RequestError
 
 _DONE = object()
+SCHEDULERS = ("continuous", "gather")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     requests: list[Request]
     limits: list[int]
     sampling: tuple[float, float, int | None]
+    ids: list[list[int]] = field(default_factory=list)
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    rows: list[Row] = field(default_factory=list)
+    closed: bool = False
+    cancel_hook: Any = None
 
     @property
     def key(self) -> tuple[float, float, int | None]:
         return self.sampling
+
+    def cancel(self) -> None:
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self.cancel_hook is not None:
+                self.cancel_hook(self)
 
 
 class Stream:
@@ -83,52 +104,79 @@ class Stream:
                     raise item
                 yield item
         finally:
-            self._job.cancelled.set()
+            # Left early (the page closed, the reader stopped): the rows leave the batch before its next step.
+            self._job.cancel()
 
     def close(self) -> None:
         """Stop generating for this request (the rest of its batch goes on)."""
-        self._job.cancelled.set()
+        self._job.cancel()
 
 
 class Batcher:
-    """Gather chat requests for a few milliseconds and run them as one batch on ``engine``.
+    """Run chat requests from concurrent sessions together on ``engine``.
 
     Args:
         engine: the :class:`~app.engine.Engine` to run.
-        max_batch: at most this many rows per batch (a single larger group still runs as one batch).
-        wait_ms: how long the worker waits for more requests after the first one arrives.
+        max_batch: at most this many rows decode together (a single larger group still runs, alone).
+        wait_ms: ``gather`` only: how long the worker waits for more requests after the first one arrives.
         context: the model's context length in tokens (default: ``max_position_embeddings`` of the model).
+        scheduler: ``"continuous"`` (requests join and leave the running batch at every step) or ``"gather"``
+            (gather for ``wait_ms``, then run the batch to its end; kept for comparison).
+        max_queue: at most this many rows wait for a place; past it :meth:`submit_many` raises
+            :class:`~app.errors.BusyError` ("busy, try again").
+
+    Attributes:
+        batches: ``continuous``: rows running right after each admission; ``gather``: rows per batch run
+            (newest last, kept short; for tests and stats).
+        cancelled: how many rows were cancelled (closed streams) before they ended.
+        admitted: how many rows left the waiting queue for the batch.
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, wait_ms: float = 15.0,
-                 context: int | None = None) -> None:
+                 context: int | None = None, scheduler: str = "continuous", max_queue: int = 64) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}.")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
         self.engine = engine
+        self.scheduler = scheduler
         self.max_batch = int(max_batch)
+        self.max_queue = int(max_queue)
         self.wait = float(wait_ms) / 1000.0
         cfg = getattr(engine.model, "config", None)
         self.context = int(context or getattr(cfg, "max_position_embeddings", 0) or 2048)
-        self.batches: list[int] = []  # rows per batch run, newest last (kept short; for tests and stats)
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: list[_Job] = []
+        self.batches: list[int] = []
+        self.cancelled = 0
+        self.admitted = 0
+        self.running: RunningBatch | None = None
+        self._waiting: deque[_Job] = deque()
+        self._waiting_rows = 0
+        self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="app-batcher", daemon=True)
+        target = self._loop_continuous if scheduler == "continuous" else self._loop_gather
+        self._thread = threading.Thread(target=target, name=f"app-batcher-{scheduler}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------ submit
     def submit(self, messages: list[dict[str, str]], mix: Any = None, **sampling: Any) -> Iterator[str]:
         """Queue one chat request; iterate the returned stream for the answer so far.
 
-        Sampling keywords as for :meth:`submit_many`. The returned object has ``note`` (truncation).
+        Sampling keywords as for :meth:`submit_many`. The returned object has ``note`` (truncation) and
+        ``close()`` (cancel).
         """
         return _Single(self.submit_many([(messages, mix)], **sampling))
 
     def submit_many(self, rows: Sequence[tuple[list[dict[str, str]], Any]], *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Stream:
-        """Queue rows ``(messages, mix)`` that must run in one batch; iterate for every row's text so far.
+        """Queue rows ``(messages, mix)`` that must run together; iterate for every row's text so far.
+
+        Every row samples with its own generator seeded with ``seed`` (fresh entropy when ``None``).
 
         Raises:
+            BusyError: ``max_queue`` rows are already waiting; try again in a few seconds.
+            RequestError: bad sampling settings or a conversation over the limits.
             RuntimeError: the batcher was closed.
             ValueError: no rows, or ``max_new_tokens`` below 1.
         """
@@ -146,6 +194,7 @@ class Batcher:
                                field="max_new_tokens", value=max_new_tokens) from None
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        self._check_room(len(rows))  # before the tokenizing below: a full queue answers at once
         # Leave at least half the context for the prompt.
         max_new_tokens = min(max_new_tokens, max(1, self.context // 2))
         requests, notes = [], []
@@ -155,54 +204,196 @@ class Batcher:
             requests.append(Request(fitted, mix))
             notes.append(note)
         job = _Job(requests, [max_new_tokens] * len(requests),
-                   (float(temperature), float(top_p), None if seed is None else int(seed)))
-        self._queue.put(job)
+                   (float(temperature), float(top_p), None if seed is None else int(seed)),
+                   cancel_hook=self._cancelled)
+        if self.scheduler == "continuous":
+            job.ids = [_template_ids(self.engine.tokenizer, r.messages) for r in requests]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("The batcher is closed; start the app again.")
+            self._check_room(len(rows))
+            self._waiting.append(job)
+            self._waiting_rows += len(rows)
+            self._cv.notify_all()
         return Stream(job, notes)
 
+    def _check_room(self, n: int) -> None:
+        waiting = self._waiting_rows
+        # A group larger than the whole queue may still wait alone, or it could never run.
+        if waiting and waiting + n > self.max_queue:
+            raise BusyError(f"The server is busy: {waiting} request{'s are' if waiting != 1 else ' is'} already "
+                            f"waiting for a turn (at most {self.max_queue} may wait). Try again in a few seconds.",
+                            waiting=waiting, limit=self.max_queue)
+
+    def _cancelled(self, job: _Job) -> None:
+        """A stream was closed: drop the job if it still waits (the worker removes running rows)."""
+        with self._cv:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._waiting_rows -= len(job.requests)
+                self.cancelled += len(job.requests)
+                job.closed = True
+                job.out.put(_DONE)
+            self._cv.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Rows waiting for a place in the batch."""
+        return self._waiting_rows
+
     def close(self) -> None:
-        """Stop the worker after the batch in flight."""
-        self._closed = True
-        self._queue.put(None)
+        """Stop the worker (requests in flight end with an error saying the app is shutting down)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
         self._thread.join(timeout=30)
 
-    # ------------------------------------------------------------------------------------------ worker
-    def _gather(self, first: _Job) -> list[_Job]:
-        batch, rows = [first], len(first.requests)
-        keep = []
-        for job in self._pending:  # earlier leftovers first, in arrival order
-            if job.key == first.key and rows + len(job.requests) <= self.max_batch:
-                batch.append(job)
-                rows += len(job.requests)
-            else:
-                keep.append(job)
-        self._pending = keep
-        deadline = time.monotonic() + self.wait
-        while rows < self.max_batch:
-            left = deadline - time.monotonic()
+    def _take(self) -> _Job:
+        job = self._waiting.popleft()
+        self._waiting_rows -= len(job.requests)
+        self.admitted += len(job.requests)
+        return job
+
+    def _shut(self, jobs: Sequence[_Job]) -> None:
+        with self._cv:
+            jobs = list(jobs) + list(self._waiting)
+            self._waiting.clear()
+            self._waiting_rows = 0
+        for job in jobs:
+            if not job.closed:
+                job.closed = True
+                job.out.put(RuntimeError("The app is shutting down."))
+
+    # ------------------------------------------------------------------------------- continuous worker
+    def _loop_continuous(self) -> None:
+        running = self.running = RunningBatch(self.engine)
+        jobs: list[_Job] = []  # jobs with rows in the running batch
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not running.rows:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                admit, n = [], len(running.rows)
+                while self._waiting:
+                    k = len(self._waiting[0].requests)
+                    if n and n + k > self.max_batch:
+                        break
+                    admit.append(self._take())
+                    n += k
             try:
-                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-            except queue.Empty:
+                jobs = self._iteration(running, jobs, admit)
+            except Exception as e:  # noqa: BLE001 - the worker must survive: fail the rows in flight, go on
+                for job in jobs + admit:
+                    if not job.closed:
+                        job.closed = True
+                        job.out.put(e)
+                running = self.running = RunningBatch(self.engine)
+                jobs = []
+        self._shut(jobs)
+
+    def _iteration(self, running: RunningBatch, jobs: list[_Job], admit: list[_Job]) -> list[_Job]:
+        """Cancelled rows leave, admitted jobs join, one step for all; returns the jobs still running."""
+        for job in [j for j in jobs if j.cancelled.is_set()]:
+            running.leave(job.rows)
+            self.cancelled += sum(r.finish == "cancelled" for r in job.rows)
+            self._finish(job)
+        jobs = [j for j in jobs if not j.closed]
+        if admit:
+            joined = self._join(running, admit)
+            for job in joined:  # the first token goes out before the next step
+                self._emit(job)
+            jobs += [j for j in joined if not j.closed]
+        if running.rows:
+            running.step()
+        for job in jobs:
+            self._emit(job)
+        return [j for j in jobs if not j.closed]
+
+    def _join(self, running: RunningBatch, admit: list[_Job]) -> list[_Job]:
+        """Join the admitted jobs (together, or one by one to isolate a bad mix); returns the jobs that joined."""
+        ok = []
+        for job in admit:
+            temperature, top_p, seed = job.sampling
+            try:
+                job.rows = [Row(ids, r.mix, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+                                owner=job) for ids, r, n in zip(job.ids, job.requests, job.limits)]
+                ok.append(job)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                job.closed = True
+                job.out.put(e)
+        admit = ok
+        joined = []
+        groups = [admit] if len(admit) == 1 else [admit, *([j] for j in admit)]
+        for group in groups:
+            group = [j for j in group if not j.closed and j not in joined]
+            if not group:
+                continue
+            try:
+                running.join([r for j in group for r in j.rows])
+            except ConflictError:
+                if len(group) == 1:  # fine alone: wait at the head of the queue until the batch changes
+                    with self._cv:
+                        self._waiting.appendleft(group[0])
+                        self._waiting_rows += len(group[0].requests)
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad mix must not take other sessions down
+                if len(group) == 1:
+                    group[0].closed = True
+                    group[0].out.put(e)
+                continue
+            joined += group
+            self.batches = (self.batches + [len(running.rows)])[-1000:]
+            if len(group) == len(admit):
                 break
-            if job is None:
-                self._queue.put(None)
-                break
-            if job.key == first.key and rows + len(job.requests) <= self.max_batch:
-                batch.append(job)
-                rows += len(job.requests)
-            else:
-                self._pending.append(job)
+        return joined
+
+    def _emit(self, job: _Job) -> None:
+        tok = self.engine.tokenizer
+        if job.closed:
+            return
+        job.out.put([tok.decode(r.tokens, skip_special_tokens=True) for r in job.rows])
+        if all(r.done for r in job.rows):
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        if not job.closed:
+            job.closed = True
+            job.out.put(_DONE)
+
+    # ----------------------------------------------------------------------------------- gather worker
+    def _gather(self) -> list[_Job] | None:
+        """The next batch: the first waiting job and, for ``wait_ms``, later ones with its sampling settings."""
+        with self._cv:
+            while not self._closed and not self._waiting:
+                self._cv.wait()
+            if self._closed:
+                return None
+            first = self._take()
+            batch, rows = [first], len(first.requests)
+            deadline = time.monotonic() + self.wait
+            while True:
+                for job in list(self._waiting):  # earlier arrivals first
+                    if job.key == first.key and rows + len(job.requests) <= self.max_batch:
+                        self._waiting.remove(job)
+                        self._waiting_rows -= len(job.requests)
+                        self.admitted += len(job.requests)
+                        batch.append(job)
+                        rows += len(job.requests)
+                left = deadline - time.monotonic()
+                if rows >= self.max_batch or left <= 0 or self._closed:
+                    break
+                self._cv.wait(left)
         return [j for j in batch if not j.cancelled.is_set()]
 
-    def _loop(self) -> None:
+    def _loop_gather(self) -> None:
         while True:
-            first = self._pending.pop(0) if self._pending else self._queue.get()
-            if first is None:
-                for job in self._pending:
-                    job.out.put(RuntimeError("The app is shutting down."))
-                return
-            batch = self._gather(first)
+            batch = self._gather()
+            if batch is None:
+                break
             if batch:
                 self._run(batch)
+        self._shut([])
 
     def _run(self, batch: list[_Job]) -> None:
         try:
@@ -276,10 +467,13 @@ def _prefix_width(mix: Any) -> int:
     return max((p.shape[0] for p in parts if getattr(p, "kind", None) == "prompt"), default=0)
 
 
-def _count(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if not isinstance(ids, list) else ids
-    return len(ids)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+def _count(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    return len(_template_ids(tokenizer, messages))
 
 
 def check_history(messages: Sequence[dict]) -> None:

@@ -4,7 +4,8 @@
     ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
     ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
     └── RequestError(ValueError)       a chat request's settings or size are out of bounds (NaN temperature,
-                                       a history over the limit)
+        │                              a history over the limit)
+        └── BusyError                  the waiting queue is full: try again in a few seconds
     TrainingDataError = composer.errors.DataError: the JSONL training file is unreadable or has no usable rows
 """
 
@@ -50,6 +51,16 @@ class RequestError(AppError, ValueError):
         super().__init__(message)
         self.field = field
         self.value = value
+
+
+class BusyError(RequestError):
+    """The server's waiting queue is full; the request was not queued. Attributes: ``waiting`` (rows waiting
+    now), ``limit`` (the most that may wait)."""
+
+    def __init__(self, message: str, *, waiting: int, limit: int) -> None:
+        super().__init__(message, field="queue", value=waiting)
+        self.waiting = waiting
+        self.limit = limit
 
 
 # The data readers live in composer (``composer.data``, shared by ``hub train`` and ``composer.fit``); the

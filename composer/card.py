@@ -168,3 +168,32 @@ def _body(adapter: Adapter, kind_tag: str, repo_id: str | None, training: dict[s
     if adapter.recipe is not None:
         body += f"\nComposed with `composer`:\n\n```\n{adapter.recipe.expression}\n```\n"
     return body
+
+
+def describe(text: str | bytes, *, limit: int = 300) -> str:
+    """What a card says the adapter does, in one paragraph of plain text (``""`` when it says nothing).
+
+    The front matter's ``description`` when it has one, else the body's first paragraph that is prose (not a
+    heading, a list, a table, a quote or code), else the training record's data file; cut to ``limit``
+    characters.
+    """
+    try:
+        meta, body = parse_card(text)
+    except InvalidCardError:
+        return ""
+    found = meta.get("description") if isinstance(meta.get("description"), str) else ""
+    if not found:
+        for para in re.split(r"\n\s*\n", body):
+            para = para.strip()
+            if para and not re.match(r"(#|[-*+] |\d+[.)] |\||>|```|<!--|---)", para):
+                found = para
+                break
+    if not found and isinstance(meta.get("training"), dict):
+        # A trained adapter's card without prose still says what it learnt from.
+        t = meta["training"]
+        if t.get("data_file"):
+            extra = ", ".join(x for x in (f"{t['examples']} examples" if t.get("examples") else "",
+                                          f"{t['steps']} steps" if t.get("steps") else "") if x)
+            found = f"Trained on {t['data_file']}" + (f" ({extra})" if extra else "") + "."
+    found = " ".join(found.split())
+    return found if len(found) <= limit else found[: limit - 1].rstrip() + "…"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -31,9 +32,17 @@ def chat_args(message, selected=(), weights=(), method="task_arithmetic", t=0.5,
 
 
 def reply_of(result) -> str:
-    history = result[0]
-    content = history[-1]["content"]
-    return "".join(c.get("text", "") for c in content) if isinstance(content, list) else content
+    """The last reply's text, without the line naming its mix."""
+    from app.ui.page import reply_text
+
+    return reply_text(result[0][-1]["content"])
+
+
+def label_of(result) -> str:
+    from app.ui.conversation import unlabelled
+    from app.ui.page import _text
+
+    return unlabelled(_text(result[0][-1]["content"]))[0]
 
 
 MIXES = [  # (selected, weights, method, t, density)
@@ -132,13 +141,74 @@ def test_adapter_deleted_while_selected_is_explained(served):
     assert reply_of(client.predict(*chat_args("hi", ["alice/math@v1"], [1.0]), api_name="/chat"))
 
 
+def test_a_road_mix_with_one_prompt_vector_is_served_on_one_row(served):
+    """RoAd adapters and a prompt vector chosen together: the RoAd mix and the (weighted) prompt run on one row,
+    exactly as the engine serves the pair."""
+    client = Client(served.url, verbose=False)
+    sel = ["alice/math@v1", "bob/code@v1", "carol/style@v1"]
+    mix = client.predict(sel, "task_arithmetic", 0.5, 0.5, 0.7, -0.3, 0.5, *([1.0] * (MAX_SLOTS - 3)),
+                         api_name="/mix")
+    assert mix[0] == "0.7*alice/math@v1 - 0.3*bob/code@v1 ; 0.5*carol/style@v1"
+    assert "prompt vector" in mix[1] and "Traceback" not in mix[1]
+    out = client.predict(*chat_args("Hello there", sel, [0.7, -0.3, 0.5]), api_name="/chat")
+    road, _ = served.mixer.evaluate("0.7*alice/math@v1 - 0.3*bob/code@v1")
+    prompt, _ = served.mixer.evaluate("0.5*carol/style@v1")
+    from app.engine import Engine
+
+    expected = Engine(served.model, served.tok).generate(
+        [{"messages": [{"role": "user", "content": "Hello there"}], "mix": [road, prompt]}], max_new_tokens=MAX_NEW)[0]
+    assert reply_of(out) == expected
+    assert expected not in (served.alone("0.7*alice/math@v1 - 0.3*bob/code@v1", "Hello there", max_new_tokens=MAX_NEW),
+                            served.alone("0.5*carol/style@v1", "Hello there", max_new_tokens=MAX_NEW))
+    assert label_of(out).startswith("0.7\\*alice/math@v1")  # the reply names its mix (Markdown-escaped)
+    # saving the pair is refused with the reason; two prompt vectors beside RoAd are refused too
+    w = [0.7, -0.3, 0.5] + [1.0] * (MAX_SLOTS - 3)
+    bad = client.predict("team/pair", False, sel, "task_arithmetic", 0.5, 0.5, *w, api_name="/save")
+    assert "Not saved" in bad[0] and "separately" in bad[0]
+
+
 def test_incompatible_choice_is_explained_not_a_traceback(served):
     client = Client(served.url, verbose=False)
-    mix = client.predict(["alice/math@v1", "carol/style@v1"], "task_arithmetic", 0.5, 0.5, 1.0, 1.0,
+    mix = client.predict(["alice/math@v1", "carol/style@v1"], "interp", 0.5, 0.5, 1.0, 1.0,
                          *([1.0] * (MAX_SLOTS - 2)), api_name="/mix")
-    assert "cannot be mixed" in mix[1] and "Traceback" not in mix[1]
-    with pytest.raises(Exception, match="cannot be mixed"):
-        client.predict(*chat_args("hi", ["alice/math@v1", "carol/style@v1"], [1.0, 1.0]), api_name="/chat")
+    assert "Cannot build this mix" in mix[1] and "Interpolation" in mix[1] and "Traceback" not in mix[1]
+    with pytest.raises(Exception, match="Interpolation"):
+        client.predict(*chat_args("hi", ["alice/math@v1", "carol/style@v1"], [1.0, 1.0], method="interp"),
+                       api_name="/chat")
+
+
+def test_a_weight_of_zero_leaves_the_adapter_out(served):
+    client = Client(served.url, verbose=False)
+    mix = client.predict(["alice/math@v1", "bob/code@v1"], "task_arithmetic", 0.5, 0.5, 0.0, 0.5,
+                         *([1.0] * (MAX_SLOTS - 2)), api_name="/mix")
+    assert mix[0] == "0.5*bob/code@v1"
+    mix = client.predict(["alice/math@v1"], "task_arithmetic", 0.5, 0.5, 0.0, *([1.0] * (MAX_SLOTS - 1)),
+                         api_name="/mix")
+    assert mix[0] == "" and "Base model only" in mix[1]
+
+
+def test_a_full_queue_answers_busy_through_the_api(tmp_path):
+    """Past the queue bound the app answers at once with a clear "busy, try again" error."""
+    s = Served(tmp_path / "store", max_batch=1, max_queue=1)
+    try:
+        clients = [Client(s.url, verbose=False) for _ in range(3)]  # three sessions (one session queues its own)
+        def until(cond):
+            deadline = time.monotonic() + 30
+            while not cond() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        with s.batcher.engine.exclusive():  # nothing can finish: one row runs (blocked), one waits
+            jobs = [clients[0].submit(*chat_args("hi 0"), api_name="/chat")]
+            until(lambda: s.batcher.admitted == 1)  # the worker took it (and waits for the engine)
+            jobs.append(clients[1].submit(*chat_args("hi 1"), api_name="/chat"))
+            until(lambda: s.batcher.waiting == 1)
+            assert s.batcher.waiting == 1
+            third = clients[2].submit(*chat_args("one too many"), api_name="/chat")
+            with pytest.raises(Exception, match="busy.*Try again in a few seconds"):
+                third.result(timeout=60)
+        assert all(reply_of(j.result(timeout=60)) for j in jobs)
+    finally:
+        s.close()
 
 
 def test_save_through_the_api_adds_a_version(served):

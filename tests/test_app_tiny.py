@@ -76,12 +76,13 @@ def free_port() -> int:
 class Served:
     """The app served on 127.0.0.1 in this process, over a fresh store with the tiny adapters."""
 
-    def __init__(self, root, *, max_batch: int = 8, concurrency: int = 16) -> None:
+    def __init__(self, root, *, max_batch: int = 8, concurrency: int = 16, **batcher) -> None:
         self.root = root
         self.model, self.tok = tiny_chat_model()
         self.ids = populate_store(root, self.model)
         self.demo, self.mixer, self.batcher = build(self.model, self.tok, root=root, max_batch=max_batch,
-                                                    wait_ms=30, concurrency=concurrency, base_name="tiny-llama")
+                                                    wait_ms=30, concurrency=concurrency, base_name="tiny-llama",
+                                                    **batcher)
         self.port = free_port()
         self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True,
                          quiet=True, share=False)
@@ -227,3 +228,21 @@ def test_hub_app_reaches_the_app_parser(capsys):
     with pytest.raises(SystemExit) as e:
         main(["app", "--", "--help"])
     assert e.value.code == 0 and "--max-batch" in capsys.readouterr().out
+
+
+def test_a_weight_of_zero_is_left_out_of_the_expression():
+    assert build_expression(["a/x", "b/y"], [0.0, 0.5]) == "0.5*b/y"
+    assert build_expression(["a/x", "b/y"], [0.6, 0.0], "ties") == "merge(ties, 0.6*a/x, density=0.5)"
+    assert build_expression(["a/x"], [0.0]) == ""  # all at 0: the base model
+
+
+def test_card_descriptions():
+    from composer.card import describe
+
+    assert describe("---\ndescription: Answers in upper case.\n---\n# T\n\nOther text.\n") == "Answers in upper case."
+    assert describe("---\nbase_model: x\n---\n# Title\n\n- a list\n\nTurns replies into JSON.\nAlways.\n") == \
+        "Turns replies into JSON. Always."
+    assert describe("---\ntraining:\n  data_file: style_upper.jsonl\n  examples: 160\n---\n# T\n") == \
+        "Trained on style_upper.jsonl (160 examples)."
+    assert describe("# only a title\n") == "" and describe(b"\xff\xfe") == ""
+    assert describe("x" * 500).endswith("…") and len(describe("x" * 500)) == 300

@@ -3,11 +3,13 @@
     load_base(name_or_path=None) -> (model, tokenizer)
     Engine(model, tokenizer).forward(input_ids, attention_mask, mixes)   logits per row, each with its mix
     Engine.generate(requests, **sampling) / Engine.stream(...)           batched chat with a KV cache
+    RunningBatch(engine).join(rows) / .step() / .leave(rows)             iteration-level scheduling
 """
 
 from __future__ import annotations
 
 from .base import DEFAULT_NAME, INSTALL_HINT, default_cache_dir, gguf_path, load_base
+from .continuous import Row, RunningBatch
 from .engine import Engine, Request
 
-__all__ = ["load_base", "Engine", "Request", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir", "gguf_path"]
+__all__ = ["load_base", "Engine", "Request", "Row", "RunningBatch", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir", "gguf_path"]

@@ -26,7 +26,7 @@ from composer import PromptVector, RoadAdapter
 
 from ..errors import MixError
 from . import road
-from .sampling import check_sampling, pick_next
+from .sampling import check_sampling, generator, pick_rows
 
 Mix = Any  # None | RoadAdapter | PromptVector | Sequence[RoadAdapter | PromptVector] | str (an expression)
 
@@ -145,7 +145,12 @@ class Engine:
 
     @contextmanager
     def _applied(self, row_tables: list[road.Tables | None]) -> Iterator[None]:
-        per_layer = road.batch_tables(row_tables)
+        with self._layers_applied(road.batch_tables(row_tables)):
+            yield
+
+    @contextmanager
+    def _layers_applied(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Set each adapted layer's per-row ``(C, S)`` (:func:`road.batch_tables`) for the duration."""
         new = [m for m in per_layer if m not in self._installed]
         if new:
             road.install(self._linears[m] for m in new)
@@ -248,10 +253,12 @@ class Engine:
 
     def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         mixes: Sequence[Mix] | None = None, **sampling: Any) -> Iterator[list[list[int]]]:
-        """Yield, after each decoding step, every row's generated token ids so far.
+        """Yield, after each decoding step, every row's generated token ids so far (one static batch).
 
-        Sampling arguments as in :meth:`stream`. A row stops at an end token (which is kept in its list);
-        the loop ends when every row stopped or ``max_new_tokens`` were made.
+        Sampling arguments as in :meth:`stream`; every row samples with its own generator seeded with ``seed``.
+        A row stops at an end token (which is kept in its list), but stays in the batch until every row
+        stopped or ``max_new_tokens`` were made: this is the gather-then-run path. For rows that join and
+        leave between steps use :class:`~app.engine.continuous.RunningBatch` (what the app's batcher runs).
         """
         max_new_tokens = int(sampling.pop("max_new_tokens", 256))
         temperature, top_p = check_sampling(sampling.pop("temperature", 0.0), sampling.pop("top_p", 1.0))
@@ -263,15 +270,15 @@ class Engine:
                             "Use max_new_tokens, temperature, top_p, seed, do_sample.")
         from transformers import DynamicCache
 
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
         with self._lock, torch.no_grad():
             b = input_ids.shape[0]
             tables, prompts = self._mixes(mixes, b)
             emb, mask, pos, _ = self._inputs(input_ids, attention_mask, prompts)
             eos = torch.tensor(sorted(self.eos_token_ids)) if self.eos_token_ids else None
             pad = self._pad_id()
+            # One generator per row, each seeded with ``seed``: a row's sample never depends on its batch mates.
+            gens = [generator(seed) if temperature > 0 else None for _ in range(b)]
+            temps, top_ps = torch.full((b,), temperature), torch.full((b,), top_p)
             done = torch.zeros(b, dtype=torch.bool)
             out_ids: list[list[int]] = [[] for _ in range(b)]
             with self._applied(tables):
@@ -280,7 +287,7 @@ class Engine:
                                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
                 pos = pos[:, -1:]
                 for _ in range(max_new_tokens):
-                    nxt = pick_next(logits, temperature=temperature, top_p=top_p, generator=gen)
+                    nxt = pick_rows(logits, temps, top_ps, gens)
                     nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                     for i in (~done).nonzero().flatten().tolist():
                         out_ids[i].append(int(nxt[i]))
@@ -321,7 +328,8 @@ class Engine:
             max_new_tokens: at most this many new tokens per row (default 256).
             temperature: 0 (default) for greedy decoding, > 0 to sample.
             top_p: nucleus sampling mass (default 1.0).
-            seed: seed of the sampler, for repeatable samples.
+            seed: seed of each row's sampler, for repeatable samples (a row's sample does not depend on
+                the other rows).
 
         Yields:
             A list with one string per request: the full decoded answer so far (end tokens removed).

@@ -1,8 +1,15 @@
-"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling."""
+"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling, each row with its own generator.
+
+A sampled row draws one uniform number per step from its *own* ``torch.Generator`` and picks the token by
+inverse CDF on its own probabilities (every other operation is row-wise), so what a row gets depends only on
+its logits and its seed, never on which rows share its batch.
+"""
 
 from __future__ import annotations
 
 import math
+import secrets
+from collections.abc import Sequence
 
 import torch
 
@@ -27,23 +34,52 @@ def check_sampling(temperature: object, top_p: object) -> tuple[float, float]:
     return t, p
 
 
-def pick_next(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Choose one token per row from ``logits`` of shape ``(batch, vocab)``.
+def pick_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+              generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Choose one token per row of ``logits`` ``(batch, vocab)``, each row with its own settings.
 
-    ``temperature <= 0`` is greedy (argmax, ties to the lowest id as ``transformers`` does). Otherwise the
-    logits are divided by ``temperature``, the smallest set of tokens whose probability reaches ``top_p`` is
-    kept (always at least the most likely one), and one token is drawn with ``generator``.
+    Args:
+        logits: the last position's logits of each row.
+        temperature: ``(batch,)``; rows at 0 are greedy (argmax, ties to the lowest id as ``transformers``).
+        top_p: ``(batch,)`` nucleus mass: the smallest set of tokens whose probability reaches it is kept
+            (always at least the most likely one).
+        generators: one per row (``None`` for greedy rows); a sampled row draws exactly one number from its
+            own generator per call.
+
+    Returns:
+        ``(batch,)`` token ids.
     """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+    out = logits.argmax(-1)
+    hot = (temperature > 0).nonzero().flatten()
+    if hot.numel() == 0:
+        return out
+    lg = logits.index_select(0, hot).float() / temperature.index_select(0, hot).float()[:, None]
+    probs = lg.softmax(-1)
+    p = top_p.index_select(0, hot).float()
+    u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in hot.tolist()])
+    picked = torch.empty_like(hot)
+    # Rows with top_p < 1 choose in sorted order, the others in id order: either way per row, whatever the
+    # settings of the other rows.
+    for part in ((p < 1).nonzero().flatten(), (p >= 1).nonzero().flatten()):
+        if part.numel():
+            picked[part] = _inverse_cdf(probs.index_select(0, part), p.index_select(0, part), u.index_select(0, part))
+    out[hot] = picked
+    return out
+
+
+def _inverse_cdf(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    order = None
+    if bool((top_p < 1).any()):
+        # A stable sort: tokens of equal probability keep their id order whatever the batch.
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
         # Drop a token when the mass before it already reaches top_p; the first token always stays.
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+    cdf = probs.double().cumsum(-1)
+    # The first index whose cumulative mass exceeds u * total: never a token of probability 0.
+    k = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(cdf.shape[-1] - 1)
+    return k.squeeze(-1) if order is None else order.gather(-1, k).squeeze(-1)
+
+
+def generator(seed: int | None) -> torch.Generator:
+    """A row's own sampler: seeded with ``seed``, or with fresh entropy when ``seed`` is ``None``."""
+    return torch.Generator().manual_seed(int(seed) if seed is not None else secrets.randbits(63))

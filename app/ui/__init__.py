@@ -31,8 +31,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login")
     p.add_argument("--base", metavar="MODEL", help="base model id or folder (default: offline SmolLM2-135M-Instruct)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows per engine batch (default 8)")
-    p.add_argument("--wait-ms", type=float, default=15.0, help="how long to gather a batch (default 15 ms)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoding together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="rows that may wait for a place; past it a request is told the app is busy (default 64)")
+    p.add_argument("--scheduler", choices=("continuous", "gather"), default="continuous",
+                   help="continuous: requests join and leave the running batch at every step (default); "
+                        "gather: gather for --wait-ms, then run the batch to its end (the earlier path)")
+    p.add_argument("--wait-ms", type=float, default=15.0, help="gather only: how long to gather a batch (default 15 ms)")
     p.add_argument("--concurrency", type=int, default=16, help="chat events running at once (default 16)")
     p.add_argument("--root", metavar="DIR", help="store root (default $ADAPTER_HUB_HOME)")
     p.add_argument("--no-seed", action="store_true", help="do not add the shipped adapters to an empty store")
@@ -47,14 +52,18 @@ def seed_store(mixer: Mixer, folder: Path | None = None) -> list[str]:
 
 
 def build(model: Any, tokenizer: Any, *, root: str | os.PathLike | None = None, max_batch: int = 8,
-          wait_ms: float = 15.0, concurrency: int = 16, base_name: str = ""):
-    """Engine, batcher, mixer and page for ``model``: returns ``(demo, mixer, batcher)`` (queue enabled)."""
+          wait_ms: float = 15.0, concurrency: int = 16, base_name: str = "", scheduler: str = "continuous",
+          max_queue: int = 64):
+    """Engine, batcher, mixer and page for ``model``: returns ``(demo, mixer, batcher)`` (queue enabled).
+
+    ``max_batch``, ``wait_ms``, ``scheduler`` and ``max_queue`` go to :class:`~app.batcher.Batcher`.
+    """
     from ..batcher import Batcher
     from ..engine import Engine
 
     mixer = Mixer(root)
     engine = Engine(model, tokenizer, resolve=mixer.load)
-    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms)
+    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms, scheduler=scheduler, max_queue=max_queue)
     demo = build_app(mixer, batcher, base_name=base_name or getattr(model, "name_or_path", ""),
                      concurrency=concurrency)
     demo.queue(default_concurrency_limit=concurrency)
@@ -72,8 +81,12 @@ def _auth(value: str | None) -> tuple[str, str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Start the app (blocks until interrupted); returns the exit code."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     auth = _auth(args.auth)
+    for name in ("max_batch", "max_queue", "concurrency"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     from ..engine import load_base
 
     print(f"Loading base model {args.base or 'SmolLM2-135M-Instruct (offline default)'} ...", file=sys.stderr)
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if added:
             print(f"Added shipped adapters to the store: {', '.join(added)}", file=sys.stderr)
     demo, _, batcher = build(model, tok, root=args.root, max_batch=args.max_batch, wait_ms=args.wait_ms,
-                                 concurrency=args.concurrency)
+                             concurrency=args.concurrency, scheduler=args.scheduler, max_queue=args.max_queue)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS)
     finally:

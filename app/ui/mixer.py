@@ -18,6 +18,7 @@ import composer
 import hub
 from composer import RoadAdapter
 from composer.adapters import cosine, task_vector
+from composer.card import describe
 from composer.expr import format_interp, format_merge, format_name, format_sum
 from composer.merge_methods import METHODS as MERGE_METHODS
 
@@ -73,6 +74,8 @@ def build_expression(selected: Sequence[str], weights: Sequence[Any], method: st
                      t: Any = 0.5, density: Any = 0.5) -> str:
     """The expression (``hub compose`` syntax) for the page's choices; ``""`` means the base model.
 
+    Adapters at weight 0 are left out (all at 0 is the base model).
+
     Args:
         selected: adapter ids (``ns/name@vN``), in the order chosen.
         weights: one weight per selected adapter (used by task arithmetic, TIES and DARE).
@@ -98,7 +101,10 @@ def build_expression(selected: Sequence[str], weights: Sequence[Any], method: st
     if len(weights) < len(selected):
         raise MixInputError(f"Got {len(weights)} weights for {len(selected)} adapters; give one weight each.")
     ws = [_check_weight(n, w) for n, w in zip(selected, weights)]
-    terms = [(w, _quote(n)) for n, w in zip(selected, ws)]
+    # A weight of 0 takes the adapter out of the mix: writing "0*x" would keep it in the recipe for nothing.
+    terms = [(w, _quote(n)) for n, w in zip(selected, ws) if w != 0]
+    if not terms:
+        return ""
     if method == "task_arithmetic":
         return format_sum(terms)
     params = {}
@@ -138,14 +144,15 @@ class Mixer:
     # ------------------------------------------------------------------------------------------ listing
     def rows(self) -> list[dict[str, Any]]:
         """One row per adapter: ``id``, ``choice`` (``id@latest``), ``kind``, ``base_model``, ``latest``,
-        ``versions``; adapters that fail to load are listed with ``kind`` = ``"unreadable"``."""
+        ``versions``, ``description`` (from its card); adapters that fail to load are listed with ``kind`` = ``"unreadable"``."""
         out = []
         for r in self.store.list():
             if r["sha"] is None:
                 continue
             choice = f"{r['id']}@{r['latest']}" if r["latest"] else r["id"]
             row = {"id": r["id"], "choice": choice, "latest": r["latest"] or r["sha"][:8],
-                   "versions": len(r["versions"]), "kind": "?", "base_model": "?"}
+                   "versions": len(r["versions"]), "kind": "?", "base_model": "?",
+                   "description": self.description(choice)}
             try:
                 a = self._load_sha(r["id"], r["sha"])
                 row["kind"] = a.kind if a.kind == "prompt" else f"road ({a.variant}, g={a.group_size})"
@@ -208,6 +215,55 @@ class Mixer:
             self._mixes[key] = (adapter, notes)
         return adapter, notes
 
+    def compose(self, selected: Sequence[str], weights: Sequence[Any], method: str = "task_arithmetic",
+                t: Any = 0.5, density: Any = 0.5) -> tuple[str, Any, list[str]]:
+        """The page's choices as ``(expression, mix, notes)``; ``mix`` is what the engine serves.
+
+        RoAd adapters and one prompt vector may be chosen together: the method mixes the RoAd adapters, the
+        prompt vector joins with its weight (τ scaled), and the mix is the pair ``[road, prompt]`` the engine
+        runs on one row (PEFT stacks them the same way). Its expression is the two expressions joined by
+        ``" ; "``.
+
+        Raises:
+            MixInputError: as :func:`build_expression` and :meth:`evaluate`, or more than one prompt vector
+                beside RoAd adapters.
+        """
+        selected = [s for s in (selected or []) if s]
+        try:
+            kinds = [self.load(n).kind if _is_name(n) else "?" for n in selected]
+        except _KNOWN as e:
+            raise MixInputError(_explain(e)) from e
+        if "road" not in kinds or "prompt" not in kinds:
+            expression = build_expression(selected, weights, method, t, density)
+            adapter, notes = self.evaluate(expression)
+            return expression, adapter, notes
+        prompts = [n for n, k in zip(selected, kinds) if k == "prompt"]
+        if len(prompts) > 1:
+            raise MixInputError(f"A RoAd mix takes at most one prompt vector beside it; you chose {len(prompts)} "
+                                f"({', '.join(prompts)}). Mix prompt vectors on their own, or keep one.")
+        if method == "interp":
+            raise MixInputError("Interpolation goes between two adapters of one kind; with a prompt vector beside "
+                                "RoAd adapters, use task arithmetic, TIES or DARE (they mix the RoAd adapters).")
+        ws = list(weights) + [1.0] * (len(selected) - len(weights))
+        road = [(n, w) for n, w, k in zip(selected, ws, kinds) if k != "prompt"]
+        p_weight = ws[selected.index(prompts[0])]
+        road_expr = build_expression([n for n, _ in road], [w for _, w in road], method, t, density)
+        prompt_expr = build_expression(prompts, [p_weight], "task_arithmetic")
+        parts = [(e, *self.evaluate(e)) for e in (road_expr, prompt_expr) if e]
+        if len(parts) < 2:  # one side is all weight 0
+            return (parts[0][0], parts[0][1], parts[0][2]) if parts else ("", None, [])
+        return (f"{road_expr} ; {prompt_expr}", [parts[0][1], parts[1][1]],
+                list(dict.fromkeys(parts[0][2] + parts[1][2])))
+
+    def description(self, name: str) -> str:
+        """What the adapter's model card says it does (:func:`composer.card.describe`), or ``""``."""
+        try:
+            resolved = self.store.resolve(name)
+            card = self.store.snapshot(resolved) / "README.md"
+            return describe(card.read_bytes()) if card.is_file() else ""
+        except Exception:  # noqa: BLE001 - a missing or broken card only means no description
+            return ""
+
     def save(self, adapter: composer.Adapter, repo_id: str, *, expression: str, to_hf: bool = False
              ) -> tuple[Any, Any]:
         """Push ``adapter`` (with its recipe) as a new version of ``repo_id``; optionally to the HF Hub too.
@@ -243,6 +299,14 @@ class Mixer:
         return out
 
 
+def _is_name(name: str) -> bool:
+    try:
+        hub.parse_id(name)
+        return True
+    except Exception:  # noqa: BLE001 - not a store id: build_expression/evaluate explain it
+        return False
+
+
 def _explain(e: BaseException) -> str:
     msg = message_of(e)
     if isinstance(e, composer.IncompatibleAdaptersError):
@@ -259,6 +323,8 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
     RoAd adapter over its modules, or ‖τ‖ per virtual token of a prompt vector."""
     if adapter is None:
         return []
+    if isinstance(adapter, (list, tuple)):  # a RoAd mix with a prompt vector
+        return [row for part in adapter for row in layer_norms(part)]
     rows = []
     if isinstance(adapter, RoadAdapter):
         acc: dict[int, list[float]] = {}
@@ -298,24 +364,24 @@ def heatmap_html(names: Sequence[str], mat: Sequence[Sequence[float | None]]) ->
     """An HTML heat map: blue for aligned task vectors, red for opposed ones (interference)."""
     if not names:
         return "<p><em>Choose adapters to see how their task vectors relate.</em></p>"
-    head = "".join(f"<th title='{html.escape(n)}'>{html.escape(_short(n))}</th>" for n in names)
+    head = "".join(f"<th title='{html.escape(n)}' style='{_CELL}'>{html.escape(_short(n))}</th>" for n in names)
     body = []
     for n, row in zip(names, mat):
         cells = []
         for v in row:
             if v is None:
-                cells.append("<td style='background:#eee' title='different kinds or shapes, or a zero task "
-                             "vector (the identity)'>n/a</td>")
+                cells.append(f"<td style='background:#eee;{_CELL}' title='different kinds or shapes, or a zero "
+                             "task vector (the identity)'>n/a</td>")
                 continue
             a = min(1.0, abs(v))
             rgb = (int(255 - 160 * a), int(255 - 120 * a), 255) if v >= 0 else (255, int(255 - 160 * a),
                                                                                  int(255 - 160 * a))
-            cells.append(f"<td style='background:rgb{rgb};text-align:center;padding:4px 8px'>{v:+.2f}</td>")
-        body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
+            cells.append(f"<td style='background:rgb{rgb};text-align:center;{_CELL}'>{v:+.2f}</td>")
+        body.append(f"<tr><th style='text-align:right;{_CELL}' title='{html.escape(n)}'>{html.escape(_short(n))}</th>"
                     f"{''.join(cells)}</tr>")
-    return ("<div class='cosine-heatmap'><p><strong>Cosine similarity of the weighted task vectors</strong> "
-            "(negative cells: the tasks pull against each other)</p>"
-            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+    return ("<div class='cosine-heatmap' style='max-width:100%;overflow-x:auto'><p><strong>Cosine similarity of the "
+            "weighted task vectors</strong> (negative cells: the tasks pull against each other)</p>"
+            f"<table style='{_TABLE}'><tr><th style='{_CELL}'></th>{head}</tr>{''.join(body)}</table></div>")
 
 
 def overlap_matrix(named: Sequence[tuple[str, composer.Adapter]]
@@ -346,24 +412,31 @@ def overlap_html(names: Sequence[str], mat: Sequence[Sequence[Any]]) -> str:
     the pairs both move (``shared (overlap %)``); ``""`` when no RoAd adapter is chosen."""
     if not names:
         return ""
-    head = "".join(f"<th title='{html.escape(n)}'>{html.escape(_short(n))}</th>" for n in names)
+    head = "".join(f"<th title='{html.escape(n)}' style='{_CELL}'>{html.escape(_short(n))}</th>" for n in names)
     body = []
     for i, n in enumerate(names):
         cells = []
         for j, v in enumerate(mat[i]):
             if i == j:
-                cells.append(f"<td style='text-align:center;padding:4px 8px;font-weight:bold' title='share of this "
+                cells.append(f"<td style='text-align:center;font-weight:bold;{_CELL}' title='share of this "
                              f"adapter&#39;s pairs that move away from the identity'>{v:.0%} active</td>")
             else:
                 tint = int(255 - 120 * min(1.0, v["overlap"]))
-                cells.append(f"<td style='background:rgb(255,{tint},{tint});text-align:center;padding:4px 8px' "
+                cells.append(f"<td style='background:rgb(255,{tint},{tint});text-align:center;{_CELL}' "
                              f"title='pairs both adapters move, and that number over the smaller active set'>"
                              f"{v['shared']} shared ({v['overlap']:.0%})</td>")
-        body.append(f"<tr><th style='text-align:right;padding-right:6px'>{html.escape(_short(n))}</th>"
+        body.append(f"<tr><th style='text-align:right;{_CELL}' title='{html.escape(n)}'>{html.escape(_short(n))}</th>"
                     f"{''.join(cells)}</tr>")
-    return ("<div class='pair-overlap'><p><strong>Active 2D pairs</strong> (diagonal: share each adapter moves; "
-            "other cells: pairs both move, and their overlap; 0 shared means disjoint subspaces)</p>"
-            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+    return ("<div class='pair-overlap' style='max-width:100%;overflow-x:auto'><p><strong>Active 2D pairs</strong> "
+            "(diagonal: share each adapter moves; other cells: pairs both move, and their overlap; 0 shared means "
+            f"disjoint subspaces)</p><table style='{_TABLE}'><tr><th style='{_CELL}'></th>{head}</tr>{''.join(body)}"
+            "</table></div>")
+
+
+# Tables take their column's width whatever the number of adapters: fixed layout, names cut with an ellipsis
+# (the full name is in each header's tooltip), numbers wrap before they overflow.
+_TABLE = "border-collapse:collapse;width:100%;table-layout:fixed"
+_CELL = "padding:4px 4px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font-size:0.85em"
 
 
 def _short(name: str) -> str:
@@ -379,12 +452,16 @@ def plain(value: object) -> str:
     Names, recipes and error messages come from folders and stores anyone may have written; shown through
     Markdown unescaped, ``<img src=...>`` in a recipe field made the browser fetch a URL.
     """
-    text = html.escape(str(value), quote=True)
-    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text)
+    # Markdown punctuation first, then HTML: escaping in the other order put a backslash inside entities
+    # ("&#x27;" became "&\\#x27;"), and the page showed the entity's letters instead of the quote.
+    text = "".join("\\" + c if c in _MD_SPECIAL else c for c in str(value))
+    return html.escape(text, quote=False)
 
 
 def deviation_text(adapter: composer.Adapter | None) -> str:
     """A sentence about exactness: exact, or approximate with the relative deviation."""
+    if isinstance(adapter, (list, tuple)):
+        return " ".join(t for t in (deviation_text(a) for a in adapter) if t)
     if adapter is None or adapter.recipe is None:
         return ""
     r = adapter.recipe

@@ -3,7 +3,7 @@
 Layout::
 
     ┌ Mixer ───────────────────────────┐ ┌ Chat | Compare | Fit to examples | Adapters ─┐
-    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix          │
+    │ adapters (multiselect), refresh  │ │ streaming chat under the current mix, stop    │
     │ one weight slider per adapter    │ │ one prompt: base / each adapter / the mix     │
     │ method, t, density               │ │ fit: examples -> coefficients -> the mix      │
     │ expression (hub compose syntax)  │ │ the store's adapters (kind, base, version)    │
@@ -13,8 +13,13 @@ Layout::
     │ save as a new version            │
     └──────────────────────────────────┘
 
-API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (streams the history),
-``/compare``, ``/fit`` (streams its progress), ``/save``, ``/adapters``.
+API names (for ``gradio_client``): ``/mix`` (expression and status), ``/chat`` (streams the history; each reply
+starts with a line naming its mix, :func:`reply_text` cuts it), ``/compare``, ``/fit`` (streams its progress),
+``/save``, ``/adapters``.
+
+The chat never drops a message: a send while a reply streams is queued per session and answered in order
+(:mod:`app.ui.conversation`); *Stop* and a closed tab cancel the streaming row; a mix change with replies on
+screen offers a new conversation.
 
 A session's fitted mix lives in a ``gr.State`` (:class:`~app.ui.fitpanel.Fitted`): chat, compare and save use it
 while the page still shows the fit's choices (:func:`~app.ui.fitpanel.current`), so the API's inputs stay as they
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import html
 import math
+import weakref
 from typing import Any
 
 import gradio as gr
@@ -32,13 +38,13 @@ import pandas as pd
 
 from ..batcher import Batcher
 from ..errors import RequestError
+from .conversation import Conversation, Pending, labelled, mix_label, unlabelled
 from .fitpanel import SLIDER_STEP, current, examples_from, fit_steps, progress_text, summary_markdown
 from .mixer import (
     METHODS,
     WEIGHT_RANGE,
     Mixer,
     MixInputError,
-    build_expression,
     cosine_matrix,
     deviation_text,
     heatmap_html,
@@ -50,6 +56,7 @@ from .mixer import (
 )
 
 MAX_SLOTS = 6
+MAX_QUEUED = 8  # messages one session may send ahead of its replies
 MAX_MESSAGE_CHARS = 200_000  # beyond this, refuse before tokenizing (the context cut handles the rest)
 CSS = ".expression textarea {font-family: ui-monospace, monospace}"
 
@@ -89,8 +96,19 @@ def _text(content: Any) -> str:
 
 
 def _conversation(history: list[dict]) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": _text(m.get("content"))} for m in history or []
-            if m.get("role") in ("user", "assistant", "system")]
+    """The model's view of the chat: roles and texts, each reply without its display-only mix line."""
+    out = []
+    for m in history or []:
+        if m.get("role") not in ("user", "assistant", "system"):
+            continue
+        text = _text(m.get("content"))
+        out.append({"role": m["role"], "content": unlabelled(text)[1] if m["role"] == "assistant" else text})
+    return out
+
+
+def reply_text(content: Any) -> str:
+    """A chat reply's text without the line naming its mix (for API clients and tests)."""
+    return unlabelled(_text(content))[1]
 
 
 def _hf_token() -> bool:
@@ -114,8 +132,9 @@ def _plot_frame(rows: list[dict]) -> pd.DataFrame | None:
 
 def _table(mixer: Mixer) -> pd.DataFrame:
     rows = mixer.rows()
-    return pd.DataFrame([[r["id"], r["kind"], r["base_model"], r["latest"], r["versions"]] for r in rows],
-                        columns=["adapter", "kind", "base model", "latest", "versions"])
+    return pd.DataFrame([[r["id"], r["kind"], r["base_model"], r["latest"], r["versions"], r["description"]]
+                         for r in rows],
+                        columns=["adapter", "kind", "base model", "latest", "versions", "description"])
 
 
 def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix and chat",
@@ -134,9 +153,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         adapter = current(fitted, selected, method, weights)
         if adapter is not None:  # the session's fitted mix, while the page shows the fit's choices
             return adapter.recipe.expression, adapter, []
-        expression = build_expression(selected or [], list(weights), method, t, density)
-        adapter, notes = mixer.evaluate(expression)
-        return expression, adapter, notes
+        return mixer.compose(selected or [], list(weights), method, t, density)
 
     # ------------------------------------------------------------------------------------ callbacks
     def refresh_mix(selected, method, t, density, fitted, *weights):
@@ -146,8 +163,12 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             named = mixer.inputs(selected)
             signed = None if method == "interp" else list(weights)[:len(named)]
             names, mat = cosine_matrix(named, signed)
-            status = ("Base model only: choose adapters to mix." if not expression
+            status = ("Base model only: choose adapters to mix (or raise a weight above 0)." if not expression
                       else "Mix ready; the next chat message uses it.")
+            if isinstance(adapter, list):
+                road_expr, _, prompt_expr = expression.partition(" ; ")
+                status = (f"Mix ready: the RoAd mix {plain(road_expr)} with the prompt vector {plain(prompt_expr)} as "
+                          "a prefix, on one row; the next chat message uses it. (Two adapters: save them separately.)")
             if adapter is not None and adapter is current(fitted, selected, method, weights):
                 status = ("**Fitted mix ready** (coefficients fitted to your examples, see *Fit to examples*); the "
                           "next chat message uses it. The sliders show the mean coefficients; move one to go back "
@@ -155,9 +176,17 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             if notes:
                 status += "\n\n" + "\n\n".join(f"**Note:** {plain(n)}" for n in notes)
             return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
-                    deviation_text(adapter), overlap_html(*overlap_matrix(named)))
+                    deviation_text(adapter), overlap_html(*overlap_matrix(named)), descriptions(selected))
         except MixInputError as e:
-            return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]), heatmap_html([], []), "", "")
+            return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]), heatmap_html([], []), "", "",
+                    descriptions(selected))
+
+    def descriptions(selected):
+        lines = []
+        for name in selected[:MAX_SLOTS]:
+            text = mixer.description(name)
+            lines.append(f"- **{plain(name)}**: {plain(text) if text else '*(its card has no description)*'}")
+        return "\n".join(lines)
 
     def on_select(selected, method):
         selected = list(selected or [])[:MAX_SLOTS]
@@ -177,12 +206,25 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         kept = [s for s in (selected or []) if s in values]
         return gr.update(choices=choices, value=kept), _table(mixer)
 
-    def chat(message, history, selected, method, t, density, max_new_tokens, temperature, fitted, *weights):
+    sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # session hash -> its Conversation
+
+    def render(conv: Conversation) -> list[dict]:
+        """The turns on screen, then each message still waiting for its reply."""
+        shown = list(conv.turns)
+        return shown + [{"role": "user", "content": p.message} for p in conv.waiting() if p is not conv.current]
+
+    def chat(message, history, selected, method, t, density, max_new_tokens, temperature, fitted, conv,
+             request: gr.Request, *weights):
+        """One sent message. The first send of a session answers the queue in order (it is the runner); a send
+        while a reply streams queues its message, shows it as waiting, and ends: the runner answers it next."""
         history = list(history or [])
+        conv = conv if isinstance(conv, Conversation) else Conversation()
+        if request is not None and getattr(request, "session_hash", None):
+            sessions[request.session_hash] = conv
         message = message if isinstance(message, str) else ""
         if not message.strip():
             gr.Warning("Type a message first: an empty message has nothing to answer.")
-            yield history, message, ""
+            yield (gr.skip() if conv.busy else history), message, gr.skip() if conv.busy else ""
             return
         if len(message) > MAX_MESSAGE_CHARS:
             raise gr.Error(f"This message has {len(message):,} characters; the app takes at most "
@@ -191,22 +233,95 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             expression, adapter, _ = mix_of(selected, method, t, density, weights, fitted)
         except MixInputError as e:
             raise gr.Error(html.escape(f"Cannot use this mix: {e}")) from None
-        conversation = _conversation(history) + [{"role": "user", "content": message}]
         try:
-            stream = batcher.submit(conversation, adapter, max_new_tokens=int(max_new_tokens),
-                                    temperature=temperature)
-        except RequestError as e:
-            raise gr.Error(html.escape(str(e))) from None
-        note = stream.note or ""
-        if note:
-            gr.Info(html.escape(note))
-        label = f"under {plain(expression)}" if expression else "base model"
-        history = history + [{"role": "user", "content": message}]
-        yield history + [{"role": "assistant", "content": ""}], "", note + f"\n\nAnswering {label}."
-        text = ""
-        for text in stream:
-            yield history + [{"role": "assistant", "content": text}], "", note
-        yield history + [{"role": "assistant", "content": text}], "", note + f"\n\nAnswered {label}."
+            sampling = int(max_new_tokens), temperature
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(html.escape(f"max new tokens must be a whole number, got {max_new_tokens!r}.")) from None
+        if len(conv.waiting()) > MAX_QUEUED:
+            raise gr.Error(f"{len(conv.waiting()) - 1} of your messages are already waiting for a reply; send this "
+                           "one when they are answered.")
+        item = Pending(message, adapter, mix_label(expression), *sampling)
+        if not conv.send(item):
+            yield render(conv), "", ("Queued: your message is answered as soon as the reply before it ends "
+                                     f"({len(conv.waiting()) - 1} waiting).")
+            return
+        conv.turns = history
+        first, ended = True, False
+        try:
+            while (item := conv.next()) is not None:
+                conversation = _conversation(conv.turns) + [{"role": "user", "content": item.message}]
+                label = f"under {plain(item.label)}"
+                try:
+                    stream = batcher.submit(conversation, item.mix, max_new_tokens=item.max_new_tokens,
+                                            temperature=item.temperature)
+                except RequestError as e:
+                    conv.done(item)
+                    if first and not conv.waiting():
+                        raise gr.Error(html.escape(str(e))) from None
+                    gr.Warning(html.escape(f"Not answered: {item.message[:40]}: {e}"))
+                    continue
+                conv.stream = stream
+                if conv.stopped:  # stopped between the send and here
+                    stream.close()
+                note = stream.note or ""
+                if note:
+                    gr.Info(html.escape(note))
+                conv.current = item
+                turns = conv.turns + [{"role": "user", "content": item.message}]
+                reply = {"role": "assistant", "content": labelled(item.label, "")}
+                conv.turns = turns + [reply]
+                more = len(conv.waiting()) - 1
+                waiting = f" ({more} more message{'s' if more != 1 else ''} waiting)" if more > 0 else ""
+                yield render(conv), "" if first else gr.skip(), note + f"\n\nAnswering {label}{waiting}."
+                first = False
+                text = ""
+                try:
+                    for text in stream:
+                        reply = {"role": "assistant", "content": labelled(item.label, text)}
+                        conv.turns = turns + [reply]
+                        yield render(conv), gr.skip(), gr.skip()
+                except Exception as e:  # noqa: BLE001 - a failed reply must not strand the messages after it
+                    conv.done(item)
+                    conv.turns = turns + [{"role": "assistant", "content": labelled(item.label, text)}]
+                    if not conv.waiting():
+                        raise gr.Error(html.escape(f"The reply failed: {e}")) from None
+                    gr.Warning(html.escape(f"The reply failed: {e}"))
+                    continue
+                stopped = conv.stopped
+                conv.turns = turns + [{"role": "assistant",
+                                       "content": labelled(item.label, text + (" … *(stopped)*" if stopped else ""))}]
+                conv.done(item)
+                conv.current = None
+                yield render(conv), gr.skip(), note + f"\n\n{'Stopped' if stopped else 'Answered'} {label}."
+            ended = True
+        finally:
+            if not ended:  # cancelled or failed: the next send starts afresh
+                conv.release()
+
+    def stop(conv):
+        if isinstance(conv, Conversation):
+            conv.stop()
+
+    def closed(request: gr.Request):
+        """The tab was closed: cancel its reply (its row leaves the batch at the next step)."""
+        conv = sessions.pop(getattr(request, "session_hash", None) or "", None)
+        if conv is not None:
+            conv.stop()
+
+    def new_conversation(conv):
+        stop(conv)
+        return [], "", gr.update(visible=False)
+
+    def offer(expression_now, history):
+        """After a mix change with replies on screen: offer a new conversation, naming the mixes used."""
+        used = [unlabelled(_text(m.get("content")))[0] for m in history or [] if m.get("role") == "assistant"]
+        used = list(dict.fromkeys(u for u in used if u is not None))
+        now = plain(mix_label(expression_now or ""))
+        if not used or used == [now]:
+            return gr.update(visible=False), ""
+        return gr.update(visible=True), (
+            f"**The mix changed.** The replies on screen were made with {', '.join(used)}; the next reply uses "
+            f"**{now}**, with the earlier turns as its context. Start a new conversation so they do not carry over?")
 
     def compare(prompt, selected, method, t, density, max_new_tokens, temperature, fitted, *weights):
         prompt = prompt if isinstance(prompt, str) else ""
@@ -246,6 +361,9 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             expression, adapter, _ = mix_of(selected, method, t, density, weights, fitted)
             if adapter is None:
                 raise MixInputError("Choose at least one adapter: there is no mix to save.")
+            if isinstance(adapter, list):
+                raise MixInputError("A RoAd mix with a prompt vector is two adapters, and a PEFT folder holds one: "
+                                    "save the RoAd mix and the prompt vector separately (choose one kind at a time).")
             if adapter.recipe is None:
                 raise MixInputError(f"'{expression}' is a stored adapter as it is; change a weight to save a mix.")
             local, remote = mixer.save(adapter, repo_id, expression=expression, to_hf=bool(to_hf))
@@ -267,7 +385,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
         """Stream the fit's progress into the panel; when done, the session's mix is the fitted adapter and the
         sliders show its mean coefficients. Outputs: panel status, coefficients, state, method, sliders, and
         the mix outputs (as refresh_mix)."""
-        rest = [gr.skip()] * (3 + MAX_SLOTS + 6)
+        rest = [gr.skip()] * (3 + MAX_SLOTS + 7)
         selected = list(selected or [])
         done = None
         try:
@@ -309,6 +427,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                                          max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters", allow_custom_value=True,
                                          scale=4)
                     refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="refresh", size="sm")
+                about = gr.Markdown("", elem_id="adapter-descriptions")
                 sliders = [_weight_slider(minimum=WEIGHT_RANGE[0], maximum=WEIGHT_RANGE[1], value=1.0, step=SLIDER_STEP, label="weight",
                                      visible=False, elem_id=f"weight-{i}", interactive=True)
                            for i in range(MAX_SLOTS)]
@@ -334,11 +453,20 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     save_status = gr.Markdown("", elem_id="save-status")
             with gr.Column(scale=3, min_width=420):
                 with gr.Tab("Chat"):
-                    chatbot = gr.Chatbot(label="Chat under the current mix", elem_id="chatbot", height=380)
+                    chatbot = gr.Chatbot(label="Chat under the current mix (each reply names its mix)",
+                                         elem_id="chatbot", height=380)
+                    with gr.Column(visible=False, elem_id="new-conversation", variant="panel") as offer_box:
+                        offer_text = gr.Markdown("", elem_id="new-conversation-text")
+                        with gr.Row():
+                            new_btn = gr.Button("Start a new conversation", variant="primary", size="sm",
+                                                elem_id="new-conversation-yes")
+                            keep_btn = gr.Button("Keep the conversation", size="sm", elem_id="new-conversation-no")
                     with gr.Row():
-                        msg = gr.Textbox(placeholder="Message (Enter to send)", show_label=False,
+                        msg = gr.Textbox(placeholder="Message (Enter to send; messages sent while a reply streams "
+                                         "are answered in turn)", show_label=False,
                                          elem_id="message", scale=5, max_lines=6)
-                        send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+                        send = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=80)
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
                     chat_note = gr.Markdown("", elem_id="chat-note")
                     clear = gr.Button("Clear chat", size="sm")
                 with gr.Tab("Compare"):
@@ -368,15 +496,17 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     fit_status = gr.Markdown("", elem_id="fit-status")
                     fit_table = gr.Markdown("", elem_id="fit-coefficients")
                 with gr.Tab("Adapters"):
-                    table = gr.Dataframe(_table(mixer), interactive=False, elem_id="adapter-table")
+                    table = gr.Dataframe(_table(mixer), interactive=False, elem_id="adapter-table", wrap=True,
+                                         column_widths=["20%", "15%", "17%", "9%", "10%", "29%"])
                 with gr.Accordion("Generation", open=False):
                     max_new = gr.Slider(1, 512, value=128, step=1, label="max new tokens", elem_id="max-new")
                     temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)",
                                             elem_id="temperature")
 
         fitted = gr.State(None)  # this session's Fitted mix (fitpanel); not part of the API
+        conv = gr.State(Conversation())  # this session's chat queue (a fresh one per session)
         mix_inputs = [picker, method, t, density, *sliders]
-        mix_outputs = [expression, status, plot, heat, deviation, pair_overlap]
+        mix_outputs = [expression, status, plot, heat, deviation, pair_overlap, about]
         picker.change(on_select, [picker, method], sliders, queue=False, api_visibility="private")
         method.change(on_method, [method, picker], [t, density, *sliders], queue=False, api_visibility="private")
         for comp in mix_inputs:
@@ -384,11 +514,18 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                         api_name="mix" if comp is picker else None,
                         api_visibility="public" if comp is picker else "private")
         refresh_btn.click(refresh_list, [picker], [picker, table], api_name="adapters")
-        chat_inputs = [msg, chatbot, *mix_inputs[:4], max_new, temperature, fitted, *sliders]
+        chat_inputs = [msg, chatbot, *mix_inputs[:4], max_new, temperature, fitted, conv, *sliders]
+        # trigger_mode="multiple": a message sent while a reply streams is queued (Conversation), not ignored.
         msg.submit(chat, chat_inputs, [chatbot, msg, chat_note], api_name="chat", concurrency_limit=concurrency,
-                   concurrency_id="generate")
-        send.click(chat, chat_inputs, [chatbot, msg, chat_note], api_visibility="private", concurrency_id="generate")
-        clear.click(lambda: ([], ""), None, [chatbot, chat_note], queue=False, api_visibility="private")
+                   concurrency_id="generate", trigger_mode="multiple")
+        send.click(chat, chat_inputs, [chatbot, msg, chat_note], api_visibility="private", concurrency_id="generate",
+                   trigger_mode="multiple")
+        stop_btn.click(stop, [conv], None, queue=False, api_visibility="private")
+        clear.click(new_conversation, [conv], [chatbot, chat_note, offer_box], queue=False, api_visibility="private")
+        new_btn.click(new_conversation, [conv], [chatbot, chat_note, offer_box], queue=False, api_visibility="private")
+        keep_btn.click(lambda: gr.update(visible=False), None, [offer_box], queue=False, api_visibility="private")
+        expression.change(offer, [expression, chatbot], [offer_box, offer_text], queue=False, api_visibility="private")
+        demo.unload(closed)
         cmp_btn.click(compare, [cmp_prompt, *mix_inputs[:4], max_new, temperature, fitted, *sliders], cmp_out,
                       api_name="compare", concurrency_id="generate")
         save_btn.click(save, [repo_box, to_hf, *mix_inputs[:4], fitted, *sliders], [save_status, picker, table],

@@ -1,0 +1,133 @@
+"""The batcher's continuous scheduler: joining mid-flight, cancelling, per-row sampling, the queue bound."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.batcher import Batcher
+from app.engine import Engine
+from app.errors import BusyError
+from tests.test_app_tiny import tiny_chat_model
+from tests.tiny import random_road
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny_chat_model()
+    a, b = random_road(model, seed=1, scale=0.8), random_road(model, seed=2, scale=0.8)
+    return Engine(model, tok), a, b
+
+
+def conv(text):
+    return [{"role": "user", "content": text}]
+
+
+def alone(engine, text, mix, **sampling):
+    return engine.generate([{"messages": conv(text), "mix": mix}], **sampling)[0]
+
+
+def test_a_request_joins_a_running_one_and_both_match_their_solo_answers(setup):
+    engine, a, b = setup
+    long_text, short_text = "tell me a long story", "hi"
+    ref_long = alone(engine, long_text, a, max_new_tokens=120)
+    ref_short = alone(engine, short_text, b, max_new_tokens=6)
+    batcher = Batcher(engine, max_batch=8)
+    try:
+        s_long = iter(batcher.submit(conv(long_text), a, max_new_tokens=120))
+        first = next(s_long)  # the long reply is running
+        with engine.exclusive():  # hold the worker mid-reply: the short request arrives while the long one runs
+            s_short = batcher.submit(conv(short_text), b, max_new_tokens=6)
+        short = list(s_short)[-1]
+        rest = list(s_long)
+        assert short == ref_short
+        assert (rest[-1] if rest else first) == ref_long
+        assert len(ref_long) > 40
+        assert batcher.batches == [1, 2]  # it joined the running batch instead of waiting for its end
+    finally:
+        batcher.close()
+
+
+def test_sampled_rows_do_not_depend_on_their_batch_mates(setup):
+    engine, a, b = setup
+    ref = alone(engine, "pick a word", a, max_new_tokens=12, temperature=1.0, seed=5)
+    batcher = Batcher(engine, max_batch=8)
+    try:
+        streams = [batcher.submit(conv(f"other {i}"), b if i % 2 else None, max_new_tokens=12, temperature=1.0,
+                                  seed=100 + i) for i in range(7)]
+        mine = batcher.submit(conv("pick a word"), a, max_new_tokens=12, temperature=1.0, seed=5)
+        out = {}
+
+        def read(i, s):
+            for out[i] in s:
+                pass
+
+        threads = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(streams + [mine])]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert out[7] == ref
+        assert len(set(out.values())) > 2
+    finally:
+        batcher.close()
+
+
+def test_a_closed_stream_leaves_the_batch_and_the_others_go_on(setup):
+    engine, a, b = setup
+    ref = alone(engine, "keep going", b, max_new_tokens=60)
+    batcher = Batcher(engine, max_batch=8)
+    try:
+        with engine.exclusive():  # hold the worker so both requests join in one admission
+            victim = batcher.submit(conv("tell me a long story"), a, max_new_tokens=200)
+            other = batcher.submit(conv("keep going"), b, max_new_tokens=60)
+        it = iter(victim)
+        next(it)
+        victim.close()
+        assert list(other)[-1] == ref
+        assert batcher.cancelled == 1
+        assert all(r.owner is not None and r.finish is None for r in batcher.running.rows) or not batcher.running.rows
+    finally:
+        batcher.close()
+
+
+def test_the_queue_bound_answers_busy(setup):
+    engine, a, _ = setup
+    batcher = Batcher(engine, max_batch=2, max_queue=3)
+    try:
+        streams = []
+        with engine.exclusive():  # the worker cannot finish anything meanwhile
+            with pytest.raises(BusyError, match="busy.*Try again in a few seconds") as e:
+                for i in range(2 + 3 + 1):  # at most max_batch rows leave the queue for the batch
+                    streams.append(batcher.submit(conv(f"q{i}"), a, max_new_tokens=3))
+            assert e.value.limit == 3 and e.value.waiting <= 3
+            assert batcher.waiting <= 3
+            # a cancelled waiting request frees its place at once
+            streams[-1].close()
+            streams.append(batcher.submit(conv("again"), a, max_new_tokens=3))
+        assert all(list(s) for s in streams[:-2] + streams[-1:])
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "gather"])
+def test_both_schedulers_answer_like_the_engine_alone(setup, scheduler):
+    engine, a, b = setup
+    prompts, mixes = ["hi", "what is 2+2?", "tell me"], [None, a, b]
+    expected = [alone(engine, p, m, max_new_tokens=10) for p, m in zip(prompts, mixes)]
+    batcher = Batcher(engine, scheduler=scheduler, wait_ms=100)
+    try:
+        stream = batcher.submit_many([(conv(p), m) for p, m in zip(prompts, mixes)], max_new_tokens=10)
+        assert list(stream)[-1] == expected
+        assert 3 in batcher.batches
+    finally:
+        batcher.close()
+
+
+def test_bad_scheduler_and_queue_settings_are_refused(setup):
+    engine, _, _ = setup
+    with pytest.raises(ValueError, match="continuous, gather"):
+        Batcher(engine, scheduler="fifo")
+    with pytest.raises(ValueError, match="max_queue"):
+        Batcher(engine, max_queue=0)
