@@ -299,16 +299,18 @@ def _fit_text(r: dict) -> list[str]:
 
 
 def _show_text(d: dict, modules: bool) -> str:
-    lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "num_virtual_tokens",
-                                      "token_dim", "composable", "base_model", "parameters", "modules",
-                                      "deviation") if k in d]
+    lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "r", "lora_alpha", "use_rslora",
+                                      "num_virtual_tokens", "token_dim", "composable", "base_model", "parameters",
+                                      "modules", "deviation") if k in d]
+    if d.get("not_low_rank"):
+        lines.append(f"arithmetic: refused ({d['not_low_rank']})")
     if "target_modules" in d:
         lines.append(f"target_modules: {', '.join(d['target_modules'])}")
     norms = d["norms"]
     keys = sorted({k for n in norms.values() for k in n})
     total = {k: sum((n.get(k) or 0.0) ** 2 for n in norms.values()) ** 0.5 for k in keys}
     lines.append("norm: " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in total.items()) +
-                 ("" if modules else f"  (over {len(norms)} {'modules' if d['kind'] == 'road' else 'tokens'}; "
+                 ("" if modules else f"  (over {len(norms)} {'tokens' if d['kind'] == 'prompt' else 'modules'}; "
                                      "--modules for each)"))
     if d.get("active_pairs"):
         ap = d["active_pairs"]
