@@ -304,7 +304,11 @@ def _parse_lora(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tens
                 raise AdapterFormatError(f"Module '{m}' has no {name} tensor; a LoRA module needs both lora_A and "
                                          "lora_B.", path=folder, tensor=f"{m}.{name}")
         a, b = p["a"], p["b"]
-        r, s = lora_math.rank_and_scale(cfg, m)
+        try:
+            r, s = lora_math.rank_and_scale(cfg, m)
+        except re.error as e:
+            raise AdapterFormatError(f"{CONFIG}: a key of rank_pattern / alpha_pattern is not a valid regular "
+                                     f"expression ({e}).", path=folder) from e
         if a.dim() != 2 or b.dim() != 2:
             raise AdapterFormatError(
                 f"Tensor '{m}.lora_A.weight' has shape {tuple(a.shape)} and '{m}.lora_B.weight' {tuple(b.shape)}; "

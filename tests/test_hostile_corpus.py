@@ -322,6 +322,8 @@ CASES: dict[str, tuple[Callable, int]] = {
     "lora lora_alpha a string": (_lora(lora_alpha="8"), 1),
     "lora rank_pattern a list": (_lora(rank_pattern=[1]), 1),
     "lora r zero": (_lora(r=0), 1),
+    "lora r absurd": (_lora(r=2**40), 1),
+    "lora rank_pattern bad regex": (_lora(rank_pattern={"((": 4}), 1),
     "lora target_modules miss": (_lora(target_modules=["k_proj"]), 1),
     "lora plus road": (_compose("alice/lora + alice/math@v1"), 1),
     "lora plus dora": (_compose("alice/lora + alice/dora"), 1),
