@@ -359,7 +359,7 @@ def load(path: str | os.PathLike) -> Adapter:
         raise AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds {CONFIG}.", path=folder)
     cfg = _read_config(folder)
     peft_type = cfg.get("peft_type")
-    if peft_type not in _PARSERS:
+    if not isinstance(peft_type, str) or peft_type not in _PARSERS:
         raise AdapterFormatError(
             f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles ROAD, LORA and "
             "PROMPT_TUNING adapters.", path=folder)
