@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped adapters from scratch on the offline SmolLM2-135M-Instruct (CPU is enough).
-#   bash adapters/train_all.sh            # data (bench/tasks.py) then 4 RoAd + 3 prompt vectors
+#   bash adapters/train_all.sh            # data (bench/tasks.py) then 4 RoAd + 3 prompt vectors (+ LoRA, below)
 #   bash adapters/train_all.sh json       # only the named adapters
 # Deterministic given the seeds below. The four style adapters are trained in disjoint subspaces of the 2D pairs
 # (slots 0-3 of 4, seed 0: each moves a quarter of every layer's pairs, the rest stay exactly at the identity);
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 [ -f adapters/data/style_upper.jsonl ] || python bench/tasks.py --out adapters/data
 [ -f adapters/data/pair_upper_signoff.jsonl ] || python bench/tasks.py --pairs --out adapters/data
 declare -A STEPS=([upper]=120 [signoff]=120 [bullets]=120 [json]=120
-                  [sent_product]=60 [sent_movie]=60 [sent_restaurant]=60)
+                  [sent_product]=60 [sent_movie]=60 [sent_restaurant]=60 [lora_signoff]=120 [lora_json]=60)
 declare -A SLOT=([upper]=0/4 [signoff]=1/4 [bullets]=2/4 [json]=3/4)
 ONLY=("$@")
 want() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
@@ -26,4 +26,12 @@ for domain in product movie restaurant; do
   want "sent_$domain" || continue
   hub train adapters/data/sentiment_$domain.jsonl -o adapters/sent_$domain --kind prompt --virtual-tokens 16 \
     --steps "${STEPS[sent_$domain]}" --lr 3e-2 --batch-size 8 --seed 0
+done
+# LoRA counterparts of two style adapters (rank 8 on the same 7 projections, lora_alpha 16), so RoAd and LoRA can be
+# set side by side on the same tasks. Not shipped yet: opt in with LORA=1 (about 15-20 min each on 2 idle cores).
+for style in signoff json; do
+  [[ "${LORA:-}" == 1 ]] && want "lora_$style" || continue
+  hub train adapters/data/style_$style.jsonl -o adapters/lora_$style --kind lora --rank 8 \
+    --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
+    --steps "${STEPS[lora_$style]}" --lr 2e-3 --batch-size 4 --seed 0
 done

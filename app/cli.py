@@ -54,7 +54,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub tag alice/math@v3 stable --force              # move 'stable' to v3"""),
     "compose": ("Compose adapters by task arithmetic and store the result with its recipe.", """
         hub compose "0.7*alice/math@v2 + 0.3*bob/code" -o team/mix
-        hub compose "interp(alice/math@v1, alice/math@v2, 0.25)" -o alice/math-mid -m "midpoint\""""),
+        hub compose "interp(alice/math@v1, alice/math@v2, 0.25)" -o alice/math-mid -m "midpoint"
+        hub compose "compress(alice/lora-a + bob/lora-b, 8)" -o team/lora-mix   # LoRA: SVD back to rank 8"""),
     "serve": ("Serve the store read-only over the Hugging Face Hub HTTP API (needs the 'serve' extra: olah).", """
         hub serve
         hub serve --host 0.0.0.0 --port 8090
@@ -63,8 +64,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub app
         hub app -- --port 7861                             # options after '--' go to the app
         hub app --help                                     # all of the app's options"""),
-    "train": ("Train a RoAd adapter or prompt vector on a JSONL file (optionally from a composition).", """
+    "train": ("Train a RoAd adapter, a LoRA or a prompt vector on a JSONL file (optionally from a composition).", """
         hub train data.jsonl -o out/upper --steps 120 --lr 5e-3
+        hub train data.jsonl -o out/upper-lora --kind lora --rank 8
         hub train data.jsonl -o out/new --init "0.5*examples/upper + 0.5*examples/json"
         hub train --help                                   # all of the trainer's options"""),
     "fit": ("Fit one mix coefficient per adapter (and layer) to a few examples of the combined behaviour.", """
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                          for l in textwrap.dedent(COMMANDS[n][1]).strip("\n").splitlines()[:1])
     p = argparse.ArgumentParser(
         prog="hub", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Version, share and compose RoAd adapters and task prompt vectors.\n\n"
+        description="Version, share and compose RoAd adapters, LoRAs and task prompt vectors.\n\n"
                     "The local store lives in $ADAPTER_HUB_HOME (default $XDG_CACHE_HOME/adapter-hub or "
                     "~/.cache/adapter-hub); '--remote hf' talks to the Hugging Face Hub at $HF_ENDPOINT.",
         epilog=f"Examples:\n{examples}\n\nSet {DEBUG_ENV}=1 to see tracebacks.")
@@ -299,16 +301,18 @@ def _fit_text(r: dict) -> list[str]:
 
 
 def _show_text(d: dict, modules: bool) -> str:
-    lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "num_virtual_tokens",
-                                      "token_dim", "composable", "base_model", "parameters", "modules",
-                                      "deviation") if k in d]
+    lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "r", "lora_alpha", "use_rslora",
+                                      "num_virtual_tokens", "token_dim", "composable", "base_model", "parameters",
+                                      "modules", "deviation") if k in d]
+    if d.get("not_low_rank"):
+        lines.append(f"arithmetic: refused ({d['not_low_rank']})")
     if "target_modules" in d:
         lines.append(f"target_modules: {', '.join(d['target_modules'])}")
     norms = d["norms"]
     keys = sorted({k for n in norms.values() for k in n})
     total = {k: sum((n.get(k) or 0.0) ** 2 for n in norms.values()) ** 0.5 for k in keys}
     lines.append("norm: " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in total.items()) +
-                 ("" if modules else f"  (over {len(norms)} {'modules' if d['kind'] == 'road' else 'tokens'}; "
+                 ("" if modules else f"  (over {len(norms)} {'tokens' if d['kind'] == 'prompt' else 'modules'}; "
                                      "--modules for each)"))
     if d.get("active_pairs"):
         ap = d["active_pairs"]

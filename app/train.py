@@ -1,4 +1,4 @@
-"""Fine-tune a RoAd adapter or a task prompt vector on a JSONL file; ``hub train`` is :func:`main`.
+"""Fine-tune a RoAd adapter, a LoRA or a task prompt vector on a JSONL file; ``hub train`` is :func:`main`.
 
 Each line of the data file is ``{"messages": [...]}`` (the last message is the assistant's answer) or
 ``{"prompt": ..., "completion": ...}``. The loss counts the answer tokens only. Training can start from a
@@ -33,7 +33,8 @@ class TrainResult:
     """What :func:`train` made.
 
     Attributes:
-        adapter: the trained :class:`composer.RoadAdapter` or :class:`composer.PromptVector`.
+        adapter: the trained :class:`composer.RoadAdapter`, :class:`composer.LoraAdapter` or
+            :class:`composer.PromptVector`.
         path: the saved PEFT folder, or ``None`` when ``out_dir`` was not given.
         losses: the training loss of every step.
         first_step: copies of the trainable parameters as the first step saw them (name -> tensor).
@@ -53,6 +54,15 @@ def _road_model(model: Any, variant: str, group_size: int, target_modules: Seque
     from peft import RoadConfig, get_peft_model
 
     cfg = RoadConfig(variant=variant, group_size=group_size,
+                     target_modules=list(target_modules) if target_modules else None)
+    return get_peft_model(model, cfg)
+
+
+def _lora_model(model: Any, rank: int, alpha: float | None, target_modules: Sequence[str] | None) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    # PEFT's own initialisation: A random, B = 0, so training starts exactly at the base model.
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0,
                      target_modules=list(target_modules) if target_modules else None)
     return get_peft_model(model, cfg)
 
@@ -131,26 +141,29 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
           resolve: Callable[[str], Any] | None = None, variant: str = "road_1", group_size: int = 64,
           target_modules: Sequence[str] | None = None, num_virtual_tokens: int = 8, steps: int = 100,
           lr: float | None = None, batch_size: int = 4, seed: int = 0, out_dir: str | os.PathLike | None = None,
-          max_length: int = 512, progress: bool = True, subspace: Any = None, anchor: bool = False) -> TrainResult:
-    """Fine-tune a RoAd adapter or a prompt vector; loss on the answer tokens only.
+          max_length: int = 512, progress: bool = True, subspace: Any = None, rank: int = 8,
+          lora_alpha: float | None = None, anchor: bool = False) -> TrainResult:
+    """Fine-tune a RoAd adapter, a LoRA or a prompt vector; loss on the answer tokens only.
 
     Args:
         base: ``(model, tokenizer)``, or a model id/path for :func:`app.engine.load_base` (``None``: the default).
-            A passed model is given back unchanged (the RoAd layers are unloaded after training).
+            A passed model is given back unchanged (the RoAd or LoRA layers are unloaded after training).
         data_path: JSONL file, one ``{"messages": [...]}`` or ``{"prompt", "completion"}`` per line.
-        kind: ``"road"`` or ``"prompt"`` (ignored when ``init`` fixes it).
+        kind: ``"road"``, ``"lora"`` or ``"prompt"`` (ignored when ``init`` fixes it).
         init: an adapter or expression to start from (through :func:`composer.init`); ``None`` for the
             identity RoAd / a prompt sampled from the vocabulary embeddings.
         resolve: maps names in an ``init`` expression to adapters (default: folders, then store ids).
-        variant, group_size, target_modules: RoAd settings for a fresh adapter.
+        variant, group_size, target_modules: RoAd settings for a fresh adapter (``target_modules`` for LoRA too).
+        rank, lora_alpha: LoRA settings for a fresh LoRA (``lora_alpha`` defaults to ``2·rank``).
         num_virtual_tokens: prompt length for a fresh prompt vector.
-        steps, lr, batch_size, seed: optimisation (AdamW; ``lr`` defaults to 3e-3 for RoAd, 3e-2 for prompts).
+        steps, lr, batch_size, seed: optimisation (AdamW; ``lr`` defaults to 3e-3 for RoAd, 1e-3 for LoRA,
+            3e-2 for prompts).
         out_dir: where to save the PEFT folder (nothing is saved when ``None``).
         max_length: examples are cut to this many tokens.
         subspace: RoAd only: a :class:`composer.subspace.Subspace` (or its text, ``"k/n"`` / ``"0.25"``) naming
             the share of each layer's 2D pairs to train; every other pair stays exactly where it started (the
             identity for a fresh adapter). Recorded in the card with a digest of the masks.
-        anchor: RoAd only: train an adapter that claims only the tokens its behaviour changes. An answer token the
+        anchor: RoAd and LoRA: train an adapter that claims only the tokens its behaviour changes. An answer token the
             base model would produce anyway (its greedy choice there, teacher-forced) is trained towards the base
             model's own distribution (KL to the base) instead of towards the token, so the adapter does not learn
             to defend content it did not change; every other answer token gets the usual cross-entropy. Costs one
@@ -166,10 +179,11 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     """
     from huggingface_hub.utils import tqdm
 
-    if kind not in ("road", "prompt"):
-        raise ValueError(f"kind must be 'road' or 'prompt', got {kind!r}.")
-    if anchor and kind != "road":
-        raise ValueError("anchor applies to RoAd training only (a prompt vector changes the input, not the layers).")
+    if kind not in ("road", "lora", "prompt"):
+        raise ValueError(f"kind must be 'road', 'lora' or 'prompt', got {kind!r}.")
+    if anchor and kind == "prompt":
+        raise ValueError("anchor applies to RoAd and LoRA training only (a prompt vector changes the input, not the "
+                         "layers).")
     if isinstance(base, tuple):
         model, tok = base
     else:
@@ -193,6 +207,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         kind = start.kind
     elif kind == "road":
         pm = _road_model(model, variant, group_size, target_modules)
+    elif kind == "lora":
+        pm = _lora_model(model, rank, lora_alpha, target_modules)
     else:
         pm = _prompt_model(model, num_virtual_tokens)
     prompt_init = getattr(pm, "composer_prompt_init", None)
@@ -202,7 +218,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     masks, sub_record = _restrict_to_subspace(pm, subspace, kind)
     start = {n: p.detach().clone() for n, p in named.items()} if masks else {}
     if lr is None:
-        lr = 3e-3 if kind == "road" else 3e-2
+        lr = {"road": 3e-3, "lora": 1e-3}.get(kind, 3e-2)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order_gen = torch.Generator().manual_seed(seed)
@@ -236,7 +252,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     training = {
         "kind": adapter.kind, "data_file": Path(data_path).name, "data_sha256": data_hash, "examples": len(rows),
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "seed": seed,
-        "init": init_recipe if init_recipe is not None else ("identity" if kind == "road" else "sample_vocab"),
+        "init": init_recipe if init_recipe is not None else {"road": "identity", "lora": "peft (B = 0)"}.get(
+            kind, "sample_vocab"),
         "objective": "anchored" if anchor else "cross_entropy",
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
     }
@@ -246,7 +263,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     path = None
     if out_dir is not None:
         path = composer.save(adapter, out_dir, card=card)
-    if adapter.kind == "road" and hasattr(pm, "unload"):
+    if adapter.kind in ("road", "lora") and hasattr(pm, "unload"):
         pm.unload()  # hand the caller's model back with its plain layers
     return TrainResult(adapter=adapter, path=path, losses=losses, first_step=first_step, card=card,
                        training=training)
@@ -276,6 +293,7 @@ def anchored_loss(pm: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 EXAMPLES = """Examples:
   hub train data.jsonl -o my-road                      # RoAd (road_1) on the default SmolLM2 base
+  hub train data.jsonl -o my-lora --kind lora --rank 8   # LoRA (lora_alpha 16) on q_proj v_proj
   hub train data.jsonl -o my-prompt --kind prompt --virtual-tokens 16
   hub train data.jsonl -o slot0 --subspace 0/4          # RoAd in slot 0 of 4 disjoint shares of the pairs
   hub train data.jsonl -o slot1 --subspace 1/4 --anchor # ... and claiming only the tokens it changes
@@ -285,24 +303,26 @@ EXAMPLES = """Examples:
 
 def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune a RoAd adapter or a task prompt vector on a JSONL file.",
+        prog=prog, description="Fine-tune a RoAd adapter, a LoRA or a task prompt vector on a JSONL file.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help='JSONL file: {"messages": [...]} or {"prompt": ..., "completion": ...} per line')
     p.add_argument("-o", "--output", required=True, help="folder to write the PEFT adapter to")
-    p.add_argument("--kind", choices=["road", "prompt"], default="road")
+    p.add_argument("--kind", choices=["road", "lora", "prompt"], default="road")
     p.add_argument("--init", help="start from a composition, e.g. '0.5*a + 0.5*b' (folders or store ids)")
     p.add_argument("--variant", choices=composer.road_math.VARIANTS, default="road_1")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--target-modules", nargs="+", help="RoAd target modules (default: PEFT's, q_proj v_proj)")
+    p.add_argument("--target-modules", nargs="+", help="RoAd/LoRA target modules (default: PEFT's, q_proj v_proj)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA lora_alpha (default 2·rank)")
     p.add_argument("--subspace", help="RoAd: train only a share of each layer's 2D pairs: 'k/n' (slot k of n "
                    "disjoint slots) or a fraction like 0.5; the rest stay at the identity")
     p.add_argument("--subspace-seed", type=int, default=0, help="seed of the per-module pair shuffle (default 0)")
-    p.add_argument("--anchor", action="store_true", help="RoAd: on answer tokens the base model would produce "
+    p.add_argument("--anchor", action="store_true", help="RoAd/LoRA: on answer tokens the base model would produce "
                    "anyway, train towards the base's distribution (KL) instead of the token, so the adapter moves "
                    "only what its behaviour changes (adapters trained so add better); one more base pass per step")
     p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 3e-2 prompt)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 1e-3 LoRA, 3e-2 prompt)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="base model id or path (default: offline SmolLM2-135M-Instruct)")
@@ -327,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        group_size=args.group_size, target_modules=args.target_modules,
                        num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, seed=args.seed, out_dir=args.output,
-                       subspace=_subspace_arg(args), anchor=args.anchor)
+                       subspace=_subspace_arg(args), rank=args.rank, lora_alpha=args.lora_alpha,
+                       anchor=args.anchor)
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
         from .cli import report_error  # the one formatter and debug switch (HUB_DEBUG) of the command line
         return report_error(e)

@@ -4,12 +4,14 @@ Everything is measured side by side in one run, in the same decode loop (prefill
 greedy steps), configurations interleaved and repeated, the median kept:
 
     (a) the base model;
-    (b) ours (app.engine) with 1, 16 and 64 distinct road_1 mixes per batch;
-    (c) PEFT's mixed-batch path (``adapter_names=[...]``) with the same adapters.
+    (b) ours (app.engine) with 1, 16 and 64 distinct adapters per batch, for each kind (``--kinds``): random
+        road_1 adapters, and random rank-8 LoRAs, on q_proj/v_proj;
+    (c) PEFT's mixed-batch path (``adapter_names=[...]``) with the same adapters (one PEFT model per kind).
 
 It also prints the memory the loaded adapters add and the time from changing a mix to the first token.
 
-    python bench/mixed_batch.py                       # defaults: batch 16 and 64, ~6-9 minutes on 2 cores
+    python bench/mixed_batch.py                       # defaults: batch 16 and 64, both kinds, ~8-12 min on 2 cores
+    python bench/mixed_batch.py --kinds lora          # LoRA rows only
     python bench/mixed_batch.py --batches 16 --prompt-len 16 --steps 8 --repeats 1   # a quick look
 """
 
@@ -42,6 +44,19 @@ def random_road_1(model, targets, group_size: int, seed: int, scale: float = 0.0
     return composer.RoadAdapter("road_1", group_size, theta, alpha, cfg, source=f"bench-{seed}")
 
 
+def random_lora(model, targets, rank: int, seed: int, scale: float = 0.05) -> composer.LoraAdapter:
+    """A rank-``rank`` LoRA (lora_alpha = 2·rank, PEFT's usual choice) with random A and B on ``targets``."""
+    g = torch.Generator().manual_seed(seed)
+    lora_a, lora_b = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            lora_a[name] = torch.randn(rank, mod.in_features, generator=g) * scale
+            lora_b[name] = torch.randn(mod.out_features, rank, generator=g) * scale
+    cfg = {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "target_modules": sorted(targets),
+           "r": rank, "lora_alpha": 2 * rank}
+    return composer.LoraAdapter(lora_a, lora_b, {m: 2.0 for m in lora_a}, cfg, source=f"bench-lora-{seed}")
+
+
 def decode_loop(call, emb, mask, pos, steps: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for ``steps`` tokens) with a fresh KV cache."""
     from transformers import DynamicCache
@@ -66,7 +81,10 @@ def decode_loop(call, emb, mask, pos, steps: int) -> tuple[float, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--mixes", type=int, nargs="+", default=[1, 16, 64], help="distinct road_1 mixes per batch")
+    ap.add_argument("--mixes", type=int, nargs="+", default=[1, 16, 64], help="distinct adapters per batch")
+    ap.add_argument("--kinds", nargs="+", choices=["road", "lora"], default=["road", "lora"],
+                    help="road_1 adapters, rank --rank LoRAs, or both")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
     ap.add_argument("--prompt-len", type=int, default=24, help="prefill tokens per row")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=3)
@@ -84,19 +102,23 @@ def main(argv=None) -> None:
     load_s = time.perf_counter() - t
     print(f"base model loaded in {load_s:.2f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
     n_adapters = max(args.mixes)
-    adapters = [random_road_1(model, args.targets, args.group_size, seed=i) for i in range(n_adapters)]
-    peft_model = None
+    adapters = {"road": [random_road_1(model, args.targets, args.group_size, seed=i) for i in range(n_adapters)]
+                if "road" in args.kinds else [],
+                "lora": [random_lora(model, args.targets, args.rank, seed=i) for i in range(n_adapters)]
+                if "lora" in args.kinds else []}
+    peft_models = {}
     if not args.no_peft:
         import tempfile
 
         from peft import PeftModel
-        with tempfile.TemporaryDirectory() as d:
-            for i, a in enumerate(adapters):
-                composer.save(a, f"{d}/a{i}")
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(model), f"{d}/a0", adapter_name="a0")
-            for i in range(1, n_adapters):
-                peft_model.load_adapter(f"{d}/a{i}", adapter_name=f"a{i}")
-        peft_model.eval()
+        for kind in args.kinds:
+            with tempfile.TemporaryDirectory() as d:
+                for i, a in enumerate(adapters[kind]):
+                    composer.save(a, f"{d}/a{i}")
+                pm = PeftModel.from_pretrained(copy.deepcopy(model), f"{d}/a0", adapter_name="a0")
+                for i in range(1, n_adapters):
+                    pm.load_adapter(f"{d}/a{i}", adapter_name=f"a{i}")
+            peft_models[kind] = pm.eval()
     engine = Engine(model, tok)
 
     results: dict[tuple, list[tuple[float, float]]] = {}
@@ -104,15 +126,16 @@ def main(argv=None) -> None:
         for b in args.batches:
             ids = torch.randint(100, 40000, (b, args.prompt_len))
             mask = torch.ones_like(ids)
-            configs = [("base", 0)]
-            for k in args.mixes:
-                if k <= b:
-                    configs += [("ours", k)] + ([("peft", k)] if peft_model is not None else [])
+            configs = [("base", "", 0)]
+            for kind in args.kinds:
+                for k in args.mixes:
+                    if k <= b:
+                        configs += [("ours", kind, k)] + ([("peft", kind, k)] if kind in peft_models else [])
             emb0, mask0, pos0, _ = engine.inputs(ids, mask, [None] * b)
             decode_loop(model, emb0, mask0, pos0, 2)  # warm-up (allocator, kernels)
             for _ in range(args.repeats):
-                for name, k in configs:
-                    rows = [adapters[i % k] for i in range(b)] if k else [None] * b
+                for name, kind, k in configs:
+                    rows = [adapters[kind][i % k] for i in range(b)] if k else [None] * b
                     if name == "base":
                         r = decode_loop(model, emb0, mask0, pos0, args.steps)
                     elif name == "ours":
@@ -121,47 +144,45 @@ def main(argv=None) -> None:
                             r = decode_loop(model, emb, m, p, args.steps)
                     else:
                         names = [f"a{i % k}" for i in range(b)]
-                        r = decode_loop(lambda **kw: peft_model(adapter_names=names, **kw), emb0, mask0, pos0,
-                                        args.steps)
-                    results.setdefault((b, name, k), []).append(r)
+                        pm = peft_models[kind]
+                        r = decode_loop(lambda **kw: pm(adapter_names=names, **kw), emb0, mask0, pos0, args.steps)
+                    results.setdefault((b, name, kind, k), []).append(r)
 
     print(f"\nthroughput (tokens/s; prefill {args.prompt_len} tokens/row, decode {args.steps} steps; "
           f"median of {args.repeats}); ratios against the base model and against PEFT")
     print(f"{'batch':>5} {'config':<16} {'prefill tok/s':>13} {'x base':>7} {'x peft':>7} "
           f"{'decode tok/s':>12} {'x base':>7} {'x peft':>7}")
     for b in args.batches:
-        base_p = statistics.median(r[0] for r in results[(b, "base", 0)])
-        base_d = statistics.median(r[1] for r in results[(b, "base", 0)])
-        for (bb, name, k), rs in results.items():
+        base_p = statistics.median(r[0] for r in results[(b, "base", "", 0)])
+        base_d = statistics.median(r[1] for r in results[(b, "base", "", 0)])
+        for (bb, name, kind, k), rs in results.items():
             if bb != b:
                 continue
             p = statistics.median(r[0] for r in rs)
             d = statistics.median(r[1] for r in rs)
-            peft = results.get((b, "peft", k))
+            peft = results.get((b, "peft", kind, k))
             pp = statistics.median(r[0] for r in peft) if peft else None
             pd = statistics.median(r[1] for r in peft) if peft else None
-            label = "base model" if name == "base" else f"{name} {k} mixes"
+            label = "base model" if name == "base" else f"{name} {k} {kind}"
             xp = f"{pp / p:7.2f}" if pp and name == "ours" else f"{'':>7}"
             xd = f"{pd / d:7.2f}" if pd and name == "ours" else f"{'':>7}"
             print(f"{b:>5} {label:<16} {b * args.prompt_len / p:>13.1f} {base_p / p:>7.3f} {xp} "
                   f"{b * args.steps / d:>12.1f} {base_d / d:>7.3f} {xd}")
 
-    # memory: what 64 loaded mixes add (the engine's tables, and the adapters' own theta/alpha)
-    for a in adapters:
-        engine.tables(a)
+    # memory: what the loaded adapters add (the engine's tables/factors, and the adapters' own tensors)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    table_bytes = engine.cached_bytes()
-    adapter_bytes = sum(sum(t.numel() * 4 for t in a.theta.values()) * 2 for a in adapters)
-    b = max(args.batches)
-    per_batch = sum(mod.out_features * 4 * 2 for n, mod in model.named_modules()
-                    if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in args.targets) * b
-    print(f"\nmemory: base model {base_bytes / 2**20:.1f} MiB; {len(adapters)} adapters: engine tables "
-          f"{table_bytes / 2**20:.2f} MiB ({100 * table_bytes / base_bytes:.2f}%), their theta/alpha "
-          f"{adapter_bytes / 2**20:.2f} MiB ({100 * adapter_bytes / base_bytes:.2f}%); per-batch tables for "
-          f"{b} rows {per_batch / 2**20:.2f} MiB (transient, like the KV cache)")
+    print()
+    for kind in args.kinds:
+        table_bytes = sum(x.numel() * x.element_size() for a in adapters[kind] for pair in engine.tables(a).values()
+                          for x in pair)
+        adapter_bytes = sum(a.num_parameters() * 4 for a in adapters[kind])
+        print(f"memory: base model {base_bytes / 2**20:.1f} MiB; {len(adapters[kind])} {kind} adapters: engine "
+              f"tables/factors {table_bytes / 2**20:.2f} MiB ({100 * table_bytes / base_bytes:.2f}%), their own "
+              f"tensors {adapter_bytes / 2**20:.2f} MiB ({100 * adapter_bytes / base_bytes:.2f}%)")
 
     # changing a mix: a new composition on one row of a batch of 16, vs the same batch unchanged
-    rows = [adapters[i % len(adapters)] for i in range(16)]
+    kind = args.kinds[0]
+    rows = [adapters[kind][i % n_adapters] for i in range(16)]
     msgs = [{"messages": [{"role": "user", "content": "Name a colour."}], "mix": m} for m in rows]
     ids, mask, _ = engine.encode(msgs)
 
@@ -175,12 +196,12 @@ def main(argv=None) -> None:
     for i in range(max(3, args.repeats)):
         same.append(first_token(rows))
         t0 = time.perf_counter()
-        new = composer.add(composer.scale(adapters[0], 0.5 + 0.01 * i), composer.scale(adapters[1], 0.5))
+        new = composer.add(composer.scale(adapters[kind][0], 0.5 + 0.01 * i), composer.scale(adapters[kind][1], 0.5))
         compose_s.append(time.perf_counter() - t0)
         changed.append(first_token([new] + rows[1:]))
     ms = statistics.median(same) * 1e3
     mc = statistics.median(changed) * 1e3
-    print(f"\nmix change (batch 16, one row gets a new composition): first token {mc:.1f} ms vs {ms:.1f} ms unchanged "
+    print(f"\nmix change ({kind}, batch 16, one row gets a new composition): first token {mc:.1f} ms vs {ms:.1f} ms unchanged "
           f"(+{mc - ms:.1f} ms for its tables) ; composing it took {statistics.median(compose_s) * 1e3:.1f} ms")
 
 

@@ -1,9 +1,10 @@
-"""composer: task arithmetic on RoAd adapters and task prompt vectors, in PEFT format.
+"""composer: task arithmetic on RoAd adapters, LoRA adapters and task prompt vectors, in PEFT format.
 
 Public surface::
 
     load(path) / save(adapter, path) / from_peft(model)        PEFT-format I/O
     add, sub, negate, scale, interpolate, merge, compose         arithmetic (see DESIGN.md)
+    compress(lora, rank=...)                                     LoRA rank truncation by SVD, error reported
     evaluate("0.7*a + 0.3*b - c", resolve=...) / parse(text)     expressions; format_name(name) writes a name
     init(model, adapter_or_expression)                           a trainable PeftModel starting there
     check_compatible(adapters) / check_fits(adapter, model)      the checks every operation runs first
@@ -40,19 +41,19 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
-    from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, describe
+    from .adapters import Adapter, LoraAdapter, PromptVector, Recipe, RoadAdapter, describe
     from .expr import evaluate, format_name, parse
     from .initialise import check_fits, init
     from .io import from_peft, load, save, validate_folder
     from .merge_methods import METHODS
-    from .ops import add, check_compatible, compose, interpolate, merge, negate, scale, sub
+    from .ops import add, check_compatible, compose, compress, interpolate, merge, negate, scale, sub
     from .mixfit import FitError, apply_coefficients, fit, rebuild
     from .subspace import Subspace, SubspaceError, active_pairs, overlap
 
 _LAZY = {
-    "adapters": ("Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe"),
+    "adapters": ("Adapter", "RoadAdapter", "LoraAdapter", "PromptVector", "Recipe", "describe"),
     "io": ("load", "save", "from_peft", "validate_folder"),
-    "ops": ("add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible"),
+    "ops": ("add", "sub", "negate", "scale", "interpolate", "merge", "compose", "compress", "check_compatible"),
     "expr": ("evaluate", "parse", "format_name"),
     "initialise": ("init", "check_fits"),
     "merge_methods": ("METHODS",),
@@ -60,7 +61,7 @@ _LAZY = {
     "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = set(_LAZY) | {"road_math", "card", "errors", "data", "limits"}
+_SUBMODULES = set(_LAZY) | {"road_math", "lora_math", "card", "errors", "data", "limits"}
 
 
 def __getattr__(name: str):
@@ -82,9 +83,9 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "RoadAdapter", "PromptVector", "Recipe", "describe",
+    "Adapter", "RoadAdapter", "LoraAdapter", "PromptVector", "Recipe", "describe",
     "load", "save", "from_peft", "validate_folder",
-    "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "check_compatible", "METHODS",
+    "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "compress", "check_compatible", "METHODS",
     "evaluate", "parse", "format_name", "init", "check_fits", "fit", "apply_coefficients", "rebuild",
     "Subspace", "active_pairs", "overlap", "FitError", "SubspaceError", "DataError",
     "ComposerError", "AdapterFormatError", "UnsafeFormatError", "InvalidValueError",

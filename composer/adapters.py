@@ -1,10 +1,12 @@
-"""Adapter value objects: :class:`RoadAdapter`, :class:`PromptVector` and the :class:`Recipe` they carry.
+"""Adapter value objects: :class:`RoadAdapter`, :class:`LoraAdapter`, :class:`PromptVector` and the
+:class:`Recipe` they carry.
 
 They hold plain float tensors and the PEFT config dict they came with; the arithmetic in
 :mod:`composer.ops` returns new objects and never mutates its inputs.
 
 Module names are the model's own (``model.layers.0.self_attn.q_proj``); the PEFT file prefix
-``base_model.model.`` and the ``.road_theta``/``.road_alpha`` suffixes are added only on disk.
+``base_model.model.`` and the ``.road_theta``/``.road_alpha`` (``.lora_A.weight``/``.lora_B.weight``) suffixes
+are added only on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from .errors import InvalidValueError
 from .road_math import VARIANTS, Variant, generator, layer_width
 
-__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "PromptVector", "Adapter", "describe", "check_finite",
+__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Adapter", "describe", "check_finite",
            "task_vector", "cosine"]
 LIBRARY_VERSION = "0.1.0"
 
@@ -320,12 +322,106 @@ class PromptVector:
                 f"source={self.source!r})")
 
 
-Adapter = Union[RoadAdapter, PromptVector]
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A LoRA adapter (PEFT ``peft_type: LORA``): per module ``ΔW = s·B·A`` (:mod:`composer.lora_math`).
+
+    Attributes:
+        lora_a: module name -> ``lora_A.weight``, shape ``(r, in)``.
+        lora_b: module name -> ``lora_B.weight``, shape ``(out, r)``.
+        scaling: module name -> ``s`` (``lora_alpha / r``, or ``/ √r`` for rsLoRA; patterns honoured).
+        config: the PEFT ``adapter_config.json`` contents (the source of ``r``, ``lora_alpha`` and variants).
+        extra: tensors of variants that are stored but not combined (``lora_magnitude_vector`` of DoRA,
+            ``lora_B.bias`` of LoRA bias), by their on-disk name without the ``base_model.model.`` prefix.
+        recipe, source: as for :class:`RoadAdapter`.
+    """
+
+    lora_a: dict[str, torch.Tensor]
+    lora_b: dict[str, torch.Tensor]
+    scaling: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    recipe: Recipe | None = None
+    source: str | None = None
+
+    kind = "lora"
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.lora_a)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def exact(self) -> bool:
+        return self.recipe is None or self.recipe.exact
+
+    @property
+    def deviation(self) -> float | None:
+        return None if self.recipe is None else self.recipe.deviation
+
+    @property
+    def not_low_rank(self) -> str | None:
+        """Why this LoRA's effect is not ``ΔW = s·B·A`` (DoRA, LoRA bias, ...), or ``None`` for a plain LoRA."""
+        from .lora_math import not_low_rank
+
+        return not_low_rank(self.config)
+
+    def rank(self, module: str) -> int:
+        return int(self.lora_a[module].shape[0])
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """``(out, in)`` of the adapted layer."""
+        return int(self.lora_b[module].shape[0]), int(self.lora_a[module].shape[1])
+
+    def delta(self, module: str) -> torch.Tensor:
+        """``ΔW = s·B·A`` of ``module`` in float64, shape ``(out, in)``."""
+        from .lora_math import delta
+
+        return delta(self.lora_a[module], self.lora_b[module], self.scaling[module])
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for d in (self.lora_a, self.lora_b, self.extra) for t in d.values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT state-dict layout: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (+ extras)."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.lora_a:
+            out[f"base_model.model.{m}.lora_A.weight"] = self.lora_a[m]
+            out[f"base_model.model.{m}.lora_B.weight"] = self.lora_b[m]
+        for k, t in self.extra.items():
+            out[f"base_model.model.{k}"] = t
+        return out
+
+    def validate(self) -> None:
+        for m in self.lora_a:
+            check_finite(f"{m}.lora_A.weight", self.lora_a[m])
+            check_finite(f"{m}.lora_B.weight", self.lora_b[m])
+        for k, t in self.extra.items():
+            check_finite(k, t)
+
+    def task_vectors(self) -> dict[str, torch.Tensor]:
+        """Per-module flat ``ΔW`` in float64, sorted by module: what the arithmetic acts on."""
+        return {m: self.delta(m).flatten() for m in sorted(self.lora_a)}
+
+    def norms(self) -> dict[str, dict[str, float]]:
+        """Per-module ``‖ΔW‖`` (Frobenius norm of ``s·B·A``)."""
+        return {m: {"delta": float(self.delta(m).norm())} for m in self.lora_a}
+
+    def __repr__(self) -> str:
+        ranks = sorted({self.rank(m) for m in self.lora_a})
+        return (f"LoraAdapter(rank={ranks[0] if len(ranks) == 1 else ranks}, modules={len(self.lora_a)}, "
+                f"params={self.num_parameters()}, source={self.source!r})")
+
+
+Adapter = Union[RoadAdapter, LoraAdapter, PromptVector]
 _LOG_TINY = math.log(1e-30)
 
 
 def task_vector(adapter: Adapter) -> torch.Tensor:
-    """The flat task vector (float64): RoAd generators over sorted modules, or a prompt's τ."""
+    """The flat task vector (float64): RoAd generators or LoRA ΔW over sorted modules, or a prompt's τ."""
     return torch.cat(list(adapter.task_vectors().values()))
 
 
@@ -351,6 +447,12 @@ def describe(adapter: Adapter) -> dict[str, Any]:
         d.update(variant=adapter.variant, group_size=adapter.group_size,
                  target_modules=sorted({m.rsplit(".", 1)[-1] for m in adapter.theta}),
                  modules=len(adapter.theta))
+    elif isinstance(adapter, LoraAdapter):
+        cfg = adapter.config
+        d.update(r=sorted({adapter.rank(m) for m in adapter.lora_a}), lora_alpha=cfg.get("lora_alpha"),
+                 use_rslora=bool(cfg.get("use_rslora", False)),
+                 target_modules=sorted({m.rsplit(".", 1)[-1] for m in adapter.lora_a}),
+                 modules=len(adapter.lora_a), not_low_rank=adapter.not_low_rank)
     else:
         d.update(num_virtual_tokens=adapter.shape[0], token_dim=adapter.shape[1],
                  composable=adapter.composable)

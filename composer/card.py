@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # whatever it would feed to its unsafe loader must be safe too.
 _OLAH_CARD = re.compile(r"\s*---(.*?)---", flags=re.S)
 _FRONT = re.compile(r"---[ \t]*\r?\n(.*?)(?:^|\r?\n)---[ \t]*(?:\r?\n|\Z)", flags=re.S | re.M)
-KIND_TAGS = {"road": "road", "prompt": "task-prompt-vector"}
+KIND_TAGS = {"road": "road", "lora": "lora", "prompt": "task-prompt-vector"}
 _HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
 
 

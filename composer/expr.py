@@ -7,13 +7,14 @@ Grammar::
     factor  := NAME | "(" expr ")" | call
     call    := "interp" "(" expr "," expr "," NUMBER ")"
              | "compose" "(" expr "," expr ")"
+             | "compress" "(" expr "," NUMBER ")"        LoRA only: truncated SVD to that rank
              | "merge" "(" METHOD ("," expr)+ ("," KEY "=" NUMBER)* ")"
                  KEY: a parameter METHOD declares in composer.METHODS (density; seed for DARE)
     NAME    := a run of letters, digits and ``_ . / @ : ~ -`` not starting with "-",
                or any text in backquotes (`my folder/with spaces`)
 
 Examples: ``0.7*alice/math@v2 + 0.7*alice/code - 0.3*bob/toxic``, ``interp(a, b, 0.25)``,
-``merge(ties, 0.6*a, 0.4*b, density=0.5)``. Because names may contain ``-``, write ``a - b`` (with spaces)
+``merge(ties, 0.6*a, 0.4*b, density=0.5)``, ``compress(a + b, 8)``. Because names may contain ``-``, write ``a - b`` (with spaces)
 to subtract.
 
 A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight per input.
@@ -42,7 +43,7 @@ from .merge_methods import METHODS
 if TYPE_CHECKING:
     from .adapters import Adapter
 
-FUNCTIONS = ("interp", "compose", "merge")
+FUNCTIONS = ("interp", "compose", "merge", "compress")
 
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_./@:~\-]")
@@ -119,7 +120,7 @@ class Call:
 Node = Union[Name, Linear, Call]
 
 
-_KEYWORDS = frozenset(("interp", "compose", "merge", "density", "seed", *METHODS))
+_KEYWORDS = frozenset((*FUNCTIONS, "density", "seed", *METHODS))
 
 
 def _limit(text: str, name: str, value: int, what: str, position: int | None = None) -> None:
@@ -219,7 +220,7 @@ class _Parser:
         if t.kind == "name":
             self.take()
             nxt = self.peek()
-            if nxt.kind == "op" and nxt.text == "(" and t.text in ("interp", "compose", "merge"):
+            if nxt.kind == "op" and nxt.text == "(" and t.text in FUNCTIONS:
                 with self.nested():
                     return self.call(t)
             return Name(t.text, t.pos)
@@ -261,6 +262,14 @@ class _Parser:
                 weights.append(w)
             if not args:
                 raise self.error("merge() needs at least one adapter")
+        elif fn.text == "compress":
+            args.append(self.expr())
+            self.expect(",")
+            num = self.peek()
+            if num.kind != "num" or not float(num.text).is_integer() or float(num.text) < 1:
+                raise self.error("Expected the rank to compress to (a whole number of at least 1)")
+            self.take()
+            params.append(("rank", int(float(num.text))))
         else:
             args.append(self.expr())
             self.expect(",")
@@ -368,6 +377,8 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
             return ops.interpolate(ev(n.args[0]), ev(n.args[1]), float(p["t"]))
         if n.fn == "compose":
             return ops.compose(ev(n.args[0]), ev(n.args[1]))
+        if n.fn == "compress":
+            return ops.compress(ev(n.args[0]), rank=int(p["rank"]))
         method = str(p.pop("method"))
         try:
             return ops.merge([ev(c) for c in n.args], list(n.weights), method=method, **p)
@@ -434,6 +445,11 @@ def format_sum(terms: Sequence[tuple[float, str]]) -> str:
 def format_interp(a: str, b: str, t: float) -> str:
     """``interp(a, b, t)`` from written operands."""
     return f"interp({a}, {b}, {format_number(t)})"
+
+
+def format_compress(a: str, rank: int) -> str:
+    """``compress(a, rank)`` from a written operand."""
+    return f"compress({a}, {int(rank)})"
 
 
 def format_merge(method: str, terms: Sequence[tuple[float, str]], params: Mapping[str, Any] | None = None) -> str:

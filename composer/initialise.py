@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter, PromptVector, RoadAdapter
+from .adapters import Adapter, LoraAdapter, PromptVector, RoadAdapter
 from .errors import IncompatibleAdaptersError, NotComposableError
 
 
@@ -23,7 +23,8 @@ def _road_config(adapter: RoadAdapter, linear_names: set[str] | None = None) -> 
 
 def check_fits(adapter: Adapter, model: Any, *, modules: Mapping[str, Any] | None = None) -> None:
     """Raise unless ``adapter`` can run on ``model``: every RoAd module is an ``nn.Linear`` of the model with
-    the adapter's width, or a prompt's ``token_dim`` equals the model's embedding width.
+    the adapter's width, every LoRA module one with the adapter's ``out x in`` shape, or a prompt's
+    ``token_dim`` equals the model's embedding width.
 
     Args:
         adapter: a RoAd adapter or prompt vector.
@@ -49,6 +50,25 @@ def check_fits(adapter: Adapter, model: Any, *, modules: Mapping[str, Any] | Non
                     f"Tensor '{m}.road_theta' is for width {adapter.width(m)}, the model's layer has "
                     f"{layer.out_features} outputs; was it trained on another base model ({adapter.base_model!r})?",
                     field="shape", left=adapter.width(m), right=layer.out_features, tensor=f"{m}.road_theta")
+        return
+    if isinstance(adapter, LoraAdapter):
+        modules = dict(model.named_modules()) if modules is None else modules
+        for m in adapter.lora_a:
+            layer = modules.get(m)
+            if not isinstance(layer, torch.nn.Linear):
+                example = next((n for n, x in modules.items() if isinstance(x, torch.nn.Linear)), "?")
+                raise IncompatibleAdaptersError(
+                    f"Module '{m}' of the LoRA is not a Linear layer of this model (e.g. '{example}'); was it "
+                    f"trained on another base model ({adapter.base_model!r})?",
+                    field="modules", left=m, right=None, tensor=f"{m}.lora_A.weight")
+            out, inp = adapter.shape(m)
+            if (layer.out_features, layer.in_features) != (out, inp):
+                raise IncompatibleAdaptersError(
+                    f"LoRA module '{m}' is for a {out} x {inp} layer (out x in; '{m}.lora_B.weight' "
+                    f"{tuple(adapter.lora_b[m].shape)}, '{m}.lora_A.weight' {tuple(adapter.lora_a[m].shape)}), the "
+                    f"model's layer is {layer.out_features} x {layer.in_features}; was it trained on another base "
+                    f"model ({adapter.base_model!r})?", field="shape", left=(out, inp),
+                    right=(layer.out_features, layer.in_features), tensor=f"{m}.lora_B.weight")
         return
     dim, have = adapter.shape[1], model.get_input_embeddings().embedding_dim
     if dim != have:
@@ -103,6 +123,8 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
         peft_model.train()
         peft_model.composer_start = adapter
         return peft_model
+    if isinstance(adapter, LoraAdapter):
+        return _init_lora(model, adapter, adapter_name)
     if isinstance(adapter, PromptVector):
         if not adapter.composable:
             raise NotComposableError("This prompt has no recorded init (prompt_vector.safetensors), so a new task "
@@ -118,4 +140,29 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
         peft_model.composer_prompt_init = adapter.init.clone()
         peft_model.composer_start = adapter
         return peft_model
-    raise TypeError(f"Expected a RoadAdapter, PromptVector or expression, got {type(adapter).__name__}")
+    raise TypeError(f"Expected a RoadAdapter, LoraAdapter, PromptVector or expression, got {type(adapter).__name__}")
+
+
+def _init_lora(model: Any, adapter: LoraAdapter, adapter_name: str) -> Any:
+    """A trainable LoRA of the adapter's (largest) rank with ``lora_alpha = r`` (``s = 1``), its factors the
+    adapter's with each module's ``s`` folded into ``B`` (smaller ranks zero-padded), so the start equals it."""
+    from peft import LoraConfig, get_peft_model
+
+    from .lora_math import pad_rank
+    from .ops import check_compatible
+
+    check_compatible([adapter])  # DoRA, LoRA bias ...: a start that is not ΔW = s·B·A is refused with the reason
+    modules = dict(model.named_modules())
+    check_fits(adapter, model, modules=modules)
+    r = max(adapter.rank(m) for m in adapter.lora_a)
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(adapter.lora_a), lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
+    with torch.no_grad():
+        for name, mod in peft_model.base_model.model.named_modules():
+            if name in adapter.lora_a and adapter_name in getattr(mod, "lora_A", {}):
+                a, b = pad_rank(adapter.lora_a[name], adapter.lora_b[name] * adapter.scaling[name], r)
+                mod.lora_A[adapter_name].weight.copy_(a)
+                mod.lora_B[adapter_name].weight.copy_(b)
+    peft_model.train()
+    peft_model.composer_start = adapter
+    return peft_model

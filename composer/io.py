@@ -4,8 +4,8 @@ A folder written by :func:`save` is what ``peft.PeftModel.from_pretrained(base, 
 missing or unexpected keys::
 
     <folder>/
-    ├── adapter_config.json          PEFT config (peft_type ROAD or PROMPT_TUNING)
-    ├── adapter_model.safetensors    road_theta/road_alpha per module, or prompt_embeddings
+    ├── adapter_config.json          PEFT config (peft_type ROAD, LORA or PROMPT_TUNING)
+    ├── adapter_model.safetensors    road_theta/road_alpha or lora_A/lora_B per module, or prompt_embeddings
     ├── prompt_vector.safetensors    prompts only: init (P₀) and vector (τ), prompt = init + vector
     ├── recipe.json                  composed adapters only
     └── README.md                    model card
@@ -16,6 +16,7 @@ Only safetensors are read: pickles (``.bin``, ``.pt``) can run code when loaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -27,7 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapters import VARIANTS, Adapter, PromptVector, Recipe, RoadAdapter, check_finite
+from .adapters import VARIANTS, Adapter, LoraAdapter, PromptVector, Recipe, RoadAdapter, check_finite
+from . import lora_math
 from .card import build_card
 from .road_math import layer_width
 from . import limits
@@ -118,7 +120,7 @@ def _peft_reads(folder: Path, cfg: dict[str, Any]) -> Any:
                                  "it names, or re-save the adapter with PEFT.", path=folder) from e
 
 
-def _check_targets(folder: Path, cfg: dict[str, Any], modules: list[str]) -> None:
+def _check_targets(folder: Path, cfg: dict[str, Any], modules: list[str], suffix: str = "road_theta") -> None:
     """Every tensor's module must be one PEFT targets, and every listed target must have tensors."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -147,7 +149,7 @@ def _check_targets(folder: Path, cfg: dict[str, Any], modules: list[str]) -> Non
         raise AdapterFormatError(
             f"{CONFIG}: the weights hold tensors for '{unlisted[0]}', which target_modules {targets!r:.80} does "
             "not select; PEFT would not load them. List every adapted module in target_modules.",
-            path=folder, tensor=f"{unlisted[0]}.road_theta")
+            path=folder, tensor=f"{unlisted[0]}.{suffix}")
     if isinstance(targets, list):
         unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
         if unused:
@@ -255,6 +257,87 @@ def _parse_prompt(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Te
     return PromptVector(prompt=prompt, init=init, vector=vector, config=cfg)
 
 
+_LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_B.bias": "bias",
+                  ".lora_magnitude_vector": "magnitude"}
+# Variant tensors: stored and round-tripped, required exactly when the config field says so.
+_LORA_EXTRA = {"bias": "lora_bias", "magnitude": "use_dora"}
+
+
+def _number(cfg: dict[str, Any], key: str, default: Any, folder: Path) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterFormatError(f"{CONFIG}: {key} must be a finite number, got {str(value)[:60]!r}.", path=folder)
+    return float(value)
+
+
+def _parse_lora(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LoraAdapter:
+    _dimension(cfg, "r", 8, folder)
+    _number(cfg, "lora_alpha", 8, folder)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+            raise AdapterFormatError(f"{CONFIG}: {key} must map module names to numbers, got {str(pattern)[:80]!r}.",
+                                     path=folder)
+        for k in pattern:
+            (_dimension if key == "rank_pattern" else _number)(pattern, k, None, folder)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(tensors):
+        suffix = next((x for x in _LORA_SUFFIXES if key.endswith(x)), None)
+        if not key.startswith(_PREFIX) or suffix is None:
+            raise AdapterFormatError(
+                f"Unexpected tensor '{key}' in a LORA adapter: expected '{_PREFIX}<module>.lora_A.weight' / "
+                "'.lora_B.weight' only (plus '.lora_B.bias' with lora_bias, '.lora_magnitude_vector' with use_dora). "
+                "LoRA on embeddings or convolutions (lora_embedding_A/B), modules_to_save and trainable tokens "
+                "are not supported yet.", path=folder, tensor=key)
+        what = _LORA_SUFFIXES[suffix]
+        flag = _LORA_EXTRA.get(what)
+        if flag is not None and not cfg.get(flag):
+            raise AdapterFormatError(
+                f"Tensor '{key}' is a {flag} tensor, but {CONFIG} does not set {flag}: PEFT would not load it. "
+                f"Set \"{flag}\": true or remove the tensor.", path=folder, tensor=key)
+        parts.setdefault(key[len(_PREFIX):-len(suffix)], {})[what] = tensors[key]
+    if not parts:
+        raise AdapterFormatError(f"{folder / WEIGHTS} holds no LoRA tensors.", path=folder)
+    lora_a, lora_b, scaling, extra = {}, {}, {}, {}
+    for m, p in parts.items():
+        for what, name in (("a", "lora_A.weight"), ("b", "lora_B.weight")):
+            if what not in p:
+                raise AdapterFormatError(f"Module '{m}' has no {name} tensor; a LoRA module needs both lora_A and "
+                                         "lora_B.", path=folder, tensor=f"{m}.{name}")
+        a, b = p["a"], p["b"]
+        try:
+            r, s = lora_math.rank_and_scale(cfg, m)
+        except re.error as e:
+            raise AdapterFormatError(f"{CONFIG}: a key of rank_pattern / alpha_pattern is not a valid regular "
+                                     f"expression ({e}).", path=folder) from e
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterFormatError(
+                f"Tensor '{m}.lora_A.weight' has shape {tuple(a.shape)} and '{m}.lora_B.weight' {tuple(b.shape)}; "
+                "both must be 2-D (A: r x in_features, B: out_features x r).", path=folder,
+                tensor=f"{m}.lora_A.weight")
+        if a.shape[0] != r or b.shape[1] != r:
+            bad, shape = (("lora_A.weight", tuple(a.shape)) if a.shape[0] != r else ("lora_B.weight", tuple(b.shape)))
+            raise AdapterFormatError(
+                f"Tensor '{m}.{bad}' has shape {shape}, but the config gives this module rank r = {r} "
+                "(A must be r x in_features, B out_features x r); PEFT would refuse to load it. Fix r / rank_pattern "
+                "or re-save the adapter with PEFT.", path=folder, tensor=f"{m}.{bad}")
+        for what, name in (("bias", "lora_B.bias"), ("magnitude", "lora_magnitude_vector")):
+            if cfg.get(_LORA_EXTRA[what]):
+                t = p.get(what)
+                if t is None or tuple(t.shape) != (b.shape[0],):
+                    got = "is missing" if t is None else f"has shape {tuple(t.shape)}"
+                    raise AdapterFormatError(
+                        f"Tensor '{m}.{name}' {got}; with {_LORA_EXTRA[what]} it must be 1-D of out_features "
+                        f"{b.shape[0]}.", path=folder, tensor=f"{m}.{name}")
+                check_finite(f"{m}.{name}", t)
+                extra[f"{m}.{name}"] = t
+        check_finite(f"{m}.lora_A.weight", a)
+        check_finite(f"{m}.lora_B.weight", b)
+        lora_a[m], lora_b[m], scaling[m] = a, b, s
+    _check_targets(folder, cfg, sorted(lora_a), suffix="lora_A.weight")
+    return LoraAdapter(lora_a=lora_a, lora_b=lora_b, scaling=scaling, config=cfg, extra=extra)
+
+
 def load(path: str | os.PathLike) -> Adapter:
     """Read a PEFT adapter folder.
 
@@ -262,11 +345,13 @@ def load(path: str | os.PathLike) -> Adapter:
         path: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Returns:
-        A :class:`RoadAdapter` (``peft_type: ROAD``) or :class:`PromptVector` (``PROMPT_TUNING``).
+        A :class:`RoadAdapter` (``peft_type: ROAD``), :class:`LoraAdapter` (``LORA``; DoRA and LoRA bias are
+        read and kept, and refused later by the arithmetic) or :class:`PromptVector` (``PROMPT_TUNING``).
 
     Raises:
         AdapterFormatError: missing files, bad JSON, unknown ``peft_type``, corrupt safetensors, shapes that
-            disagree with the config, a group size that does not divide a layer's width.
+            disagree with the config (a group size that does not divide a layer's width, LoRA ranks other than
+            ``r``/``rank_pattern``), tensors PEFT would not load.
         UnsafeFormatError: only pickled weights are present.
         InvalidValueError: NaN or inf values.
     """
@@ -275,17 +360,13 @@ def load(path: str | os.PathLike) -> Adapter:
         raise AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds {CONFIG}.", path=folder)
     cfg = _read_config(folder)
     peft_type = cfg.get("peft_type")
-    if peft_type not in ("ROAD", "PROMPT_TUNING"):
+    if not isinstance(peft_type, str) or peft_type not in _PARSERS:
         raise AdapterFormatError(
-            f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles ROAD and "
+            f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles ROAD, LORA and "
             "PROMPT_TUNING adapters.", path=folder)
     _check_sizes(folder)
     tensors = _read_safetensors(_weights_path(folder))
-    adapter: Adapter
-    if peft_type == "ROAD":
-        adapter = _parse_road(folder, cfg, tensors)
-    else:
-        adapter = _parse_prompt(folder, cfg, tensors)
+    adapter: Adapter = _PARSERS[peft_type](folder, cfg, tensors)
     recipe = None
     rp = folder / RECIPE
     if rp.is_file():
@@ -298,6 +379,9 @@ def load(path: str | os.PathLike) -> Adapter:
                 raise
             raise AdapterFormatError(f"{rp} is not a valid recipe: {e}", path=rp) from e
     return type(adapter)(**{**adapter.__dict__, "recipe": recipe, "source": str(folder)})
+
+
+_PARSERS = {"ROAD": _parse_road, "LORA": _parse_lora, "PROMPT_TUNING": _parse_prompt}
 
 
 def validate_folder(path: str | os.PathLike) -> Adapter:
@@ -318,6 +402,13 @@ def _peft_config(adapter: Adapter) -> dict[str, Any]:
         targets = sorted({m.rsplit(".", 1)[-1] for m in adapter.theta})
         if not cfg.get("target_modules") or not isinstance(cfg.get("target_modules"), (list, str)):
             cfg["target_modules"] = targets
+        elif isinstance(cfg["target_modules"], list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+    elif isinstance(adapter, LoraAdapter):
+        cfg["peft_type"] = "LORA"
+        cfg.setdefault("task_type", None)
+        if not cfg.get("target_modules") or not isinstance(cfg.get("target_modules"), (list, str)):
+            cfg["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in adapter.lora_a})
         elif isinstance(cfg["target_modules"], list):
             cfg["target_modules"] = sorted(cfg["target_modules"])
     else:
@@ -355,7 +446,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, card: str | None = None) 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = _peft_config(adapter)
-    if isinstance(adapter, RoadAdapter):
+    if isinstance(adapter, (RoadAdapter, LoraAdapter)):
         tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.tensors().items()}
     else:
         tensors = {"prompt_embeddings": adapter.prompt.detach().contiguous().cpu()}
@@ -385,13 +476,13 @@ def from_peft(model: Any, *, adapter_name: str = "default", init: torch.Tensor |
     """Read the adapter out of a live PEFT model (e.g. after training).
 
     Args:
-        model: a ``PeftModel`` carrying a RoAd or prompt-tuning adapter.
+        model: a ``PeftModel`` carrying a RoAd, LoRA or prompt-tuning adapter.
         adapter_name: which adapter to read.
         init: for prompts, the origin P₀ the prompt was trained from; without it the result cannot be
             composed. When the model was built by :func:`composer.init`, its recorded init is used.
 
     Returns:
-        A :class:`RoadAdapter` or :class:`PromptVector` holding detached float32 copies.
+        A :class:`RoadAdapter`, :class:`LoraAdapter` or :class:`PromptVector` holding detached float32 copies.
     """
     pcfg = model.peft_config[adapter_name]
     cfg = pcfg.to_dict()
@@ -406,6 +497,20 @@ def from_peft(model: Any, *, adapter_name: str = "default", init: torch.Tensor |
                 alpha[name] = module.road_alpha[adapter_name].detach().float().cpu().clone()
         return RoadAdapter(variant=cfg["variant"], group_size=cfg["group_size"], theta=theta, alpha=alpha,
                            config=cfg, source=source)
+    if peft_type == "LORA":
+        lora_a, lora_b, scaling, extra = {}, {}, {}, {}
+        for name, module in model.base_model.model.named_modules():
+            if adapter_name in getattr(module, "lora_A", {}) and isinstance(module.lora_A[adapter_name],
+                                                                            torch.nn.Linear):
+                lora_a[name] = module.lora_A[adapter_name].weight.detach().float().cpu().clone()
+                lora_b[name] = module.lora_B[adapter_name].weight.detach().float().cpu().clone()
+                scaling[name] = float(module.scaling[adapter_name])
+                if module.lora_B[adapter_name].bias is not None:
+                    extra[f"{name}.lora_B.bias"] = module.lora_B[adapter_name].bias.detach().float().cpu().clone()
+                mag = getattr(module, "lora_magnitude_vector", {})
+                if adapter_name in mag:
+                    extra[f"{name}.lora_magnitude_vector"] = mag[adapter_name].weight.detach().float().cpu().clone()
+        return LoraAdapter(lora_a=lora_a, lora_b=lora_b, scaling=scaling, config=cfg, extra=extra, source=source)
     if peft_type == "PROMPT_TUNING":
         prompt = model.get_prompt_embedding_to_save(adapter_name).detach().float().cpu().clone()
         if init is None:
@@ -416,4 +521,4 @@ def from_peft(model: Any, *, adapter_name: str = "default", init: torch.Tensor |
         if init.shape != prompt.shape:
             raise NotComposableError(f"init has shape {tuple(init.shape)}, the prompt {tuple(prompt.shape)}.")
         return PromptVector(prompt=prompt, init=init, vector=prompt - init, config=cfg, source=source)
-    raise AdapterFormatError(f"peft_type {peft_type!r} is not supported; use ROAD or PROMPT_TUNING.")
+    raise AdapterFormatError(f"peft_type {peft_type!r} is not supported; use ROAD, LORA or PROMPT_TUNING.")

@@ -10,6 +10,12 @@ RoAd arithmetic works on each adapter's generator ``(θ, log α)``:
 
 Prompt vectors work on τ = P − P₀: the result's prompt is ``P₀ + Σ wᵢ τᵢ`` with P₀ the first input's init.
 
+LoRA arithmetic works on ``ΔW = s·B·A`` (:mod:`composer.lora_math`): a weighted sum concatenates the ranks, with
+each input's ``wᵢ·sᵢ`` folded into its ``B`` block, so it is exact; the result is a plain PEFT LoRA with
+``lora_alpha = r`` (``s = 1``). :func:`compress` truncates the rank by SVD and reports the error it makes;
+TIES/DARE act on the dense ``ΔW`` and are re-factored by SVD (approximate). LoRA variants whose effect is not
+``s·B·A`` (DoRA, LoRA bias, ...) and LoRA with RoAd are refused with the reason.
+
 Every function checks compatibility first and returns a new adapter carrying its :class:`Recipe`.
 """
 
@@ -22,8 +28,8 @@ from dataclasses import replace
 
 import torch
 
-from . import merge_methods, road_math
-from .adapters import Adapter, PromptVector, Recipe, RoadAdapter, check_finite
+from . import lora_math, merge_methods, road_math
+from .adapters import Adapter, LoraAdapter, PromptVector, Recipe, RoadAdapter, check_finite
 from .errors import (
     CompatibilityWarning,
     IncompatibleAdaptersError,
@@ -31,7 +37,7 @@ from .errors import (
     InvalidValueError,
     NotComposableError,
 )
-from .expr import format_interp, format_merge, format_name, format_sum
+from .expr import format_compress, format_interp, format_merge, format_name, format_sum
 
 # ---------------------------------------------------------------------------------------------- checks
 
@@ -47,7 +53,9 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
     """Raise :class:`IncompatibleAdaptersError` unless all adapters can be combined.
 
     Checks, in order: same kind; for RoAd the same variant (unless ``same_variant=False``), group size, adapted
-    modules and tensor shapes; for prompts the same shape and a recorded init. Different
+    modules and tensor shapes; for LoRA a plain ``ΔW = s·B·A`` (no DoRA, LoRA bias, ...) and the same layer
+    shapes where modules are shared (each may adapt modules the others do not: their ΔW is 0 there); for prompts
+    the same shape and a recorded init. Different
     ``base_model_name_or_path`` values with matching shapes only warn (:class:`CompatibilityWarning`).
     """
     if not adapters:
@@ -55,12 +63,25 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
     for a in adapters:
         a.validate()
     first = adapters[0]
+    for i, a in enumerate(adapters):
+        if isinstance(a, LoraAdapter) and a.not_low_rank:
+            raise NotComposableError(
+                f"{_label(a, i)} cannot enter LoRA arithmetic ({a.not_low_rank}). The store keeps and serves it as "
+                "it is (hub pull, hub serve, PeftModel.from_pretrained); only plain LoRAs (ΔW = s·B·A) are combined, "
+                "exactly.")
     for i, other in enumerate(adapters[1:], start=1):
         names = f"{_label(first, 0)!s} and {_label(other, i)!s}"
+        if {other.kind, first.kind} == {"lora", "road"}:
+            raise IncompatibleAdaptersError(
+                f"Cannot combine a {first.kind} adapter with a {other.kind} adapter in arithmetic ({names}): a LoRA "
+                "adds ΔW = s·B·A to a layer's weight and RoAd rotates the layer's output, and no single adapter of "
+                "either kind equals both. To use both, serve them together as a mix of parts (the engine applies "
+                "the LoRA on the weight and the RoAd on the output: mix=[lora, road]).",
+                field="kind", left=first.kind, right=other.kind)
         if other.kind != first.kind:
             raise IncompatibleAdaptersError(
                 f"Cannot combine a {first.kind} adapter with a {other.kind} adapter ({names}); "
-                "RoAd adapters combine with RoAd adapters and prompt vectors with prompt vectors.",
+                "RoAd adapters combine with RoAd adapters, LoRAs with LoRAs and prompt vectors with prompt vectors.",
                 field="kind", left=first.kind, right=other.kind)
         bm_note = ""
         if first.base_model != other.base_model:
@@ -92,6 +113,16 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                         f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}){bm_note}.",
                         field="shape", left=tuple(first.theta[m].shape), right=tuple(other.theta[m].shape),
                         tensor=f"{m}.road_theta")
+        elif isinstance(first, LoraAdapter):
+            assert isinstance(other, LoraAdapter)
+            for m in first.lora_a:
+                if m in other.lora_a and first.shape(m) != other.shape(m):
+                    raise IncompatibleAdaptersError(
+                        f"Layer '{m}' is {first.shape(m)[0]} x {first.shape(m)[1]} (out x in) in the first adapter and "
+                        f"{other.shape(m)[0]} x {other.shape(m)[1]} in the second ({names}){bm_note}: tensor "
+                        f"'{m}.lora_B.weight' has shape {tuple(first.lora_b[m].shape)} vs "
+                        f"{tuple(other.lora_b[m].shape)}.", field="shape", left=first.shape(m),
+                        right=other.shape(m), tensor=f"{m}.lora_B.weight")
         else:
             assert isinstance(other, PromptVector)
             if other.shape != first.shape:
@@ -183,6 +214,8 @@ def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: st
     def combine(ts: list[torch.Tensor]) -> torch.Tensor:
         return merge_methods.apply(method, ts, weights, params)
 
+    if isinstance(first, LoraAdapter):
+        return _lora_linear(adapters, weights, method, params, expr, op)  # type: ignore[arg-type]
     if isinstance(first, RoadAdapter):
         theta, alpha = {}, {}
         for mod in first.theta:
@@ -207,6 +240,102 @@ def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: st
     recipe = Recipe(expression=expr, inputs=_inputs(adapters), weights=tuple(weights), method=op or method,
                     params=params, exact=method == "task_arithmetic")
     return PromptVector.from_parts(first.init, vector, dict(first.config), recipe=recipe)  # type: ignore[arg-type]
+
+
+def _lora_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """The union of the adapters' modules, in first-seen order."""
+    return list(dict.fromkeys(m for a in adapters for m in a.lora_a))
+
+
+def _lora_result(template: LoraAdapter, adapters: Sequence[LoraAdapter], lora_a: dict, lora_b: dict,
+                 recipe: Recipe) -> LoraAdapter:
+    """A plain PEFT LoRA: one rank ``r`` for every module (smaller ones zero-padded, which changes no ΔW),
+    ``lora_alpha = r`` so ``s = 1``, no rsLoRA and no patterns (what any PEFT version loads the same way)."""
+    r = max(t.shape[0] for t in lora_a.values())
+    for m in lora_a:
+        lora_a[m], lora_b[m] = lora_math.pad_rank(lora_a[m], lora_b[m], r)
+    modules = list(lora_a)
+    cfg = {k: v for k, v in template.config.items() if k not in lora_math.NOT_LOW_RANK}
+    # init_lora_weights=True: PEFT must not re-run an initialiser (PiSSA, LoftQ ...) that edits the base weights.
+    cfg.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={}, init_lora_weights=True)
+    selection = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+    same = all(set(a.lora_a) == set(modules) and all(a.config.get(k) == template.config.get(k) for k in selection)
+               for a in adapters)
+    if not same:  # inputs adapt different layers: name the modules exactly, so PEFT adapts none without values
+        for k in selection:
+            cfg.pop(k, None)
+        cfg["target_modules"] = sorted(modules)
+    return LoraAdapter(lora_a=lora_a, lora_b=lora_b, scaling={m: 1.0 for m in modules}, config=cfg, recipe=recipe)
+
+
+def _lora_linear(adapters: Sequence[LoraAdapter], weights: list[float], method: str, params: dict, expr: str,
+                 op: str | None) -> LoraAdapter:
+    """Task arithmetic by rank concatenation (exact); TIES/DARE on the dense ΔW, re-factored by SVD at the
+    inputs' summed rank (approximate: the heuristic itself, and the truncation error in ``deviation``)."""
+    lora_a, lora_b = {}, {}
+    dtype = adapters[0].lora_a[next(iter(adapters[0].lora_a))].dtype
+    cut = total = 0.0
+    for m in _lora_modules(adapters):
+        have = [(a, w) for a, w in zip(adapters, weights) if m in a.lora_a]
+        if method == "task_arithmetic":
+            lora_a[m], lora_b[m] = lora_math.concat([(a.lora_a[m], a.lora_b[m], w * a.scaling[m]) for a, w in have],
+                                                    dtype=dtype)
+        else:
+            out, inp = have[0][0].shape(m)
+            deltas = [a.delta(m) if m in a.lora_a else torch.zeros(out, inp, dtype=torch.float64) for a in adapters]
+            dw = merge_methods.apply(method, deltas, weights, params)
+            rank = sum(a.rank(m) for a, _ in have)
+            lora_a[m], lora_b[m], err = lora_math.factor(dw, rank, dtype)
+            norm2 = float(dw.square().sum())
+            cut, total = cut + err * err * norm2, total + norm2
+        _check_lora(m, lora_a[m], lora_b[m], weights)
+    heuristic = method != "task_arithmetic"
+    recipe = Recipe(expression=expr, inputs=_inputs(adapters), weights=tuple(weights), method=op or method,
+                    params=params, exact=not heuristic,
+                    deviation=(math.sqrt(cut / total) if total > 0 else 0.0) if heuristic else None)
+    return _lora_result(adapters[0], adapters, lora_a, lora_b, recipe)
+
+
+def _check_lora(m: str, a: torch.Tensor, b: torch.Tensor, weights: list[float]) -> None:
+    _check_result(f"{m}.lora_A.weight", a, None, weights)
+    _check_result(f"{m}.lora_B.weight", b, None, weights)
+
+
+def compress(a: Adapter, rank: int) -> LoraAdapter:
+    """A LoRA of rank at most ``rank`` per module whose ``ΔW`` is the best approximation of ``a``'s (truncated SVD).
+
+    Args:
+        a: a plain LoRA adapter (e.g. the rank-concatenated result of :func:`add`).
+        rank: the largest rank to keep per module (modules of lower rank keep theirs).
+
+    Returns:
+        A plain PEFT LoRA (``lora_alpha = r``). Its recipe's ``params`` hold ``rank`` and ``errors``: per module the
+        relative Frobenius error ``‖ΔW − ΔW'‖ / ‖ΔW‖``; ``deviation`` is that error over all modules together and
+        ``exact`` is true only when nothing was cut (a rank at or above every module's rank: equal up to float
+        rounding).
+
+    Raises:
+        NotComposableError: ``a`` is not a plain LoRA; InvalidArgumentError: ``rank`` is not a whole number ≥ 1.
+    """
+    if not isinstance(a, LoraAdapter):
+        raise NotComposableError(f"compress() truncates a LoRA's rank by SVD; {_label(a, 0)} is a {a.kind} adapter, "
+                                 "which has no rank.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidArgumentError(f"rank must be a whole number of at least 1, got {rank!r}.", name="rank",
+                                   value=rank)
+    check_compatible([a])
+    lora_a, lora_b, errors = {}, {}, {}
+    cut = total = 0.0
+    for m in a.lora_a:
+        lora_a[m], lora_b[m], err = lora_math.truncate(a.lora_a[m], a.lora_b[m], rank, a.scaling[m])
+        errors[m] = err
+        norm2 = float(a.delta(m).square().sum())
+        cut, total = cut + err * err * norm2, total + norm2
+    exact = all(e == 0.0 for e in errors.values()) and all(a.rank(m) <= rank for m in a.lora_a)
+    recipe = Recipe(expression=format_compress(_label(a, 0), rank), inputs=_inputs([a]), weights=(),
+                    method="compress", params={"rank": rank, "errors": errors}, exact=exact,
+                    deviation=None if exact else (math.sqrt(cut / total) if total > 0 else 0.0))
+    return _lora_result(a, [a], lora_a, lora_b, recipe)
 
 
 def _check_result(name: str, t: torch.Tensor, alpha: torch.Tensor | None, weights: list[float]) -> None:
@@ -308,6 +437,10 @@ def compose(a: Adapter, b: Adapter) -> Adapter:
         check_compatible([a, b])
         raise NotComposableError("compose() is the exact product of RoAd blocks; prompt vectors have none. "
                                  "Use composer.add(a, b) for τ arithmetic.")
+    if isinstance(a, LoraAdapter) or isinstance(b, LoraAdapter):
+        check_compatible([a, b])
+        raise NotComposableError("compose() is the exact product of RoAd blocks; LoRAs on the same weights have "
+                                 "none: applying both is their sum. Use composer.add(a, b), which is exact.")
     check_compatible([a, b], same_variant=False)
     expr = f"compose({_label(a, 0)}, {_label(b, 1)})"  # the grammar's compose(x, y)
     if a.variant == b.variant == "road_1":

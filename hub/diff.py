@@ -1,7 +1,8 @@
 """Compare two adapters as task vectors: per-module norm of the difference and cosine similarity.
 
-RoAd adapters are compared on their generator (θ, log α) — the vector the arithmetic acts on — and prompt
-vectors on τ (or on the prompt itself when no init was recorded). For RoAd adapters the result also says how
+RoAd adapters are compared on their generator (θ, log α) — the vector the arithmetic acts on —, LoRAs on each
+module's ΔW = s·B·A (so two factorisations of one update are identical), and prompt vectors on τ (or on the
+prompt itself when no init was recorded). For RoAd adapters the result also says how
 much their active 2D pairs overlap (:func:`composer.subspace.overlap`): adapters trained in disjoint subspaces
 share none.
 """
@@ -12,11 +13,11 @@ from typing import Any
 
 import torch
 
-from composer import IncompatibleAdaptersError, PromptVector, RoadAdapter
+from composer import Adapter, IncompatibleAdaptersError, RoadAdapter
 from composer.adapters import cosine as _cos
 
 
-def diff(a: RoadAdapter | PromptVector, b: RoadAdapter | PromptVector) -> dict[str, Any]:
+def diff(a: Adapter, b: Adapter) -> dict[str, Any]:
     """Per-module ``diff_norm`` (‖τ_a − τ_b‖) and ``cosine`` (cos(τ_a, τ_b)), plus the totals and
     ``identical`` (the task vectors are equal). The cosine is ``None`` where a vector is zero. RoAd adapters
     also get ``active_pairs``: :func:`composer.subspace.overlap` of the two (shares, shared pairs, overlap).

@@ -136,8 +136,12 @@ def test_load_rejects_pickle_only_folder(tmp_path):
 
 
 def test_load_rejects_unknown_peft_type_and_bad_json(saved):
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(composer.AdapterFormatError, match="peft_type 'LOHA' is not supported"):
+        composer.load(saved)
+    # RoAd tensors under a LORA config: LoRA is read, and these tensors are not LoRA's
     (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(composer.AdapterFormatError, match="peft_type 'LORA' is not supported"):
+    with pytest.raises(composer.AdapterFormatError, match="Unexpected tensor .*road_.* in a LORA adapter"):
         composer.load(saved)
     (saved / "adapter_config.json").write_text("{not json")
     with pytest.raises(composer.AdapterFormatError, match="not valid JSON"):

@@ -163,3 +163,26 @@ def test_a_mix_that_cannot_join_leaves_the_running_rows_untouched(engine, mixes)
 def test_bad_row_settings_are_refused(kw, needle):
     with pytest.raises(RequestError, match=needle):
         Row([1, 2], **kw)
+
+
+def test_lora_rows_joining_mid_flight_get_the_tokens_they_get_alone(engine, tmp_path):
+    import composer
+    from tests.tiny import peft_lora
+
+    m = engine.model
+    la = composer.load(peft_lora(tmp_path / "la", seed=1, r=4, lora_alpha=8))
+    lb = composer.load(peft_lora(tmp_path / "lb", seed=2, r=2, lora_alpha=3, use_rslora=True))
+    road = random_road(m, "road_1", seed=11, scale=0.5)
+    mixes = [la, None, [lb, road], lb, [la, random_prompt(n=3, seed=12)], road]
+    lengths = [10, 6, 14, 8, 12, 5]
+    alone = [reference(engine, i, mixes[i], lengths[i]) for i in range(6)]
+    assert alone[0] != reference(engine, 0, None, lengths[0])  # the LoRA changes the tokens
+    rb = RunningBatch(engine)
+    rows = [Row(prompt(i), mixes[i], max_new_tokens=lengths[i]) for i in range(6)]
+    for newcomers in ([0], [], [1, 2], [3], [], [4, 5]):
+        rb.join([rows[i] for i in newcomers])
+        rb.step()
+    while rb.rows:
+        rb.step()
+    for i, r in enumerate(rows):
+        assert r.tokens == alone[i], (i, r.tokens, alone[i])

@@ -30,6 +30,7 @@ import composer
 import hub
 from app.cli import main
 from tests.test_hub_helpers import env, folder, git
+from tests.tiny import peft_lora
 
 SECRET = "aws_secret_access_key = DO-NOT-LEAK"
 
@@ -38,11 +39,14 @@ SECRET = "aws_secret_access_key = DO-NOT-LEAK"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A store with alice/math v1 and v2, served by `hub serve` for the whole module."""
+    """A store with alice/math v1 and v2 (RoAd), alice/lora and alice/dora, served by `hub serve` for the whole
+    module."""
     tmp = tmp_path_factory.mktemp("corpus")
     root = tmp / "store"
     hub.push(folder(tmp, "a", seed=0), "alice/math", root=root)
     hub.push(folder(tmp, "b", seed=1), "alice/math", root=root)
+    hub.push(peft_lora(tmp / "lora", seed=0), "alice/lora", root=root)
+    hub.push(peft_lora(tmp / "dora", seed=1, use_dora=True), "alice/dora", root=root)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -233,6 +237,27 @@ def _nan(ts):
     return {k: v.clone().fill_(float("nan")) for k, v in ts.items()}
 
 
+def _lora(transform: Callable[[dict], dict] | None = None, **changes):
+    """A LoRA folder PEFT wrote, its tensors transformed and its config changed, pushed as alice/lora2."""
+    def case(tmp, mp):
+        src = peft_lora(tmp / "lora")
+        if transform is not None:
+            from safetensors.torch import load_file
+            path = src / "adapter_model.safetensors"
+            save_file(transform(load_file(str(path))), path)
+        return ["push", str(_cfg(src, **changes) if changes else src), "alice/lora2"]
+    return case
+
+
+def _edit(suffix: str, fn: Callable):
+    """Apply ``fn`` to the tensors whose name ends with ``suffix``."""
+    return lambda ts: {k: fn(v) if k.endswith(suffix) else v for k, v in ts.items()}
+
+
+def _add_key(name: str, shape: tuple):
+    return lambda ts: {**ts, f"base_model.model.model.layers.0.self_attn.q_proj.{name}": torch.zeros(shape)}
+
+
 CASES: dict[str, tuple[Callable, int]] = {
     # a push never follows links, never blocks on a pipe
     "card link to a secret": (_linked("README.md"), 1),
@@ -281,6 +306,29 @@ CASES: dict[str, tuple[Callable, int]] = {
                                            lambda t: ["push", str(folder(t, "src")), "alice/math"]), 1),
     "limit variable not a number": (_limit("ADAPTER_HUB_LOCK_TIMEOUT", "soon",
                                            lambda t: ["push", str(folder(t, "src")), "alice/math"]), 1),
+    # LoRA folders: ranks, shapes, values, keys
+    "lora r disagrees with the tensors": (_lora(r=8), 1),
+    "lora rank_pattern disagrees": (_lora(rank_pattern={"q_proj": 2}), 1),
+    "lora A and B ranks differ": (_lora(_edit("lora_B.weight", lambda t: t[:, :2].contiguous())), 1),
+    "lora A is 1-D": (_lora(_edit("lora_A.weight", lambda t: t.flatten())), 1),
+    "lora A is 3-D": (_lora(_edit("lora_A.weight", lambda t: t[None])), 1),
+    "lora NaN": (_lora(_edit("q_proj.lora_B.weight", lambda t: t.clone().fill_(float("nan")))), 1),
+    "lora inf in A": (_lora(_edit("v_proj.lora_A.weight", lambda t: t.clone().fill_(float("inf")))), 1),
+    "lora B missing": (_lora(lambda ts: {k: v for k, v in ts.items() if "q_proj.lora_B" not in k}), 1),
+    "lora embedding key": (_lora(_add_key("lora_embedding_A", (4, 32))), 1),
+    "lora unknown key": (_lora(_add_key("lora_C.weight", (4, 4))), 1),
+    "lora DoRA magnitude without use_dora": (_lora(_add_key("lora_magnitude_vector", (32,))), 1),
+    "lora use_dora without magnitudes": (_lora(use_dora=True), 1),
+    "lora lora_alpha a string": (_lora(lora_alpha="8"), 1),
+    "lora rank_pattern a list": (_lora(rank_pattern=[1]), 1),
+    "lora r zero": (_lora(r=0), 1),
+    "lora r absurd": (_lora(r=2**40), 1),
+    "lora rank_pattern bad regex": (_lora(rank_pattern={"((": 4}), 1),
+    "lora target_modules miss": (_lora(target_modules=["k_proj"]), 1),
+    "lora plus road": (_compose("alice/lora + alice/math@v1"), 1),
+    "lora plus dora": (_compose("alice/lora + alice/dora"), 1),
+    "compress a road adapter": (_compose("compress(alice/math@v1, 2)"), 1),
+    "compress to rank 0": (_compose("compress(alice/lora, 0)"), 1),
     # ids, tags, revisions
     "id traversal": (lambda t, mp: ["push", str(folder(t, "src")), "alice/../../etc"], 1),
     "id absolute": (lambda t, mp: ["pull", "/etc/passwd"], 1),

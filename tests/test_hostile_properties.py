@@ -129,6 +129,37 @@ def test_config_reader_raises_only_its_own_errors(tmp_path_factory, valid, chang
         pass
 
 
+_LORA_KEYS = st.sampled_from(["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                              "lora_bias", "bias", "target_modules", "fan_in_fan_out", "layers_to_transform",
+                              "init_lora_weights", "modules_to_save"])
+
+
+@pytest.fixture(scope="module")
+def valid_lora(tmp_path_factory):
+    from tests.tiny import peft_lora
+
+    return peft_lora(tmp_path_factory.mktemp("valid-lora") / "a", seed=0)
+
+
+@SETTINGS
+@given(changes=st.dictionaries(_LORA_KEYS, _JSON | st.integers(0, 64), max_size=4))
+@example(changes={"peft_type": []})
+@example(changes={"rank_pattern": {"((": 4}})
+def test_lora_config_reader_raises_only_its_own_errors(tmp_path_factory, valid_lora, changes):
+    path = tmp_path_factory.mktemp("lora-cfg")
+    for p in valid_lora.iterdir():
+        (path / p.name).write_bytes(p.read_bytes())
+    cfg = json.loads((valid_lora / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    try:
+        a = composer.load(path)
+    except composer.ComposerError:
+        return
+    if a.not_low_rank is None:  # what loads as a plain LoRA also combines
+        composer.add(a, a)
+
+
 @SETTINGS
 @given(recipe=_JSON)
 def test_recipe_reader_raises_only_its_own_errors(tmp_path_factory, valid, recipe):

@@ -107,3 +107,36 @@ def test_served_missing_things_are_clear_errors(tmp_path, served):
     cenv = _client_env(tmp_path, endpoint)
     p = hub_cmd("pull", "--remote", "hf", "alice/nothing@v1", **cenv)
     assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+
+
+LORA_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from tests.test_hub_helpers import tiny_base
+import composer
+model = PeftModel.from_pretrained(tiny_base(), "bob/lora", revision="stable")
+layer = model.base_model.model.model.layers[0].self_attn.q_proj
+want = composer.load(sys.argv[1]).delta("model.layers.0.self_attn.q_proj")
+assert torch.allclose(layer.get_delta_weight("default").double(), want, rtol=1e-6, atol=1e-7), "ΔW differs"
+print("peft-lora-ok")
+"""
+
+
+def test_served_lora_tagged_version_loads_in_peft(tmp_path, served):
+    """A LoRA pushed and tagged in the served store: log, tag, diff work, and PEFT loads it over HTTP."""
+    from tests.tiny import peft_lora
+
+    endpoint, server, _ = served
+    root = str(server.root)
+    hub.push(peft_lora(tmp_path / "l1", seed=1), "bob/lora", root=root)
+    hub.push(peft_lora(tmp_path / "l2", seed=2, r=2, use_rslora=True), "bob/lora", root=root)
+    senv = dict(ADAPTER_HUB_HOME=root, ADAPTER_HUB_NO_EXAMPLES="1")
+    assert hub_cmd("tag", "bob/lora@v2", "stable", **senv).returncode == 0
+    p = hub_cmd("log", "bob/lora", **senv)
+    assert p.returncode == 0 and "v2" in p.stdout and "stable" in p.stdout, p.stderr
+    p = hub_cmd("diff", "bob/lora@v1", "bob/lora@v2", **senv)
+    assert p.returncode == 0 and "cosine=" in p.stdout, p.stderr
+    v2 = server.snapshot(server.resolve("bob/lora@v2"))
+    p = subprocess.run([sys.executable, "-c", LORA_SCRIPT, str(v2)], capture_output=True, text=True, cwd=ROOT,
+                       env=env(**_client_env(tmp_path, endpoint)), timeout=300)
+    assert p.returncode == 0 and "peft-lora-ok" in p.stdout, p.stderr[-3000:]

@@ -65,11 +65,14 @@ def test_answer_tokens_only_carry_labels():
     assert len(ids) == len(labels) and labels[0] == -100
 
 
-@pytest.mark.parametrize("kind", ["road", "prompt"])
+LR = {"road": 3e-2, "lora": 3e-2, "prompt": 1e-1}
+
+
+@pytest.mark.parametrize("kind", ["road", "lora", "prompt"])
 def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
     out = tmp_path / "out"
     res = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=30, batch_size=8,
-                lr=3e-2 if kind == "road" else 1e-1, seed=0, out_dir=out, progress=False, num_virtual_tokens=4)
+                lr=LR[kind], seed=0, out_dir=out, progress=False, num_virtual_tokens=4, rank=4)
     first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
     assert last < 0.85 * first, res.losses
     loaded = composer.load(out)
@@ -84,8 +87,11 @@ def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
         assert torch.allclose(loaded.init, res.first_step["prompt_encoder.default.embedding.weight"])
         assert not torch.allclose(loaded.vector, torch.zeros_like(loaded.vector))
     # the same seed gives the same run
+    if kind == "lora":
+        assert loaded.config["r"] == 4 and loaded.config["lora_alpha"] == 8 and loaded.not_low_rank is None
+        assert any(float(loaded.delta(m).abs().max()) > 0 for m in loaded.lora_a)  # B moved off its zero init
     again = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=3, batch_size=8,
-                  lr=3e-2 if kind == "road" else 1e-1, seed=0, progress=False, num_virtual_tokens=4)
+                  lr=LR[kind], seed=0, progress=False, num_virtual_tokens=4, rank=4)
     assert again.losses == res.losses[:3]
 
 
@@ -107,6 +113,20 @@ def test_init_starts_from_the_composition(tmp_path, data):
     assert front_matter(res.card)["training"]["init"]["expression"] == expr
     # the parameters moved from there
     assert any(not torch.equal(res.adapter.theta[m], start.theta[m]) for m in start.theta)
+
+
+def test_lora_init_starts_exactly_at_the_composition(tmp_path, data):
+    from tests.tiny import peft_lora
+
+    a, b = (composer.load(peft_lora(tmp_path / n, seed=s, r=r)) for n, s, r in (("a", 1, 4), ("b", 2, 2)))
+    start = composer.add(a, composer.scale(b, -0.5))
+    res = train((tiny_model(), char_tokenizer()), data, init=start, steps=2, batch_size=4, progress=False)
+    first = {n.removeprefix("base_model.model."): v for n, v in res.first_step.items()}
+    for m in start.lora_a:
+        dw = first[f"{m}.lora_B.default.weight"].double() @ first[f"{m}.lora_A.default.weight"].double()
+        torch.testing.assert_close(dw, start.delta(m), rtol=1e-6, atol=1e-6)
+    assert res.adapter.kind == "lora"
+    assert any(not torch.equal(res.adapter.lora_b[m], start.lora_b[m]) for m in start.lora_a)
 
 
 def test_prompt_init_from_a_composition_keeps_the_origin(tmp_path, data):
@@ -194,5 +214,5 @@ def test_anchored_training_learns_a_task_and_records_its_objective(data):
     assert last < 0.85 * first, res.losses
     assert res.training["objective"] == "anchored"
     assert train((learner(), char_tokenizer()), data, **{**kw, "steps": 1}).training["objective"] == "cross_entropy"
-    with pytest.raises(ValueError, match="RoAd training only"):
+    with pytest.raises(ValueError, match="RoAd and LoRA training only"):
         train((learner(), char_tokenizer()), data, kind="prompt", anchor=True, **kw)

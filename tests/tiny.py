@@ -55,3 +55,25 @@ def random_prompt(n: int = 4, dim: int = HIDDEN, seed: int = 0, init_seed: int =
     cfg = {"base_model_name_or_path": base, "num_virtual_tokens": n, "token_dim": dim,
            "num_transformer_submodules": 1, "task_type": "CAUSAL_LM"}
     return PromptVector.from_parts(init, vector, cfg, source=f"prompt-{seed}")
+
+
+LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def peft_lora(path, seed: int = 0, r: int = 4, lora_alpha: float = 8, targets=LORA_TARGETS, scale: float = 0.3,
+              **config):
+    """A LoRA folder written by PEFT itself (``get_peft_model`` + ``save_pretrained``) on the tiny model, with
+    random A and B (so ΔW ≠ 0); ``config`` goes to ``LoraConfig`` (``use_rslora``, ``rank_pattern``,
+    ``use_dora``, ``lora_bias`` ...). Returns the folder."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(targets), lora_dropout=0.0, **config)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "magnitude" in name else 0.0))
+    pm.save_pretrained(str(path))
+    return path

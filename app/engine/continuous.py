@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MixError, RequestError
-from . import road
+from . import lora, road
 from .sampling import check_sampling, generator, pick_rows
 
 if TYPE_CHECKING:
@@ -116,8 +116,10 @@ class RunningBatch:
         self._top_p = torch.zeros(0)
         self._gens: list[torch.Generator | None] = []
         self._row_tables: list[road.Tables | None] = []
+        self._row_lora: list[lora.Factors | None] = []
         self._packed = _Packed()
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def width(self) -> int:
@@ -147,7 +149,8 @@ class RunningBatch:
         t0 = time.perf_counter()
         with eng._lock, torch.no_grad():
             split = [eng._split(r.mix, i) for i, r in enumerate(rows)]
-            tables = [s[0] for s in split]
+            tables = [s[0][0] if s[0] is not None else None for s in split]
+            loras = [s[0][1] if s[0] is not None else None for s in split]
             packed = self._packed.rows(tables, self._row_tables)  # raises MixError / ConflictError
             new_layers = self._packed.views(packed)
             n = max(len(r.input_ids) for r in rows)
@@ -157,7 +160,7 @@ class RunningBatch:
             emb, mask, pos, _ = eng._inputs(ids, mask, [s[1] for s in split])
             cache = DynamicCache(config=eng.model.config)
             t1 = time.perf_counter()
-            with eng._layers_applied(new_layers):
+            with eng._layers_applied(new_layers, lora.batch_factors(loras)):
                 logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                    use_cache=True, logits_to_keep=1).logits[:, -1]
             t2 = time.perf_counter()
@@ -166,7 +169,7 @@ class RunningBatch:
             top_p = torch.tensor([r.top_p for r in rows])
             nxt = pick_rows(logits, temp, top_p, gens)
             t3 = time.perf_counter()
-            self._merge(cache, mask, pos[:, -1], nxt, temp, top_p, gens, tables, packed)
+            self._merge(cache, mask, pos[:, -1], nxt, temp, top_p, gens, tables, loras, packed)
             self.rows.extend(rows)
         self.stats["prefill"] += t2 - t1
         self.stats["sample"] += t3 - t2
@@ -175,7 +178,7 @@ class RunningBatch:
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
         return rows
 
-    def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, packed) -> None:
+    def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, packed) -> None:
         if self._cache is None or not self.rows:
             self._cache = cache
             self._mask = mask
@@ -192,8 +195,10 @@ class RunningBatch:
         self._top_p = torch.cat((self._top_p, top_p))
         self._gens.extend(gens)
         self._row_tables.extend(tables)
+        self._row_lora.extend(loras)
         self._packed.append(packed)
         self._layers = self._packed.views()
+        self._lora_layers = lora.batch_factors(self._row_lora)  # LoRA rows: gathered again on join and leave
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[Row]:
@@ -210,7 +215,7 @@ class RunningBatch:
             self._mask = torch.cat((self._mask, self._mask.new_ones(len(self.rows), 1)), 1)
             self._pos = self._pos + 1
             t1 = time.perf_counter()
-            with eng._layers_applied(self._layers):
+            with eng._layers_applied(self._layers, self._lora_layers):
                 logits = eng.model(input_ids=self._last[:, None], attention_mask=self._mask,
                                    position_ids=self._pos[:, None], past_key_values=self._cache,
                                    use_cache=True).logits[:, -1]
@@ -274,8 +279,10 @@ class RunningBatch:
         self._top_p = self._top_p.index_select(0, idx)
         self._gens = [self._gens[i] for i in keep]
         self._row_tables = [self._row_tables[i] for i in keep]
+        self._row_lora = [self._row_lora[i] for i in keep]
         self._packed.keep(idx, self._row_tables)
         self._layers = self._packed.views()
+        self._lora_layers = lora.batch_factors(self._row_lora)
         self.rows = [self.rows[i] for i in keep]
 
 

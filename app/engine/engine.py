@@ -1,9 +1,11 @@
 """The engine: one base model, every row of a batch with its own adapter mix, batched streaming generation.
 
 A *mix* is what a row carries: ``None`` (the base model), a :class:`composer.RoadAdapter`, a
-:class:`composer.PromptVector`, or a list of them (RoAd parts are applied in order, as PEFT stacks active
-adapters; at most one prompt). RoAd runs per row inside the model's own linear layers
-(:mod:`app.engine.road`); prompts become per-row prefix embeddings, left-padded to a common length with the
+:class:`composer.LoraAdapter`, a :class:`composer.PromptVector`, or a list of them (RoAd parts are applied in
+order, as PEFT stacks active adapters; LoRA parts add up, as PEFT with several active; at most one prompt).
+RoAd and LoRA run per row inside the model's own linear layers (:mod:`app.engine.road`, :mod:`app.engine.lora`):
+a layer carrying both adds the LoRA on the weight and rotates the output with RoAd (``y = R(W·x + ΔW·x)``,
+what PEFT gives for the RoAd adapter on a model with the LoRA merged in); prompts become per-row prefix embeddings, left-padded to a common length with the
 attention mask off on the padding and positions counted from each row's first real token, so every row
 sees exactly what PEFT would show it alone.
 
@@ -22,13 +24,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from composer import PromptVector, RoadAdapter
+from composer import LoraAdapter, PromptVector, RoadAdapter
 
 from ..errors import MixError
-from . import road
+from . import lora, road
 from .sampling import check_sampling, generator, pick_rows
 
-Mix = Any  # None | RoadAdapter | PromptVector | Sequence[RoadAdapter | PromptVector] | str (an expression)
+Mix = Any  # None | an adapter | a sequence of RoadAdapter, LoraAdapter, PromptVector | str (an expression)
+Row = tuple[road.Tables | None, lora.Factors | None]  # a row's RoAd tables and LoRA factors (None: base model)
 
 
 @dataclass
@@ -71,11 +74,15 @@ class Engine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
 
     # ----------------------------------------------------------------------------------------------- mixes
-    def tables(self, adapter: RoadAdapter) -> road.Tables:
-        """Per-layer ``(C, S)`` tables of ``adapter`` (cached per adapter object)."""
+    def tables(self, adapter: RoadAdapter | LoraAdapter) -> road.Tables | lora.Factors:
+        """Per-layer ``(C, S)`` tables of a RoAd adapter, or ``(Aᵀ, (s·B)ᵀ)`` factors of a LoRA (cached per
+        adapter object)."""
         t = self._tables.get(adapter)
         if t is None:
-            t = road.adapter_tables(adapter, self._linears)
+            if isinstance(adapter, LoraAdapter):
+                t = lora.adapter_factors(adapter, self._linears)
+            else:
+                t = road.adapter_tables(adapter, self._linears)
             self._tables[adapter] = t
         return t
 
@@ -84,7 +91,7 @@ class Engine:
         return sum(c.numel() * c.element_size() + s.numel() * s.element_size()
                    for t in list(self._tables.values()) for c, s in t.values())
 
-    def _split(self, mix: Mix, row: int) -> tuple[road.Tables | None, PromptVector | None]:
+    def _split(self, mix: Mix, row: int) -> tuple[Row | None, PromptVector | None]:
         if mix is None:
             return None, None
         if isinstance(mix, str):
@@ -92,10 +99,11 @@ class Engine:
             mix = composer.evaluate(mix, resolve=self.resolve)
         parts = list(mix) if isinstance(mix, (list, tuple)) else [mix]
         roads = [p for p in parts if isinstance(p, RoadAdapter)]
+        loras = [p for p in parts if isinstance(p, LoraAdapter)]
         prompts = [p for p in parts if isinstance(p, PromptVector)]
-        other = [p for p in parts if p is not None and not isinstance(p, (RoadAdapter, PromptVector))]
+        other = [p for p in parts if p is not None and not isinstance(p, (RoadAdapter, LoraAdapter, PromptVector))]
         if other:
-            raise MixError(f"Row {row}: a mix holds composer adapters (RoadAdapter, PromptVector), "
+            raise MixError(f"Row {row}: a mix holds composer adapters (RoadAdapter, LoraAdapter, PromptVector), "
                            f"not {type(other[0]).__name__}.", row=row)
         if len(prompts) > 1:
             raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "
@@ -123,11 +131,19 @@ class Engine:
                 else:
                     merged[m] = road.compose_tables(merged[m], cs)
             tables = merged
-        return tables, prompt
+        factors = None
+        if loras:
+            try:
+                factors = lora.stack([self.tables(a) for a in loras])
+            except MixError as e:
+                raise MixError(f"Row {row}: {e}", row=row, module=e.module) from e
+        if tables is None and factors is None:
+            return None, prompt
+        return (tables, factors), prompt
 
     @contextmanager
     def applied(self, mixes: Sequence[Mix]) -> Iterator[list[PromptVector | None]]:
-        """Inside this block, calls of ``self.model`` apply each row's RoAd part (``mixes[i]`` on row ``i``).
+        """Inside this block, calls of ``self.model`` apply each row's RoAd and LoRA parts (``mixes[i]`` on row ``i``).
 
         Yields each row's prompt vector (or ``None``): the caller prepends those itself (see :meth:`inputs`).
         Used by :meth:`forward`/:meth:`generate_tokens`, and by benchmarks that drive the model directly.
@@ -144,24 +160,33 @@ class Engine:
             return self._inputs(input_ids, attention_mask, list(prompts))
 
     @contextmanager
-    def _applied(self, row_tables: list[road.Tables | None]) -> Iterator[None]:
-        with self._layers_applied(road.batch_tables(row_tables)):
+    def _applied(self, rows: list[Row | None]) -> Iterator[None]:
+        with self._layers_applied(road.batch_tables([r[0] if r is not None else None for r in rows]),
+                                  lora.batch_factors([r[1] if r is not None else None for r in rows])):
             yield
 
     @contextmanager
-    def _layers_applied(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-        """Set each adapted layer's per-row ``(C, S)`` (:func:`road.batch_tables`) for the duration."""
-        new = [m for m in per_layer if m not in self._installed]
+    def _layers_applied(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        per_layer_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                        ) -> Iterator[None]:
+        """Set each adapted layer's per-row RoAd ``(C, S)`` (:func:`road.batch_tables`) and LoRA factors
+        (:func:`lora.batch_factors`) for the duration."""
+        per_layer_lora = per_layer_lora or {}
+        layers = list(dict.fromkeys([*per_layer, *per_layer_lora]))
+        new = [m for m in layers if m not in self._installed]
         if new:
             road.install(self._linears[m] for m in new)
             self._installed.update(new)
         try:
             for m, t in per_layer.items():
                 self._linears[m].road_rows = t
+            for m, f in per_layer_lora.items():
+                self._linears[m].lora_rows = f
             yield
         finally:
-            for m in per_layer:
+            for m in layers:
                 self._linears[m].road_rows = None
+                self._linears[m].lora_rows = None
 
     @contextmanager
     def exclusive(self) -> Iterator[nn.Module]:
@@ -236,7 +261,7 @@ class Engine:
             return out.logits[:, width:]
 
     def _mixes(self, mixes: Sequence[Mix] | None, batch: int
-               ) -> tuple[list[road.Tables | None], list[PromptVector | None]]:
+               ) -> tuple[list[Row | None], list[PromptVector | None]]:
         if mixes is None:
             mixes = [None] * batch
         if len(mixes) != batch:

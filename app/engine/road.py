@@ -29,6 +29,7 @@ from composer.adapters import VARIANTS
 from composer.road_math import columns
 
 from ..errors import MixError
+from .lora import row_update
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -95,16 +96,20 @@ def adapter_tables(adapter: RoadAdapter, linears: dict[str, nn.Linear]) -> Table
 
 
 class RowRoadLinear(nn.Linear):
-    """``nn.Linear`` whose output gets a per-row RoAd update while ``road_rows`` is set.
+    """``nn.Linear`` whose output gets a per-row LoRA update while ``lora_rows`` is set (on the weight:
+    :func:`app.engine.lora.row_update`), then a per-row RoAd update while ``road_rows`` is set (on the output).
 
     Installed by swapping the class of the model's own layers (no wrapper module, no hook), so state-dict
-    names and the base model's forward stay as they were; ``road_rows is None`` costs one attribute check.
+    names and the base model's forward stay as they were; unset rows cost one attribute check each.
     """
 
     road_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        if self.lora_rows is not None:
+            y = y + row_update(x, self.lora_rows)
         rows = self.road_rows
         if rows is None:
             return y
@@ -120,6 +125,7 @@ def install(linears: Iterable[nn.Linear]) -> None:
         if type(layer) is nn.Linear:
             layer.__class__ = RowRoadLinear
             layer.road_rows = None
+            layer.lora_rows = None
 
 
 def uninstall(linears: Iterable[nn.Linear]) -> None:
@@ -127,6 +133,7 @@ def uninstall(linears: Iterable[nn.Linear]) -> None:
     for layer in linears:
         if type(layer) is RowRoadLinear:
             layer.__dict__.pop("road_rows", None)
+            layer.__dict__.pop("lora_rows", None)
             layer.__class__ = nn.Linear
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import composer
 import hub
-from composer import RoadAdapter
+from composer import LoraAdapter, RoadAdapter
 from composer.adapters import cosine, task_vector
 from composer.card import describe
 from composer.expr import format_interp, format_merge, format_name, format_sum
@@ -155,7 +155,7 @@ class Mixer:
                    "description": self.description(choice)}
             try:
                 a = self._load_sha(r["id"], r["sha"])
-                row["kind"] = a.kind if a.kind == "prompt" else f"road ({a.variant}, g={a.group_size})"
+                row["kind"] = kind_label(a)
                 row["base_model"] = a.base_model or "?"
             except Exception as e:  # noqa: BLE001 - one broken repo must not hide the others
                 row["kind"] = "unreadable"
@@ -318,9 +318,20 @@ def _explain(e: BaseException) -> str:
 
 # -------------------------------------------------------------------------------------------- analysis
 
+def kind_label(a: composer.Adapter) -> str:
+    """What the adapter list shows as its kind: ``road (road_1, g=64)``, ``lora (r=8)``, ``prompt``."""
+    if isinstance(a, RoadAdapter):
+        return f"road ({a.variant}, g={a.group_size})"
+    if isinstance(a, LoraAdapter):
+        ranks = sorted({a.rank(m) for m in a.lora_a})
+        extra = ", DoRA" if a.config.get("use_dora") else (", not combinable" if a.not_low_rank else "")
+        return f"lora (r={ranks[0] if len(ranks) == 1 else '/'.join(map(str, ranks))}{extra})"
+    return a.kind
+
+
 def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
     """Rows ``{"layer", "norm", "series"}`` for the plot: per layer, ‖θ‖ (angle) and ‖log α‖ (scale) of a
-    RoAd adapter over its modules, or ‖τ‖ per virtual token of a prompt vector."""
+    RoAd adapter over its modules, ‖ΔW‖ of a LoRA, or ‖τ‖ per virtual token of a prompt vector."""
     if adapter is None:
         return []
     if isinstance(adapter, (list, tuple)):  # a RoAd mix with a prompt vector
@@ -337,6 +348,13 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
         for layer in sorted(acc):
             rows.append({"layer": layer, "norm": math.sqrt(acc[layer][0]), "series": "angle ‖θ‖"})
             rows.append({"layer": layer, "norm": math.sqrt(acc[layer][1]), "series": "scale ‖log α‖"})
+    elif isinstance(adapter, LoraAdapter):
+        acc2: dict[int, float] = {}
+        for m, n in adapter.norms().items():
+            hit = _LAYER.search(f".{m}.")
+            layer = int(hit.group(1)) if hit else -1
+            acc2[layer] = acc2.get(layer, 0.0) + n["delta"] ** 2
+        rows = [{"layer": layer, "norm": math.sqrt(v), "series": "LoRA ‖ΔW‖"} for layer, v in sorted(acc2.items())]
     else:
         for i, (_, n) in enumerate(adapter.norms().items()):
             rows.append({"layer": i, "norm": n["vector"], "series": "prompt ‖τ‖ per virtual token"})
