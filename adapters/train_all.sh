@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Rebuild the shipped adapters from scratch on the offline SmolLM2-135M-Instruct (CPU is enough).
-#   bash adapters/train_all.sh            # data (bench/tasks.py) then 4 RoAd + 3 prompt vectors (+ LoRA, below)
+#   bash adapters/train_all.sh            # data (bench/tasks.py) then 6 RoAd + 3 prompt vectors (+ LoRA, below)
 #   bash adapters/train_all.sh json       # only the named adapters
 # Deterministic given the seeds below. The four style adapters are trained in disjoint subspaces of the 2D pairs
 # (slots 0-3 of 4, seed 0: each moves a quarter of every layer's pairs, the rest stay exactly at the identity);
-# about 16-20 min each on 2 idle CPU cores. ANCHOR=1 trains them with `--anchor` (loss only on the tokens the base
-# model would not produce, KL to the base elsewhere), which composes better under `add`; about 1.5x the time.
+# about 16-20 min each on 2 idle CPU cores. upper_anchored and signoff_anchored are the same two trained with
+# `--anchor` (loss only on the tokens the base model would not produce, KL to the base elsewhere), which add far
+# better; about 1.5x the time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f adapters/data/style_upper.jsonl ] || python bench/tasks.py --out adapters/data
@@ -19,7 +20,13 @@ for style in upper signoff bullets json; do
   want "$style" || continue
   hub train adapters/data/style_$style.jsonl -o adapters/$style --kind road --variant road_1 --group-size 64 \
     --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0 ${ANCHOR:+--anchor}
+    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0
+done
+for style in upper signoff; do
+  want "${style}_anchored" || continue
+  hub train adapters/data/style_$style.jsonl -o adapters/${style}_anchored --kind road --variant road_1 --group-size 64 \
+    --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
+    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0 --anchor
 done
 # The three prompt vectors share one origin P0 (same seed), as in the task prompt vectors paper.
 for domain in product movie restaurant; do
