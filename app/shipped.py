@@ -82,6 +82,8 @@ def import_examples(store: Store | None = None, *, folder: Path = SHIPPED, force
     todo = [(i, sub, d) for i, (sub, d) in current.items() if force or seen.get(i) != d]
     if not todo:
         return []  # the usual case: nothing new shipped
+    if store.root.exists() and not os.access(store.root, os.W_OK):
+        return []  # a read-only store (a shared mount) is read as it is
     changed = []
     for repo_id, sub, digest in todo:
         exists = store.exists(repo_id)
