@@ -160,8 +160,28 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         )
 
 
+class _Provenance:
+    """What every adapter class says of its origin, from its ``config`` and ``recipe`` fields."""
+
+    config: dict[str, Any]
+    recipe: Recipe | None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def exact(self) -> bool:
+        return self.recipe is None or self.recipe.exact
+
+    @property
+    def deviation(self) -> float | None:
+        """Relative deviation from the exact composition (``None`` when exact or unmeasurable)."""
+        return None if self.recipe is None else self.recipe.deviation
+
+
 @dataclass(frozen=True, eq=False)
-class RoadAdapter:
+class RoadAdapter(_Provenance):
     """A RoAd adapter (PEFT ``peft_type: ROAD``).
 
     Attributes:
@@ -188,19 +208,6 @@ class RoadAdapter:
     @property
     def modules(self) -> list[str]:
         return list(self.theta)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def exact(self) -> bool:
-        return self.recipe is None or self.recipe.exact
-
-    @property
-    def deviation(self) -> float | None:
-        """Relative deviation from the exact composition (``None`` when exact or unmeasurable)."""
-        return None if self.recipe is None else self.recipe.deviation
 
     def width(self, module: str) -> int:
         """Output width of the adapted layer, derived from the tensor size and the variant."""
@@ -248,7 +255,7 @@ class RoadAdapter:
 
 
 @dataclass(frozen=True, eq=False)
-class PromptVector:
+class PromptVector(_Provenance):
     """A task prompt vector (PEFT ``PROMPT_TUNING`` + ``prompt_vector.safetensors``).
 
     ``prompt`` is what PEFT loads; ``init`` is the origin P₀ and ``vector`` is τ = prompt − init. A prompt
@@ -286,18 +293,6 @@ class PromptVector:
     def composable(self) -> bool:
         return self.init is not None and self.vector is not None
 
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def exact(self) -> bool:
-        return self.recipe is None or self.recipe.exact
-
-    @property
-    def deviation(self) -> float | None:
-        return None if self.recipe is None else self.recipe.deviation
-
     def num_parameters(self) -> int:
         return self.prompt.numel()
 
@@ -323,7 +318,7 @@ class PromptVector:
 
 
 @dataclass(frozen=True, eq=False)
-class LoraAdapter:
+class LoraAdapter(_Provenance):
     """A LoRA adapter (PEFT ``peft_type: LORA``): per module ``ΔW = s·B·A`` (:mod:`composer.lora_math`).
 
     Attributes:
@@ -349,18 +344,6 @@ class LoraAdapter:
     @property
     def modules(self) -> list[str]:
         return list(self.lora_a)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def exact(self) -> bool:
-        return self.recipe is None or self.recipe.exact
-
-    @property
-    def deviation(self) -> float | None:
-        return None if self.recipe is None else self.recipe.deviation
 
     @property
     def not_low_rank(self) -> str | None:
