@@ -18,6 +18,8 @@ on the weight, RoAd on the output: :class:`app.engine.road.RowRoadLinear`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -60,26 +62,32 @@ def stack(factors: list[Factors]) -> Factors:
     return out
 
 
+def distinct_rows(rows: list[Any]) -> tuple[list[Any], torch.Tensor]:
+    """The distinct non-``None`` objects of ``rows`` (by identity) and each row's index into ``[None, *distinct]``:
+    what lets a batch stack a mix's tables once however many rows carry it."""
+    distinct: list[Any] = []
+    slot: dict[int, int] = {}
+    index = []
+    for r in rows:
+        if r is None:
+            index.append(0)
+            continue
+        if id(r) not in slot:
+            distinct.append(r)
+            slot[id(r)] = len(distinct)
+        index.append(slot[id(r)])
+    return distinct, torch.tensor(index)
+
+
 def batch_factors(row_factors: list[Factors | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per adapted layer, ``(Aᵀ[rows], (s·B)ᵀ[rows])`` of shapes ``(batch, in, R)`` and ``(batch, R, out)``.
 
     Distinct factor sets are stacked once (row 0 = zeros) and gathered by a row index; layers no row adapts with
     a LoRA are absent.
     """
-    distinct: list[Factors] = []
-    slot: dict[int, int] = {}
-    index = []
-    for f in row_factors:
-        if f is None:
-            index.append(0)
-            continue
-        if id(f) not in slot:
-            distinct.append(f)
-            slot[id(f)] = len(distinct)
-        index.append(slot[id(f)])
+    distinct, idx = distinct_rows(row_factors)
     if not distinct:
         return {}
-    idx = torch.tensor(index)
     out = {}
     for m in sorted({m for f in distinct for m in f}):
         have = {i: f[m] for i, f in enumerate(distinct) if m in f}

@@ -29,7 +29,7 @@ from composer.adapters import VARIANTS
 from composer.road_math import columns
 
 from ..errors import MixError
-from .lora import row_update
+from .lora import distinct_rows, row_update
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -147,18 +147,7 @@ def batch_tables(row_tables: list[Tables | None]
     Raises:
         MixError: rows adapt one layer with different group sizes (their pairings differ).
     """
-    distinct: list[Tables] = []
-    slot: dict[int, int] = {}
-    index = []
-    for t in row_tables:
-        if t is None:
-            index.append(0)
-            continue
-        if id(t) not in slot:
-            distinct.append(t)
-            slot[id(t)] = len(distinct)
-        index.append(slot[id(t)])
-    idx = torch.tensor(index)
+    distinct, idx = distinct_rows(row_tables)
     modules = sorted({m for t in distinct for m in t})
     out = {}
     for m in modules:
