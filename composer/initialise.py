@@ -21,6 +21,18 @@ def _road_config(adapter: RoadAdapter, linear_names: set[str] | None = None) -> 
     return RoadConfig(variant=adapter.variant, group_size=adapter.group_size, target_modules=targets)
 
 
+def _linear(modules: Mapping[str, Any], m: str, adapter: Adapter, what: str, tensor: str) -> torch.nn.Linear:
+    """The model's ``nn.Linear`` named ``m``, or the error saying the adapter does not fit this model."""
+    layer = modules.get(m)
+    if not isinstance(layer, torch.nn.Linear):
+        example = next((n for n, x in modules.items() if isinstance(x, torch.nn.Linear)), "?")
+        raise IncompatibleAdaptersError(
+            f"Module '{m}' of the {what} is not a Linear layer of this model (e.g. '{example}'); was it "
+            f"trained on another base model ({adapter.base_model!r})?",
+            field="modules", left=m, right=None, tensor=tensor)
+    return layer
+
+
 def check_fits(adapter: Adapter, model: Any, *, modules: Mapping[str, Any] | None = None) -> None:
     """Raise unless ``adapter`` can run on ``model``: every RoAd module is an ``nn.Linear`` of the model with
     the adapter's width, every LoRA module one with the adapter's ``out x in`` shape, or a prompt's
@@ -38,13 +50,7 @@ def check_fits(adapter: Adapter, model: Any, *, modules: Mapping[str, Any] | Non
     if isinstance(adapter, RoadAdapter):
         modules = dict(model.named_modules()) if modules is None else modules
         for m in adapter.theta:
-            layer = modules.get(m)
-            if not isinstance(layer, torch.nn.Linear):
-                example = next((n for n, x in modules.items() if isinstance(x, torch.nn.Linear)), "?")
-                raise IncompatibleAdaptersError(
-                    f"Module '{m}' of the adapter is not a Linear layer of this model (e.g. '{example}'); was it "
-                    f"trained on another base model ({adapter.base_model!r})?",
-                    field="modules", left=m, right=None, tensor=f"{m}.road_theta")
+            layer = _linear(modules, m, adapter, "adapter", f"{m}.road_theta")
             if layer.out_features != adapter.width(m):
                 raise IncompatibleAdaptersError(
                     f"Tensor '{m}.road_theta' is for width {adapter.width(m)}, the model's layer has "
@@ -54,13 +60,7 @@ def check_fits(adapter: Adapter, model: Any, *, modules: Mapping[str, Any] | Non
     if isinstance(adapter, LoraAdapter):
         modules = dict(model.named_modules()) if modules is None else modules
         for m in adapter.lora_a:
-            layer = modules.get(m)
-            if not isinstance(layer, torch.nn.Linear):
-                example = next((n for n, x in modules.items() if isinstance(x, torch.nn.Linear)), "?")
-                raise IncompatibleAdaptersError(
-                    f"Module '{m}' of the LoRA is not a Linear layer of this model (e.g. '{example}'); was it "
-                    f"trained on another base model ({adapter.base_model!r})?",
-                    field="modules", left=m, right=None, tensor=f"{m}.lora_A.weight")
+            layer = _linear(modules, m, adapter, "LoRA", f"{m}.lora_A.weight")
             out, inp = adapter.shape(m)
             if (layer.out_features, layer.in_features) != (out, inp):
                 raise IncompatibleAdaptersError(
