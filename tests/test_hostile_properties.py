@@ -113,16 +113,21 @@ _KEYS = st.sampled_from(["peft_type", "variant", "group_size", "target_modules",
                          "layers_pattern"])
 
 
-@SETTINGS
-@given(changes=st.dictionaries(_KEYS, _JSON, max_size=4))
-@example(changes={"num_virtual_tokens": None, "modules_to_save": 1})  # PEFT's matcher raised TypeError
-def test_config_reader_raises_only_its_own_errors(tmp_path_factory, valid, changes):
-    path = tmp_path_factory.mktemp("cfg")
+def _with_config(path, valid, changes):
+    """A copy of the folder ``valid`` in ``path`` with ``changes`` written over its config."""
     for p in valid.iterdir():
         (path / p.name).write_bytes(p.read_bytes())
     cfg = json.loads((valid / "adapter_config.json").read_text())
     cfg.update(changes)
     (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@SETTINGS
+@given(changes=st.dictionaries(_KEYS, _JSON, max_size=4))
+@example(changes={"num_virtual_tokens": None, "modules_to_save": 1})  # PEFT's matcher raised TypeError
+def test_config_reader_raises_only_its_own_errors(tmp_path_factory, valid, changes):
+    path = _with_config(tmp_path_factory.mktemp("cfg"), valid, changes)
     try:
         composer.load(path)
     except composer.ComposerError:
@@ -146,12 +151,7 @@ def valid_lora(tmp_path_factory):
 @example(changes={"peft_type": []})
 @example(changes={"rank_pattern": {"((": 4}})
 def test_lora_config_reader_raises_only_its_own_errors(tmp_path_factory, valid_lora, changes):
-    path = tmp_path_factory.mktemp("lora-cfg")
-    for p in valid_lora.iterdir():
-        (path / p.name).write_bytes(p.read_bytes())
-    cfg = json.loads((valid_lora / "adapter_config.json").read_text())
-    cfg.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    path = _with_config(tmp_path_factory.mktemp("lora-cfg"), valid_lora, changes)
     try:
         a = composer.load(path)
     except composer.ComposerError:
