@@ -120,6 +120,7 @@ class RunningBatch:
         self._packed = _Packed()
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shared = None  # the mix every running row carries, when they all carry one (folded)
 
     @property
     def width(self) -> int:
@@ -159,8 +160,11 @@ class RunningBatch:
             mask = torch.tensor([[0] * (n - len(r.input_ids)) + [1] * len(r.input_ids) for r in rows])
             emb, mask, pos, _ = eng._inputs(ids, mask, [s[1] for s in split])
             cache = DynamicCache(config=eng.model.config)
+            shared = eng.shared([s[0] for s in split])
+            applied = eng._folded(shared) if shared is not None else \
+                eng._layers_applied(eng._placed(new_layers), eng._placed(lora.batch_factors(loras)))
             t1 = time.perf_counter()
-            with eng._layers_applied(new_layers, lora.batch_factors(loras)):
+            with applied:
                 logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                    use_cache=True, logits_to_keep=1).logits[:, -1]
             t2 = time.perf_counter()
@@ -197,8 +201,15 @@ class RunningBatch:
         self._row_tables.extend(tables)
         self._row_lora.extend(loras)
         self._packed.append(packed)
-        self._layers = self._packed.views()
-        self._lora_layers = lora.batch_factors(self._row_lora)  # LoRA rows: gathered again on join and leave
+        self._gathered()
+
+    def _gathered(self) -> None:
+        """After a join or leave: each layer's per-row tables and factors, or the one mix all rows share."""
+        eng = self.engine
+        self._layers = eng._placed(self._packed.views())
+        self._lora_layers = eng._placed(lora.batch_factors(self._row_lora))  # gathered again on join and leave
+        self._shared = eng.shared([None if t is None and f is None else (t, f)
+                                   for t, f in zip(self._row_tables, self._row_lora)])
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[Row]:
@@ -215,7 +226,9 @@ class RunningBatch:
             self._mask = torch.cat((self._mask, self._mask.new_ones(len(self.rows), 1)), 1)
             self._pos = self._pos + 1
             t1 = time.perf_counter()
-            with eng._layers_applied(self._layers, self._lora_layers):
+            applied = eng._folded(self._shared) if self._shared is not None else \
+                eng._layers_applied(self._layers, self._lora_layers)
+            with applied:
                 logits = eng.model(input_ids=self._last[:, None], attention_mask=self._mask,
                                    position_ids=self._pos[:, None], past_key_values=self._cache,
                                    use_cache=True).logits[:, -1]
@@ -281,8 +294,7 @@ class RunningBatch:
         self._row_tables = [self._row_tables[i] for i in keep]
         self._row_lora = [self._row_lora[i] for i in keep]
         self._packed.keep(idx, self._row_tables)
-        self._layers = self._packed.views()
-        self._lora_layers = lora.batch_factors(self._row_lora)
+        self._gathered()
         self.rows = [self.rows[i] for i in keep]
 
 

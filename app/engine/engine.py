@@ -27,7 +27,7 @@ from torch import nn
 from composer import LoraAdapter, PromptVector, RoadAdapter
 
 from ..errors import MixError
-from . import lora, road
+from . import kernel, lora, road
 from .sampling import check_sampling, generator, pick_rows
 
 Mix = Any  # None | an adapter | a sequence of RoadAdapter, LoraAdapter, PromptVector | str (an expression)
@@ -62,13 +62,19 @@ class Engine:
     Calls are serialised by a lock: one batch runs at a time (batch concurrent users' requests together).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, resolve: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, *, resolve: Callable[[str], Any] | None = None,
+                 fold_shared: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.resolve = resolve
+        self.fold_shared = fold_shared
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._installed: set[str] = set()
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._fold_cache: tuple[Any, Any, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
+        param = next(model.parameters(), None)
+        if param is not None and param.device.type == "cpu" and param.dtype == torch.float32:
+            kernel.prepare()  # the fused RoAd kernel: built in the background once per machine
         self._lock = threading.RLock()
         self._embed = model.get_input_embeddings()
         self.eos_token_ids = _eos_ids(model, tokenizer)
@@ -161,9 +167,72 @@ class Engine:
 
     @contextmanager
     def _applied(self, rows: list[Row | None]) -> Iterator[None]:
-        with self._layers_applied(road.batch_tables([r[0] if r is not None else None for r in rows]),
-                                  lora.batch_factors([r[1] if r is not None else None for r in rows])):
+        shared = self.shared(rows)
+        if shared is not None:
+            with self._folded(shared):
+                yield
+            return
+        with self._layers_applied(self._placed(road.batch_tables([r[0] if r is not None else None for r in rows])),
+                                  self._placed(lora.batch_factors([r[1] if r is not None else None for r in rows]))):
             yield
+
+    def shared(self, rows: Sequence[Row | None]) -> Row | None:
+        """The one adapted row every row of ``rows`` carries (same tables and factors), when folding is on."""
+        if not self.fold_shared or not rows or rows[0] is None:
+            return None
+        t, f = rows[0]
+        return rows[0] if all(r is not None and r[0] is t and r[1] is f for r in rows) else None
+
+    def _placed(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer tables or factors on each layer's device, in its dtype (a no-op for float32 on the CPU)."""
+        out = {}
+        for m, pair in per_layer.items():
+            w = self._linears[m].weight
+            out[m] = pair if pair[0].device == w.device and pair[0].dtype == w.dtype else \
+                (pair[0].to(w.device, w.dtype), pair[1].to(w.device, w.dtype))
+        return out
+
+    def _fold(self, row: Row) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each adapted layer's ``(weight, bias)`` with ``row``'s mix merged in: ``R·(W + ΔW)``, ``R·b``.
+
+        New tensors (the model's parameters are never written); the last mix's are kept, so a batch that keeps
+        one mix folds it once. The copy costs the adapted layers' weights in memory while it is kept.
+        """
+        tables, factors = row
+        hit = self._fold_cache
+        if hit is not None and hit[0] is tables and hit[1] is factors:
+            return hit[2]
+        self._fold_cache = None  # free the previous copy first
+        out = {}
+        with torch.no_grad():
+            for m in dict.fromkeys([*(tables or {}), *(factors or {})]):
+                layer = self._linears[m]
+                w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+                if factors is not None and m in factors:
+                    a_t, b_t = factors[m]
+                    w = torch.addmm(w, b_t.t().to(w), a_t.t().to(w))  # W + (s·B)·A
+                if tables is not None and m in tables:
+                    w, b = road.fold(w, b, tables[m])
+                out[m] = (w, b)
+        self._fold_cache = (tables, factors, out)
+        return out
+
+    @contextmanager
+    def _folded(self, row: Row) -> Iterator[None]:
+        """Run every row with ``row``'s mix merged into (copies of) the weights (:meth:`_fold`)."""
+        folded = self._fold(row)
+        new = [m for m in folded if m not in self._installed]
+        if new:
+            road.install(self._linears[m] for m in new)
+            self._installed.update(new)
+        try:
+            for m, wb in folded.items():
+                self._linears[m].folded = wb
+            yield
+        finally:
+            for m in folded:
+                self._linears[m].folded = None
 
     @contextmanager
     def _layers_applied(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -212,6 +281,7 @@ class Engine:
         with self._lock:
             road.uninstall(self._linears[m] for m in self._installed)
             self._installed.clear()
+            self._fold_cache = None
 
     # -------------------------------------------------------------------------------------------- batches
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -29,6 +29,7 @@ from composer.adapters import VARIANTS
 from composer.road_math import columns
 
 from ..errors import MixError
+from . import kernel
 from .lora import distinct_rows, row_update
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -97,7 +98,12 @@ def adapter_tables(adapter: RoadAdapter, linears: dict[str, nn.Linear]) -> Table
 
 class RowRoadLinear(nn.Linear):
     """``nn.Linear`` whose output gets a per-row LoRA update while ``lora_rows`` is set (on the weight:
-    :func:`app.engine.lora.row_update`), then a per-row RoAd update while ``road_rows`` is set (on the output).
+    :func:`app.engine.lora.row_update`), then a per-row RoAd update while ``road_rows`` is set (on the output);
+    or, while ``folded`` is set, runs with that ``(weight, bias)`` instead (one mix for the whole batch, merged
+    into a copy of the weights by :func:`fold`; the layer's own parameters are never written).
+
+    The RoAd update runs in the fused CPU kernel (:mod:`app.engine.kernel`) once it is built and the layer is
+    float32 on the CPU, else as three eager kernels; both give the same bits.
 
     Installed by swapping the class of the model's own layers (no wrapper module, no hook), so state-dict
     names and the base model's forward stay as they were; unset rows cost one attribute check each.
@@ -105,18 +111,57 @@ class RowRoadLinear(nn.Linear):
 
     road_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    folded: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.lora_rows is not None:
-            y = y + row_update(x, self.lora_rows)
+        if self.folded is not None:
+            return F.linear(x, *self.folded)
         rows = self.road_rows
+        if self.lora_rows is None:
+            if rows is None:
+                return F.linear(x, self.weight, self.bias)
+            k = kernel.FUSED
+            if k is not None and rows[0].dtype == torch.float32 and x.dtype == torch.float32 \
+                    and x.device.type == "cpu":
+                return k.road_linear(x, self.weight, self.bias, *rows)
+            return rotate(F.linear(x, self.weight, self.bias), rows)
+        y = F.linear(x, self.weight, self.bias) + row_update(x, self.lora_rows)
         if rows is None:
             return y
-        c, s = rows
-        shape = y.shape
-        y5 = y.view(shape[0], -1, c.shape[2], 2, c.shape[4])
-        return torch.addcmul(y5 * c, y5.flip(3), s).view(shape)
+        k = kernel.FUSED
+        if k is not None and rows[0].dtype == torch.float32 and y.dtype == torch.float32 and y.device.type == "cpu":
+            return k.road_(y, *rows)
+        return rotate(y, rows)
+
+
+def rotate(y: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The eager RoAd update of ``y`` ``(batch, ..., out)`` by per-row (or shared: batch 1) tables ``(C, S)``."""
+    c, s = rows
+    shape = y.shape
+    y5 = y.view(shape[0], -1, c.shape[2], 2, c.shape[4])
+    return torch.addcmul(y5 * c, y5.flip(3), s).view(shape)
+
+
+def fold(weight: torch.Tensor, bias: torch.Tensor | None, cs: tuple[torch.Tensor, torch.Tensor]
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(R·W, R·b)``: a layer's weight and bias with the RoAd rotation ``cs`` merged in (new tensors).
+
+    ``F.linear(x, R·W, R·b)`` equals the RoAd update of ``F.linear(x, W, b)`` up to float rounding (the
+    products are summed in another order); it is exact as math, which is why PEFT merges RoAd the same way.
+    """
+    c, s = full_tables(cs)
+    k = kernel.FUSED
+    if k is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        w = k.fold_rows(weight.detach().contiguous(), c.contiguous(), s.contiguous())
+    else:
+        w = _fold_eager(weight.detach(), c.to(weight), s.to(weight))
+    b = None if bias is None else _fold_eager(bias.detach()[:, None], c.to(bias), s.to(bias))[:, 0]
+    return w, b
+
+
+def _fold_eager(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    w4 = w.reshape(c.shape[0], 2, c.shape[2], -1)
+    return torch.addcmul(w4 * c[..., None], w4.flip(1), s[..., None]).reshape(w.shape)
 
 
 def install(linears: Iterable[nn.Linear]) -> None:
@@ -126,6 +171,7 @@ def install(linears: Iterable[nn.Linear]) -> None:
             layer.__class__ = RowRoadLinear
             layer.road_rows = None
             layer.lora_rows = None
+            layer.folded = None
 
 
 def uninstall(linears: Iterable[nn.Linear]) -> None:
@@ -134,12 +180,14 @@ def uninstall(linears: Iterable[nn.Linear]) -> None:
         if type(layer) is RowRoadLinear:
             layer.__dict__.pop("road_rows", None)
             layer.__dict__.pop("lora_rows", None)
+            layer.__dict__.pop("folded", None)
             layer.__class__ = nn.Linear
 
 
 def batch_tables(row_tables: list[Tables | None]
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Stack each row's tables into per-layer ``(B, 1, groups, 2, h)`` tensors (identity for other rows).
+    """Stack each row's tables into per-layer ``(B, 1, groups, 2, h)`` tensors (identity for other rows), or
+    ``(1, 1, groups, 2, h)`` when every row carries the same tables (broadcast).
 
     Distinct mixes are stacked once (row 0 = identity) and gathered by a row index, so the work is per
     distinct mix, not per row. Layers no row adapts are absent, and run as the plain base layer.
@@ -148,6 +196,8 @@ def batch_tables(row_tables: list[Tables | None]
         MixError: rows adapt one layer with different group sizes (their pairings differ).
     """
     distinct, idx = distinct_rows(row_tables)
+    # Every row the same mix: one table row, broadcast over the batch (no per-row copies).
+    pick = idx[:1] if len(idx) and bool((idx == idx[0]).all()) else idx
     modules = sorted({m for t in distinct for m in t})
     out = {}
     for m in modules:
@@ -161,5 +211,5 @@ def batch_tables(row_tables: list[Tables | None]
         ident_c, ident_s = torch.ones(shape), torch.zeros(shape)
         cs = torch.stack([ident_c] + [full[i][0] if i in full else ident_c for i in range(len(distinct))])
         ss = torch.stack([ident_s] + [full[i][1] if i in full else ident_s for i in range(len(distinct))])
-        out[m] = (cs.index_select(0, idx).unsqueeze(1), ss.index_select(0, idx).unsqueeze(1))
+        out[m] = (cs.index_select(0, pick).unsqueeze(1), ss.index_select(0, pick).unsqueeze(1))
     return out
