@@ -1,24 +1,33 @@
-"""Mixed-adapter batches on SmolLM2-135M-Instruct (CPU): the base model vs ours vs PEFT's ``adapter_names``.
+"""Mixed-adapter batches on SmolLM2-135M-Instruct (CPU): the base model vs ours vs PEFT.
 
 Everything is measured side by side in one run, in the same decode loop (prefill with a KV cache, then
-greedy steps), configurations interleaved and repeated, the median kept:
+greedy steps). The configurations run in lockstep, one forward pass each in turn (prefill of each, then step 1
+of each ...), starting at another one in each repeat, so slow spells of the machine hit them all alike; each
+ratio is taken within a repeat and the table gives the median ratio with its min-max over the repeats:
 
     (a) the base model;
     (b) ours (app.engine) with 1, 16 and 64 distinct adapters per batch, for each kind (``--kinds``): random
-        road_1 adapters, and random rank-8 LoRAs, on q_proj/v_proj;
-    (c) PEFT's mixed-batch path (``adapter_names=[...]``) with the same adapters (one PEFT model per kind).
+        road_1 adapters and random rank-8 LoRAs, on q_proj/v_proj (``--targets all``: the seven projections the
+        shipped adapters adapt). One mix for the whole batch is run twice: folded into the weights (the
+        engine's default) and as broadcast per-row tables (``fold_shared=False``);
+    (c) PEFT: with one adapter active for 1 mix, and its mixed-batch path (``adapter_names=[...]``) otherwise.
 
-It also prints the memory the loaded adapters add and the time from changing a mix to the first token.
+It also measures a mix change: building a new composition's tables, folding a new shared mix, and the first
+token of a batch of 16 where one row gets a new composition. Progress goes to stderr; the load average is
+printed before and after (ratios from a machine busy with other work are not worth much).
 
-    python bench/mixed_batch.py                       # defaults: batch 16 and 64, both kinds, ~8-12 min on 2 cores
-    python bench/mixed_batch.py --kinds lora          # LoRA rows only
-    python bench/mixed_batch.py --batches 16 --prompt-len 16 --steps 8 --repeats 1   # a quick look
+    python bench/mixed_batch.py                       # batch 16 and 64, both kinds, 5 repeats: ~10 min on 2 cores
+    python bench/mixed_batch.py --quick               # batch 16, road_1, 3 repeats: about a minute
+    python bench/mixed_batch.py --targets all --kinds road   # every projection adapted
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
+import os
 import statistics
 import sys
 import time
@@ -29,7 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import composer
-from app.engine import Engine, load_base
+from app.engine import Engine, kernel, load_base, lora, road
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_road_1(model, targets, group_size: int, seed: int, scale: float = 0.05) -> composer.RoadAdapter:
@@ -57,25 +68,56 @@ def random_lora(model, targets, rank: int, seed: int, scale: float = 0.05) -> co
     return composer.LoraAdapter(lora_a, lora_b, {m: 2.0 for m in lora_a}, cfg, source=f"bench-lora-{seed}")
 
 
-def decode_loop(call, emb, mask, pos, steps: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for ``steps`` tokens) with a fresh KV cache."""
-    from transformers import DynamicCache
+class Runner:
+    """One configuration's decode loop, advanced one forward pass at a time so that all configurations run in
+    lockstep: prefill of each, then step 1 of each, step 2 of each ... A slow spell of the machine then hits
+    every configuration alike, which whole-loop interleaving did not manage (per-loop ratios spread by ±15%)."""
 
-    cache = DynamicCache()
-    t0 = time.perf_counter()
-    logits = call(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                  logits_to_keep=1).logits[:, -1]
-    nxt = logits.argmax(-1)
-    t1 = time.perf_counter()
-    pos = pos[:, -1:]
-    for _ in range(steps):
-        mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), 1)
-        pos = pos + 1
-        logits = call(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                      use_cache=True).logits[:, -1]
-        nxt = logits.argmax(-1)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    def __init__(self, call, enter, emb, mask, pos):
+        self.call, self.enter = call, enter   # enter(): the context that applies the configuration's mix
+        self.emb, self.mask, self.pos = emb, mask, pos
+        self.prefill_s = self.decode_s = 0.0
+
+    def prefill(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        t0 = time.perf_counter()
+        with self.enter():
+            logits = self.call(inputs_embeds=self.emb, attention_mask=self.mask, position_ids=self.pos,
+                               past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.nxt = logits.argmax(-1)
+        self.prefill_s += time.perf_counter() - t0
+        self.m, self.p = self.mask, self.pos[:, -1:]
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self.m = torch.cat((self.m, self.m.new_ones(self.m.shape[0], 1)), 1)
+        self.p = self.p + 1
+        with self.enter():
+            logits = self.call(input_ids=self.nxt[:, None], attention_mask=self.m, position_ids=self.p,
+                               past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.nxt = logits.argmax(-1)
+        self.decode_s += time.perf_counter() - t0
+
+    def take(self) -> tuple[float, float]:
+        out = (self.prefill_s, self.decode_s)
+        self.prefill_s = self.decode_s = 0.0
+        self.cache = None
+        return out
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    """``median (min-max)``."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv=None) -> None:
@@ -87,21 +129,32 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
     ap.add_argument("--prompt-len", type=int, default=24, help="prefill tokens per row")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"],
+                    help="projections the adapters adapt ('all': the seven the shipped adapters use)")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names path")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT")
+    ap.add_argument("--quick", action="store_true",
+                    help="a one-minute check: batch 16, road_1, mixes 1 and 16, 3 repeats, 8 steps")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.kinds, args.mixes, args.repeats, args.steps = [16], ["road"], [1, 16], 3, 8
+    if args.targets == ["all"]:
+        args.targets = ALL_TARGETS
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = load()
 
     t = time.perf_counter()
     model, tok = load_base()
     load_s = time.perf_counter() - t
-    print(f"base model loaded in {load_s:.2f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    fused = kernel.prepare(wait=True)
+    print(f"base model loaded in {load_s:.2f} s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"RoAd update: {'fused kernel' if fused is not None else 'eager'}; targets {' '.join(args.targets)}")
     n_adapters = max(args.mixes)
+    progress(f"making {n_adapters} adapters of each kind ...")
     adapters = {"road": [random_road_1(model, args.targets, args.group_size, seed=i) for i in range(n_adapters)]
                 if "road" in args.kinds else [],
                 "lora": [random_lora(model, args.targets, args.rank, seed=i) for i in range(n_adapters)]
@@ -112,6 +165,7 @@ def main(argv=None) -> None:
 
         from peft import PeftModel
         for kind in args.kinds:
+            progress(f"loading {n_adapters} {kind} adapters into PEFT ...")
             with tempfile.TemporaryDirectory() as d:
                 for i, a in enumerate(adapters[kind]):
                     composer.save(a, f"{d}/a{i}")
@@ -120,8 +174,16 @@ def main(argv=None) -> None:
                     pm.load_adapter(f"{d}/a{i}", adapter_name=f"a{i}")
             peft_models[kind] = pm.eval()
     engine = Engine(model, tok)
+    broadcast = Engine(model, tok, fold_shared=False)
+
+    def peft_call(pm, names):
+        if len(set(names)) == 1:  # one adapter for the whole batch: PEFT's plain path, no per-row split
+            pm.base_model.set_adapter(names[0])  # once: PEFT's other configurations pass adapter_names
+            return pm
+        return lambda **kw: pm(adapter_names=names, **kw)
 
     results: dict[tuple, list[tuple[float, float]]] = {}
+    t_run = time.perf_counter()
     with torch.inference_mode():
         for b in args.batches:
             ids = torch.randint(100, 40000, (b, args.prompt_len))
@@ -129,45 +191,75 @@ def main(argv=None) -> None:
             configs = [("base", "", 0)]
             for kind in args.kinds:
                 for k in args.mixes:
-                    if k <= b:
-                        configs += [("ours", kind, k)] + ([("peft", kind, k)] if kind in peft_models else [])
+                    if k > b:
+                        continue
+                    configs.append(("ours", kind, k))
+                    if k == 1 and kind == "road":
+                        configs.append(("broadcast", kind, k))
+                    if kind in peft_models:
+                        configs.append(("peft", kind, k))
             emb0, mask0, pos0, _ = engine.inputs(ids, mask, [None] * b)
-            decode_loop(model, emb0, mask0, pos0, 2)  # warm-up (allocator, kernels)
-            for _ in range(args.repeats):
-                for name, kind, k in configs:
-                    rows = [adapters[kind][i % k] for i in range(b)] if k else [None] * b
-                    if name == "base":
-                        r = decode_loop(model, emb0, mask0, pos0, args.steps)
-                    elif name == "ours":
-                        with engine.applied(rows) as prompts:
-                            emb, m, p, _ = engine.inputs(ids, mask, prompts)
-                            r = decode_loop(model, emb, m, p, args.steps)
+            runners = {}
+            for name, kind, k in configs:
+                rows = [adapters[kind][i % k] for i in range(b)] if k else [None] * b
+                if name == "base":
+                    runners[(name, kind, k)] = Runner(model, contextlib.nullcontext, emb0, mask0, pos0)
+                elif name in ("ours", "broadcast"):
+                    # What the continuous batcher does: the mixes gathered once per batch membership, then per
+                    # forward pass only set on the layers (or the shared mix's folded weights).
+                    eng = engine if name == "ours" else broadcast
+                    tables, prompts = eng._mixes(rows, b)
+                    emb, m, p, _ = eng.inputs(ids, mask, prompts)
+                    shared = eng.shared(tables)
+                    if shared is not None:
+                        enter = functools.partial(eng._folded, shared)
                     else:
-                        names = [f"a{i % k}" for i in range(b)]
-                        pm = peft_models[kind]
-                        r = decode_loop(lambda **kw: pm(adapter_names=names, **kw), emb0, mask0, pos0, args.steps)
-                    results.setdefault((b, name, kind, k), []).append(r)
+                        layers = eng._placed(road.batch_tables([t[0] if t else None for t in tables]))
+                        lora_layers = eng._placed(lora.batch_factors([t[1] if t else None for t in tables]))
+                        enter = functools.partial(eng._layers_applied, layers, lora_layers)
+                    runners[(name, kind, k)] = Runner(model, enter, emb, m, p)
+                else:
+                    call = peft_call(peft_models[kind], [f"a{i % k}" for i in range(b)])
+                    runners[(name, kind, k)] = Runner(call, contextlib.nullcontext, emb0, mask0, pos0)
+            for r in runners.values():  # warm-up (allocator, kernels, the folded copy)
+                r.prefill()
+                r.step()
+                r.take()
+            for rep in range(args.repeats):
+                t_rep = time.perf_counter()
+                # Each repeat starts at another configuration: none always runs first (or after the same one).
+                order = [runners[c] for c in configs[rep % len(configs):] + configs[:rep % len(configs)]]
+                for r in order:
+                    r.prefill()
+                for _ in range(args.steps):
+                    for r in order:
+                        r.step()
+                for c in configs:
+                    results.setdefault((b, *c), []).append(runners[c].take())
+                progress(f"batch {b}: repeat {rep + 1}/{args.repeats} of {len(configs)} configurations took "
+                         f"{time.perf_counter() - t_rep:.1f} s (load {load()})")
+    run_s = time.perf_counter() - t_run
 
-    print(f"\nthroughput (tokens/s; prefill {args.prompt_len} tokens/row, decode {args.steps} steps; "
-          f"median of {args.repeats}); ratios against the base model and against PEFT")
-    print(f"{'batch':>5} {'config':<16} {'prefill tok/s':>13} {'x base':>7} {'x peft':>7} "
-          f"{'decode tok/s':>12} {'x base':>7} {'x peft':>7}")
+    print(f"\nthroughput: prefill {args.prompt_len} tokens/row, decode {args.steps} steps; {args.repeats} repeats, "
+          "interleaved. Ratios are per repeat (this configuration's time vs the base model's, or PEFT's, in the same "
+          "repeat): median (min-max). Above 1: faster.")
+    print(f"{'batch':>5} {'config':<22} {'prefill tok/s':>13} {'x base':>19} {'x peft':>19} "
+          f"{'decode tok/s':>12} {'x base':>19} {'x peft':>19}")
+    labels = {"base": "base model", "ours": "ours", "broadcast": "ours, broadcast", "peft": "peft"}
     for b in args.batches:
-        base_p = statistics.median(r[0] for r in results[(b, "base", "", 0)])
-        base_d = statistics.median(r[1] for r in results[(b, "base", "", 0)])
+        base = results[(b, "base", "", 0)]
         for (bb, name, kind, k), rs in results.items():
             if bb != b:
                 continue
-            p = statistics.median(r[0] for r in rs)
-            d = statistics.median(r[1] for r in rs)
             peft = results.get((b, "peft", kind, k))
-            pp = statistics.median(r[0] for r in peft) if peft else None
-            pd = statistics.median(r[1] for r in peft) if peft else None
-            label = "base model" if name == "base" else f"{name} {k} {kind}"
-            xp = f"{pp / p:7.2f}" if pp and name == "ours" else f"{'':>7}"
-            xd = f"{pd / d:7.2f}" if pd and name == "ours" else f"{'':>7}"
-            print(f"{b:>5} {label:<16} {b * args.prompt_len / p:>13.1f} {base_p / p:>7.3f} {xp} "
-                  f"{b * args.steps / d:>12.1f} {base_d / d:>7.3f} {xd}")
+            cols = []
+            for phase in (0, 1):
+                tps = b * (args.prompt_len if phase == 0 else args.steps) / statistics.median(r[phase] for r in rs)
+                xb = [x[phase] / r[phase] for x, r in zip(base, rs)]
+                xp = [x[phase] / r[phase] for x, r in zip(peft, rs)] if peft and name in ("ours", "broadcast") else None
+                cols.append(f"{tps:>13.1f} {spread(xb):>19} {spread(xp) if xp else '':>19}")
+            label = labels[name] + (f" {k} {kind}" if k else "")
+            print(f"{b:>5} {label:<22} {cols[0]} {cols[1][1:]}")
 
     # memory: what the loaded adapters add (the engine's tables/factors, and the adapters' own tensors)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -179,9 +271,13 @@ def main(argv=None) -> None:
         print(f"memory: base model {base_bytes / 2**20:.1f} MiB; {len(adapters[kind])} {kind} adapters: engine "
               f"tables/factors {table_bytes / 2**20:.2f} MiB ({100 * table_bytes / base_bytes:.2f}%), their own "
               f"tensors {adapter_bytes / 2**20:.2f} MiB ({100 * adapter_bytes / base_bytes:.2f}%)")
+    fold_bytes = sum(w.numel() * w.element_size() for w, _ in engine._fold_cache[2].values()) \
+        if engine._fold_cache else 0
+    print(f"memory: a folded shared mix holds a copy of the adapted weights: {fold_bytes / 2**20:.1f} MiB")
 
     # changing a mix: a new composition on one row of a batch of 16, vs the same batch unchanged
     kind = args.kinds[0]
+    progress("mix change ...")
     rows = [adapters[kind][i % n_adapters] for i in range(16)]
     msgs = [{"messages": [{"role": "user", "content": "Name a colour."}], "mix": m} for m in rows]
     ids, mask, _ = engine.encode(msgs)
@@ -191,18 +287,28 @@ def main(argv=None) -> None:
         next(iter(engine.generate_tokens(ids, mask, mixes, max_new_tokens=1)))
         return time.perf_counter() - t0
 
-    same, changed, compose_s = [], [], []
+    same, changed, tables_s, fold_s = [], [], [], []
     first_token(rows)
-    for i in range(max(3, args.repeats)):
-        same.append(first_token(rows))
-        t0 = time.perf_counter()
-        new = composer.add(composer.scale(adapters[kind][0], 0.5 + 0.01 * i), composer.scale(adapters[kind][1], 0.5))
-        compose_s.append(time.perf_counter() - t0)
-        changed.append(first_token([new] + rows[1:]))
-    ms = statistics.median(same) * 1e3
-    mc = statistics.median(changed) * 1e3
-    print(f"\nmix change ({kind}, batch 16, one row gets a new composition): first token {mc:.1f} ms vs {ms:.1f} ms unchanged "
-          f"(+{mc - ms:.1f} ms for its tables) ; composing it took {statistics.median(compose_s) * 1e3:.1f} ms")
+    with torch.inference_mode():
+        for i in range(max(9, args.repeats)):
+            same.append(first_token(rows))
+            new = composer.add(composer.scale(adapters[kind][0], 0.5 + 0.01 * i),
+                               composer.scale(adapters[kind][1], 0.5))
+            t0 = time.perf_counter()
+            row, _ = engine._split(new, 0)
+            tables_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            engine._fold(row)
+            fold_s.append(time.perf_counter() - t0)
+            changed.append(first_token([new] + rows[1:]))
+    delta = [c - s for c, s in zip(changed, same)]
+    print(f"\nmix change ({kind}, batch 16, one row gets a new composition), ms, median (min-max) of "
+          f"{len(same)}:\n  its tables built in {spread([x * 1e3 for x in tables_s], '{:.1f}')}; "
+          f"folding it as a shared mix {spread([x * 1e3 for x in fold_s], '{:.1f}')}\n"
+          f"  first token {spread([x * 1e3 for x in changed], '{:.1f}')} vs {spread([x * 1e3 for x in same], '{:.1f}')}"
+          f" unchanged (difference {spread([x * 1e3 for x in delta], '{:+.1f}')}, within the noise of a "
+          f"{statistics.median(same) * 1e3:.0f} ms prefill)")
+    print(f"\nload average (1, 5, 15 min): {load_before} before, {load()} after; the measured run took {run_s:.0f} s")
 
 
 if __name__ == "__main__":

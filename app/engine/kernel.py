@@ -5,9 +5,9 @@ kernels and two temporaries per adapted layer, and ``flip`` alone costs as much 
 batch 16 the update added 10% to a decode step with all seven projections adapted). :func:`road_linear` does
 the projection, then the rotation in place in one pass over ``y``: one call from Python per layer.
 
-The kernel computes exactly what the eager path computes, in the same order and rounding (``a·c + b·s``
-with the products rounded before the sum: it is built with ``-ffp-contract=off``), so the two paths give
-bit-identical outputs (tested) and switching between them never changes a token.
+The kernel computes exactly what the eager path computes, with the same rounding (``fma(b, s, a·c)``, as
+ATen's vectorised ``addcmul`` does; no other contraction: it is built with ``-ffp-contract=off``), so the two
+paths give bit-identical outputs (tested) and switching between them never changes a token.
 
 :func:`fold` rotates a weight matrix's rows instead (``W ← R·W``, ``b ← R·b``): what the engine uses when a
 whole batch shares one mix (:meth:`app.engine.Engine.applied`).
@@ -39,13 +39,15 @@ ENV = "ADAPTER_HUB_KERNEL"
 MODES = ("auto", "eager", "fused")
 
 SOURCE = r"""
+#include <cmath>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 // y: (rows, G, 2, H) contiguous; c, s: (B or 1, G, 2, H) float32, each table row contiguous (rows may be
 // views into one packed tensor: cstride, sstride apart; 0 for one shared row); row r of y uses table r / L.
-// Pair (y0, y1) = (y[.., 0, j], y[.., 1, j]) becomes (y0*c0 + y1*s0, y1*c1 + y0*s1): what
-// addcmul(y * c, y.flip(-2), s) gives, products rounded before the sum (built with -ffp-contract=off).
+// Pair (y0, y1) = (y[.., 0, j], y[.., 1, j]) becomes (y0*c0 + y1*s0, y1*c1 + y0*s1), rounded as
+// addcmul(y * c, y.flip(-2), s) rounds it: y0*c0 rounded, then one fused multiply-add (no other contraction:
+// built with -ffp-contract=off).
 template <typename T>
 static void rotate_rows(T* y, const float* c, const float* s, int64_t rows, int64_t L, int64_t G, int64_t H,
                         int64_t cstride, int64_t sstride) {
@@ -65,12 +67,8 @@ static void rotate_rows(T* y, const float* c, const float* s, int64_t rows, int6
         for (int64_t j = 0; j < H; ++j) {
           const float a = static_cast<float>(y0[j]);
           const float b = static_cast<float>(y1[j]);
-          const float p = a * c0[j];
-          const float q = b * s0[j];
-          const float u = b * c1[j];
-          const float v = a * s1[j];
-          y0[j] = static_cast<T>(p + q);
-          y1[j] = static_cast<T>(u + v);
+          y0[j] = static_cast<T>(std::fma(b, s0[j], a * c0[j]));
+          y1[j] = static_cast<T>(std::fma(a, s1[j], b * c1[j]));
         }
       }
     }
@@ -132,10 +130,8 @@ torch::Tensor fold_rows(torch::Tensor w, torch::Tensor c, torch::Tensor s) {
       float* __restrict__ o0 = O + r0 * n;
       float* __restrict__ o1 = O + r1 * n;
       for (int64_t k = 0; k < n; ++k) {
-        const float x = a[k], z = b[k];
-        const float p_ = x * c0, q_ = z * s0, u_ = z * c1, v_ = x * s1;
-        o0[k] = p_ + q_;
-        o1[k] = u_ + v_;
+        o0[k] = std::fma(b[k], s0, a[k] * c0);
+        o1[k] = std::fma(a[k], s1, b[k] * c1);
       }
     }
   });
