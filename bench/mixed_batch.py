@@ -19,6 +19,7 @@ printed before and after (ratios from a machine busy with other work are not wor
     python bench/mixed_batch.py                       # batch 16 and 64, both kinds, 5 repeats: ~10 min on 2 cores
     python bench/mixed_batch.py --quick               # batch 16, road_1, 3 repeats: about a minute
     python bench/mixed_batch.py --targets all --kinds road   # every projection adapted
+    python bench/mixed_batch.py --device cuda --dtype bfloat16   # on a GPU
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Runner:
 
     def __init__(self, call, enter, emb, mask, pos):
         self.call, self.enter = call, enter   # enter(): the context that applies the configuration's mix
+        self.sync = torch.cuda.synchronize if emb.device.type == "cuda" else (lambda: None)
         self.emb, self.mask, self.pos = emb, mask, pos
         self.prefill_s = self.decode_s = 0.0
 
@@ -87,6 +89,7 @@ class Runner:
             logits = self.call(inputs_embeds=self.emb, attention_mask=self.mask, position_ids=self.pos,
                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.nxt = logits.argmax(-1)
+        self.sync()
         self.prefill_s += time.perf_counter() - t0
         self.m, self.p = self.mask, self.pos[:, -1:]
 
@@ -98,6 +101,7 @@ class Runner:
             logits = self.call(input_ids=self.nxt[:, None], attention_mask=self.m, position_ids=self.p,
                                past_key_values=self.cache, use_cache=True).logits[:, -1]
         self.nxt = logits.argmax(-1)
+        self.sync()
         self.decode_s += time.perf_counter() - t0
 
     def take(self) -> tuple[float, float]:
@@ -134,6 +138,9 @@ def main(argv=None) -> None:
                     help="projections the adapters adapt ('all': the seven the shipped adapters use)")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (the engine follows the model)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="model dtype (bfloat16 is the usual choice on a GPU)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT")
     ap.add_argument("--quick", action="store_true",
                     help="a one-minute check: batch 16, road_1, mixes 1 and 16, 3 repeats, 8 steps")
@@ -148,11 +155,14 @@ def main(argv=None) -> None:
     load_before = load()
 
     t = time.perf_counter()
-    model, tok = load_base()
+    model, tok = load_base(dtype=getattr(torch, args.dtype), device=args.device)
     load_s = time.perf_counter() - t
     fused = kernel.prepare(wait=True)
-    print(f"base model loaded in {load_s:.2f} s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"RoAd update: {'fused kernel' if fused is not None else 'eager'}; targets {' '.join(args.targets)}")
+    on_cpu = torch.device(args.device).type == "cpu" and args.dtype == "float32"
+    where = f"{torch.get_num_threads()} threads" if torch.device(args.device).type == "cpu" else \
+        torch.cuda.get_device_name(torch.device(args.device))
+    print(f"base model loaded in {load_s:.2f} s on {args.device} ({where}), {args.dtype}; torch {torch.__version__}; "
+          f"RoAd update: {'fused kernel' if fused is not None and on_cpu else 'eager'}; targets {' '.join(args.targets)}")
     n_adapters = max(args.mixes)
     progress(f"making {n_adapters} adapters of each kind ...")
     adapters = {"road": [random_road_1(model, args.targets, args.group_size, seed=i) for i in range(n_adapters)]
@@ -173,7 +183,10 @@ def main(argv=None) -> None:
                 for i in range(1, n_adapters):
                     pm.load_adapter(f"{d}/a{i}", adapter_name=f"a{i}")
             peft_models[kind] = pm.eval()
-    engine = Engine(model, tok)
+    # One engine per kind: an engine keeps one folded mix, and two folded configurations taking turns on one engine
+    # would fold again at every step.
+    engines = {kind: Engine(model, tok) for kind in args.kinds}
+    engine = engines[args.kinds[0]]
     broadcast = Engine(model, tok, fold_shared=False)
 
     def peft_call(pm, names):
@@ -207,7 +220,7 @@ def main(argv=None) -> None:
                 elif name in ("ours", "broadcast"):
                     # What the continuous batcher does: the mixes gathered once per batch membership, then per
                     # forward pass only set on the layers (or the shared mix's folded weights).
-                    eng = engine if name == "ours" else broadcast
+                    eng = engines[kind] if name == "ours" else broadcast
                     tables, prompts = eng._mixes(rows, b)
                     emb, m, p, _ = eng.inputs(ids, mask, prompts)
                     shared = eng.shared(tables)
@@ -271,9 +284,10 @@ def main(argv=None) -> None:
         print(f"memory: base model {base_bytes / 2**20:.1f} MiB; {len(adapters[kind])} {kind} adapters: engine "
               f"tables/factors {table_bytes / 2**20:.2f} MiB ({100 * table_bytes / base_bytes:.2f}%), their own "
               f"tensors {adapter_bytes / 2**20:.2f} MiB ({100 * adapter_bytes / base_bytes:.2f}%)")
-    fold_bytes = sum(w.numel() * w.element_size() for w, _ in engine._fold_cache[2].values()) \
-        if engine._fold_cache else 0
-    print(f"memory: a folded shared mix holds a copy of the adapted weights: {fold_bytes / 2**20:.1f} MiB")
+    for kind, eng in engines.items():
+        fold_bytes = sum(w.numel() * w.element_size() for w, _ in eng._fold_cache[2].values()) \
+            if eng._fold_cache else 0
+        print(f"memory: a folded shared {kind} mix holds a copy of the adapted weights: {fold_bytes / 2**20:.1f} MiB")
 
     # changing a mix: a new composition on one row of a batch of 16, vs the same batch unchanged
     kind = args.kinds[0]

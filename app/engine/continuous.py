@@ -166,14 +166,14 @@ class RunningBatch:
             t1 = time.perf_counter()
             with applied:
                 logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                   use_cache=True, logits_to_keep=1).logits[:, -1]
+                                   use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
             t2 = time.perf_counter()
             gens = [generator(r.seed) if r.temperature > 0 else None for r in rows]
             temp = torch.tensor([r.temperature for r in rows])
             top_p = torch.tensor([r.top_p for r in rows])
             nxt = pick_rows(logits, temp, top_p, gens)
             t3 = time.perf_counter()
-            self._merge(cache, mask, pos[:, -1], nxt, temp, top_p, gens, tables, loras, packed)
+            self._merge(cache, mask.cpu(), pos[:, -1].cpu(), nxt, temp, top_p, gens, tables, loras, packed)
             self.rows.extend(rows)
         self.stats["prefill"] += t2 - t1
         self.stats["sample"] += t3 - t2
@@ -229,9 +229,11 @@ class RunningBatch:
             applied = eng._folded(self._shared) if self._shared is not None else \
                 eng._layers_applied(self._layers, self._lora_layers)
             with applied:
-                logits = eng.model(input_ids=self._last[:, None], attention_mask=self._mask,
-                                   position_ids=self._pos[:, None], past_key_values=self._cache,
-                                   use_cache=True).logits[:, -1]
+                # Bookkeeping stays on the CPU; on an accelerator the small inputs go over and the last logits back.
+                dev = eng._embed.weight.device
+                logits = eng.model(input_ids=self._last[:, None].to(dev), attention_mask=self._mask.to(dev),
+                                   position_ids=self._pos[:, None].to(dev), past_key_values=self._cache,
+                                   use_cache=True).logits[:, -1].cpu()
             t2 = time.perf_counter()
             nxt = pick_rows(logits, self._temp, self._top_p, self._gens)
             t3 = time.perf_counter()
@@ -284,8 +286,9 @@ class RunningBatch:
         cut = int((mask.any(0).to(torch.int8).argmax()))
         self._mask = mask[:, cut:]
         for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, cut:]
-            layer.values = layer.values.index_select(0, idx)[:, :, cut:]
+            on = idx.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(0, on)[:, :, cut:]
+            layer.values = layer.values.index_select(0, on)[:, :, cut:]
         self._pos = self._pos.index_select(0, idx)
         self._last = self._last.index_select(0, idx)
         self._temp = self._temp.index_select(0, idx)

@@ -287,9 +287,11 @@ class Engine:
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 prompts: list[PromptVector | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Embeddings with per-row prompt prefixes, the attention mask, position ids, and the prefix width."""
+        dev = self._embed.weight.device
+        input_ids = input_ids.to(dev)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(torch.long)
+        attention_mask = attention_mask.to(dev, torch.long)
         emb = self._embed(input_ids)
         width = max((p.shape[0] for p in prompts if p is not None), default=0)
         if width:
@@ -299,7 +301,7 @@ class Engine:
             for i, p in enumerate(prompts):
                 if p is not None:
                     n = p.shape[0]
-                    prefix[i, width - n:] = p.prompt.to(emb.dtype)
+                    prefix[i, width - n:] = p.prompt.to(emb)
                     prefix_mask[i, width - n:] = 1
             emb = torch.cat((prefix, emb), 1)
             attention_mask = torch.cat((prefix_mask, attention_mask), 1)
@@ -378,8 +380,10 @@ class Engine:
             out_ids: list[list[int]] = [[] for _ in range(b)]
             with self._applied(tables):
                 cache = DynamicCache(config=self.model.config)
+                # Sampling and bookkeeping stay on the CPU (each row's generator is a CPU one); only the last
+                # position's logits come back from an accelerator.
                 logits = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
                 pos = pos[:, -1:]
                 for _ in range(max_new_tokens):
                     nxt = pick_rows(logits, temps, top_ps, gens)
@@ -393,8 +397,8 @@ class Engine:
                         break
                     mask = torch.cat((mask, mask.new_ones(b, 1)), 1)
                     pos = pos + 1
-                    logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                        past_key_values=cache, use_cache=True).logits[:, -1]
+                    logits = self.model(input_ids=nxt[:, None].to(mask.device), attention_mask=mask, position_ids=pos,
+                                        past_key_values=cache, use_cache=True).logits[:, -1].cpu()
 
     def encode(self, requests: Sequence[Request | dict | str]) -> tuple[torch.Tensor, torch.Tensor, list[Mix]]:
         """Apply the chat template to each request and left-pad: ``(input_ids, attention_mask, mixes)``."""
