@@ -228,11 +228,11 @@ class Engine:
             self._installed.update(new)
         try:
             for m, wb in folded.items():
-                self._linears[m].folded = wb
+                self._linears[m].__dict__["folded"] = wb  # as in _layers_applied
             yield
         finally:
             for m in folded:
-                self._linears[m].folded = None
+                self._linears[m].__dict__["folded"] = None
 
     @contextmanager
     def _layers_applied(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -246,16 +246,20 @@ class Engine:
         if new:
             road.install(self._linears[m] for m in new)
             self._installed.update(new)
+        # Straight into each layer's __dict__: nn.Module.__setattr__ costs ~1 µs a call, which for SmolLM2's 210
+        # layers set and reset at every decode step was 0.6 ms (1% of a step).
+        linears = self._linears
         try:
             for m, t in per_layer.items():
-                self._linears[m].road_rows = t
+                linears[m].__dict__["road_rows"] = t
             for m, f in per_layer_lora.items():
-                self._linears[m].lora_rows = f
+                linears[m].__dict__["lora_rows"] = f
             yield
         finally:
             for m in layers:
-                self._linears[m].road_rows = None
-                self._linears[m].lora_rows = None
+                d = linears[m].__dict__
+                d["road_rows"] = None
+                d["lora_rows"] = None
 
     @contextmanager
     def exclusive(self) -> Iterator[nn.Module]:
