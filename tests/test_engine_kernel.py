@@ -153,9 +153,30 @@ def test_running_batch_folds_while_its_rows_share_one_mix():
     late = Row(prompts[2], b, max_new_tokens=8)
     rb.join([late])
     assert rb._shared is None  # two mixes now: per-row tables
+    while len(rb.rows) > 1:
+        rb.step()
+    assert rb.rows == [late] and rb._shared is not None  # the first two left: late's mix alone, folded again
     while rb.rows:
         rb.step()
     assert [r.tokens for r in rows + [late]] == want
+
+
+def test_where_gradients_are_recorded_neither_the_kernel_nor_the_fold_runs(fused, monkeypatch):
+    model = tiny_model()
+    engine = Engine(model, None)
+    a = random_road(model, "road_2", seed=5, scale=0.5)
+    ids, mask = batch(8, lengths=(5, 5))
+    counting = Counting(fused)
+    monkeypatch.setattr(kernel, "FUSED", counting)
+    with engine.applied([a, a]) as prompts:
+        emb, m, p, _ = engine.inputs(ids, mask, prompts)
+        logits = model(inputs_embeds=emb, attention_mask=m, position_ids=p).logits
+    assert counting.calls == 0 and engine._fold_cache is None
+    logits.sum().backward()  # gradients reach the base weights through the per-row update
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    with torch.no_grad():
+        ref = engine.forward(ids, mask, [a, a])  # folded
+    assert (logits.detach() - ref).abs().max() < 1e-5
 
 
 def test_a_bfloat16_model_runs_mixed_rows_with_tables_in_its_dtype():

@@ -167,7 +167,8 @@ class Engine:
 
     @contextmanager
     def _applied(self, rows: list[Row | None]) -> Iterator[None]:
-        shared = self.shared(rows)
+        # Folded weights are detached copies: where gradients are recorded, the per-row path runs instead.
+        shared = None if torch.is_grad_enabled() else self.shared(rows)
         if shared is not None:
             with self._folded(shared):
                 yield

@@ -102,8 +102,8 @@ class RowRoadLinear(nn.Linear):
     or, while ``folded`` is set, runs with that ``(weight, bias)`` instead (one mix for the whole batch, merged
     into a copy of the weights by :func:`fold`; the layer's own parameters are never written).
 
-    The RoAd update runs in the fused CPU kernel (:mod:`app.engine.kernel`) once it is built and the layer is
-    float32 on the CPU, else as three eager kernels; both give the same bits.
+    The RoAd update runs in the fused CPU kernel (:mod:`app.engine.kernel`) once it is built, when the layer is
+    float32 on the CPU and no gradient is recorded, else as three eager kernels; both give the same bits.
 
     Installed by swapping the class of the model's own layers (no wrapper module, no hook), so state-dict
     names and the base model's forward stay as they were; unset rows cost one attribute check each.
@@ -120,16 +120,17 @@ class RowRoadLinear(nn.Linear):
         if self.lora_rows is None:
             if rows is None:
                 return F.linear(x, self.weight, self.bias)
-            k = kernel.FUSED
+            k = kernel.FUSED  # the kernel knows no autograd: only where no gradient is recorded
             if k is not None and rows[0].dtype == torch.float32 and x.dtype == torch.float32 \
-                    and x.device.type == "cpu":
+                    and x.device.type == "cpu" and not torch.is_grad_enabled():
                 return k.road_linear(x, self.weight, self.bias, *rows)
             return rotate(F.linear(x, self.weight, self.bias), rows)
         y = F.linear(x, self.weight, self.bias) + row_update(x, self.lora_rows)
         if rows is None:
             return y
         k = kernel.FUSED
-        if k is not None and rows[0].dtype == torch.float32 and y.dtype == torch.float32 and y.device.type == "cpu":
+        if k is not None and rows[0].dtype == torch.float32 and y.dtype == torch.float32 and y.device.type == "cpu" \
+                and not torch.is_grad_enabled():
             return k.road_(y, *rows)
         return rotate(y, rows)
 
