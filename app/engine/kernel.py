@@ -218,7 +218,14 @@ def _build() -> None:
     name = _name()
     target = cache_dir() / f"{name}.so"
     try:
-        mod = _import(name, target) if target.is_file() else _compile(name, target)
+        mod = None
+        if target.is_file():
+            try:
+                mod = _import(name, target)
+            except Exception:  # noqa: BLE001 - unreadable or foreign: build it again
+                mod = None
+        if mod is None:
+            mod = _compile(name, target)
         _state["module"] = mod
         if mode() != "eager":
             FUSED = mod
