@@ -81,29 +81,6 @@ def test_base_rows_are_bit_identical_beside_lora_rows(folders):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
 
 
-def test_rows_sharing_loras_are_grouped_and_match_peft_alone(folders):
-    """Five LoRA rows over two LoRAs (three and two rows: one group padded), a base row between them, and a
-    LoRA + RoAd row: the grouped layout reads each LoRA's factors once and still gives every row PEFT's logits."""
-    from app.engine import lora
-
-    rows = [("la",), ("lb",), (), ("la", "road"), ("lb",), ("la",)]
-    ids, mask = batch(9, lengths=(6, 4, 6, 5, 3, 6))
-    engine = Engine(tiny_model(), None)
-    loaded = {n: composer.load(folders[n]) for n in ("la", "lb", "road")}  # one object each, as the app's cache
-    ms = [[loaded[n] for n in r] or None for r in rows]
-    factors = [engine.tables(m[0]) if m else None for m in ms]
-    layer = next(iter(lora.batch_factors(factors).values()))
-    assert layer.take is not None and layer.a.shape[0] == 2  # grouped: two LoRAs, each read once
-    logits = engine.forward(ids, mask, ms)
-    for i, names in enumerate(rows):
-        keep = mask[i].bool()
-        err = float((logits[i][keep] - reference(folders, names, ids[i][keep])).abs().max())
-        assert err < TOL, (i, names, err)
-    with torch.no_grad():
-        plain = tiny_model()(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(logits[2], plain[2])  # the base row is untouched
-
-
 def test_greedy_generation_matches_peft_token_for_token(folders):
     rows = [(), ("la",), ("lb",), ("la", "lb"), ("la", "road"), ("lc", "pv3")]
     ids, mask = batch(2, lengths=(5, 3, 6, 4, 6, 5))

@@ -190,12 +190,8 @@ class Engine:
         out = {}
         for m, pair in per_layer.items():
             w = self._linears[m].weight
-            if pair[0].device == w.device and pair[0].dtype == w.dtype:
-                out[m] = pair
-            elif isinstance(pair, lora.LayerFactors):
-                out[m] = pair.to(w.device, w.dtype)
-            else:
-                out[m] = (pair[0].to(w.device, w.dtype), pair[1].to(w.device, w.dtype))
+            out[m] = pair if pair[0].device == w.device and pair[0].dtype == w.dtype else \
+                (pair[0].to(w.device, w.dtype), pair[1].to(w.device, w.dtype))
         return out
 
     def _fold(self, row: Row) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

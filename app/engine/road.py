@@ -30,7 +30,7 @@ from composer.road_math import columns
 
 from ..errors import MixError
 from . import kernel
-from .lora import LayerFactors, add_update_, distinct_rows
+from .lora import distinct_rows, row_update
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -98,7 +98,7 @@ def adapter_tables(adapter: RoadAdapter, linears: dict[str, nn.Linear]) -> Table
 
 class RowRoadLinear(nn.Linear):
     """``nn.Linear`` whose output gets a per-row LoRA update while ``lora_rows`` is set (on the weight:
-    :func:`app.engine.lora.add_update_`), then a per-row RoAd update while ``road_rows`` is set (on the output);
+    :func:`app.engine.lora.row_update`), then a per-row RoAd update while ``road_rows`` is set (on the output);
     or, while ``folded`` is set, runs with that ``(weight, bias)`` instead (one mix for the whole batch, merged
     into a copy of the weights by :func:`fold`; the layer's own parameters are never written).
 
@@ -110,7 +110,7 @@ class RowRoadLinear(nn.Linear):
     """
 
     road_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-    lora_rows: LayerFactors | None = None
+    lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     folded: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class RowRoadLinear(nn.Linear):
                     and x.device.type == "cpu" and not torch.is_grad_enabled():
                 return k.road_linear(x, self.weight, self.bias, *rows)
             return rotate(F.linear(x, self.weight, self.bias), rows)
-        y = add_update_(F.linear(x, self.weight, self.bias), x, self.lora_rows)
+        y = F.linear(x, self.weight, self.bias) + row_update(x, self.lora_rows)
         if rows is None:
             return y
         k = kernel.FUSED
