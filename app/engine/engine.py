@@ -58,21 +58,26 @@ class Engine:
         tokenizer: its tokenizer, with a chat template and a pad token (``None`` is enough for
             :meth:`forward` and :meth:`generate_tokens`).
         resolve: turns names in expression mixes into adapters (passed to ``composer.evaluate``).
+        fold_shared: when every row of a batch carries one mix, run it merged into a copy of the adapted weights
+            (``True``), or broadcast one row of tables (``False``). Default: fold on the CPU, broadcast on an
+            accelerator (the copy costs the adapted layers' weights in memory while the mix is kept).
 
     Calls are serialised by a lock: one batch runs at a time (batch concurrent users' requests together).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, resolve: Callable[[str], Any] | None = None,
-                 fold_shared: bool = True) -> None:
+                 fold_shared: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.resolve = resolve
-        self.fold_shared = fold_shared
+        param = next(model.parameters(), None)
+        # Folding holds a copy of the adapted weights: the default on the CPU (where it measured fastest),
+        # broadcast tables on an accelerator, whose memory is scarcer.
+        self.fold_shared = fold_shared if fold_shared is not None else (param is None or param.device.type == "cpu")
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._installed: set[str] = set()
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._fold_cache: tuple[Any, Any, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
-        param = next(model.parameters(), None)
         if param is not None and param.device.type == "cpu" and param.dtype == torch.float32:
             kernel.prepare()  # the fused RoAd kernel: built in the background once per machine
         self._lock = threading.RLock()
