@@ -9,10 +9,10 @@ The kernel computes exactly what the eager path computes, with the same rounding
 ATen's vectorised ``addcmul`` does; no other contraction: it is built with ``-ffp-contract=off``), so the two
 paths give bit-identical outputs (tested) and switching between them never changes a token.
 
-:func:`fold` rotates a weight matrix's rows instead (``W ← R·W``, ``b ← R·b``): what the engine uses when a
-whole batch shares one mix (:meth:`app.engine.Engine.applied`).
+``fold_rows`` rotates a weight matrix's rows instead (``W ← R·W``): :func:`app.engine.road.fold`, what the engine
+uses when a whole batch shares one mix.
 
-Building takes about 25 s on 2 cores (g++ and ninja, the ``ninja`` wheel is a dependency) and happens once per
+Building takes about 20 s on 2 cores (g++ and ninja, the ``ninja`` wheel is a dependency) and happens once per
 machine, into :func:`cache_dir` (``$TORCH_EXTENSIONS_DIR/adapter-hub``, default under ``~/.cache``). The
 engine starts it in the background (:func:`prepare`) and runs the eager path until it is ready.
 ``ADAPTER_HUB_KERNEL=eager`` never builds it; ``=fused`` waits for it and fails loudly if it cannot be built.
@@ -208,6 +208,10 @@ def _compile(name: str, target: Path) -> Any:
             mod = load_inline(name, cpp_sources=SOURCE, functions=["road_", "road_linear", "fold_rows"],
                               extra_cflags=_FLAGS, build_directory=str(tmp), verbose=False)
         os.replace(tmp / f"{name}.so", target)
+        # Builds of other sources or torch versions, a week old: another checkout may still use a recent one.
+        for stale in target.parent.glob("adapter_hub_road_*.so"):
+            if stale != target and time.time() - stale.stat().st_mtime > 7 * 86400:
+                stale.unlink(missing_ok=True)
         return mod
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,7 +233,7 @@ def _build() -> None:
         _state["module"] = mod
         if mode() != "eager":
             FUSED = mod
-    except Exception as e:  # no compiler, no headers ...: the eager path serves, a warning says why
+    except Exception as e:  # noqa: BLE001 - no compiler, no headers ...: the eager path serves, a warning says why
         _state["error"] = e
         if mode() != "fused":
             warnings.warn(f"The fused RoAd kernel could not be built ({type(e).__name__}: {str(e)[:300]}); the "
