@@ -145,17 +145,22 @@ def test_running_batch_folds_while_its_rows_share_one_mix():
         return list(engine.generate_tokens(torch.tensor([p]), None, [mix], max_new_tokens=8))[-1][0]
 
     want = [alone(prompts[0], a), alone(prompts[1], a), alone(prompts[2], b)]
+    engine.close()  # forget the fold the reference runs made
     rb = RunningBatch(engine)
+    rb.FOLD_AFTER = 2
     rows = [Row(prompts[0], a, max_new_tokens=8), Row(prompts[1], a, max_new_tokens=8)]
     rb.join(rows)
-    assert rb._shared is not None
+    assert rb._shared is not None and not engine.is_folded(rb._shared)  # a new mix's first steps: per-row tables
     rb.step()
+    rb.step()
+    rb.step()
+    assert engine.is_folded(rb._shared)  # after FOLD_AFTER steps: folded
     late = Row(prompts[2], b, max_new_tokens=8)
     rb.join([late])
     assert rb._shared is None  # two mixes now: per-row tables
     while len(rb.rows) > 1:
         rb.step()
-    assert rb.rows == [late] and rb._shared is not None  # the first two left: late's mix alone, folded again
+    assert rb.rows == [late] and rb._shared is not None  # the first two left: late's mix alone
     while rb.rows:
         rb.step()
     assert [r.tokens for r in rows + [late]] == want

@@ -199,6 +199,11 @@ class Engine:
                 (pair[0].to(w.device, w.dtype), pair[1].to(w.device, w.dtype))
         return out
 
+    def is_folded(self, row: Row) -> bool:
+        """Whether ``row``'s mix is the folded one the engine keeps (running it folded costs nothing more)."""
+        hit = self._fold_cache
+        return hit is not None and hit[0] is row[0] and hit[1] is row[1]
+
     def _fold(self, row: Row) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Each adapted layer's ``(weight, bias)`` with ``row``'s mix merged in: ``R·(W + ΔW)``, ``R·b``.
 
