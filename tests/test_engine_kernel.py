@@ -227,3 +227,21 @@ def test_a_kernel_that_cannot_be_built_leaves_the_eager_path(monkeypatch):
     monkeypatch.setenv(kernel.ENV, "sometimes")
     with pytest.raises(ValueError, match="auto, eager, fused"):
         kernel.mode()
+
+
+def test_layers_with_a_bias_fold_it_too():
+    """R·(W·x + b) = (R·W)·x + R·b: a model whose projections carry a bias (attention_bias) folds both."""
+    model = tiny_model(attention_bias=True)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_()
+    a = random_road(model, "road_2", seed=6, scale=0.5)
+    ids, mask = batch(10, lengths=(5, 5, 5))
+    per_row = Engine(model, None, fold_shared=False).forward(ids, mask, [a] * 3)
+    engine = Engine(model, None)
+    folded = engine.forward(ids, mask, [a] * 3)
+    assert engine.is_folded(engine._split(a, 0)[0])
+    assert (folded - per_row).abs().max() < 1e-5
+    assert (folded - Engine(model, None).forward(ids, mask, [None] * 3)).abs().max() > 1e-2  # the mix matters
