@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,21 @@ def browser_page():
             browser.close()
 
 
+@contextmanager
+def opened(page, store: Path, *, slow: bool = True) -> Iterator[Served]:
+    """Serve the app on the tiny model over ``store`` (each step slowed, so the page can watch replies stream),
+    open it in ``page``, and close the server however the test ends."""
+    served = Served(store)
+    if slow:
+        slow_steps(served.model)
+    try:
+        page.goto(served.url)
+        page.wait_for_selector("#adapters", timeout=30_000)
+        yield served
+    finally:
+        served.close()
+
+
 def pick(page, *choices: str) -> None:
     """Open the adapter picker, tick each choice (a multiselect stays open), close it."""
     page.locator("#adapters input").first.click()
@@ -59,13 +76,8 @@ def bubbles(page, who: str) -> list[str]:
 
 
 def test_mix_chat_and_save_in_a_browser(tmp_path, browser_page):
-    served = Served(tmp_path / "store")
-    slow_steps(served.model)
     page = browser_page
-    try:
-        page.goto(served.url)
-        page.wait_for_selector("#adapters", timeout=30_000)
-
+    with opened(page, tmp_path / "store") as served:
         # Pick two adapters: a weight slider appears for each.
         pick(page, "alice/math · road · v1", "bob/code · road · v1")
         page.wait_for_selector("#weight-1 input[type=range]", state="visible", timeout=10_000)
@@ -132,8 +144,6 @@ def test_mix_chat_and_save_in_a_browser(tmp_path, browser_page):
         assert shot.stat().st_size > 10_000
         if os.environ.get("APP_SCREENSHOT"):
             shutil.copy(shot, os.environ["APP_SCREENSHOT"])
-    finally:
-        served.close()
 
 
 def set_max_new(page, n: int) -> None:
@@ -154,12 +164,8 @@ def test_messages_sent_while_a_reply_streams_are_answered_in_order(tmp_path, bro
     from app.engine import Engine
     from app.ui.conversation import unlabelled
 
-    served = Served(tmp_path / "store")
-    slow_steps(served.model)
     page = browser_page
-    try:
-        page.goto(served.url)
-        page.wait_for_selector("#adapters", timeout=30_000)
+    with opened(page, tmp_path / "store") as served:
         pick(page, "alice/math · road · v1")
         page.wait_for_function("() => document.querySelector('#expression textarea').value === 'alice/math@v1'",
                                timeout=10_000)
@@ -238,16 +244,11 @@ def test_messages_sent_while_a_reply_streams_are_answered_in_order(tmp_path, bro
             time.sleep(0.1)
         assert served.batcher.cancelled == before + 2
         assert not served.batcher.running.rows
-    finally:
-        served.close()
 
 
 def test_rough_edges_error_text_heat_map_and_descriptions(tmp_path, browser_page):
-    served = Served(tmp_path / "store")
     page = browser_page
-    try:
-        page.goto(served.url)
-        page.wait_for_selector("#adapters", timeout=30_000)
+    with opened(page, tmp_path / "store", slow=False):
         pick(page, "alice/math · road · v1", "bob/code · road · v1")
         page.wait_for_function("() => document.querySelector('#expression textarea').value.includes('bob/code')",
                                timeout=10_000)
@@ -275,5 +276,3 @@ def test_rough_edges_error_text_heat_map_and_descriptions(tmp_path, browser_page
         page.get_by_text("description").first.wait_for(timeout=10_000)
         width = page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
         assert width
-    finally:
-        served.close()
