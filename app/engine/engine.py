@@ -19,7 +19,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -229,14 +229,18 @@ class Engine:
         self._fold_cache = (tables, factors, out)
         return out
 
+    def _install(self, modules: Iterable[str]) -> None:
+        """Swap the named layers not yet swapped to :class:`road.RowRoadLinear` (:meth:`close` swaps them back)."""
+        new = [m for m in modules if m not in self._installed]
+        if new:
+            road.install(self._linears[m] for m in new)
+            self._installed.update(new)
+
     @contextmanager
     def _folded(self, row: Row) -> Iterator[None]:
         """Run every row with ``row``'s mix merged into (copies of) the weights (:meth:`_fold`)."""
         folded = self._fold(row)
-        new = [m for m in folded if m not in self._installed]
-        if new:
-            road.install(self._linears[m] for m in new)
-            self._installed.update(new)
+        self._install(folded)
         try:
             for m, wb in folded.items():
                 self._linears[m].__dict__["folded"] = wb  # as in _layers_applied
@@ -253,10 +257,7 @@ class Engine:
         (:func:`lora.batch_factors`) for the duration."""
         per_layer_lora = per_layer_lora or {}
         layers = list(dict.fromkeys([*per_layer, *per_layer_lora]))
-        new = [m for m in layers if m not in self._installed]
-        if new:
-            road.install(self._linears[m] for m in new)
-            self._installed.update(new)
+        self._install(layers)
         # Straight into each layer's __dict__: nn.Module.__setattr__ costs ~1 µs a call, which for SmolLM2's 210
         # layers set and reset at every decode step was 0.6 ms (1% of a step).
         linears = self._linears

@@ -120,19 +120,25 @@ class RowRoadLinear(nn.Linear):
         if self.lora_rows is None:
             if rows is None:
                 return F.linear(x, self.weight, self.bias)
-            k = kernel.FUSED  # the kernel knows no autograd: only where no gradient is recorded
-            if k is not None and rows[0].dtype == torch.float32 and x.dtype == torch.float32 \
-                    and x.device.type == "cpu" and not torch.is_grad_enabled():
+            k = _fused(x, rows[0])
+            if k is not None:
                 return k.road_linear(x, self.weight, self.bias, *rows)
             return rotate(F.linear(x, self.weight, self.bias), rows)
         y = F.linear(x, self.weight, self.bias) + row_update(x, self.lora_rows)
         if rows is None:
             return y
-        k = kernel.FUSED
-        if k is not None and rows[0].dtype == torch.float32 and y.dtype == torch.float32 and y.device.type == "cpu" \
-                and not torch.is_grad_enabled():
-            return k.road_(y, *rows)
-        return rotate(y, rows)
+        k = _fused(y, rows[0])
+        return k.road_(y, *rows) if k is not None else rotate(y, rows)
+
+
+def _fused(t: torch.Tensor, table: torch.Tensor):
+    """The built kernel where it may run on ``t`` with ``table``: both float32 on the CPU, and no gradient
+    recorded (it knows no autograd). ``None``: the eager path."""
+    k = kernel.FUSED
+    if k is not None and t.dtype == table.dtype == torch.float32 and t.device.type == "cpu" \
+            and not torch.is_grad_enabled():
+        return k
+    return None
 
 
 def rotate(y: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -151,8 +157,8 @@ def fold(weight: torch.Tensor, bias: torch.Tensor | None, cs: tuple[torch.Tensor
     products are summed in another order); it is exact as math, which is why PEFT merges RoAd the same way.
     """
     c, s = full_tables(cs)
-    k = kernel.FUSED
-    if k is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+    k = _fused(weight, c)
+    if k is not None:
         w = k.fold_rows(weight.detach().contiguous(), c.contiguous(), s.contiguous())
     else:
         w = _fold_eager(weight.detach(), c.to(weight), s.to(weight))
