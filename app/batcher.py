@@ -422,7 +422,7 @@ class Batcher:
                                        temperature=temperature, top_p=top_p, seed=seed)
         try:
             for ids in steps:
-                for r, (job, i) in enumerate(owners):
+                for r, (_job, _i) in enumerate(owners):
                     if finished[r]:
                         continue
                     row = ids[r][:limits[r]]

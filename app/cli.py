@@ -93,8 +93,8 @@ def _sub(subs, name: str, **kw) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    examples = "\n".join(f"  {l}" for n in ("push", "pull", "compose")
-                         for l in textwrap.dedent(COMMANDS[n][1]).strip("\n").splitlines()[:1])
+    examples = "\n".join(f"  {line}" for n in ("push", "pull", "compose")
+                         for line in textwrap.dedent(COMMANDS[n][1]).strip("\n").splitlines()[:1])
     p = argparse.ArgumentParser(
         prog="hub", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Version, share and compose RoAd adapters, LoRAs and task prompt vectors.\n\n"

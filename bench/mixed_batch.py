@@ -162,7 +162,8 @@ def main(argv=None) -> None:
     where = f"{torch.get_num_threads()} threads" if torch.device(args.device).type == "cpu" else \
         torch.cuda.get_device_name(torch.device(args.device))
     print(f"base model loaded in {load_s:.2f} s on {args.device} ({where}), {args.dtype}; torch {torch.__version__}; "
-          f"RoAd update: {'fused kernel' if fused is not None and on_cpu else 'eager'}; targets {' '.join(args.targets)}")
+          f"RoAd update: {'fused kernel' if fused is not None and on_cpu else 'eager'}; "
+          f"targets {' '.join(args.targets)}")
     n_adapters = max(args.mixes)
     progress(f"making {n_adapters} adapters of each kind ...")
     adapters = {"road": [random_road_1(model, args.targets, args.group_size, seed=i) for i in range(n_adapters)]

@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
     from .initialise import check_fits, init
     from .io import from_peft, load, save, validate_folder
     from .merge_methods import METHODS
-    from .ops import add, check_compatible, compose, compress, interpolate, merge, negate, scale, sub
     from .mixfit import FitError, apply_coefficients, fit, rebuild
+    from .ops import add, check_compatible, compose, compress, interpolate, merge, negate, scale, sub
     from .subspace import Subspace, SubspaceError, active_pairs, overlap
 
 _LAZY = {

@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from .errors import InvalidValueError
 from .road_math import VARIANTS, Variant, generator, layer_width
 
-__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Adapter", "describe", "check_finite",
-           "task_vector", "cosine"]
+__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Adapter", "describe",
+           "check_finite", "task_vector", "cosine"]
 LIBRARY_VERSION = "0.1.0"
 
 
@@ -399,7 +399,7 @@ class LoraAdapter(_Provenance):
                 f"params={self.num_parameters()}, source={self.source!r})")
 
 
-Adapter = Union[RoadAdapter, LoraAdapter, PromptVector]
+Adapter = RoadAdapter | LoraAdapter | PromptVector
 _LOG_TINY = math.log(1e-30)
 
 

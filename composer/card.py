@@ -44,7 +44,8 @@ def _check_yaml(text: str, where: str) -> Any:
             if isinstance(token, yaml.TagToken):
                 raise InvalidCardError(
                     f"The model card's YAML front matter ({where}) carries the language tag "
-                    f"'{''.join(v or '' for v in token.value)}' at line {token.start_mark.line + 1}; tags such as !!python/... can "
+                    f"'{''.join(v or '' for v in token.value)}' at line {token.start_mark.line + 1}; "
+                    "tags such as !!python/... can "
                     "run code on a server that reads the card. Remove the tag and keep plain values.")
             if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
                 raise InvalidCardError(

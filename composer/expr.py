@@ -14,8 +14,8 @@ Grammar::
                or any text in backquotes (`my folder/with spaces`)
 
 Examples: ``0.7*alice/math@v2 + 0.7*alice/code - 0.3*bob/toxic``, ``interp(a, b, 0.25)``,
-``merge(ties, 0.6*a, 0.4*b, density=0.5)``, ``compress(a + b, 8)``. Because names may contain ``-``, write ``a - b`` (with spaces)
-to subtract.
+``merge(ties, 0.6*a, 0.4*b, density=0.5)``, ``compress(a + b, 8)``. Because names may contain ``-``, write ``a - b``
+(with spaces) to subtract.
 
 A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight per input.
 
@@ -34,7 +34,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from . import limits
 from .errors import ComposerError, ExpressionError, InvalidArgumentError, LimitExceededError
@@ -117,7 +117,7 @@ class Call:
     pos: int
 
 
-Node = Union[Name, Linear, Call]
+Node = Name | Linear | Call
 
 
 _KEYWORDS = frozenset((*FUNCTIONS, "density", "seed", *METHODS))

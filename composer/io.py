@@ -28,13 +28,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import limits, lora_math
 from .adapters import VARIANTS, Adapter, LoraAdapter, PromptVector, Recipe, RoadAdapter, check_finite
-from . import lora_math
 from .card import build_card
-from .road_math import layer_width
-from . import limits
 from .data import FILE_MODE
 from .errors import AdapterFormatError, ComposerError, NotComposableError, UnsafeFormatError
+from .road_math import layer_width
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

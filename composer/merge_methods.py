@@ -10,8 +10,9 @@ The expression parser, :func:`composer.merge`, the CLI and the app's method pick
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,6 @@ Not to be confused with Activeloop's ``hub`` package on PyPI, which uses the sam
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from composer.data import file_sha256
 
 from .errors import (
     HubError,
@@ -31,7 +32,6 @@ from .errors import (
     RevisionNotFoundError,
     TagExistsError,
 )
-from composer.data import file_sha256
 from .ids import check_tag, next_version, parse_id
 from .store import ADAPTER_FILES, BRANCH, PushResult, Store, check_reserved, write_card
 

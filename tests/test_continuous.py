@@ -158,7 +158,8 @@ def test_a_mix_that_cannot_join_leaves_the_running_rows_untouched(engine, mixes)
     assert ok.tokens == reference(engine, 1, mixes[1], 8)
 
 
-@pytest.mark.parametrize("kw,needle", [(dict(max_new_tokens=0), "at least 1"), (dict(temperature=float("nan")), "finite"),
+@pytest.mark.parametrize("kw,needle", [(dict(max_new_tokens=0), "at least 1"),
+                                       (dict(temperature=float("nan")), "finite"),
                                        (dict(top_p=0), "top_p"), (dict(max_new_tokens="x"), "whole number")])
 def test_bad_row_settings_are_refused(kw, needle):
     with pytest.raises(RequestError, match=needle):

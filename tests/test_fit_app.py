@@ -45,7 +45,6 @@ def fit_argv(s, *extra, adapters=None):
 
 
 def test_parser_defaults_are_composer_fits():
-    import sys
 
     sig = inspect.signature(composer.fit).parameters
     p = build_parser()
@@ -144,9 +143,9 @@ def test_hub_show_spells_out_a_fit_recipe(setup, capsys):
 
 # ------------------------------------------------------------------------------------------ the app's panel
 
-from contextlib import contextmanager  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 from app.batcher import Batcher  # noqa: E402
 from app.engine import Engine  # noqa: E402
@@ -221,9 +220,9 @@ def test_chats_wait_for_a_fit_and_the_model_comes_back_unchanged():
         assert gate.entered.wait(60)
 
         def chat(i):
-            for results[i] in batcher.submit([{"role": "user", "content": "Hello there"}], mixes[i],
-                                             max_new_tokens=12):
-                pass
+            for text in batcher.submit([{"role": "user", "content": "Hello there"}], mixes[i],
+                                       max_new_tokens=12):
+                results[i] = text
             finished[i] = time.monotonic()
 
         chats = [threading.Thread(target=chat, args=(i,)) for i in range(len(mixes))]

@@ -58,8 +58,8 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def hub_cmd(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env(**extra_env),
-                          cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
+                          env=env(**extra_env), cwd=ROOT, timeout=300)
 
 
 def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -73,5 +73,6 @@ def refs(repo: Path) -> str:
 def assert_fsck_clean(repo: Path) -> None:
     p = git(repo, "fsck", "--full", "--strict")
     assert p.returncode == 0, p.stdout + p.stderr
-    bad = [l for l in (p.stdout + p.stderr).splitlines() if not l.startswith(("dangling", "Checking", "notice"))]
+    bad = [line for line in (p.stdout + p.stderr).splitlines()
+           if not line.startswith(("dangling", "Checking", "notice"))]
     assert not bad, bad

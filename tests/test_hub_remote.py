@@ -277,7 +277,8 @@ def test_live_push_and_pull(tmp_path, monkeypatch):
     from tests.test_hub_helpers import road
     a = road(0)
     # the Hub checks base_model in the card against existing repos
-    a = type(a)(**{**a.__dict__, "config": {**a.config, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
+    a = type(a)(**{**a.__dict__,
+                   "config": {**a.config, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
     try:
         r = HfRemote(api).push(folder(tmp_path, "a", a), repo_id, tag=None)
         out = HfRemote(api).pull(f"{repo_id}@{r.tag}", to=tmp_path / "out")

@@ -420,6 +420,6 @@ def test_saved_and_pulled_files_get_the_usual_permissions_not_mkstemps(tmp_path)
     composer.save(random_road(tiny_model(), seed=1), tmp_path / "a")
     hub.push(tmp_path / "a", "alice/perm")
     hub.pull("alice/perm", to=tmp_path / "pulled")
-    for folder in ("a", "pulled"):
-        for f in (tmp_path / folder).iterdir():  # 0644 under the usual umask 022, never mkstemp's 0600
-            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (folder, f.name)
+    for name in ("a", "pulled"):
+        for f in (tmp_path / name).iterdir():  # 0644 under the usual umask 022, never mkstemp's 0600
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (name, f.name)

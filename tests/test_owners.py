@@ -23,7 +23,8 @@ from tests.tiny import random_prompt, random_road, tiny_model
 
 def identity(model, alpha: float = 1.0) -> RoadAdapter:
     a = random_road(model, seed=0)
-    return RoadAdapter(variant="road_1", group_size=a.group_size, theta={m: torch.zeros_like(t) for m, t in a.theta.items()},
+    return RoadAdapter(variant="road_1", group_size=a.group_size,
+                       theta={m: torch.zeros_like(t) for m, t in a.theta.items()},
                        alpha={m: torch.full_like(t, alpha) for m, t in a.alpha.items()}, config=a.config,
                        source=f"identity{alpha:+g}")
 
@@ -104,7 +105,8 @@ def test_merge_recipes_carry_weights_and_parameters_and_rebuild_bit_for_bit(tmp_
 
 def test_expression_writer_pieces():
     assert format_sum([(0.7, "a/x"), (1.0, "b/y"), (-0.3, "c/z")]) == "0.7*a/x + b/y - 0.3*c/z"
-    assert format_merge("ties", [(0.6, "a"), (-0.4, "b")], {"density": 0.5}) == "merge(ties, 0.6*a, -0.4*b, density=0.5)"
+    assert (format_merge("ties", [(0.6, "a"), (-0.4, "b")], {"density": 0.5})
+            == "merge(ties, 0.6*a, -0.4*b, density=0.5)")
     assert format_name("merge") == "`merge`" and format_name("1e5") == "`1e5`" and format_name("a/b@v1") == "a/b@v1"
     with pytest.raises(composer.ExpressionError, match="backquote"):
         format_name("a`b")
@@ -212,7 +214,6 @@ def test_one_card_writer():
     import app.train
     import composer.io
     import hub.store
-
     from composer.card import build_card
 
     assert hub.store.build_card is build_card and composer.io.build_card is build_card

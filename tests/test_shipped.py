@@ -7,9 +7,9 @@ import yaml
 
 import composer
 import hub
-from hub import Store
 from app.cli import main as hub_main
 from app.shipped import SHIPPED, import_examples, shipped_folders
+from hub import Store
 
 FOLDERS = shipped_folders()
 pytestmark = pytest.mark.skipif(not FOLDERS, reason="no shipped adapters in adapters/")

@@ -77,3 +77,23 @@ def peft_lora(path, seed: int = 0, r: int = 4, lora_alpha: float = 8, targets=LO
                 p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "magnitude" in name else 0.0))
     pm.save_pretrained(str(path))
     return path
+
+
+def peft_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy tokens from ``model``'s own forward pass, re-run on the whole sequence at every step.
+
+    The oracle for per-row generation. PEFT's ``generate`` is not used: for prompt tuning on transformers 5.x
+    it drops the position ids ("Position ids are not supported for parameter efficient tuning") and answers
+    nonsense, while its forward pass (virtual tokens prepended, full attention) stays right. No key/value cache,
+    so nothing of ``generate``'s cache or position bookkeeping is trusted.
+    """
+    seq, new = ids, []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+            nxt = int(logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == eos_token_id:
+                break
+            seq = torch.cat([seq, seq.new_tensor([[nxt]])], dim=1)
+    return new

@@ -12,4 +12,5 @@ from .base import DEFAULT_NAME, INSTALL_HINT, default_cache_dir, gguf_path, load
 from .continuous import Row, RunningBatch
 from .engine import Engine, Request
 
-__all__ = ["load_base", "Engine", "Request", "Row", "RunningBatch", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir", "gguf_path"]
+__all__ = ["load_base", "Engine", "Request", "Row", "RunningBatch", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir",
+           "gguf_path"]

@@ -295,7 +295,7 @@ class RunningBatch:
         idx = torch.tensor(keep)
         mask = self._mask.index_select(0, idx)
         # Columns that are padding on every remaining row (a long row left) are cut off.
-        cut = int((mask.any(0).to(torch.int8).argmax()))
+        cut = int(mask.any(0).to(torch.int8).argmax())
         self._mask = mask[:, cut:]
         for layer in self._cache.layers:
             on = idx.to(layer.keys.device)
@@ -344,7 +344,7 @@ class _Packed:
             grown = True
         if grown:
             ident = []
-            for m, (_, shape) in self.layout.items():
+            for _m, (_, shape) in self.layout.items():
                 ident += [torch.ones(shape.numel()), torch.zeros(shape.numel())]
             old = self._ident.numel()
             self._ident = torch.cat(ident)

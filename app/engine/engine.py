@@ -5,9 +5,9 @@ A *mix* is what a row carries: ``None`` (the base model), a :class:`composer.Roa
 order, as PEFT stacks active adapters; LoRA parts add up, as PEFT with several active; at most one prompt).
 RoAd and LoRA run per row inside the model's own linear layers (:mod:`app.engine.road`, :mod:`app.engine.lora`):
 a layer carrying both adds the LoRA on the weight and rotates the output with RoAd (``y = R(W·x + ΔW·x)``,
-what PEFT gives for the RoAd adapter on a model with the LoRA merged in); prompts become per-row prefix embeddings, left-padded to a common length with the
-attention mask off on the padding and positions counted from each row's first real token, so every row
-sees exactly what PEFT would show it alone.
+what PEFT gives for the RoAd adapter on a model with the LoRA merged in); prompts become per-row prefix embeddings,
+left-padded to a common length with the attention mask off on the padding and positions counted from each row's first
+real token, so every row sees exactly what PEFT would show it alone.
 
 Tables are cached per adapter object (weakly: dropping the adapter drops its tables), so changing a mix
 costs computing a few hundred thousand numbers for the new adapter; the base model is never reloaded.
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -456,8 +457,8 @@ class Engine:
     def generate(self, requests: Sequence[Request | dict | str], **sampling: Any) -> list[str]:
         """Like :meth:`stream`, returning only the final answers."""
         texts = ["" for _ in requests]
-        for texts in self.stream(requests, **sampling):
-            pass
+        for update in self.stream(requests, **sampling):
+            texts = update
         return texts
 
 

@@ -103,7 +103,8 @@ def batch_factors(row_factors: list[Factors | None]) -> dict[str, tuple[torch.Te
 
 
 def row_update(x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``s·B·A·x`` for every row with its own factors: ``x`` is ``(batch, ..., in)``, the result ``(batch, ..., out)``."""
+    """``s·B·A·x`` for every row with its own factors: ``x`` is ``(batch, ..., in)``, the result
+    ``(batch, ..., out)``."""
     a, b = rows
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     return torch.bmm(torch.bmm(x3.to(a.dtype), a), b).view(*x.shape[:-1], b.shape[-1]).to(x.dtype)

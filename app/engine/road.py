@@ -4,9 +4,9 @@ PEFT's RoAd (``peft/tuners/road/layer.py``) computes, for each adapted ``nn.Line
 
     y' = y * first_col + rotate_half(y) * second_col          rotate_half per group: (y1, y2) -> (-y2, y1)
 
-where ``first_col``/``second_col`` come from θ and α (``composer.road_math.columns``, PEFT's ``_prepare_cols``). We fold the minus sign of
-``rotate_half`` into the table (``S = second_col`` with its first half of each group negated), so that with
-``y`` viewed as ``(batch, seq, groups, 2, group_size/2)``::
+where ``first_col``/``second_col`` come from θ and α (``composer.road_math.columns``, PEFT's ``_prepare_cols``).
+We fold the minus sign of ``rotate_half`` into the table (``S = second_col`` with its first half of each group
+negated), so that with ``y`` viewed as ``(batch, seq, groups, 2, group_size/2)``::
 
     y' = addcmul(y * C, y.flip(3), S)                         C, S: (batch, 1, groups, 2, group_size/2)
 
@@ -18,7 +18,7 @@ several RoAd adapters on one row (PEFT applying them in turn) is the matrix prod
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

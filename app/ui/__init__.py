@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=("continuous", "gather"), default="continuous",
                    help="continuous: requests join and leave the running batch at every step (default); "
                         "gather: gather for --wait-ms, then run the batch to its end (the earlier path)")
-    p.add_argument("--wait-ms", type=float, default=15.0, help="gather only: how long to gather a batch (default 15 ms)")
+    p.add_argument("--wait-ms", type=float, default=15.0,
+                   help="gather only: how long to gather a batch (default 15 ms)")
     p.add_argument("--concurrency", type=int, default=16, help="chat events running at once (default 16)")
     p.add_argument("--root", metavar="DIR", help="store root (default $ADAPTER_HUB_HOME)")
     p.add_argument("--no-seed", action="store_true", help="do not add the shipped adapters to an empty store")

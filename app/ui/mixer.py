@@ -144,7 +144,8 @@ class Mixer:
     # ------------------------------------------------------------------------------------------ listing
     def rows(self) -> list[dict[str, Any]]:
         """One row per adapter: ``id``, ``choice`` (``id@latest``), ``kind``, ``base_model``, ``latest``,
-        ``versions``, ``description`` (from its card); adapters that fail to load are listed with ``kind`` = ``"unreadable"``."""
+        ``versions``, ``description`` (from its card); adapters that fail to load are listed with
+        ``kind`` = ``"unreadable"``."""
         out = []
         for r in self.store.list():
             if r["sha"] is None:

@@ -114,6 +114,7 @@ def reply_text(content: Any) -> str:
 def _hf_token() -> bool:
     try:
         from huggingface_hub import get_token
+
         from hub.remote import offline
 
         return bool(get_token()) and not offline()
@@ -374,8 +375,8 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             msg = (f"**Unchanged**: {plain(expression)} is already stored as **{local.repo_id}@{local.tag}** (commit "
                    f"`{local.sha[:10]}`); no new version was made.")
         else:
-            msg = (f"**Saved**  {plain(expression)} as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) with "
-                   f"its recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
+            msg = (f"**Saved**  {plain(expression)} as **{local.repo_id}@{local.tag}** (commit `{local.sha[:10]}`) "
+                   f"with its recipe. Use it with `hub pull {local.repo_id}@{local.tag}`.")
         if remote is not None:
             msg += f" Also pushed to the Hugging Face Hub as {plain(remote.tag or remote.sha)}."
         gr.Info(f"Saved {local.repo_id}@{local.tag}")
@@ -424,12 +425,12 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                 gr.Markdown("## Mixer")
                 with gr.Row():
                     picker = gr.Dropdown(choices=mixer.choices(), value=[], multiselect=True,
-                                         max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters", allow_custom_value=True,
-                                         scale=4)
+                                         max_choices=MAX_SLOTS, label="Adapters", elem_id="adapters",
+                                         allow_custom_value=True, scale=4)
                     refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="refresh", size="sm")
                 about = gr.Markdown("", elem_id="adapter-descriptions")
-                sliders = [_weight_slider(minimum=WEIGHT_RANGE[0], maximum=WEIGHT_RANGE[1], value=1.0, step=SLIDER_STEP, label="weight",
-                                     visible=False, elem_id=f"weight-{i}", interactive=True)
+                sliders = [_weight_slider(minimum=WEIGHT_RANGE[0], maximum=WEIGHT_RANGE[1], value=1.0, step=SLIDER_STEP,
+                                          label="weight", visible=False, elem_id=f"weight-{i}", interactive=True)
                            for i in range(MAX_SLOTS)]
                 method = gr.Radio(list(METHODS), value="task_arithmetic", label="Method", elem_id="method")
                 t = gr.Slider(0, 1, value=0.5, step=0.05, label="t (0 = first adapter, 1 = second)",
@@ -485,12 +486,14 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                     fit_text = gr.Textbox(lines=6, max_lines=16, elem_id="fit-examples",
                                           label='Examples: JSONL, one {"messages": [...]} or {"prompt": ..., '
                                                 '"completion": ...} per line',
-                                          placeholder='{"prompt": "Name a fruit.", "completion": "APPLE.\\n\\n-- RoAd bot"}')
+                                          placeholder='{"prompt": "Name a fruit.", '
+                                                      '"completion": "APPLE.\\n\\n-- RoAd bot"}')
                     fit_file = gr.File(label="... or upload a .jsonl file (used instead of the text)",
                                        file_types=[".jsonl"], type="filepath", elem_id="fit-file", height=90)
                     with gr.Row():
                         fit_granularity = gr.Radio([("per module", "module"), ("per layer", "layer"),
-                                                    ("per adapter", "adapter")], value="module", label="Coefficients", elem_id="fit-granularity")
+                                                    ("per adapter", "adapter")], value="module", label="Coefficients",
+                                                   elem_id="fit-granularity")
                         fit_steps_box = gr.Slider(1, 200, value=30, step=1, label="steps", elem_id="fit-steps")
                     fit_btn = gr.Button("Fit", variant="primary", elem_id="fit")
                     fit_status = gr.Markdown("", elem_id="fit-status")
