@@ -52,11 +52,11 @@ def _label(a: Adapter, i: int) -> str:
 def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) -> None:
     """Raise :class:`IncompatibleAdaptersError` unless all adapters can be combined.
 
-    Checks, in order: same kind; for RoAd the same variant (unless ``same_variant=False``), group size, adapted
-    modules and tensor shapes; for LoRA a plain ``ΔW = s·B·A`` (no DoRA, LoRA bias, ...) and the same layer
-    shapes where modules are shared (each may adapt modules the others do not: their ΔW is 0 there); for prompts
-    the same shape and a recorded init. Different
-    ``base_model_name_or_path`` values with matching shapes only warn (:class:`CompatibilityWarning`).
+    Checks, in order: same kind; for RoAd the same variant (unless ``same_variant=False``), group size and the
+    tensor shapes where modules are shared (each may adapt modules the others do not: it is the identity there);
+    for LoRA a plain ``ΔW = s·B·A`` (no DoRA, LoRA bias, ...) and the same layer shapes where modules are shared
+    (each may adapt modules the others do not: their ΔW is 0 there); for prompts the same shape and a recorded
+    init. Different ``base_model_name_or_path`` values with matching shapes only warn (:class:`CompatibilityWarning`).
     """
     if not adapters:
         raise InvalidArgumentError("No adapters given; pass at least one.", name="adapters", value=[])
@@ -98,14 +98,7 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                     f"Group sizes differ: {first.group_size} vs {other.group_size} ({names}); the 2D pairs "
                     "do not line up, so these adapters cannot be combined.",
                     field="group_size", left=first.group_size, right=other.group_size)
-            ma, mb = set(first.theta), set(other.theta)
-            if ma != mb:
-                only = sorted(ma ^ mb)[0]
-                side = "first" if only in ma else "second"
-                raise IncompatibleAdaptersError(
-                    f"Target modules differ: '{only}' is adapted only by the {side} adapter ({names}){bm_note}.",
-                    field="modules", left=sorted(ma), right=sorted(mb), tensor=f"{only}.road_theta")
-            for m in first.theta:
+            for m in first.theta.keys() & other.theta.keys():  # a module only one adapts is the identity in the other
                 wa, wb = first.width(m), other.width(m)
                 if wa != wb or (same_variant and first.theta[m].shape != other.theta[m].shape):
                     raise IncompatibleAdaptersError(
@@ -160,6 +153,31 @@ def _generator(a: RoadAdapter, m: str) -> tuple[torch.Tensor, torch.Tensor]:
             "generator arithmetic. Use composer.compose for exact products.",
             tensor=f"{m}.road_alpha", index=idx, value=0.0)
     return road_math.generator(a.theta[m], alpha)
+
+
+def _road_union(adapters: Sequence[RoadAdapter]) -> list[RoadAdapter]:
+    """The adapters over the union of their modules: where one does not adapt a module another does, it gets the
+    identity there (θ = 0, α = 1, in its own variant), which is exactly what not adapting it means. Adapters that
+    already share their modules come back unchanged; padded ones list the union in ``target_modules``."""
+    modules = list(dict.fromkeys(m for a in adapters for m in a.theta))
+    if all(len(a.theta) == len(modules) for a in adapters):
+        return list(adapters)
+    width = {m: a.width(m) for a in reversed(adapters) for m in a.theta}
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    out = []
+    for a in adapters:
+        theta, alpha = {}, {}
+        for m in modules:
+            if m in a.theta:
+                theta[m], alpha[m] = a.theta[m], a.alpha[m]
+            else:
+                n = road_math.num_values(a.variant, width[m])
+                dtype = next(iter(a.theta.values())).dtype
+                theta[m], alpha[m] = torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype)
+        cfg = {k: v for k, v in a.config.items() if k not in ("layers_to_transform", "layers_pattern")}
+        cfg["target_modules"] = targets
+        out.append(replace(a, theta=theta, alpha=alpha, config=cfg))
+    return out
 
 
 def _road_result(template: RoadAdapter, theta: dict, alpha: dict, recipe: Recipe,
@@ -217,6 +235,8 @@ def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: st
     if isinstance(first, LoraAdapter):
         return _lora_linear(adapters, weights, method, params, expr, op)  # type: ignore[arg-type]
     if isinstance(first, RoadAdapter):
+        adapters = _road_union(adapters)  # type: ignore[arg-type]
+        first = adapters[0]
         theta, alpha = {}, {}
         for mod in first.theta:
             gens = [_generator(a, mod) for a in adapters]  # type: ignore[arg-type]
@@ -443,6 +463,7 @@ def compose(a: Adapter, b: Adapter) -> Adapter:
                                  "none: applying both is their sum. Use composer.add(a, b), which is exact.")
     check_compatible([a, b], same_variant=False)
     expr = f"compose({_label(a, 0)}, {_label(b, 1)})"  # the grammar's compose(x, y)
+    a, b = _road_union([a, b])
     if a.variant == b.variant == "road_1":
         r = _linear([a, b], [1.0, 1.0], expression=expr, op="compose")
         return r

@@ -42,12 +42,14 @@ def test_mixing_kinds(model):
     assert (e.value.left, e.value.right) == ("road", "prompt")
 
 
-def test_different_target_modules_name_the_module(model):
+def test_different_target_modules_add_with_the_identity_where_one_is_missing(model):
     a = random_road(model, targets=("q_proj", "v_proj"))
     b = random_road(model, targets=("q_proj",), seed=2)
-    with pytest.raises(IncompatibleAdaptersError, match=r"model\.layers\.0\.self_attn\.v_proj") as e:
-        composer.add(a, b)
-    assert e.value.field == "modules" and e.value.tensor == "model.layers.0.self_attn.v_proj.road_theta"
+    s = composer.add(a, b)
+    v0 = "model.layers.0.self_attn.v_proj"
+    assert torch.equal(s.theta[v0], a.theta[v0]) and torch.allclose(s.alpha[v0], a.alpha[v0])
+    neg = composer.sub(b, a)  # b lacks v_proj: b - a there is the inverse of a
+    assert torch.allclose(neg.theta[v0], -a.theta[v0]) and torch.allclose(neg.alpha[v0], 1 / a.alpha[v0])
 
 
 def test_different_shapes_name_tensor_and_both_shapes_and_base_models():
@@ -122,7 +124,8 @@ def test_load_rejects_group_size_not_dividing_width(saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
     cfg["group_size"] = 12
     (saved / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(composer.AdapterFormatError, match=r"group_size 12 does not divide the width 64 of layer .model.layers.0.mlp.up_proj"):
+    with pytest.raises(composer.AdapterFormatError,
+                       match=r"group_size 12 does not divide the width 64 of layer .model.layers.0.mlp.up_proj"):
         composer.load(saved)
 
 

@@ -83,6 +83,26 @@ def test_road1_add_equals_peft_stacking(tmp_path):
     torch.testing.assert_close(summed, stacked, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["add", "compose"])
+def test_road_adapters_of_different_modules_add_as_peft_stacks_them(tmp_path, op):
+    """A module only one adapter adapts is the identity in the other: add equals PEFT stacking both."""
+    model = tiny_model()
+    a = random_road(model, "road_1", seed=1, targets=("q_proj", "v_proj"))
+    b = random_road(model, "road_1", seed=2, targets=("v_proj", "up_proj"))
+    composer.save(a, tmp_path / "a")
+    composer.save(b, tmp_path / "b")
+    s = getattr(composer, op)(a, b)
+    assert s.recipe.exact and set(s.theta) == set(a.theta) | set(b.theta)
+    assert s.config["target_modules"] == ["q_proj", "up_proj", "v_proj"]
+    composer.save(s, tmp_path / "sum")
+    stacked = peft_logits([tmp_path / "a", tmp_path / "b"])
+    assert (stacked - peft_logits([tmp_path / "a"])).abs().max() > 1e-3
+    torch.testing.assert_close(peft_logits([tmp_path / "sum"]), stacked, atol=1e-5, rtol=1e-5)
+    # and the other way round: b's modules first
+    torch.testing.assert_close(peft_logits([tmp_path / "sum"]), peft_logits([tmp_path / "b", tmp_path / "a"]),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("va,vb", [("road_2", "road_2"), ("road_4", "road_4"), ("road_1", "road_2"),
                                    ("road_2", "road_1"), ("road_4", "road_2")])
 def test_compose_is_the_exact_block_product_per_peft(tmp_path, va, vb):
