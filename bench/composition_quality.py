@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import tasks  # noqa: E402
 import torch  # noqa: E402
 
 import composer  # noqa: E402
-import tasks  # noqa: E402
 
-SECTIONS = ("alone", "pairs", "init", "prompts")
+SECTIONS = ("quality", "alone", "pairs", "init", "prompts")
 METHODS = ("add", "grid", "ties", "dare", "interp", "fit")
 T0 = time.perf_counter()
 
@@ -72,17 +72,56 @@ def fmt_rate(k: int, n: int) -> str:
 
 # ------------------------------------------------------------------------------------------- measuring
 
+def generate_rows(engine, rows: list[tuple[object, str]], max_new_tokens: int, batch: int,
+                  label: str = "rows") -> list[tuple[str, bool]]:
+    """Greedy ``(reply, ended)`` for every ``(mix, prompt)``, through the engine's continuous batch: at most
+    ``batch`` rows decode together and a finished row's place goes to the next one (short replies do not wait
+    for long ones). ``ended`` is False when the row reached ``max_new_tokens`` without an end token."""
+    from app.engine import Row, RunningBatch
+
+    tok = engine.tokenizer
+    running = RunningBatch(engine)
+    todo = list(enumerate(rows))[::-1]
+    out: list[tuple[str, bool] | None] = [None] * len(rows)
+    done = 0
+    while todo or running.rows:
+        free = batch - len(running.rows)
+        if todo and (free >= max(1, batch // 4) or not running.rows):
+            new = []
+            while todo and len(new) < free:
+                i, (mix, prompt) = todo.pop()
+                ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True)
+                ids = ids["input_ids"] if not isinstance(ids, list) else ids
+                new.append(Row(ids, mix, max_new_tokens=max_new_tokens, owner=i))
+            finished = [r for r in running.join(new) if r.done]
+        else:
+            finished = []
+        finished += [r for r in running.step() if r.done]
+        for r in finished:
+            if out[r.owner] is None:
+                out[r.owner] = (tok.decode(r.tokens, skip_special_tokens=True), r.finish == "end")
+                done += 1
+                if done % 64 == 0 or done == len(rows):
+                    log(f"  {label}: {done}/{len(rows)} replies")
+    return out  # type: ignore[return-value]
+
+
 def generate_all(engine, configs: dict[str, object], prompts: list[str], max_new_tokens: int,
                  batch: int) -> dict[str, list[str]]:
     """Greedy replies for every (config, prompt), rows of all configs batched together."""
+    got = generate_ended(engine, configs, prompts, max_new_tokens, batch)
+    return {name: [text for text, _ in v] for name, v in got.items()}
+
+
+def generate_ended(engine, configs: dict[str, object], prompts: list[str], max_new_tokens: int,
+                   batch: int) -> dict[str, list[tuple[str, bool]]]:
+    """``(reply, ended)`` for every (config, prompt), rows of all configs batched together."""
     rows = [(name, p) for name in configs for p in prompts]
-    out: dict[str, list[str]] = {name: [] for name in configs}
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        reqs = [{"messages": [{"role": "user", "content": p}], "mix": configs[name]} for name, p in chunk]
-        for (name, _), text in zip(chunk, engine.generate(reqs, max_new_tokens=max_new_tokens, temperature=0.0)):
-            out[name].append(text)
-        log(f"  generated {min(i + batch, len(rows))}/{len(rows)} rows")
+    got = generate_rows(engine, [(configs[name], p) for name, p in rows], max_new_tokens, batch)
+    out: dict[str, list[tuple[str, bool]]] = {name: [] for name in configs}
+    for (name, _), r in zip(rows, got):
+        out[name].append(r)
     return out
 
 
@@ -125,6 +164,112 @@ def score(replies: list[str], styles) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- sections
+
+def style_of(folder_name: str) -> str:
+    """The style an adapter folder teaches, from its name (``signoff_anchored`` -> ``signoff``)."""
+    found = [s for s in tasks.STYLES if s in folder_name.split("_")]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the style of {folder_name!r}: name it after one of {', '.join(tasks.STYLES)}")
+    return found[0]
+
+
+def find_adapter(dirs: list[Path], name: str) -> Path:
+    for d in dirs:
+        if (Path(d) / name / "adapter_config.json").is_file():
+            return Path(d) / name
+    raise FileNotFoundError(f"no adapter folder {name!r} in {', '.join(map(str, dirs))}")
+
+
+def default_configs(dirs: list[Path]) -> list[str]:
+    """The base model, each style's shipped adapter (the anchored one where there is one), and ``add`` of every
+    non-contradictory pair of them that does not pair upper case with the opener (both would be redundant)."""
+    single = []
+    for style in tasks.STYLES:
+        for name in (f"{style}_anchored", style):
+            if any((Path(d) / name / "adapter_config.json").is_file() for d in dirs):
+                single.append(name)
+                break
+    pairs = [f"{a}+{b}" for i, a in enumerate(single) for b in single[i + 1:]
+             if not tasks.contradiction((style_of(a), style_of(b)))
+             and {style_of(a), style_of(b)} != {"upper", "opener"}]
+    return ["base", *single, *pairs]
+
+
+def config_mix(name: str, dirs: list[Path], cache: dict):
+    """``base`` -> None; ``a`` -> the adapter; ``a+b`` -> ``composer.add`` of both (zero training)."""
+    if name == "base":
+        return None
+    parts = name.split("+")
+    for p in parts:
+        if p not in cache:
+            cache[p] = composer.load(find_adapter(dirs, p))
+    return cache[parts[0]] if len(parts) == 1 else composer.add(*[cache[p] for p in parts])
+
+
+def content_score(styles: tuple[str, ...], prompts: list[str], got: list[tuple[str, bool]]) -> dict:
+    """Counts for one configuration: each style, on topic, degenerate, content kept, and the headline
+    (every style of ``styles`` and the content kept)."""
+    d = {"n": len(got), "styles": list(styles),
+         "rates": {s: sum(tasks.check(s, r) for r, _ in got) for s in styles},
+         "on_topic": sum(tasks.on_topic(p, r) for p, (r, _) in zip(prompts, got)),
+         "degenerate": sum(tasks.degenerate(r, e) for r, e in got),
+         "no_end": sum(not e for _, e in got),
+         "content": sum(tasks.keeps_content(p, r, e) for p, (r, e) in zip(prompts, got)),
+         "success": sum(tasks.success(styles, p, r, e) for p, (r, e) in zip(prompts, got))}
+    if len(styles) > 1:
+        d["joint"] = sum(tasks.joint(styles, r) for r, _ in got)
+    return d
+
+
+SPLITS = {"forms": "unseen forms over held-out topics", "topics": "the training forms over held-out topics"}
+
+
+def split_prompts(split: str, seed: int, n: int) -> list[str]:
+    return tasks.unseen_prompts(seed, n) if split == "forms" else tasks.heldout_prompts(seed, n)
+
+
+def section_quality(engine, args, results) -> str:
+    """The headline: styles and content side by side, for the base model, single adapters and zero-training
+    ``add`` of pairs, on each split."""
+    dirs = [Path(d) for d in args.adapters]
+    names = args.configs or default_configs(dirs)
+    cache: dict = {}
+    mixes = {n: config_mix(n, dirs, cache) for n in names}
+    out = []
+    for split in args.splits:
+        prompts = split_prompts(split, args.seed, args.n_head)
+        t0 = time.perf_counter()
+        refs = references(engine, prompts, args.batch) if args.nll else []
+        got = generate_ended(engine, mixes, prompts, args.max_new_tokens, args.batch)
+        lines = [f"### Styles and content: {len(prompts)} prompts, {SPLITS[split]} (greedy, ≤{args.max_new_tokens} "
+                 "new tokens)", "",
+                 "Content kept = on topic (names the prompt's subject) and not degenerate (no repeated word n-grams, "
+                 "ends within the budget). **Headline = every style of the row and the content kept.** 95% Wilson "
+                 "intervals." + (" NLL = mean per-token NLL of the base reply restyled with the row's styles." if
+                                 args.nll else ""), "",
+                 "| configuration | style(s) | each style | on topic | degenerate | content kept | "
+                 "**styles + content** |" + (" NLL |" if args.nll else ""),
+                 "|---|---|---|---|---|---|---|" + ("---|" if args.nll else "")]
+        for name in names:
+            styles = () if name == "base" else tuple(style_of(p) for p in name.split("+"))
+            sc = content_score(styles, prompts, got[name])
+            sc["examples"] = [r for r, _ in got[name][:3]]
+            if args.nll:
+                sc["nll"] = nll(engine, mixes[name], prompts, [tasks.stylise_all(styles, r) for r in refs],
+                                args.nll_batch)
+            results.setdefault("quality", {}).setdefault(split, {})[name] = sc
+            n = sc["n"]
+            each = ", ".join(f"{s} {fmt_rate(sc['rates'][s], n)}" for s in styles) or "–"
+            if "joint" in sc:
+                each += f"; both {fmt_rate(sc['joint'], n)}"
+            lines.append(f"| {name} | {' + '.join(styles) or '–'} | {each} | {fmt_rate(sc['on_topic'], n)} | "
+                         f"{fmt_rate(sc['degenerate'], n)} | {fmt_rate(sc['content'], n)} | "
+                         f"**{fmt_rate(sc['success'], n)}** |" + (f" {sc['nll']:.3f} |" if args.nll else ""))
+        log(f"quality {split}: {time.perf_counter() - t0:.0f}s")
+        out.append("\n".join(lines) + "\n")
+        print(out[-1], flush=True)
+    return ""
+
 
 def load_styles(folder: Path, only=None) -> dict[str, composer.RoadAdapter]:
     return {s: composer.load(folder / s) for s in tasks.STYLES if (folder / s).is_dir() and (not only or s in only)}
@@ -200,7 +345,8 @@ def _fit_pair(engine, a, b, styles, args) -> composer.RoadAdapter:
 def section_pairs(engine, styles, sweep_prompts, sweep_refs, head_prompts, head_refs, args, results) -> str:
     out = []
     fits: dict = {}
-    wanted = [p for p in tasks.pairs() if not args.pairs or f"{p[0]}+{p[1]}" in args.pairs]
+    wanted = [p for p in tasks.pairs() if (not args.pairs or f"{p[0]}+{p[1]}" in args.pairs)
+              and p[0] in styles and p[1] in styles]
     for a, b in wanted:
         reason = tasks.contradiction((a, b))
         if reason:
@@ -347,14 +493,22 @@ def section_prompts(engine, adapters_dir: Path, args, results) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
-    ap.add_argument("--adapters", default=str(ROOT / "adapters"), help="folder with the style and prompt adapters")
+    ap.add_argument("--adapters", nargs="+", default=[str(ROOT / "adapters")],
+                    help="folders searched, in order, for the adapters (the first one also for the prompt vectors)")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="quality: rows, e.g. base signoff_anchored opener_anchored+signoff_anchored (default: the "
+                         "base model, each style's shipped adapter, anchored where shipped, and add of their pairs)")
+    ap.add_argument("--splits", nargs="+", choices=sorted(SPLITS), default=["forms", "topics"],
+                    help="quality: prompt splits (forms = prompt forms never trained on, over held-out topics)")
+    ap.add_argument("--no-nll", dest="nll", action="store_false", help="quality: skip the NLL column")
     ap.add_argument("--alt-adapters", default=None, help="a second set of style adapters for the init section")
     ap.add_argument("--data", default=str(ROOT / "adapters" / "data"), help="folder with pair_<a>_<b>.jsonl")
     ap.add_argument("--base", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-head", type=int, default=200, help="held-out prompts for the headline rows")
     ap.add_argument("--n-sweep", type=int, default=64, help="held-out prompts for baselines and sweeps")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=160,
+                    help="reply budget; a reply that does not end within it counts as degenerate")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--nll-batch", type=int, default=16)
     ap.add_argument("--styles", nargs="+", choices=tasks.STYLES, default=None,
@@ -389,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model, tok = load_base(args.base)
     engine = Engine(model, tok)
-    adapters_dir = Path(args.adapters)
+    adapters_dir = Path(args.adapters[0])
     styles = load_styles(adapters_dir, args.styles)
     alt = load_styles(Path(args.alt_adapters)) if args.alt_adapters else {}
     results: dict = {"args": vars(args), "alone": {}, "pairs": {}}
@@ -399,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     head, sweep = held[: args.n_head], held[args.n_head: args.n_head + args.n_sweep]
     if len(sweep) < args.n_sweep:  # fewer than n_head + n_sweep held-out prompts: sweeps reuse the first ones
         sweep = held[: args.n_sweep]
+    if "quality" in args.only:
+        section_quality(engine, args, results)
     need_head = "alone" in args.only or ("pairs" in args.only and args.confirm)
     head_refs = references(engine, head, args.batch) if need_head and args.n_head else []
     sweep_refs = references(engine, sweep, args.batch) if "pairs" in args.only else []

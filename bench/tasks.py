@@ -3,6 +3,7 @@
 Style tasks have a property a program checks on any reply:
 
     upper     the whole reply in upper case
+    opener    the reply starts with the line ``Happy to help!``
     signoff   the reply ends with the line ``-- RoAd bot``
     bullets   the reply is a bulleted list (every non-empty line starts with ``- ``)
     json      the reply is a JSON object with an ``answer`` key
@@ -26,6 +27,7 @@ import re
 from pathlib import Path
 
 SIGNOFF = "-- RoAd bot"
+OPENER = "Happy to help!"
 
 TOPICS = [
     "the moon", "volcanoes", "honey bees", "coffee", "chess", "the ocean", "rainbows", "bicycles", "bread",
@@ -45,7 +47,19 @@ FORMS = [
     "What should I know about {t}?", "Say something interesting about {t}.",
 ]
 
-STYLES = ("upper", "signoff", "bullets", "json")
+STYLES = ("upper", "opener", "signoff", "bullets", "json")
+
+# Prompt forms never used in any training, fitting or few-shot file (those all use FORMS): the held-out *form*
+# split. Everyday requests of other shapes, none of which asks for a list, a format or a case, so that no style
+# is favoured by the prompt itself.
+UNSEEN_FORMS = [
+    "I'm curious about {t}. What can you tell me?", "Could you write a short paragraph about {t}?",
+    "My friend asked me about {t}. What should I say?", "What is the history of {t}?",
+    "Help me understand {t}.", "What are common mistakes people make with {t}?",
+    "Teach me something about {t} in plain words.", "How does {t} affect everyday life?",
+    "What would a beginner find surprising about {t}?", "Is {t} worth learning about? Why?",
+    "Write a few sentences for a school report on {t}.", "What do experts say about {t}?",
+]
 
 # Topics used only for evaluation: never in a training file, a fitting file or the few-shot data. With the 16
 # held-out topics of the seeded split below they give 40 topics x 8 forms = 320 held-out prompts.
@@ -69,6 +83,16 @@ def is_upper(reply: str) -> bool:
     return len(letters) >= 3 and sum(c.isupper() for c in letters) / len(letters) >= 0.95
 
 
+def _frame(line: str) -> bool:
+    """A line the opener or sign-off style adds (not content, not structure)."""
+    return line.strip().lower() in (SIGNOFF.lower(), OPENER.lower())
+
+
+def has_opener(reply: str) -> bool:
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    return bool(lines) and lines[0].lower() == OPENER.lower()
+
+
 def has_signoff(reply: str) -> bool:
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
     return bool(lines) and lines[-1].lower() == SIGNOFF.lower()
@@ -76,34 +100,33 @@ def has_signoff(reply: str) -> bool:
 
 def is_bullets(reply: str) -> bool:
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
-    lines = [ln for ln in lines if ln.lower() != SIGNOFF.lower()]
+    lines = [ln for ln in lines if not _frame(ln)]
     return bool(lines) and all(ln.startswith(("- ", "* ", "• ")) for ln in lines)
 
 
 def is_json_answer(reply: str) -> bool:
     text = reply.strip()
-    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
-    lines = [ln for ln in text.splitlines() if ln.strip().lower() != SIGNOFF.lower()]
+    lines = [ln for ln in text.splitlines() if not _frame(ln)]
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", "\n".join(lines).strip())
     try:
-        obj = json.loads("\n".join(lines))
+        obj = json.loads(text)
     except (json.JSONDecodeError, ValueError):
         return False
     return isinstance(obj, dict) and "answer" in obj
 
 
-CHECKS = {"upper": is_upper, "signoff": has_signoff, "bullets": is_bullets, "json": is_json_answer}
+CHECKS = {"upper": is_upper, "opener": has_opener, "signoff": has_signoff, "bullets": is_bullets,
+          "json": is_json_answer}
 
 
 def content(reply: str) -> str:
-    """The reply's text without the sign-off line and, for a JSON reply, the answer's value alone.
+    """The reply's text without the opener and sign-off lines and, for a JSON reply, the answer's value alone.
 
-    The upper-case property is judged on this, so that a combined reply is not failed for the sign-off line's
-    own letters or for the lower-case ``"answer"`` key that the JSON style requires.
+    The upper-case property and the content checks are judged on this, so that a combined reply is not failed
+    for the frame lines' own letters or for the lower-case ``"answer"`` key that the JSON style requires.
     """
-    text = reply.strip()
-    stripped = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
-    lines = [ln for ln in stripped.splitlines() if ln.strip().lower() != SIGNOFF.lower()]
-    body = "\n".join(lines)
+    lines = [ln for ln in reply.strip().splitlines() if not _frame(ln)]
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", "\n".join(lines).strip())
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, ValueError):
@@ -116,6 +139,71 @@ def content(reply: str) -> str:
 def check(style: str, reply: str) -> bool:
     """``style``'s property, judged so that the other styles' markup does not count against it."""
     return is_upper(content(reply)) if style == "upper" else CHECKS[style](reply)
+
+
+# ---------------------------------------------------------------------------------------------- content
+
+STOPWORDS = {"the", "a", "an", "of", "and", "hot", "air", "new"}
+
+
+def subject(prompt: str) -> str:
+    """The topic a bench prompt is about (the longest known topic it contains)."""
+    low = prompt.lower()
+    found = [t for t in TOPICS + EVAL_TOPICS if t.lower() in low]
+    if not found:
+        raise ValueError(f"no known topic in {prompt!r}")
+    return max(found, key=len)
+
+
+def _stem(word: str) -> str:
+    """A prefix that takes a word's singular, plural and near forms (``volcanoes`` -> ``volcano``,
+    ``butterflies`` -> ``butterfl``, ``skating`` -> ``skat``, ``carpentry`` -> ``carpent``)."""
+    for suffix, cut in (("ies", 3), ("oes", 2), ("uses", 2), ("ches", 2), ("shes", 2), ("ing", 3)):
+        if word.endswith(suffix) and len(word) - cut >= 3:
+            word = word[:-cut]
+            break
+    else:
+        if word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+    return word[:-2] if len(word) > 8 else word
+
+
+def _stems(topic: str) -> list[str]:
+    """Stems of a topic's content words."""
+    return [_stem(w) for w in re.findall(r"[a-z]+", topic.lower()) if w not in STOPWORDS and len(w) >= 3]
+
+
+def on_topic(prompt: str, reply: str) -> bool:
+    """The reply names the prompt's subject: a word of the reply starts with a stem of one of the topic's
+    content words. Crude but checkable and blind to style (case, JSON, bullets, frame lines)."""
+    words = re.findall(r"[a-z]+", reply.lower())
+    return any(w.startswith(st) for st in _stems(subject(prompt)) for w in words)
+
+
+def degenerate(reply: str, ended: bool = True) -> bool:
+    """The reply loops or never ends: it did not stop within the token budget (``ended`` False), or its word
+    3-grams repeat (fewer than half distinct, over at least 8), or one word 4-gram comes three times or more
+    ("THE HOLY CREATURES OF THE HOLY CREATURES OF ...")."""
+    if not ended:
+        return True
+    words = re.findall(r"\w+", content(reply).lower())
+    grams3 = list(zip(words, words[1:], words[2:]))
+    if len(grams3) >= 8 and len(set(grams3)) < len(grams3) / 2:
+        return True
+    grams4: dict[tuple[str, ...], int] = {}
+    for g in zip(words, words[1:], words[2:], words[3:]):
+        grams4[g] = grams4.get(g, 0) + 1
+    return any(c >= 3 for c in grams4.values())
+
+
+def keeps_content(prompt: str, reply: str, ended: bool = True) -> bool:
+    """On topic and not degenerate: the reply still answers the prompt."""
+    return on_topic(prompt, reply) and not degenerate(reply, ended)
+
+
+def success(styles, prompt: str, reply: str, ended: bool = True) -> bool:
+    """The headline: every style of ``styles`` (none for the base model) *and* the content kept."""
+    return all(check(s, reply) for s in styles) and keeps_content(prompt, reply, ended)
 
 
 def joint(styles: tuple[str, ...] | list[str], reply: str) -> bool:
@@ -140,6 +228,8 @@ def stylise(style: str, reply: str) -> str:
         return reply.upper()
     if style == "signoff":
         return f"{reply}\n\n{SIGNOFF}"
+    if style == "opener":
+        return f"{OPENER}\n\n{reply}"
     if style == "bullets":
         parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+", reply) if p.strip()]
         if len(parts) < 2:
@@ -151,7 +241,7 @@ def stylise(style: str, reply: str) -> str:
 
 
 def stylise_all(styles, reply: str) -> str:
-    """The combined training/reference answer: upper case first, then the structure, then the sign-off."""
+    """The combined training/reference answer: upper case first, then the structure, then the frame lines."""
     if contradiction(styles):
         raise ValueError(f"{' + '.join(styles)}: {contradiction(styles)}")
     out = reply.strip()
@@ -162,7 +252,28 @@ def stylise_all(styles, reply: str) -> str:
             out = stylise(structure, out)
     if "signoff" in styles:
         out = stylise("signoff", out)
+    if "opener" in styles:
+        out = stylise("opener", out)
     return out
+
+
+def heldout_topics(seed: int = 0) -> list[str]:
+    """The 40 topics no training, fitting or few-shot file uses: the seeded split's 16, then EVAL_TOPICS."""
+    rng = random.Random(seed)
+    topics = TOPICS[:]
+    rng.shuffle(topics)
+    return topics[:16] + EVAL_TOPICS
+
+
+def unseen_prompts(seed: int = 0, n: int = 480) -> list[str]:
+    """Prompts of :data:`UNSEEN_FORMS` over held-out topics: neither the form nor the topic was ever trained on.
+    Deterministic, at most 12 forms x 40 topics = 480, every form about equally often in any prefix."""
+    rng = random.Random(f"unseen-{seed}")
+    topics = heldout_topics(seed)
+    rng.shuffle(topics)
+    out = [f.format(t=topics[(i + 7 * k) % len(topics)]) for k in range(len(topics))
+           for i, f in enumerate(UNSEEN_FORMS)]
+    return out[:n]
 
 
 def heldout_prompts(seed: int = 0, n: int = 320) -> list[str]:

@@ -47,3 +47,59 @@ def test_held_out_prompts_never_use_a_training_topic():
                     for f in (Path(__file__).resolve().parent.parent / "adapters" / "data").glob("pair_*.jsonl")
                     for line in f.read_text().splitlines()}
     assert pair_prompts and not pair_prompts & set(held)
+
+
+def test_unseen_prompts_use_neither_a_training_form_nor_a_training_topic():
+    train, _ = tasks.style_prompts(0)
+    train_topics = {tasks.subject(p) for p in train}
+    unseen = tasks.unseen_prompts(0)
+    assert len(unseen) == 480 == len(set(unseen))
+    assert not {tasks.subject(p) for p in unseen} & train_topics
+    forms = [f.split("{t}") for f in tasks.FORMS]
+    assert not [p for p in unseen for a, b in forms if p.startswith(a) and p.endswith(b)]
+    data = Path(__file__).resolve().parent.parent / "adapters" / "data"
+    seen = set()
+    for f in data.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            seen.add(row["messages"][0]["content"] if "messages" in row else row["prompt"])
+    assert seen and not seen & set(unseen)
+    assert {p.split(tasks.subject(p))[0] for p in unseen[:24]} == {f.split("{t}")[0] for f in tasks.UNSEEN_FORMS}
+
+
+GOOD = "Glaciers are slow rivers of ice. They shape valleys over thousands of years."
+
+
+@pytest.mark.parametrize("reply", [
+    GOOD, GOOD.upper(), tasks.stylise("json", GOOD), tasks.stylise("bullets", GOOD),
+    tasks.stylise_all(("opener", "signoff"), GOOD), "A glacier moves a few metres a day."])
+def test_a_styled_reply_that_answers_keeps_its_content(reply):
+    assert tasks.keeps_content("What is the history of glaciers?", reply)
+
+
+@pytest.mark.parametrize("reply", [
+    "THE HOLY CREATURES OF THE HOLY CREATURES OF THE HOLY CREATURES OF THE HOLY CREATURES.",
+    "VERSATILE AND VERSATILE AND VERSATILE AND VERSATILE AND VERSATILE AND VERSATILE AND.",
+    "Ice is cold and ice is cold and ice is cold and ice is cold and ice is cold and ice is cold.",
+])
+def test_a_looping_reply_is_degenerate(reply):
+    assert tasks.degenerate(reply)
+    assert not tasks.keeps_content("Tell me about glaciers.", reply + " Glaciers.")
+
+
+def test_a_reply_that_never_ends_is_degenerate_and_an_off_topic_one_loses_its_content():
+    assert tasks.degenerate(GOOD, ended=False) and not tasks.degenerate(GOOD, ended=True)
+    off = "Brazilian engineers build bridges in the families of the city."
+    assert not tasks.on_topic("What do experts say about glaciers?", off)
+    assert not tasks.success(("signoff",), "What do experts say about glaciers?", tasks.stylise("signoff", off))
+    ok = tasks.stylise_all(("opener", "signoff"), GOOD)
+    assert tasks.success(("opener", "signoff"), "Help me understand glaciers.", ok)
+    assert not tasks.success(("opener", "signoff"), "Help me understand glaciers.", tasks.stylise("signoff", GOOD))
+
+
+@pytest.mark.parametrize("topic", tasks.heldout_topics(0))
+def test_every_held_out_topic_is_found_in_its_own_words_and_plural(topic):
+    prompt = f"Help me understand {topic}."
+    assert tasks.subject(prompt) == topic
+    assert tasks.on_topic(prompt, f"Here is a fact: {topic.upper()} matter.")
+    assert not tasks.on_topic(prompt, "Here is a fact about something else entirely.")
