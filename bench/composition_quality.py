@@ -212,10 +212,10 @@ def content_score(styles: tuple[str, ...], prompts: list[str], got: list[tuple[s
     d = {"n": len(got), "styles": list(styles),
          "rates": {s: sum(tasks.check(s, r) for r, _ in got) for s in styles},
          "on_topic": sum(tasks.on_topic(p, r) for p, (r, _) in zip(prompts, got)),
-         "degenerate": sum(tasks.degenerate(r, e) for r, e in got),
+         "degenerate": sum(tasks.degenerate(r) for r, _ in got),
          "no_end": sum(not e for _, e in got),
-         "content": sum(tasks.keeps_content(p, r, e) for p, (r, e) in zip(prompts, got)),
-         "success": sum(tasks.success(styles, p, r, e) for p, (r, e) in zip(prompts, got))}
+         "content": sum(tasks.keeps_content(p, r) for p, (r, _) in zip(prompts, got)),
+         "success": sum(tasks.success(styles, p, r) for p, (r, _) in zip(prompts, got))}
     if len(styles) > 1:
         d["joint"] = sum(tasks.joint(styles, r) for r, _ in got)
     return d
@@ -243,13 +243,14 @@ def section_quality(engine, args, results) -> str:
         got = generate_ended(engine, mixes, prompts, args.max_new_tokens, args.batch)
         lines = [f"### Styles and content: {len(prompts)} prompts, {SPLITS[split]} (greedy, ≤{args.max_new_tokens} "
                  "new tokens)", "",
-                 "Content kept = on topic (names the prompt's subject) and not degenerate (no repeated word n-grams, "
-                 "ends within the budget). **Headline = every style of the row and the content kept.** 95% Wilson "
-                 "intervals." + (" NLL = mean per-token NLL of the base reply restyled with the row's styles." if
-                                 args.nll else ""), "",
-                 "| configuration | style(s) | each style | on topic | degenerate | content kept | "
+                 "Content kept = on topic (names the prompt's subject) and not degenerate (no repeated word "
+                 "n-grams). No end = ran to the token budget without an end token. **Headline = every style of the "
+                 "row and the content kept.** 95% Wilson intervals."
+                 + (" NLL = mean per-token NLL of the base reply restyled with the row's styles." if args.nll else ""),
+                 "",
+                 "| configuration | style(s) | each style | on topic | degenerate | no end | content kept | "
                  "**styles + content** |" + (" NLL |" if args.nll else ""),
-                 "|---|---|---|---|---|---|---|" + ("---|" if args.nll else "")]
+                 "|---|---|---|---|---|---|---|---|" + ("---|" if args.nll else "")]
         for name in names:
             styles = () if name == "base" else tuple(style_of(p) for p in name.split("+"))
             sc = content_score(styles, prompts, got[name])
@@ -263,7 +264,8 @@ def section_quality(engine, args, results) -> str:
             if "joint" in sc:
                 each += f"; both {fmt_rate(sc['joint'], n)}"
             lines.append(f"| {name} | {' + '.join(styles) or '–'} | {each} | {fmt_rate(sc['on_topic'], n)} | "
-                         f"{fmt_rate(sc['degenerate'], n)} | {fmt_rate(sc['content'], n)} | "
+                         f"{fmt_rate(sc['degenerate'], n)} | {fmt_rate(sc['no_end'], n)} | "
+                         f"{fmt_rate(sc['content'], n)} | "
                          f"**{fmt_rate(sc['success'], n)}** |" + (f" {sc['nll']:.3f} |" if args.nll else ""))
         log(f"quality {split}: {time.perf_counter() - t0:.0f}s")
         out.append("\n".join(lines) + "\n")
@@ -507,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-head", type=int, default=200, help="held-out prompts for the headline rows")
     ap.add_argument("--n-sweep", type=int, default=64, help="held-out prompts for baselines and sweeps")
-    ap.add_argument("--max-new-tokens", type=int, default=160,
-                    help="reply budget; a reply that does not end within it counts as degenerate")
+    ap.add_argument("--max-new-tokens", type=int, default=128,
+                    help="reply budget (replies that do not end within it are counted in the quality tables)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--nll-batch", type=int, default=16)
     ap.add_argument("--styles", nargs="+", choices=tasks.STYLES, default=None,

@@ -180,12 +180,14 @@ def on_topic(prompt: str, reply: str) -> bool:
     return any(w.startswith(st) for st in _stems(subject(prompt)) for w in words)
 
 
-def degenerate(reply: str, ended: bool = True) -> bool:
-    """The reply loops or never ends: it did not stop within the token budget (``ended`` False), or its word
-    3-grams repeat (fewer than half distinct, over at least 8), or one word 4-gram comes three times or more
-    ("THE HOLY CREATURES OF THE HOLY CREATURES OF ...")."""
-    if not ended:
-        return True
+def degenerate(reply: str) -> bool:
+    """The reply loops: its word 3-grams repeat (fewer than half distinct, over at least 8), or one word 4-gram
+    comes three times or more ("THE HOLY CREATURES OF THE HOLY CREATURES OF ...").
+
+    A reply that does not end within the token budget is reported on its own (the bench's "no end" column), not
+    counted here: the base model's own answers often run past a short budget without looping, and a style that
+    needs the end (the sign-off) already fails its own check when the reply never ends.
+    """
     words = re.findall(r"\w+", content(reply).lower())
     grams3 = list(zip(words, words[1:], words[2:]))
     if len(grams3) >= 8 and len(set(grams3)) < len(grams3) / 2:
@@ -196,14 +198,14 @@ def degenerate(reply: str, ended: bool = True) -> bool:
     return any(c >= 3 for c in grams4.values())
 
 
-def keeps_content(prompt: str, reply: str, ended: bool = True) -> bool:
+def keeps_content(prompt: str, reply: str) -> bool:
     """On topic and not degenerate: the reply still answers the prompt."""
-    return on_topic(prompt, reply) and not degenerate(reply, ended)
+    return on_topic(prompt, reply) and not degenerate(reply)
 
 
-def success(styles, prompt: str, reply: str, ended: bool = True) -> bool:
+def success(styles, prompt: str, reply: str) -> bool:
     """The headline: every style of ``styles`` (none for the base model) *and* the content kept."""
-    return all(check(s, reply) for s in styles) and keeps_content(prompt, reply, ended)
+    return all(check(s, reply) for s in styles) and keeps_content(prompt, reply)
 
 
 def joint(styles: tuple[str, ...] | list[str], reply: str) -> bool:

@@ -87,8 +87,8 @@ def test_a_looping_reply_is_degenerate(reply):
     assert not tasks.keeps_content("Tell me about glaciers.", reply + " Glaciers.")
 
 
-def test_a_reply_that_never_ends_is_degenerate_and_an_off_topic_one_loses_its_content():
-    assert tasks.degenerate(GOOD, ended=False) and not tasks.degenerate(GOOD, ended=True)
+def test_an_off_topic_reply_loses_its_content_and_fails_the_headline():
+    assert not tasks.degenerate(GOOD)
     off = "Brazilian engineers build bridges in the families of the city."
     assert not tasks.on_topic("What do experts say about glaciers?", off)
     assert not tasks.success(("signoff",), "What do experts say about glaciers?", tasks.stylise("signoff", off))
