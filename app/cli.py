@@ -396,6 +396,8 @@ def _cmd_compose(a) -> int:
         _err(f"Unchanged: {r.repo_id} is still {r.tag} ({r.sha[:12]}); the composition equals it.")
     else:
         _err(f"Composed {r.repo_id} {r.tag} ({r.sha[:12]}).")
+    for note in hub.composition_notes(a.expression):
+        _err(f"note: {note}")
     print(f"{r.repo_id}@{r.tag or r.sha}")
     return 0
 

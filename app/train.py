@@ -293,13 +293,63 @@ def anchored_loss(pm: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 EXAMPLES = """Examples:
-  hub train data.jsonl -o my-road                      # RoAd (road_1) on the default SmolLM2 base
-  hub train data.jsonl -o my-lora --kind lora --rank 8   # LoRA (lora_alpha 16) on q_proj v_proj
+  hub train data.jsonl -o my-road                      # RoAd (road_1), composable defaults (below)
+  hub train data.jsonl -o my-lora --kind lora --rank 8   # LoRA (lora_alpha 16), anchored, every projection
   hub train data.jsonl -o my-prompt --kind prompt --virtual-tokens 16
-  hub train data.jsonl -o slot0 --subspace 0/4          # RoAd in slot 0 of 4 disjoint shares of the pairs
-  hub train data.jsonl -o slot1 --subspace 1/4 --anchor # ... and claiming only the tokens it changes
+  hub train data.jsonl -o slot1 --subspace 1/4          # RoAd in slot 1 of 4 disjoint shares of the pairs
+  hub train data.jsonl -o plain --objective plain --subspace none --target-modules q_proj v_proj  # PEFT-like
   hub train data.jsonl -o mix-ft --init "0.5*alice/math + 0.5*./code-adapter" --steps 200
+
+Defaults are the ones that composed best in bench/composition_quality.py: the anchored objective, every linear
+projection of the decoder layers, and (RoAd) a subspace slot of 4 that no adapter of the same base model in the
+store uses yet (--subspace auto), so the new adapter adds to the shipped ones and to each other.
 """
+
+
+def decoder_projections(model: Any, group_size: int | None = None) -> list[str]:
+    """The names (last part) of every ``nn.Linear`` inside the model's decoder layers, e.g. ``q_proj k_proj
+    v_proj o_proj gate_proj up_proj down_proj`` on Llama-like models (the output head is not one of them);
+    with ``group_size`` (RoAd), only those whose every output width it divides."""
+    from torch import nn
+
+    widths: dict[str, set[int]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and ".layers." in f".{n}":
+            widths.setdefault(n.rsplit(".", 1)[-1], set()).add(m.out_features)
+    found = [k for k, ws in widths.items() if not group_size or all(w % group_size == 0 for w in ws)]
+    return sorted(found) or ["q_proj", "v_proj"]
+
+
+def free_slot(base_model: str | None, n: int = 4, root: Any = None) -> tuple[str, str]:
+    """A subspace slot ``k/n`` that no RoAd adapter of ``base_model`` in the store was trained in, and why.
+
+    Reads the card of each repository's newest version. When every slot is taken, the least used one is given
+    and the reason names the adapters it overlaps with.
+    """
+    import hub
+    from composer.card import parse_card
+
+    users: dict[int, list[str]] = {k: [] for k in range(n)}
+    try:
+        store = hub.Store(root)
+        rows = store.list()
+    except (hub.HubError, OSError):
+        rows = []
+    for row in rows:
+        try:
+            front, _ = parse_card(store.read(store.resolve(row["id"]), "README.md"))
+        except Exception:  # noqa: BLE001 - an unreadable card only means we do not know its slot
+            continue
+        sub = (front.get("training") or {}).get("subspace") if isinstance(front.get("training"), dict) else None
+        slot = sub.get("slot") if isinstance(sub, dict) else None
+        if base_model and front.get("base_model") not in (None, base_model):
+            continue
+        if isinstance(slot, list) and len(slot) == 2 and slot[1] == n and slot[0] in users:
+            users[slot[0]].append(row["id"])
+    k = min(users, key=lambda i: (len(users[i]), i))
+    if not users[k]:
+        return f"{k}/{n}", f"slot {k} of {n} (free in the store)"
+    return f"{k}/{n}", f"slot {k} of {n}, the least used: shared with {', '.join(users[k])}"
 
 
 def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
@@ -312,15 +362,22 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from a composition, e.g. '0.5*a + 0.5*b' (folders or store ids)")
     p.add_argument("--variant", choices=composer.road_math.VARIANTS, default="road_1")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--target-modules", nargs="+", help="RoAd/LoRA target modules (default: PEFT's, q_proj v_proj)")
+    p.add_argument("--target-modules", nargs="+",
+                   help="RoAd/LoRA target modules (default: every linear projection of the decoder layers)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA lora_alpha (default 2·rank)")
-    p.add_argument("--subspace", help="RoAd: train only a share of each layer's 2D pairs: 'k/n' (slot k of n "
-                   "disjoint slots) or a fraction like 0.5; the rest stay at the identity")
+    p.add_argument("--subspace", default="auto",
+                   help="RoAd: train only a share of each layer's 2D pairs: 'k/n' (slot k of n disjoint slots), a "
+                   "fraction like 0.5, 'none' (every pair), or 'auto' (default: a slot of 4 that no adapter of the "
+                   "same base model in the store uses); the rest stay at the identity")
     p.add_argument("--subspace-seed", type=int, default=0, help="seed of the per-module pair shuffle (default 0)")
-    p.add_argument("--anchor", action="store_true", help="RoAd/LoRA: on answer tokens the base model would produce "
-                   "anyway, train towards the base's distribution (KL) instead of the token, so the adapter moves "
-                   "only what its behaviour changes (adapters trained so add better); one more base pass per step")
+    p.add_argument("--objective", choices=["anchored", "plain"], default="anchored",
+                   help="RoAd/LoRA: 'anchored' (default): on answer tokens the base model would produce anyway, "
+                   "train towards the base's distribution (KL) instead of the token, so the adapter moves only what "
+                   "its behaviour changes and adds to others (one more base pass per step); 'plain': cross-entropy "
+                   "on every answer token (such adapters rarely add in behaviour)")
+    p.add_argument("--anchor", action="store_const", const="anchored", dest="objective",
+                   help="the same as --objective anchored (the default; kept for scripts)")
     p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 1e-3 LoRA, 3e-2 prompt)")
@@ -331,28 +388,49 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     return p
 
 
-def _subspace_arg(args: argparse.Namespace) -> Any:
-    if not args.subspace:
+def _subspace_arg(args: argparse.Namespace, model: Any) -> Any:
+    text = (args.subspace or "none").strip().lower()
+    if args.kind != "road" or args.init:
+        if text not in ("auto", "none"):
+            raise ValueError(f"--subspace applies to a fresh RoAd adapter only (not --kind {args.kind}"
+                             f"{' with --init' if args.init else ''}). Leave it out.")
+        return None
+    if text == "none":
         return None
     from composer.subspace import Subspace
 
-    return Subspace.parse(args.subspace, seed=args.subspace_seed)
+    if text == "auto":
+        text, why = free_slot(getattr(model, "name_or_path", None) or None)
+        print(f"subspace: {why} (--subspace to choose)", file=sys.stderr)
+    return Subspace.parse(text, seed=args.subspace_seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``hub train``: returns the exit code (0 ok, 1 known error, 2 usage error from argparse)."""
     args = build_parser().parse_args(argv)
     try:
+        if not Path(args.data).is_file():  # before the model loads: a typo should not cost the load
+            raise TrainingDataError(f"Training data '{args.data}' is not a file. Give a JSONL file of "
+                                    '{"messages": [...]} or {"prompt": ..., "completion": ...} lines.',
+                                    path=args.data)
         from .engine import load_base
-        result = train(load_base(args.base), args.data, kind=args.kind, init=args.init, variant=args.variant,
-                       group_size=args.group_size, target_modules=args.target_modules,
+        model, tok = load_base(args.base)
+        anchor = args.objective == "anchored" and args.kind != "prompt"
+        targets = args.target_modules
+        if targets is None and args.kind in ("road", "lora") and not args.init:
+            targets = decoder_projections(model, args.group_size if args.kind == "road" else None)
+        result = train((model, tok), args.data, kind=args.kind, init=args.init, variant=args.variant,
+                       group_size=args.group_size, target_modules=targets,
                        num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, seed=args.seed, out_dir=args.output,
-                       subspace=_subspace_arg(args), rank=args.rank, lora_alpha=args.lora_alpha,
-                       anchor=args.anchor)
+                       subspace=_subspace_arg(args, model), rank=args.rank, lora_alpha=args.lora_alpha,
+                       anchor=anchor)
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
         from .cli import report_error  # the one formatter and debug switch (HUB_DEBUG) of the command line
         return report_error(e)
+    except ValueError as e:  # options that do not go together: a usage error, one line
+        print(f"hub train: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"path": str(result.path), **result.training}))
     else:

@@ -44,7 +44,8 @@ from .ids import RepoRef, parse_id
 from .store import PushResult, Resolved, Store, default_root
 
 __all__ = [
-    "push", "pull", "log", "resolve", "load", "compose", "tag", "list_adapters",
+    "push", "pull", "log", "resolve", "load", "compose", "composition_notes", "training_record", "tag",
+    "list_adapters",
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
     "TagExistsError", "ReservedTagError", "UnsafeFolderError", "PushConflictError", "IntegrityError",
@@ -142,6 +143,30 @@ def tag(repo_id: str, name: str, *, force: bool = False, root: str | os.PathLike
 def list_adapters(*, root: str | os.PathLike | None = None) -> list[dict]:
     """Every adapter in the store: ``id``, ``latest``, ``sha``, ``versions``."""
     return Store(root).list()
+
+
+def training_record(repo_id: str, *, root: str | os.PathLike | None = None) -> dict | None:
+    """The ``training`` record of a stored adapter's card (``hub train`` writes it), or ``None``."""
+    from composer.card import parse_card
+
+    store = Store(root)
+    try:
+        front, _ = parse_card(store.read(store.resolve(repo_id), "README.md"))
+    except (HubError, composer.ComposerError, OSError):
+        return None
+    rec = front.get("training")
+    return rec if isinstance(rec, dict) else None
+
+
+def composition_notes(expression: str, *, root: str | os.PathLike | None = None) -> list[str]:
+    """Sentences saying why the adapters an expression names may not compose well in behaviour, and what to
+    do (:func:`composer.advice.notes`); empty when nothing is known against them."""
+    from composer.advice import notes
+    from composer.expr import names, parse
+
+    store = Store(root)
+    inputs = [(n, store.load(n), training_record(n, root=root)) for n in dict.fromkeys(names(parse(expression)))]
+    return notes(inputs)
 
 
 def compose(expression: str, repo_id: str, *, message: str | None = None, tag: str | None = None,

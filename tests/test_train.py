@@ -216,3 +216,55 @@ def test_anchored_training_learns_a_task_and_records_its_objective(data):
     assert train((learner(), char_tokenizer()), data, **{**kw, "steps": 1}).training["objective"] == "cross_entropy"
     with pytest.raises(ValueError, match="RoAd and LoRA training only"):
         train((learner(), char_tokenizer()), data, kind="prompt", anchor=True, **kw)
+
+
+def _base_folder(tmp_path):
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    return base
+
+
+def test_cli_defaults_make_a_composable_adapter_in_a_free_slot(tmp_path, data, capsys):
+    """hub train's defaults: anchored, every decoder projection, a subspace slot no stored adapter of the same
+    base uses; a second run takes the next slot once the first is in the store."""
+    import hub
+
+    base = _base_folder(tmp_path)
+    slots = []
+    for i in range(2):
+        out = tmp_path / f"t{i}"
+        assert main([str(data), "-o", str(out), "--base", str(base), "--steps", "2", "--group-size", "8",
+                     "--json"]) == 0
+        captured = capsys.readouterr()
+        record = json.loads(captured.out)
+        assert record["objective"] == "anchored" and "free in the store" in captured.err
+        slots.append(record["subspace"]["slot"])
+        adapter = composer.load(out)
+        assert {m.rsplit(".", 1)[-1] for m in adapter.theta} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"}
+        hub.push(out, f"alice/t{i}")
+    assert slots == [[0, 4], [1, 4]]
+    assert main([str(data), "-o", str(tmp_path / "plain"), "--base", str(base), "--steps", "1", "--objective",
+                 "plain", "--subspace", "none", "--target-modules", "q_proj", "--group-size", "8", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["objective"] == "cross_entropy" and "subspace" not in record
+    # the plain one is flagged when composed with the anchored one, with what to do
+    hub.push(tmp_path / "plain", "alice/plain")
+    notes = hub.composition_notes("alice/t0 + alice/plain")
+    assert len(notes) == 2 and all("hub fit" in n for n in notes)
+    assert "alice/plain was trained with plain cross-entropy" in notes[0]
+    assert "alice/t0 and alice/plain move the same 2D pairs" in notes[1]  # every pair (no subspace) vs slot 0
+    assert hub.composition_notes("alice/t0 + alice/t1") == []  # disjoint slots, both anchored
+
+
+def test_cli_refuses_a_missing_data_file_before_loading_the_model_and_bad_options_in_one_line(tmp_path, capsys):
+    code = main([str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o"), "--base", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert code == 1 and "nope.jsonl' is not a file" in err and "no-model" not in err
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    code = main([str(data), "-o", str(tmp_path / "o"), "--base", str(_base_folder(tmp_path)), "--kind", "prompt",
+                 "--subspace", "0/4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--subspace applies to a fresh RoAd adapter" in err
