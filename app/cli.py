@@ -504,7 +504,9 @@ FORMATTERS = _formatters()
 
 def debug() -> bool:
     """Whether ``HUB_DEBUG`` asks for tracebacks (the one debug switch of ``hub`` and ``hub train``)."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    from composer.env import env_flag
+
+    return env_flag(DEBUG_ENV)
 
 
 def report_error(e: BaseException) -> int:

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from composer.data import file_sha256
+from composer.env import env_flag
 from hub import Store
 
 SHIPPED = Path(__file__).resolve().parents[1] / "adapters"
@@ -73,7 +74,7 @@ def import_examples(store: Store | None = None, *, folder: Path = SHIPPED, force
     Returns:
         The ids added or updated (``examples/x@v2`` for an update).
     """
-    if not force and os.environ.get("ADAPTER_HUB_NO_EXAMPLES"):
+    if not force and env_flag("ADAPTER_HUB_NO_EXAMPLES"):
         return []
     store = store or Store()
     marker = store.root / MARKER

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from composer.env import env_flag
 
 STRICT_ENV = "ADAPTER_HUB_TEST_STRICT"
 
@@ -13,6 +13,6 @@ def missing(what: str) -> None:
     """Skip the test because ``what`` (a message with the install command) is not on this machine — or fail
     it when ``ADAPTER_HUB_TEST_STRICT=1``, as ``.ci/run`` sets, so that CI cannot pass quietly without the
     browser or the real model it is meant to test."""
-    if os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+    if env_flag(STRICT_ENV):
         pytest.fail(f"{what} ({STRICT_ENV} is set: CI must run this test)", pytrace=False)
     pytest.skip(what)

@@ -94,3 +94,15 @@ def test_heat_map_area_shows_the_pairwise_overlap(slots):
     ident = random_road(learner(), scale=0.0)
     _, m = overlap_matrix([("i", ident)])
     assert m[0][0] == 0.0
+
+
+def test_mixer_says_when_the_chosen_adapters_will_not_compose_well(slots):
+    from app.ui.mixer import Mixer
+
+    mixer = Mixer()
+    assert mixer.training("t/s0")["objective"] == "cross_entropy"
+    notes = mixer.composition_notes([("t/s0", slots["s0"]), ("t/s1", slots["s1"])])
+    assert len(notes) == 2 and all("plain cross-entropy" in n and "hub fit" in n for n in notes)  # disjoint slots
+    notes = mixer.composition_notes([("t/s0", slots["s0"]), ("t/full", slots["full"])])
+    assert any("t/s0 and t/full move the same 2D pairs (100%" in n for n in notes)
+    assert mixer.composition_notes([("t/s0", slots["s0"])]) == []  # one adapter: nothing to compose

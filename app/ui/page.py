@@ -176,6 +176,11 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                           "to the plain weighted sum.")
             if notes:
                 status += "\n\n" + "\n\n".join(f"**Note:** {plain(n)}" for n in notes)
+            is_fit = adapter is not None and adapter is current(fitted, selected, method, weights)
+            advice = mixer.composition_notes(named) if expression and not is_fit else []
+            if advice:
+                status += "\n\n" + "\n\n".join(f"**May not compose well:** {plain(n)} (*Fit to examples* below "
+                                                 "does it here.)" for n in advice)
             return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
                     deviation_text(adapter), overlap_html(*overlap_matrix(named)), descriptions(selected))
         except MixInputError as e:
