@@ -4,29 +4,33 @@
 #   bash adapters/train_all.sh json       # only the named adapters
 # Deterministic given the seeds below. The four style adapters are trained in disjoint subspaces of the 2D pairs
 # (slots 0-3 of 4, seed 0: each moves a quarter of every layer's pairs, the rest stay exactly at the identity);
-# about 16-20 min each on 2 idle CPU cores. upper_anchored and signoff_anchored are the same two trained with
-# `--anchor` (loss only on the tokens the base model would not produce, KL to the base elsewhere), which add far
-# better; about 1.5x the time.
+# about 16-20 min each on 2 idle CPU cores. The *_anchored adapters are trained with the anchored objective (loss
+# only on the tokens the base model would not produce, KL to the base elsewhere; hub train's default), which add far
+# better; about 1.5x the time (13-17 min each with one thread, two at once). opener (the reply starts with "Happy to
+# help!") exists only anchored and shares slot 0 with upper, which it replaces in the composition set (upper case
+# loses the content on this model; see the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -f adapters/data/style_upper.jsonl ] || python bench/tasks.py --out adapters/data
+[ -f adapters/data/style_opener.jsonl ] || python bench/tasks.py --out adapters/data
 [ -f adapters/data/pair_upper_signoff.jsonl ] || python bench/tasks.py --pairs --out adapters/data
-declare -A STEPS=([upper]=120 [signoff]=120 [bullets]=120 [json]=120
+declare -A STEPS=([upper]=120 [opener]=120 [signoff]=120 [bullets]=120 [json]=120
                   [sent_product]=60 [sent_movie]=60 [sent_restaurant]=60 [lora_signoff]=120 [lora_json]=60)
-declare -A SLOT=([upper]=0/4 [signoff]=1/4 [bullets]=2/4 [json]=3/4)
+declare -A SLOT=([upper]=0/4 [opener]=0/4 [signoff]=1/4 [bullets]=2/4 [json]=3/4)
 ONLY=("$@")
 want() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 for style in upper signoff bullets json; do
   want "$style" || continue
   hub train adapters/data/style_$style.jsonl -o adapters/$style --kind road --variant road_1 --group-size 64 \
     --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0
+    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0 \
+    --objective plain
 done
-for style in upper signoff; do
+for style in upper opener signoff bullets json; do
   want "${style}_anchored" || continue
   hub train adapters/data/style_$style.jsonl -o adapters/${style}_anchored --kind road --variant road_1 --group-size 64 \
     --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0 --anchor
+    --steps "${STEPS[$style]}" --lr 5e-3 --batch-size 4 --seed 0 --subspace "${SLOT[$style]}" --subspace-seed 0 \
+    --objective anchored
 done
 # The three prompt vectors share one origin P0 (same seed), as in the task prompt vectors paper.
 for domain in product movie restaurant; do
@@ -40,5 +44,5 @@ for style in signoff json; do
   want "lora_$style" || continue
   hub train adapters/data/style_$style.jsonl -o adapters/lora_$style --kind lora --rank 8 \
     --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-    --steps "${STEPS[lora_$style]}" --lr 2e-3 --batch-size 4 --seed 0
+    --steps "${STEPS[lora_$style]}" --lr 2e-3 --batch-size 4 --seed 0 --objective plain
 done
