@@ -73,6 +73,34 @@ def coefficients_markdown(s: dict[str, Any], *, code: bool = True) -> str:
     return "\n".join([head, rule, *rows, mean])
 
 
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def coefficients_plot(s: dict[str, Any]) -> str:
+    """The coefficients as a small text plot: one line per adapter, one bar per transformer layer (the mean of
+    that layer's coefficients), scaled over all adapters together, with the range and the mean. Groups outside
+    any layer (``adapter`` granularity) give one bar."""
+    from composer.mixfit import layer_number
+
+    by_layer: dict[int, list[list[float]]] = {}
+    for g, cs in s["coefficients"].items():
+        n = layer_number(g)
+        by_layer.setdefault(-1 if n is None else n, []).append(list(cs))
+    layers = sorted(by_layer)
+    means = [[sum(c[i] for c in by_layer[k]) / len(by_layer[k]) for k in layers] for i in range(len(s["adapters"]))]
+    lo = min((v for row in means for v in row), default=0.0)
+    hi = max((v for row in means for v in row), default=1.0)
+    span = hi - lo or 1.0
+    width = max((len(str(n)) for n in s["adapters"]), default=0)
+    lines = []
+    for name, row in zip(s["adapters"], means):
+        bars = "".join(BARS[min(len(BARS) - 1, int((v - lo) / span * len(BARS)))] for v in row)
+        lines.append(f"{str(name):<{width}}  {bars}  {min(row):.2f} .. {max(row):.2f}, mean "
+                     f"{sum(row) / len(row):.2f}")
+    where = f"layers {layers[0]} .. {layers[-1]}, left to right" if layers and layers[0] >= 0 else "one group"
+    return "\n".join([f"({where}; bar height from {lo:.2f} to {hi:.2f})", *lines])
+
+
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -84,4 +112,4 @@ def save(adapter: Any, out: str | os.PathLike, *, base_model: str | None = None)
     return composer.save(adapter, out, card=build_card(adapter, base_model=base_model))
 
 
-__all__ = ["summary", "summary_lines", "coefficients_markdown", "save"]
+__all__ = ["summary", "summary_lines", "coefficients_markdown", "coefficients_plot", "save"]

@@ -32,7 +32,14 @@ from .ops import _generator, _inputs, _label, _road_result, check_compatible
 
 GRANULARITIES = ("adapter", "layer", "module")
 MAX_EXAMPLES = 32
-_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
+
+
+def layer_number(name: str) -> int | None:
+    """The transformer layer a module or coefficient group belongs to (``model.layers.3.mlp.up_proj`` and
+    ``layer.3`` -> 3), or ``None``: the one layer rule of the fit, the mixer's plot and the fit panel."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
 
 
 class FitError(ComposerError, ValueError):
@@ -46,8 +53,8 @@ def group_of(module: str, granularity: str) -> str:
         return "all"
     if granularity == "module":
         return module
-    m = _LAYER.search(module)
-    return f"layer.{int(m.group(1))}" if m else "other"
+    n = layer_number(module)
+    return f"layer.{n}" if n is not None else "other"
 
 
 def groups(adapter: RoadAdapter, granularity: str) -> list[str]:
@@ -57,8 +64,8 @@ def groups(adapter: RoadAdapter, granularity: str) -> list[str]:
     found = {group_of(m, granularity) for m in adapter.theta}
 
     def order(g: str) -> tuple:
-        m = _LAYER.search(g) or re.match(r"layer\.(\d+)$", g)
-        return (m is None, int(m.group(1)) if m else -1, g)
+        n = layer_number(g)
+        return (n is None, n if n is not None else -1, g)
 
     return sorted(found, key=order)
 

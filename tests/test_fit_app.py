@@ -280,7 +280,9 @@ def test_fit_through_the_api_moves_the_sliders_and_becomes_the_mix(served, tmp_p
     status, table, method = final[0], final[1], final[2]
     weights = [o["value"] if isinstance(o, dict) else o for o in final[3:3 + 2]]  # slider updates
     assert status.startswith("**Fitted** 2 adapters per layer on 10 examples") and "→" in status
-    assert "layer.0" in table and "layer.1" in table and "**mean**" in table
+    assert "per layer: 4 numbers" in table and "layers 0 .. 1, left to right" in table  # a plot, not a table
+    assert table.count("alice/math@v1") == 1 and "mean" in table.split("alice/math@v1")[1].splitlines()[0]
+    assert any("s left" in s for s in seen)  # an estimate of the time left
     assert method == "task_arithmetic"
     expression, mix_status = final[3 + MAX_SLOTS], final[4 + MAX_SLOTS]
     assert expression.startswith("fit(alice/math@") and "Fitted mix ready" in mix_status

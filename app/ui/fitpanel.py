@@ -134,10 +134,13 @@ def fit_steps(engine: Any, named: Sequence[tuple[str, Any]], examples: str | lis
             raise e
 
 
-def progress_text(step: int, steps: int, loss: float) -> str:
-    """One line of progress: a text bar, the step and the batch loss."""
+def progress_text(step: int, steps: int, loss: float, elapsed: float | None = None) -> str:
+    """One line of progress: a text bar, the step, the batch loss and, given the seconds so far, the time left."""
     done = round(20 * step / max(steps, 1))
-    return f"**Fitting** `{'█' * done}{'░' * (20 - done)}` step {step}/{steps} · batch loss {loss:.4f}"
+    text = f"**Fitting** `{'█' * done}{'░' * (20 - done)}` step {step}/{steps} · batch loss {loss:.4f}"
+    if elapsed is not None and step > 0:
+        text += f" · {elapsed:.0f} s, about {elapsed / step * (steps - step):.0f} s left"
+    return text
 
 
 def summary_markdown(f: Fitted) -> tuple[str, str]:
@@ -155,5 +158,9 @@ def summary_markdown(f: Fitted) -> tuple[str, str]:
     if clamped:
         status += f" (A mean outside {WEIGHT_RANGE[0]:g}..{WEIGHT_RANGE[1]:g} shows at the slider's end.)"
     # Names come from the store (anyone may have written them): shown as literal text, never as Markdown or HTML.
-    table = fitting.coefficients_markdown({**s, "adapters": [plain(n) for n in s["adapters"]]}, code=False)
-    return status, f"**Fitted coefficients ({per})**\n\n" + table
+    groups = len(s["coefficients"])
+    plot = fitting.coefficients_plot(s)
+    # Names come from the store: inside a code block they are literal text, never Markdown or HTML.
+    plot = plot.replace("`", "'")
+    return status, (f"**Fitted coefficients ({per}: {groups * len(s['adapters'])} numbers)**, mean per layer\n\n"
+                    f"```text\n{plot}\n```\n\nEvery coefficient is in the recipe (`hub show` once saved).")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import math
-import re
 import tempfile
 import threading
 import warnings
@@ -21,6 +20,7 @@ from composer.adapters import cosine, task_vector
 from composer.card import describe, parse_card
 from composer.expr import format_interp, format_merge, format_name, format_sum
 from composer.merge_methods import METHODS as MERGE_METHODS
+from composer.mixfit import layer_number
 
 from ..errors import AppError
 
@@ -29,8 +29,12 @@ from ..errors import AppError
 METHODS = ((MERGE_METHODS["task_arithmetic"].label, "task_arithmetic"), ("Interpolation", "interp"),
            *((m.label, m.name) for m in MERGE_METHODS.values() if m.name != "task_arithmetic"))
 WEIGHT_RANGE = (-2.0, 2.0)
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 _KNOWN = (composer.ComposerError, hub.HubError, AppError, ValueError, LookupError, OSError)
+
+
+def _layer(module: str) -> int:
+    n = layer_number(module)
+    return -1 if n is None else n
 
 
 class MixInputError(AppError, ValueError):
@@ -360,8 +364,7 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
     if isinstance(adapter, RoadAdapter):
         acc: dict[int, list[float]] = {}
         for m, n in adapter.norms().items():
-            hit = _LAYER.search(f".{m}.")
-            layer = int(hit.group(1)) if hit else -1
+            layer = _layer(m)
             a = acc.setdefault(layer, [0.0, 0.0])
             a[0] += n["theta"] ** 2
             a[1] += n["log_alpha"] ** 2
@@ -371,8 +374,7 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
     elif isinstance(adapter, LoraAdapter):
         acc2: dict[int, float] = {}
         for m, n in adapter.norms().items():
-            hit = _LAYER.search(f".{m}.")
-            layer = int(hit.group(1)) if hit else -1
+            layer = _layer(m)
             acc2[layer] = acc2.get(layer, 0.0) + n["delta"] ** 2
         rows = [{"layer": layer, "norm": math.sqrt(v), "series": "LoRA ‖ΔW‖"} for layer, v in sorted(acc2.items())]
     else:

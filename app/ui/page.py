@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import html
 import math
+import time
 import weakref
 from typing import Any
 
@@ -407,9 +408,10 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                    f"(per {plain(granularity)}, {steps} steps): measuring "
                    "the loss of the plain sum first. Chat replies wait while the fit runs (one model serves both).",
                    *rest)
+            t0 = time.monotonic()
             for event in fit_steps(batcher.engine, named, examples, granularity=granularity, steps=steps):
                 if event[0] == "step":
-                    yield (progress_text(*event[1:]), *rest)
+                    yield (progress_text(*event[1:], elapsed=time.monotonic() - t0), *rest)
                 else:
                     done = event[1]
         except MixInputError as e:
