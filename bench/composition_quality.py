@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 import composer  # noqa: E402
 
-SECTIONS = ("quality", "alone", "pairs", "init", "prompts")
+SECTIONS = ("quality", "skill", "alone", "pairs", "init", "prompts")
 METHODS = ("add", "grid", "ties", "dare", "interp", "fit")
 T0 = time.perf_counter()
 
@@ -490,6 +490,37 @@ def section_prompts(engine, adapters_dir: Path, args, results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section_skill(engine, args, results) -> str:
+    """A skill with a style: the restaurant-sentiment prompt vector (a task) served on one row with a style
+    adapter (RoAd), zero training. Task accuracy beside the task alone, and the style rate."""
+    dirs = [Path(d) for d in args.adapters]
+    task = composer.load(find_adapter(dirs, "sent_restaurant"))
+    evals = tasks.sentiment_examples("restaurant", args.prompt_eval, args.seed, split="eval")
+    styles = args.skill_styles
+    configs: dict[str, object] = {"sent_restaurant alone": task}
+    for name in styles:
+        configs[f"sent_restaurant + {name}"] = [composer.load(find_adapter(dirs, name)), task]
+    t0 = time.perf_counter()
+    got = generate_ended(engine, configs, [e["prompt"] for e in evals], args.skill_tokens, args.batch)
+    lines = [f"### A skill with a style: restaurant-review sentiment (prompt vector) with a style adapter (RoAd) on "
+             f"one row, zero training; {len(evals)} held-out reviews, ≤{args.skill_tokens} new tokens", "",
+             "| configuration | task accuracy | style | both |", "|---|---|---|---|"]
+    out = {}
+    for name, rows in got.items():
+        right = [tasks.predicted_label(tasks.content(r)) == e["label"] for (r, _), e in zip(rows, evals)]
+        style = name.split(" + ")[1] if " + " in name else None
+        has = [tasks.check(style_of(style), r) for r, _ in rows] if style else [True] * len(rows)
+        n = len(rows)
+        both = sum(a and b for a, b in zip(right, has))
+        out[name] = {"n": n, "accuracy": sum(right), "style": sum(has), "both": both,
+                     "examples": [r for r, _ in rows[:3]]}
+        lines.append(f"| {name} | {fmt_rate(sum(right), n)} | "
+                     + (f"{fmt_rate(sum(has), n)} | {fmt_rate(out[name]['both'], n)} |" if style else "– | – |"))
+    results["skill"] = out
+    log(f"skill: {time.perf_counter() - t0:.0f}s")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--splits", nargs="+", choices=sorted(SPLITS), default=["forms", "topics"],
                     help="quality: prompt splits (forms = prompt forms never trained on, over held-out topics)")
     ap.add_argument("--no-nll", dest="nll", action="store_false", help="quality: skip the NLL column")
+    ap.add_argument("--skill-styles", nargs="+", default=["signoff_anchored", "opener_anchored"],
+                    help="skill: style adapters served with the sentiment prompt vector")
+    ap.add_argument("--skill-tokens", type=int, default=32, help="skill: reply budget")
     ap.add_argument("--alt-adapters", default=None, help="a second set of style adapters for the init section")
     ap.add_argument("--data", default=str(ROOT / "adapters" / "data"), help="folder with pair_<a>_<b>.jsonl")
     ap.add_argument("--base", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
@@ -557,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep = held[: args.n_sweep]
     if "quality" in args.only:
         section_quality(engine, args, results)
+    if "skill" in args.only:
+        print(section_skill(engine, args, results), flush=True)
     need_head = "alone" in args.only or ("pairs" in args.only and args.confirm)
     head_refs = references(engine, head, args.batch) if need_head and args.n_head else []
     sweep_refs = references(engine, sweep, args.batch) if "pairs" in args.only else []
