@@ -5,7 +5,7 @@ those libraries import nothing of it. Seeding the store with the repository's sh
 its job too (:mod:`app.shipped`).
 
 Data goes to stdout (so ``$(hub pull alice/math@v1)`` works), messages to stderr. Known errors print their
-whole message (an expression's caret included) through one type -> formatter table, :data:`FORMATTERS`, and
+whole message (an expression's caret included) through one type -> formatter table (:mod:`app.cli_errors`), and
 exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage errors exit 2 with the
 subcommand's own usage.
 
@@ -21,10 +21,9 @@ import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable
 from typing import Any
 
-DEBUG_ENV = "HUB_DEBUG"
+from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("Validate an adapter folder and store it as a new version (v1, v2, ...).", """
@@ -74,10 +73,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub fit a/x b/y --data pair.jsonl -o out/fit --push team/fitted   # also store it as a new version
         hub fit ./upper ./signoff --data pair.jsonl -o out/fit --granularity adapter --steps 60 --json"""),
 }
-
-
-class UsageError(Exception):
-    """A command line that cannot work (raised by handlers; argparse handles the rest)."""
 
 
 def _fmt_help(name: str) -> str:
@@ -178,18 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
-
-
-def _safe(text: str) -> str:
-    """Names from folders, cards and stores, shown and never obeyed: each line's control characters escaped
-    (a name holding ESC[2K or a newline could otherwise clear or forge lines of the user's terminal)."""
-    from hub.text import shown
-
-    return "\n".join(shown(line) for line in str(text).split("\n"))
-
-
-def _err(msg: str) -> None:
-    print(_safe(msg), file=sys.stderr)
 
 
 def _out(data: Any, as_json: bool, text: str) -> None:
@@ -472,53 +455,6 @@ HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
             "app": _cmd_app, "train": _cmd_train, "fit": _cmd_fit}
 READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")
-
-
-# -------------------------------------------------------------------------------------------------- errors
-
-
-def _message(e: BaseException) -> str:
-    return str(e).strip() or type(e).__name__
-
-
-def _os_message(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.strerror}: {e.filename}"
-    return _message(e)
-
-
-def _formatters() -> dict[type[BaseException], Callable[[BaseException], str]]:
-    """Known error types -> how to print them (the most specific class in an error's MRO wins). Errors of
-    other types are bugs: they keep their traceback."""
-    from composer.errors import ComposerError
-    from hub.errors import HubError
-
-    from .errors import AppError
-
-    return {HubError: _message, ComposerError: _message, AppError: _message, UsageError: _message,
-            OSError: _os_message}  # a full disk, a read-only mount, a missing file: the environment, not a bug
-
-
-FORMATTERS = _formatters()
-
-
-def debug() -> bool:
-    """Whether ``HUB_DEBUG`` asks for tracebacks (the one debug switch of ``hub`` and ``hub train``)."""
-    from composer.env import env_flag
-
-    return env_flag(DEBUG_ENV)
-
-
-def report_error(e: BaseException) -> int:
-    """Print a known error's whole message on stderr and return 1; re-raise unknown errors (and every error
-    when ``HUB_DEBUG`` is set) so their traceback shows."""
-    fmt = next((FORMATTERS[c] for c in type(e).__mro__ if c in FORMATTERS), None)
-    if fmt is None or debug():
-        raise e
-    text = fmt(e)
-    hint = f"(set {DEBUG_ENV}=1 for the traceback)"
-    _err(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}")
-    return 1
 
 
 def _seed_examples() -> None:

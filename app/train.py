@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        subspace=_subspace_arg(args, model), rank=args.rank, lora_alpha=args.lora_alpha,
                        anchor=anchor)
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
-        from .cli import report_error  # the one formatter and debug switch (HUB_DEBUG) of the command line
+        from .cli_errors import report_error  # the one formatter and debug switch (HUB_DEBUG)
         return report_error(e)
     except ValueError as e:  # options that do not go together: a usage error, one line
         print(f"hub train: error: {e}", file=sys.stderr)

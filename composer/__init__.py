@@ -42,8 +42,9 @@ from .errors import (
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
     from .adapters import Adapter, LoraAdapter, PromptVector, Recipe, RoadAdapter, describe
-    from .expr import evaluate, format_name, parse
+    from .expr import format_name, parse
     from .initialise import check_fits, init
+    from .interpret import evaluate
     from .io import from_peft, load, save, validate_folder
     from .merge_methods import METHODS
     from .mixfit import FitError, apply_coefficients, fit, rebuild
@@ -54,14 +55,15 @@ _LAZY = {
     "adapters": ("Adapter", "RoadAdapter", "LoraAdapter", "PromptVector", "Recipe", "describe"),
     "io": ("load", "save", "from_peft", "validate_folder"),
     "ops": ("add", "sub", "negate", "scale", "interpolate", "merge", "compose", "compress", "check_compatible"),
-    "expr": ("evaluate", "parse", "format_name"),
+    "interpret": ("evaluate",),
+    "expr": ("parse", "format_name"),
     "initialise": ("init", "check_fits"),
     "merge_methods": ("METHODS",),
     "mixfit": ("fit", "apply_coefficients", "rebuild", "FitError"),
     "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = set(_LAZY) | {"road_math", "lora_math", "card", "errors", "data", "limits"}
+_SUBMODULES = set(_LAZY) | {"road_math", "lora_math", "card", "errors", "data", "limits", "advice", "env"}
 
 
 def __getattr__(name: str):

@@ -100,7 +100,7 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
     """
     from peft import PromptTuningConfig, get_peft_model
 
-    from .expr import evaluate
+    from .interpret import evaluate
 
     adapter = (evaluate(adapter_or_expression, resolve=resolve) if isinstance(adapter_or_expression, str)
                else adapter_or_expression)

@@ -214,7 +214,7 @@ def _inputs(adapters: Sequence[Adapter]) -> tuple[dict, ...]:
 # ---------------------------------------------------------------------------------------------- linear
 
 
-def _linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: str = "task_arithmetic",
+def linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: str = "task_arithmetic",
             params: dict | None = None, expression: str | None = None, op: str | None = None) -> Adapter:
     """``Σ wᵢ·genᵢ`` (or a merge method) over compatible adapters; the core of every linear operation."""
     check_compatible(adapters)
@@ -373,22 +373,22 @@ def _check_result(name: str, t: torch.Tensor, alpha: torch.Tensor | None, weight
 def add(a: Adapter, b: Adapter, *more: Adapter) -> Adapter:
     """``a + b (+ ...)``. For road_1 exactly "apply a, then b"; for prompts ``P₀ + τ_a + τ_b``."""
     adapters = [a, b, *more]
-    return _linear(adapters, [1.0] * len(adapters))
+    return linear(adapters, [1.0] * len(adapters))
 
 
 def sub(a: Adapter, b: Adapter) -> Adapter:
     """``a − b``: ``add(a, negate(b))``."""
-    return _linear([a, b], [1.0, -1.0])
+    return linear([a, b], [1.0, -1.0])
 
 
 def negate(a: Adapter) -> Adapter:
     """``−a``: for road_1 the exact inverse (−θ, 1/α); for prompts −τ."""
-    return _linear([a], [-1.0], expression=format_sum([(-1.0, _label(a, 0))]), op="negate")
+    return linear([a], [-1.0], expression=format_sum([(-1.0, _label(a, 0))]), op="negate")
 
 
 def scale(a: Adapter, factor: float) -> Adapter:
     """``factor·a``: (λθ, α^λ) for RoAd, λτ for prompts."""
-    return _linear([a], [factor], expression=format_sum([(factor, _label(a, 0))]), op="scale")
+    return linear([a], [factor], expression=format_sum([(factor, _label(a, 0))]), op="scale")
 
 
 def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
@@ -406,7 +406,7 @@ def interpolate(a: Adapter, b: Adapter, t: float) -> Adapter:
         recipe = Recipe(expression=expr, inputs=_inputs([a, b]), weights=(1.0 - t, t), method="interpolate",
                         params={"t": t}, exact=True)
         return replace(a if t == 0.0 else b, recipe=recipe, source=None)
-    result = _linear([a, b], [1.0 - t, t], expression=expr, op="interpolate")
+    result = linear([a, b], [1.0 - t, t], expression=expr, op="interpolate")
     recipe = replace(result.recipe, params={"t": t})  # type: ignore[arg-type]
     if isinstance(a, PromptVector):
         assert isinstance(b, PromptVector) and a.init is not None and b.init is not None
@@ -444,7 +444,7 @@ def merge(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, m
     if len(weights) != len(adapters):
         raise InvalidArgumentError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per "
                                    "adapter.", name="weights", value=list(weights))
-    return _linear(adapters, list(weights), method=method, params=params)
+    return linear(adapters, list(weights), method=method, params=params)
 
 
 def compose(a: Adapter, b: Adapter) -> Adapter:
@@ -465,7 +465,7 @@ def compose(a: Adapter, b: Adapter) -> Adapter:
     expr = f"compose({_label(a, 0)}, {_label(b, 1)})"  # the grammar's compose(x, y)
     a, b = _road_union([a, b])
     if a.variant == b.variant == "road_1":
-        r = _linear([a, b], [1.0, 1.0], expression=expr, op="compose")
+        r = linear([a, b], [1.0, 1.0], expression=expr, op="compose")
         return r
     g = a.group_size
     theta, alpha = {}, {}

@@ -44,3 +44,46 @@ def test_hub_knows_no_repository_folder():
     for path in sorted((ROOT / "hub").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert "parents[1]" not in text and '"adapters"' not in text, path.name
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at any depth of the file, relative imports resolved)."""
+    mods = {}
+    for package in ("composer", "hub", "app"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        pkg = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {t for t in found if t in mods and t != m and not m.startswith(t + ".")}
+    return graph
+
+
+def test_no_import_circles_between_modules():
+    """No two modules need each other (package __init__ re-exports aside): expr <-> ops and cli <-> train were
+    the last ones."""
+    graph = _module_graph()
+    plain = {m for m in graph if not (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    circles = set()
+
+    def walk(start: str, node: str, path: tuple[str, ...]) -> None:
+        for nxt in graph[node] & plain:
+            if nxt == start:
+                circles.add(tuple(sorted(path)))
+            elif nxt not in path and len(path) < 6:
+                walk(start, nxt, (*path, nxt))
+
+    for m in sorted(plain):
+        walk(m, m, (m,))
+    assert not circles, sorted(circles)
+    assert "composer.ops" in graph["composer.interpret"] and "composer.interpret" not in graph["composer.ops"]

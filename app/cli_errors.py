@@ -1,0 +1,72 @@
+"""The command line's error table: which errors are the user's (one line on stderr, exit 1) and which are bugs
+(a traceback), and the one debug switch, ``HUB_DEBUG``. Shared by ``hub`` (:mod:`app.cli`) and ``hub train``
+(:mod:`app.train`), as huggingface_hub keeps its CLI's in ``cli/_errors.py``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+DEBUG_ENV = "HUB_DEBUG"
+
+
+class UsageError(Exception):
+    """A command line that cannot work (raised by handlers; argparse handles the rest)."""
+
+
+def _safe(text: str) -> str:
+    """Names from folders, cards and stores, shown and never obeyed: each line's control characters escaped
+    (a name holding ESC[2K or a newline could otherwise clear or forge lines of the user's terminal)."""
+    from hub.text import shown
+
+    return "\n".join(shown(line) for line in str(text).split("\n"))
+
+
+def _err(msg: str) -> None:
+    print(_safe(msg), file=sys.stderr)
+
+
+def _message(e: BaseException) -> str:
+    return str(e).strip() or type(e).__name__
+
+
+def _os_message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return _message(e)
+
+
+def _formatters() -> dict[type[BaseException], Callable[[BaseException], str]]:
+    """Known error types -> how to print them (the most specific class in an error's MRO wins). Errors of
+    other types are bugs: they keep their traceback."""
+    from composer.errors import ComposerError
+    from hub.errors import HubError
+
+    from .errors import AppError
+
+    return {HubError: _message, ComposerError: _message, AppError: _message, UsageError: _message,
+            OSError: _os_message}  # a full disk, a read-only mount, a missing file: the environment, not a bug
+
+
+FORMATTERS = _formatters()
+
+
+def debug() -> bool:
+    """Whether ``HUB_DEBUG`` asks for tracebacks (the one debug switch of ``hub`` and ``hub train``)."""
+    from composer.env import env_flag
+
+    return env_flag(DEBUG_ENV)
+
+
+def report_error(e: BaseException) -> int:
+    """Print a known error's whole message on stderr and return 1; re-raise unknown errors (and every error
+    when ``HUB_DEBUG`` is set) so their traceback shows."""
+    fmt = next((FORMATTERS[c] for c in type(e).__mro__ if c in FORMATTERS), None)
+    if fmt is None or debug():
+        raise e
+    text = fmt(e)
+    hint = f"(set {DEBUG_ENV}=1 for the traceback)"
+    _err(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}")
+    return 1
+
+
