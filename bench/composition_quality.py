@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 import composer  # noqa: E402
 
-SECTIONS = ("quality", "skill", "alone", "pairs", "init", "prompts")
+SECTIONS = ("quality", "skill", "reason", "alone", "pairs", "init", "prompts")
 METHODS = ("add", "grid", "ties", "dare", "interp", "fit")
 T0 = time.perf_counter()
 
@@ -439,6 +439,61 @@ def section_init(engine, styles, alt, prompts, args, results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section_reason(engine, args, results) -> str:
+    """The reason to compose (the task prompt vectors protocol, on RoAd): few-shot training of a combined
+    behaviour from K examples, starting from the identity, from zero-training ``add`` of two style adapters and
+    (with ``fit`` in ``--methods``) from the fitted mix; headline rate (both styles and the content) on prompts of
+    unseen forms, per K and start, over seeds."""
+    from app.train import train
+
+    dirs = [Path(d) for d in args.adapters]
+    a, b = args.reason_pair.split("+")
+    A, B = composer.load(find_adapter(dirs, a)), composer.load(find_adapter(dirs, b))
+    pair = (style_of(a), style_of(b))
+    prompts = split_prompts("forms", args.seed, args.n_reason)
+    starts: dict[str, object] = {"identity": None, "add": composer.add(A, B)}
+    if "fit" in args.methods:
+        data = Path(args.data) / f"pair_{pair[0]}_{pair[1]}.jsonl"
+        starts["fitted mix"] = composer.fit([A, B], data, model=engine.model, tokenizer=engine.tokenizer,
+                                            granularity=args.fit_granularity, steps=args.fit_steps, lr=args.fit_lr,
+                                            batch_size=args.fit_batch, seed=args.seed)
+    base_cfg = {"variant": A.variant, "group_size": A.group_size,
+                "target_modules": sorted({m.rsplit(".", 1)[-1] for m in set(A.theta) | set(B.theta)})}
+    rates: dict[tuple[int, str], list[int]] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.ks:
+            for s in (args.seeds if k else [None]):
+                trained = dict(starts)
+                if k:
+                    path = Path(tmp) / f"shots_{k}_{s}.jsonl"
+                    tasks.write_jsonl(path, tasks.combined_examples(pair, Path(args.data), k, seed=100 + s))
+                    for name, start in starts.items():
+                        r = train((engine.model, engine.tokenizer), path, kind="road", init=start,
+                                  steps=args.reason_steps, lr=args.init_lr, batch_size=min(4, k), seed=s,
+                                  progress=False, **(base_cfg if start is None else {}))
+                        trained[name] = r.adapter
+                got = generate_ended(engine, trained, prompts, args.max_new_tokens, args.batch)
+                for name, rows in got.items():
+                    ok = sum(tasks.success(pair, p, r) for p, (r, _) in zip(prompts, rows))
+                    rates.setdefault((k, name), []).append(ok)
+                log(f"reason K={k} seed={s}: " + ", ".join(f"{n} {rates[(k, n)][-1]}/{len(prompts)}" for n in starts))
+    n = len(prompts)
+    lines = [f"### The reason to compose: {a} + {b} as the target behaviour, K examples, {args.reason_steps} steps "
+             f"(batch ≤4, lr {args.init_lr:g}), seeds {args.seeds}; both styles and the content on {n} prompts of "
+             "unseen forms", "",
+             "| K | start | mean | std | pooled, 95% interval | per seed |", "|---|---|---|---|---|---|"]
+    for (k, name), oks in rates.items():
+        vals = [o / n for o in oks]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lines.append(f"| {k} | {name} | {100 * statistics.mean(vals):.1f}% | {100 * sd:.1f} | "
+                     f"{fmt_rate(sum(oks), n * len(oks))} | " + ", ".join(f"{100 * v:.0f}%" for v in vals) + " |")
+    results["reason"] = {"pair": args.reason_pair, "n": n, "steps": args.reason_steps,
+                         "rates": {f"{k}/{name}": oks for (k, name), oks in rates.items()}}
+    log(f"reason: {time.perf_counter() - t0:.0f}s")
+    return "\n".join(lines) + "\n"
+
+
 def accuracy(engine, mix, examples: list[dict], batch: int) -> float:
     reqs = [{"messages": [{"role": "user", "content": e["prompt"]}], "mix": mix} for e in examples]
     preds: list[str | None] = []
@@ -537,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skill-styles", nargs="+", default=["signoff_anchored", "opener_anchored"],
                     help="skill: style adapters served with the sentiment prompt vector")
     ap.add_argument("--skill-tokens", type=int, default=32, help="skill: reply budget")
+    ap.add_argument("--reason-pair", default="signoff_anchored+bullets_anchored",
+                    help="reason: the two adapters whose combined behaviour is the target")
+    ap.add_argument("--ks", type=int, nargs="+", default=[0, 4, 8, 16, 32], help="reason: target examples K")
+    ap.add_argument("--reason-steps", type=int, default=20, help="reason: few-shot training steps")
+    ap.add_argument("--n-reason", type=int, default=64, help="reason: unseen-form prompts per trained adapter")
     ap.add_argument("--alt-adapters", default=None, help="a second set of style adapters for the init section")
     ap.add_argument("--data", default=str(ROOT / "adapters" / "data"), help="folder with pair_<a>_<b>.jsonl")
     ap.add_argument("--base", default=None, help="base model (default: offline SmolLM2-135M-Instruct)")
@@ -593,6 +653,8 @@ def main(argv: list[str] | None = None) -> None:
         section_quality(engine, args, results)
     if "skill" in args.only:
         print(section_skill(engine, args, results), flush=True)
+    if "reason" in args.only:
+        print(section_reason(engine, args, results), flush=True)
     need_head = "alone" in args.only or ("pairs" in args.only and args.confirm)
     head_refs = references(engine, head, args.batch) if need_head and args.n_head else []
     sweep_refs = references(engine, sweep, args.batch) if "pairs" in args.only else []
