@@ -7,7 +7,9 @@ A folder handed to ``hub push`` may come from anywhere (a download, a colleague'
 - the folder itself must not be a symbolic link, and no entry in it may be one (file or subfolder);
 - each adapter file is opened relative to the folder's descriptor with ``O_NOFOLLOW`` and checked to be a
   regular file *after* opening (a link swapped in between the check and the copy is still refused, and a
-  FIFO never blocks the push);
+  FIFO never blocks the push), with one name only (a *hard* link to ``~/.aws/credentials`` is a regular file
+  that ``O_NOFOLLOW`` cannot see: its link count can), and within the size limit before a byte is copied (a
+  sparse 3 GB ``README.md`` is refused, not written into the staging folder);
 - the copy is what gets validated and stored, so the folder changing under us cannot slip anything in.
 """
 
@@ -18,8 +20,12 @@ import shutil
 import stat
 from pathlib import Path
 
+from composer import limits
+
 from .errors import UnsafeFolderError
 from .text import shown
+
+SMALL_FILES = ("adapter_config.json", "recipe.json", "README.md")  # held to the config/card size limit
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -77,10 +83,18 @@ def copy_files(folder: Path, staging: Path, names: tuple[str, ...]) -> tuple[str
                                             path=folder / name) from e
                 raise
             with os.fdopen(fd, "rb") as src:
-                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                st = os.fstat(src.fileno())
+                if not stat.S_ISREG(st.st_mode):
                     raise UnsafeFolderError(
                         f"'{shown(folder / name)}' is not a regular file (a folder, device or pipe); "
                         "only plain files are pushed.", path=folder / name)
+                if st.st_nlink > 1:
+                    raise UnsafeFolderError(
+                        f"'{shown(folder / name)}' is a hard link ({st.st_nlink} names for one file); a push never "
+                        "copies a file that has another name elsewhere (it could be a secret linked in). Replace it "
+                        "with a plain copy (e.g. 'cp' it into a fresh folder) and push again.", path=folder / name)
+                limits.check("config_bytes" if name in SMALL_FILES else "adapter_bytes", st.st_size,
+                             f"'{shown(folder / name)}'")
                 with open(staging / name, "xb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
     finally:

@@ -144,3 +144,31 @@ def test_plain_folder_still_pushes_and_reports_left_out_files(tmp_path):
     r = hub.push(src, "alice/math")
     assert r.tag == "v1" and set(r.skipped) == {"notes.txt", "checkpoint-1"}
     assert road() is not None
+
+
+@pytest.mark.parametrize("name", ["README.md", "adapter_model.safetensors"])
+def test_hard_linked_adapter_file_is_refused(tmp_path, secret, name):
+    """A hard link is a regular file to O_NOFOLLOW: the link count gives it away (issue 22's secret leak)."""
+    src = folder(tmp_path, "a")
+    if name == "README.md":
+        (src / name).unlink(missing_ok=True)
+        os.link(secret, src / name)
+    else:
+        keep = tmp_path / "elsewhere" / "weights.safetensors"
+        os.link(src / name, keep)  # a valid file with a second name elsewhere
+    with pytest.raises(hub.UnsafeFolderError) as e:
+        hub.push(src, "alice/math")
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and "hard link (2 names" in msg
+    _assert_nothing_stored(Store().root)
+
+
+def test_a_sparse_card_over_the_limit_is_refused_before_any_copy(tmp_path):
+    import composer
+
+    src = folder(tmp_path, "a")
+    with open(src / "README.md", "wb") as f:
+        f.truncate(3 * 2**30)  # 3 GB that take no disk
+    with pytest.raises(composer.LimitExceededError, match=r"README\.md.* over the limit"):
+        hub.push(src, "alice/math")
+    _assert_nothing_stored(Store().root)
