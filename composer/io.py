@@ -363,6 +363,11 @@ def load(path: str | os.PathLike) -> Adapter:
         raise AdapterFormatError(
             f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles ROAD, LORA and "
             "PROMPT_TUNING adapters.", path=folder)
+    if cfg.get("modules_to_save"):
+        raise AdapterFormatError(
+            f"{folder / CONFIG}: modules_to_save {str(cfg['modules_to_save'])[:80]} asks PEFT to load full copies of "
+            "those modules, which this adapter's weights do not hold (PEFT fails to load it) and this hub does not "
+            "check yet. Set modules_to_save to null if nothing was saved that way.", path=folder)
     _check_sizes(folder)
     tensors = _read_safetensors(_weights_path(folder))
     adapter: Adapter = _PARSERS[peft_type](folder, cfg, tensors)

@@ -98,12 +98,14 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                     f"Group sizes differ: {first.group_size} vs {other.group_size} ({names}); the 2D pairs "
                     "do not line up, so these adapters cannot be combined.",
                     field="group_size", left=first.group_size, right=other.group_size)
-            for m in first.theta.keys() & other.theta.keys():  # a module only one adapts is the identity in the other
+            for m in [m for m in first.theta if m in other.theta]:  # a module only one adapts: identity in the other
                 wa, wb = first.width(m), other.width(m)
                 if wa != wb or (same_variant and first.theta[m].shape != other.theta[m].shape):
+                    lead = (f"{names} were trained on different base models ({first.base_model!r} vs "
+                            f"{other.base_model!r}) and do not fit together: " if bm_note else "")
                     raise IncompatibleAdaptersError(
-                        f"Tensor '{m}.road_theta' has shape {tuple(first.theta[m].shape)} vs "
-                        f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}){bm_note}.",
+                        f"{lead}Tensor '{m}.road_theta' has shape {tuple(first.theta[m].shape)} vs "
+                        f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}){'' if lead else bm_note}.",
                         field="shape", left=tuple(first.theta[m].shape), right=tuple(other.theta[m].shape),
                         tensor=f"{m}.road_theta")
         elif isinstance(first, LoraAdapter):

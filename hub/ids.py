@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from .errors import InvalidIdError
 
-_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_-])?\Z")
+_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?\Z")
 _REV = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
 _VERSION = re.compile(r"v(\d+)\Z")
 ID_HELP = ("ids look like 'namespace/name' (e.g. 'alice/math'): two parts of 1-96 letters, digits, '_', '-' or "
-           "'.', not starting with '.' or '-', no '..'; add '@v2', '@main' or '@<commit sha>' to pick a version")
+           "'.', not starting or ending with '.' or '-', no '..' or '--', not ending in '.git' (the Hugging Face "
+           "Hub's rules); add '@v2', '@main' or '@<commit sha>' to pick a version")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ def _reason(repo_id: str) -> str | None:
     for p in parts:
         if not _PART.match(p):
             return f"part {p!r} is not allowed"
+    if "--" in repo_id:
+        return "it holds '--'"
+    if repo_id.endswith(".git"):
+        return "it ends in '.git'"
     return None
 
 

@@ -189,3 +189,22 @@ def test_errors_subclass_valueerror():
                 composer.IncompatibleAdaptersError, composer.NotComposableError, composer.ExpressionError):
         assert issubclass(cls, ValueError) and issubclass(cls, composer.ComposerError)
     warnings.simplefilter("default")
+
+
+@pytest.mark.parametrize("kind", ["road", "lora"])
+def test_modules_to_save_is_refused_with_the_fix(tmp_path, model, kind):
+    """PEFT fails to load such an adapter (KeyError on the missing module copies); the hub says why instead."""
+    import json
+
+    from tests.tiny import peft_lora
+
+    path = tmp_path / kind
+    if kind == "road":
+        composer.save(random_road(model), path)
+    else:
+        peft_lora(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = ["lm_head"]
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(composer.AdapterFormatError, match="modules_to_save .*lm_head.* null"):
+        composer.load(path)

@@ -301,7 +301,8 @@ def test_card_with_a_python_tag_runs_no_code(tmp_path, pushed, capsys):
 
 BAD_IDS = ["alice/../math", "../math", "/abs/math", "alice//math", "alice/", "/", "", "alice/ma\x01th",
            "alice/ma\nth", "alice/math\x7f", "al\udcffice/math", b"al\xffice/math", "alice", "a/b/c",
-           "alice/.hidden", "alice/math@", "alice/math@../x", "alice/ma th"]
+           "alice/.hidden", "alice/math@", "alice/math@../x", "alice/ma th",
+           "alice/x.git", "alice/a--b", "alice/x-", "alice/x."]  # the last four: ids the Hugging Face Hub refuses
 
 
 @pytest.mark.parametrize("bad_id", BAD_IDS, ids=[repr(i) for i in BAD_IDS])
@@ -319,6 +320,26 @@ def test_bad_ids_rejected(tmp_path, pushed, store, bad_id):
     assert sorted(p.relative_to(store.root).as_posix() for p in store.models.rglob("*")
                   if ".git" not in p.parts) == listing
     assert_fsck_clean(repo)
+
+
+@pytest.mark.parametrize("repo_id", ["alice/x.git", "alice/a--b", "alice/x-", "alice/x.", "alice/-x", "a.b/c_d",
+                                     "alice/x.gi", "alice/a-b", "Al1ce/M4th_v2.0", "alice/" + "m" * 96,
+                                     "alice/" + "m" * 97, "alice/x_"])
+def test_ids_follow_the_hugging_face_hub_rules(repo_id):
+    """An id the store takes is one the Hub takes: huggingface_hub's own validator is the oracle."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        hf_ok = True
+    except HFValidationError:
+        hf_ok = False
+    try:
+        hub.parse_id(repo_id)
+        ours = True
+    except hub.InvalidIdError:
+        ours = False
+    assert ours == hf_ok, (repo_id, ours, hf_ok)
 
 
 def test_bad_id_from_cli_non_utf8(tmp_path, pushed):
