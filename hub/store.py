@@ -45,6 +45,7 @@ from composer.data import FILE_MODE
 
 from .errors import (
     FolderNotEmptyError,
+    HubError,
     InvalidIdError,
     RepositoryNotFoundError,
     ReservedTagError,
@@ -479,21 +480,27 @@ class Store:
             _pause("validate")
             with self.lock(ref):
                 _pause("lock")
+                new = not (self.repo_path(ref) / ".git").is_dir()
                 path = self._init(ref)
                 clear_stale_git_locks(path)  # we hold the lock: git lock files here are a dead writer's
                 parent = self._rev(path, f"refs/heads/{BRANCH}")
                 tags = self.tags(ref)
-                if tag is not None:
-                    check_tag(tag, branches=self.branches(path))
-                if tag is None and auto_version:
-                    tag = next_version(tags)
-                elif tag is not None:
-                    if tag in tags and not force:
-                        raise TagExistsError(
-                            f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never move "
-                            "silently. Pick another tag, or pass --force to move it.",
-                            repo_id=ref.repo_id, tag=tag, target=tags[tag])
-                    check_reserved(ref.repo_id, tag, force=force)
+                try:
+                    if tag is not None:
+                        check_tag(tag, branches=self.branches(path))
+                    if tag is None and auto_version:
+                        tag = next_version(tags)
+                    elif tag is not None:
+                        if tag in tags and not force:
+                            raise TagExistsError(
+                                f"Tag '{tag}' of '{ref.repo_id}' already points at {tags[tag][:12]}; tags never "
+                                "move silently. Pick another tag, or pass --force to move it.",
+                                repo_id=ref.repo_id, tag=tag, target=tags[tag])
+                        check_reserved(ref.repo_id, tag, force=force)
+                except HubError:
+                    if new and parent is None:  # a refused first push leaves no empty repository behind
+                        shutil.rmtree(path, ignore_errors=True)
+                    raise
 
                 def previous() -> bytes | None:
                     if parent is None:

@@ -444,3 +444,12 @@ def test_saved_and_pulled_files_get_the_usual_permissions_not_mkstemps(tmp_path)
     for name in ("a", "pulled"):
         for f in (tmp_path / name).iterdir():  # 0644 under the usual umask 022, never mkstemp's 0600
             assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (name, f.name)
+
+
+def test_a_refused_first_push_leaves_no_empty_repository(tmp_path, store):
+    src = folder(tmp_path, "a")
+    with pytest.raises(hub.ReservedTagError):
+        hub.push(src, "new/repo", tag="v3")  # v<N> names are the store's own
+    assert not store.repo_path(hub.parse_id("new/repo")).exists()
+    assert "new/repo" not in [r["id"] for r in hub.list_adapters()]
+    assert hub.push(src, "new/repo").tag == "v1"  # and the id is free to use
