@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(subs, "pull")
     s.add_argument("id", metavar="ID[@REV]")
     s.add_argument("--to", metavar="DIR", help="write the files here (default: the store's snapshot folder)")
+    s.add_argument("--force", action="store_true",
+                   help="with --to: replace adapter files there that were not pulled there (or were changed since)")
     s.add_argument("--remote", choices=["hf"], help="fetch from the Hugging Face Hub (HF_ENDPOINT)")
 
     s = _sub(subs, "list")
@@ -211,7 +213,7 @@ def _cmd_push(a) -> int:
 
 def _cmd_pull(a) -> int:
     import hub
-    print(_safe(str(hub.pull(a.id, to=a.to, remote=a.remote))))
+    print(_safe(str(hub.pull(a.id, to=a.to, remote=a.remote, force=a.force))))
     return 0
 
 

@@ -98,11 +98,12 @@ def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, mes
 
 
 def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | None = None, api: Any = None,
-         root: str | os.PathLike | None = None) -> Path:
+         root: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Materialise ``ns/name[@rev]`` as a validated PEFT folder.
 
     Returns:
-        ``to`` when given, else the store's read-only snapshot folder for that commit.
+        ``to`` when given, else the store's read-only snapshot folder for that commit. A ``to`` folder that
+        holds adapter files not pulled there (or changed since) is replaced only with ``force``.
 
     Raises:
         InvalidIdError, RepositoryNotFoundError, RevisionNotFoundError, composer.ComposerError, and for the
@@ -111,10 +112,10 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
     store = Store(root)
     r = _remote(remote, api, store)
     if r is not None:
-        path = r.pull(repo_id, to=to)
+        path = r.pull(repo_id, to=to, force=force)
     else:
         resolved = store.resolve(repo_id)
-        path = store.pull_to(resolved, to) if to is not None else store.snapshot(resolved)
+        path = store.pull_to(resolved, to, force=force) if to is not None else store.snapshot(resolved)
     composer.load(path)
     return Path(path)
 

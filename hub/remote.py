@@ -278,7 +278,7 @@ class HfRemote:
 
     # --- pull ---------------------------------------------------------------------------------------
 
-    def pull(self, repo_id: str, *, to: str | os.PathLike | None = None) -> Path:
+    def pull(self, repo_id: str, *, to: str | os.PathLike | None = None, force: bool = False) -> Path:
         """Download ``ns/name[@rev]``, verify and validate it, record it in the local store.
 
         Returns:
@@ -295,7 +295,7 @@ class HfRemote:
         else:
             resolved = self._fetch(ref.repo_id, rev)
         if to is not None:
-            return self.store.pull_to(resolved, to)
+            return self.store.pull_to(resolved, to, force=force)
         return self.store.snapshot(resolved)
 
     def _fetch(self, repo_id: str, rev: str):

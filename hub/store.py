@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -63,6 +64,7 @@ from .staging import check_folder, copy_files
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "prompt_vector.safetensors",
                  "recipe.json", "README.md")
 BRANCH = "main"
+PULL_MARKER = ".hub-pull"  # in a --to folder: what was pulled there, and each file's sha256
 _ZERO = "0" * 40
 _SHA = re.compile(r"[0-9a-f]{4,40}\Z")
 _SCRUB = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
@@ -338,11 +340,13 @@ class Store:
                              "folder with --to.") from e
         return dest
 
-    def pull_to(self, resolved: Resolved, dest: str | os.PathLike) -> Path:
+    def pull_to(self, resolved: Resolved, dest: str | os.PathLike, *, force: bool = False) -> Path:
         """Materialise a commit as exactly its files in ``dest``, never a mixture with what was there.
 
-        A missing or empty ``dest`` is filled; one holding only adapter files (an earlier pull) is replaced
-        as a whole (written aside, then swapped in); anything else is refused.
+        A missing or empty ``dest`` is filled. One that holds an earlier pull, unchanged since (its
+        ``.hub-pull`` marker records the files' sha256), is replaced as a whole (written aside, then swapped in);
+        one holding adapter files that were not pulled there, or were changed since (a ``hub train -o`` output,
+        an edit), only with ``force``; anything else is refused.
 
         Raises:
             FolderNotEmptyError, UnsafeFolderError, StoreError.
@@ -353,20 +357,28 @@ class Store:
         if dest.exists() and not dest.is_dir():
             raise FolderNotEmptyError(f"'{dest}' exists and is not a folder; pass a new or empty folder to --to.",
                                       path=dest)
-        present = sorted(os.listdir(dest)) if dest.is_dir() else []
+        present = sorted(n for n in os.listdir(dest) if n != PULL_MARKER) if dest.is_dir() else []
         if not present:
-            return self.export(resolved, dest)
+            self.export(resolved, dest)
+            _write_pull_marker(dest, resolved)
+            return dest
         foreign = [n for n in present if n not in ADAPTER_FILES]
         if foreign:
             raise FolderNotEmptyError(
                 f"'{dest}' is not empty and holds files that are not adapter files ({', '.join(foreign[:5])}"
                 f"{', ...' if len(foreign) > 5 else ''}); pull into a new or empty folder, or remove them.",
                 path=dest)
+        if not force and not _pulled_unchanged(dest):
+            raise FolderNotEmptyError(
+                f"'{dest}' holds an adapter that was not pulled there, or was changed since (a 'hub train' output, "
+                "an edit): a pull would replace it. Push it first ('hub push DIR ns/name'), pull into another "
+                "folder, or pass --force to replace it.", path=dest)
         parent = dest.resolve().parent
         new = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.pull-"))
         old = parent / f".{dest.name}.old-{new.name.rsplit('-', 1)[-1]}"
         try:
             self.export(resolved, new)
+            _write_pull_marker(new, resolved)
             os.rename(dest, old)
             try:
                 os.rename(new, dest)
@@ -606,3 +618,26 @@ def write_card(staging: Path, adapter: composer.Adapter, previous: Callable[[], 
     own = staging / "README.md"
     existing = own.read_bytes() if own.exists() else previous()
     own.write_text(build_card(adapter, existing, repo_id=repo_id), encoding="utf-8")
+
+
+def _folder_digests(folder: Path) -> dict[str, str]:
+    from composer.data import file_sha256
+
+    return {n: file_sha256(folder / n) for n in sorted(os.listdir(folder)) if n in ADAPTER_FILES}
+
+
+def _write_pull_marker(folder: Path, resolved: Resolved) -> None:
+    record = {"id": resolved.ref.repo_id, "sha": resolved.sha, "files": _folder_digests(folder)}
+    (folder / PULL_MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def _pulled_unchanged(folder: Path) -> bool:
+    """Whether ``folder`` holds exactly what a pull wrote there (its marker's files, byte for byte)."""
+    marker = folder / PULL_MARKER
+    try:
+        if marker.is_symlink() or marker.stat().st_size > 1 << 16:
+            return False
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("files") == _folder_digests(folder)

@@ -109,6 +109,26 @@ def test_pull_to_a_folder_with_another_version_leaves_no_stale_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+def test_pull_never_replaces_an_adapter_it_did_not_pull_or_one_changed_since(tmp_path):
+    """A 'hub train -o' output holds only adapter files, yet was never pushed: a pull must not destroy it."""
+    hub.push(folder(tmp_path, "a"), "alice/math")
+    trained = folder(tmp_path, "trained", seed=5)  # adapter files only, never pushed
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    with pytest.raises(hub.FolderNotEmptyError, match="not pulled there.*--force"):
+        hub.pull("alice/math", to=trained)
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+    out = tmp_path / "out"
+    hub.pull("alice/math", to=out)
+    hub.pull("alice/math", to=out)  # an unchanged earlier pull is replaced
+    (out / "README.md").write_text("my notes")  # ... but not once edited
+    with pytest.raises(hub.FolderNotEmptyError, match="changed since"):
+        hub.pull("alice/math", to=out)
+    assert (out / "README.md").read_text() == "my notes"
+    hub.pull("alice/math", to=out, force=True)
+    assert (out / "README.md").read_text() != "my notes"
+    assert hub.pull("alice/math", to=trained, force=True) == trained
+
+
 def test_pull_to_a_foreign_folder_is_refused(tmp_path):
     hub.push(folder(tmp_path, "a"), "alice/math")
     out = tmp_path / "mine"
