@@ -158,6 +158,66 @@ def _check_targets(folder: Path, cfg: dict[str, Any], modules: list[str], suffix
                 path=folder)
 
 
+# Module names a pattern is tried on before PEFT ever matches it: the adapter's own (digits folded) and names every
+# transformer has that an adapter rarely targets, where a backtracking pattern fails slowest.
+_PROBES = ("model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.layers.0.mlp.act_fn",
+           "model.layers.0.self_attn.rotary_emb", "model.embed_tokens", "model.norm", "lm_head", "a" * 48)
+PATTERN_SECONDS = 3.0  # the whole check: a process start plus every probe
+
+
+_MATCH_ALL = """
+import json, re, sys
+tries, probes = json.load(sys.stdin)
+for what, pattern, wrap in tries:
+    try:
+        compiled = re.compile(wrap.format(pattern))
+    except (re.error, ValueError, OverflowError, RecursionError):
+        continue
+    for probe in probes:
+        print(json.dumps([what, pattern, probe]), flush=True)
+        compiled.fullmatch(probe) if wrap == "{}" else compiled.match(probe)
+print("done", flush=True)
+"""
+
+
+def _check_patterns(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse regular expressions that backtrack catastrophically (``(.+)+z``): PEFT matches ``target_modules``
+    (a string) and the ``rank_pattern`` / ``alpha_pattern`` keys against every module name of the base model with
+    Python's ``re``, which has no time limit, so such a pattern would hang this push and every client that loads
+    the adapter. Each is tried with ``re`` itself, in a child process killed after ``PATTERN_SECONDS``, on the
+    adapter's own module names and on names every transformer has. Costs a process start (about 30 ms), only
+    for adapters whose config holds patterns."""
+    import json
+    import subprocess
+    import sys
+
+    tries = []
+    if isinstance(cfg.get("target_modules"), str):
+        tries.append(("target_modules", cfg["target_modules"], "{}"))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if isinstance(cfg.get(key), dict):
+            tries += [(f"a key of {key}", k, r"(.*\.)?({})$") for k in cfg[key] if isinstance(k, str)]
+    if not tries:
+        return
+    names = {re.sub(r"\d+", "0", k[len(_PREFIX):] if k.startswith(_PREFIX) else k) for k in tensors}
+    probes = sorted({n for k in names for n in (k, k.rsplit(".", 1)[0], k.rsplit(".", 2)[0])} | set(_PROBES))
+    try:
+        p = subprocess.run([sys.executable, "-I", "-c", _MATCH_ALL], input=json.dumps([tries, probes]),
+                           capture_output=True, text=True, timeout=PATTERN_SECONDS)
+        if p.stdout.rstrip().endswith("done"):
+            return
+        last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else None
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        last = out.strip().splitlines()[-1] if out.strip() else None
+    what, pattern, probe = json.loads(last) if last else (tries[0][0], tries[0][1], probes[0])
+    raise AdapterFormatError(
+        f"{CONFIG}: {what} {pattern!r:.80} takes more than {PATTERN_SECONDS:g} s to match the module name "
+        f"'{probe}' (a pattern that backtracks, such as a nested repeat like '(.+)+'): PEFT would hang matching it "
+        "against the base model. List the module names instead (e.g. [\"q_proj\", \"v_proj\"]) or write the "
+        "pattern without nested repeats.", path=folder)
+
+
 def _weights_path(folder: Path) -> Path:
     path = folder / WEIGHTS
     if path.is_file():
@@ -370,6 +430,7 @@ def load(path: str | os.PathLike) -> Adapter:
             "check yet. Set modules_to_save to null if nothing was saved that way.", path=folder)
     _check_sizes(folder)
     tensors = _read_safetensors(_weights_path(folder))
+    _check_patterns(folder, cfg, tensors)
     adapter: Adapter = _PARSERS[peft_type](folder, cfg, tensors)
     recipe = None
     rp = folder / RECIPE

@@ -208,3 +208,38 @@ def test_modules_to_save_is_refused_with_the_fix(tmp_path, model, kind):
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(composer.AdapterFormatError, match="modules_to_save .*lm_head.* null"):
         composer.load(path)
+
+
+@pytest.mark.parametrize("field, value", [("target_modules", "(.+)+z"),
+                                          ("target_modules", "(.+)+(q|k|v|o|gate|up|down)_proj"),
+                                          ("rank_pattern", {"(a|aa)+b": 4})])
+def test_backtracking_patterns_are_refused_in_bounded_time(tmp_path, field, value):
+    """PEFT matches these with Python's re against every module of the base model: a nested repeat would hang
+    the push, and every client loading the adapter. They are tried with re in a child process that is killed."""
+    import json
+    import time
+
+    from tests.tiny import peft_lora
+
+    path = tmp_path / "a"
+    peft_lora(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    with pytest.raises(composer.AdapterFormatError, match="backtracks"):
+        composer.load(path)
+    assert time.monotonic() - t0 < 60  # bounded (the check stops at PATTERN_SECONDS; generous for a loaded CI)
+
+
+def test_an_ordinary_target_pattern_is_still_accepted(tmp_path):
+    import json
+
+    from tests.tiny import peft_lora
+
+    path = tmp_path / "a"
+    peft_lora(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["target_modules"] = r".*\.(q_proj|v_proj)"
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    assert composer.load(path).lora_a  # loads, with its modules
