@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from composer.env import env_flag
@@ -16,3 +18,10 @@ def missing(what: str) -> None:
     if env_flag(STRICT_ENV):
         pytest.fail(f"{what} ({STRICT_ENV} is set: CI must run this test)", pytrace=False)
     pytest.skip(what)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@ adapters, a served app), and unit tests of the app's pure parts: expressions, tr
 
 from __future__ import annotations
 
-import socket
 import string
 import threading
 
@@ -16,6 +15,7 @@ import hub
 from app.batcher import Batcher, fit_messages
 from app.engine import Engine
 from app.ui import Mixer, MixInputError, build, build_expression
+from tests.helpers import free_port
 from tests.tiny import random_prompt, random_road, tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -65,12 +65,6 @@ def populate_store(root, model) -> list[str]:
             hub.Store(root).push(tmp, name)
         ids.append(name)
     return ids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:

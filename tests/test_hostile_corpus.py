@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 import composer
 import hub
 from app.cli import main
+from tests.helpers import free_port
 from tests.test_hub_helpers import env, folder, git
 from tests.tiny import peft_lora
 
@@ -47,9 +47,7 @@ def served(tmp_path_factory):
     hub.push(folder(tmp, "b", seed=1), "alice/math", root=root)
     hub.push(peft_lora(tmp / "lora", seed=0), "alice/lora", root=root)
     hub.push(peft_lora(tmp / "dora", seed=1, use_dora=True), "alice/dora", root=root)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp / "serve.log", "wb")
     # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
     server_env = env(ADAPTER_HUB_HOME=str(root), ADAPTER_HUB_NO_EXAMPLES="1", HF_HUB_OFFLINE="1",

@@ -47,7 +47,10 @@ def folder(tmp: Path, name: str, adapter=None, seed: int = 0) -> Path:
 
 
 def files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+    """The adapter's files in ``path`` by name (the ``.hub-pull`` marker a pull leaves is not one of them)."""
+    from hub.store import PULL_MARKER
+
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file() and p.name != PULL_MARKER}
 
 
 def env(**extra: str) -> dict[str, str]:

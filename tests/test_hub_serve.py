@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ import pytest
 import hub
 from hub.serve import command
 from hub.store import Store
+from tests.helpers import free_port
 from tests.test_hub_helpers import ROOT, env, files, folder, hub_cmd
 
 pytest.importorskip("olah")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -30,7 +24,7 @@ def served(tmp_path):
     root = tmp_path / "server"
     a, b = folder(tmp_path, "a", seed=0), folder(tmp_path, "b", seed=1)
     shas = {"v1": hub.push(a, "alice/math", root=root).sha, "v2": hub.push(b, "alice/math", root=root).sha}
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "olah.log", "wb")
     proc = subprocess.Popen(command(Store(root), "127.0.0.1", port), stdout=log, stderr=subprocess.STDOUT,
                             cwd=tmp_path, env=env())
@@ -86,6 +80,7 @@ def test_served_store_pull_and_peft(tmp_path, served):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(tmp_path / "out")
     assert files(tmp_path / "out") == files(v1)  # every file, the card included, bit for bit
+    assert "alice/math" in (tmp_path / "out" / ".hub-pull").read_text()  # and the marker of what was pulled
 
     p = subprocess.run([sys.executable, "-c", PEFT_SCRIPT, str(v1)], capture_output=True, text=True, cwd=ROOT,
                        env=env(**cenv), timeout=300)

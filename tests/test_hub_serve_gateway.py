@@ -16,15 +16,10 @@ import urllib.request
 import pytest
 
 import hub
+from tests.helpers import free_port
 from tests.test_hub_helpers import env, folder
 
 pytest.importorskip("olah")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -50,7 +45,7 @@ def _alive(pid: int) -> bool:
 def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path):
     root = tmp_path / "server"
     sha = hub.push(folder(tmp_path, "a"), "alice/math", root=root).sha
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
                             stderr=subprocess.STDOUT, env=env(ADAPTER_HUB_HOME=str(root)), cwd=tmp_path)
