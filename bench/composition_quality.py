@@ -195,15 +195,51 @@ def default_configs(dirs: list[Path]) -> list[str]:
     return ["base", *single, *pairs]
 
 
-def config_mix(name: str, dirs: list[Path], cache: dict):
-    """``base`` -> None; ``a`` -> the adapter; ``a+b`` -> ``composer.add`` of both (zero training)."""
-    if name == "base":
+def parse_config(name: str) -> tuple[list[tuple[float, str]], bool]:
+    """``"base"``, ``"a"``, ``"a+b"``, ``"1.5*a+b"`` or ``"a+b:fit"`` -> ([(weight, folder)], fit)."""
+    fit = name.endswith(":fit")
+    body = name[:-4] if fit else name
+    if body == "base":
+        return [], fit
+    parts = []
+    for p in body.split("+"):
+        w, _, folder = p.rpartition("*")
+        parts.append((float(w) if w else 1.0, folder))
+    return parts, fit
+
+
+def config_styles(name: str) -> tuple[str, ...]:
+    return tuple(style_of(f) for _, f in parse_config(name)[0])
+
+
+def config_mix(name: str, dirs: list[Path], cache: dict, engine=None, args=None):
+    """``base`` -> None; ``a`` -> the adapter; ``a+b`` -> ``composer.add`` of both (zero training); ``1.5*a+b``
+    -> the weighted sum; ``a+b:fit`` -> ``composer.fit`` of the pair on ``pair_<style a>_<style b>.jsonl``
+    (32 examples of training forms and topics)."""
+    parts, fit = parse_config(name)
+    if not parts:
         return None
-    parts = name.split("+")
-    for p in parts:
-        if p not in cache:
-            cache[p] = composer.load(find_adapter(dirs, p))
-    return cache[parts[0]] if len(parts) == 1 else composer.add(*[cache[p] for p in parts])
+    for _, f in parts:
+        if f not in cache:
+            cache[f] = composer.load(find_adapter(dirs, f))
+    adapters = [cache[f] for _, f in parts]
+    weights = [w for w, _ in parts]
+    if fit:
+        styles = [style_of(f) for _, f in parts]
+        data = Path(args.data) / f"pair_{styles[0]}_{styles[1]}.jsonl"
+        if not data.is_file():
+            data = Path(args.data) / f"pair_{styles[1]}_{styles[0]}.jsonl"
+        t0 = time.perf_counter()
+        res = composer.fit(adapters, data, model=engine.model, tokenizer=engine.tokenizer,
+                           granularity=args.fit_granularity, steps=args.fit_steps, lr=args.fit_lr,
+                           batch_size=args.fit_batch, seed=args.seed)
+        log(f"fit {name}: {time.perf_counter() - t0:.0f}s")
+        return res
+    if len(adapters) == 1 and weights == [1.0]:
+        return adapters[0]
+    if weights == [1.0] * len(adapters):
+        return composer.add(*adapters)
+    return composer.merge(adapters, weights)
 
 
 def content_score(styles: tuple[str, ...], prompts: list[str], got: list[tuple[str, bool]]) -> dict:
@@ -234,7 +270,7 @@ def section_quality(engine, args, results) -> str:
     dirs = [Path(d) for d in args.adapters]
     names = args.configs or default_configs(dirs)
     cache: dict = {}
-    mixes = {n: config_mix(n, dirs, cache) for n in names}
+    mixes = {n: config_mix(n, dirs, cache, engine, args) for n in names}
     out = []
     for split in args.splits:
         prompts = split_prompts(split, args.seed, args.n_head)
@@ -252,7 +288,7 @@ def section_quality(engine, args, results) -> str:
                  "**styles + content** |" + (" NLL |" if args.nll else ""),
                  "|---|---|---|---|---|---|---|---|" + ("---|" if args.nll else "")]
         for name in names:
-            styles = () if name == "base" else tuple(style_of(p) for p in name.split("+"))
+            styles = config_styles(name)
             sc = content_score(styles, prompts, got[name])
             sc["examples"] = [r for r, _ in got[name][:3]]
             if args.nll:
