@@ -83,3 +83,25 @@ def test_mixed_chat_batch_matches_peft_alone(smol):
                 ref_model.unload()
             assert tok.decode(out, skip_special_tokens=True) == ans, (q, folder)
     assert answers[1] != answers[0] or answers[2] != answers[0]  # the adapters change something
+
+
+@pytest.mark.parametrize("name", ["opener_anchored", "signoff_anchored", "bullets_anchored", "json_anchored"])
+def test_shipped_anchored_adapters_load_in_peft_with_the_engines_logits(smol, name):
+    """The shipped composable adapters are PEFT folders: PEFT's logits on the real model equal the engine's row."""
+    from pathlib import Path
+
+    _, model, tok = smol
+    folder = Path(__file__).resolve().parents[1] / "adapters" / name
+    engine = Engine(model, tok)
+    ids, mask, _ = engine.encode(["What is the history of glaciers?"])
+    got = engine.forward(ids, mask, [composer.load(folder)])
+    engine.close()
+    peft = PeftModel.from_pretrained(model, str(folder)).eval()
+    try:
+        with torch.no_grad():
+            want = peft(input_ids=ids).logits
+    finally:
+        peft.unload()
+    assert (got - want).abs().max() < 1e-3
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter changes the logits
