@@ -66,10 +66,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("Train a RoAd adapter, a LoRA or a prompt vector on a JSONL file (optionally from a composition).", """
         hub train data.jsonl -o out/upper --steps 120 --lr 5e-3
         hub train data.jsonl -o out/upper-lora --kind lora --rank 8
-        hub train data.jsonl -o out/new --init "0.5*examples/upper + 0.5*examples/json"
+        hub train data.jsonl -o out/new --init "0.5*examples/opener_anchored + 0.5*examples/json_anchored"
         hub train --help                                   # all of the trainer's options"""),
     "fit": ("Fit one mix coefficient per adapter (and layer) to a few examples of the combined behaviour.", """
-        hub fit examples/upper examples/signoff --data adapters/data/pair_upper_signoff.jsonl -o out/fit
+        hub fit examples/opener_anchored examples/signoff_anchored \\
+          --data adapters/data/pair_opener_signoff.jsonl -o out/fit
         hub fit a/x b/y --data pair.jsonl -o out/fit --push team/fitted   # also store it as a new version
         hub fit ./upper ./signoff --data pair.jsonl -o out/fit --granularity adapter --steps 60 --json"""),
 }
