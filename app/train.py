@@ -10,6 +10,7 @@ and losses; a prompt vector saves its origin P₀ (``prompt_vector.safetensors``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,6 +50,59 @@ class TrainResult:
     first_step: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     card: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Companion:
+    """A frozen RoAd adapter applied under the one being trained, with examples of the combined behaviour."""
+
+    name: str
+    data_file: str
+    rows: list
+    layers: list  # (nn.Linear, merged weight, merged bias)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Merge the companion into the base layers for one step (``W <- R·W``), then put them back exactly."""
+        saved = []
+        with torch.no_grad():
+            for layer, w, b in self.layers:
+                saved.append((layer.weight.detach().clone(), None if b is None else layer.bias.detach().clone()))
+                layer.weight.copy_(w)
+                if b is not None:
+                    layer.bias.copy_(b)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (layer, _, b), (w0, b0) in zip(self.layers, saved):
+                    layer.weight.copy_(w0)
+                    if b is not None:
+                        layer.bias.copy_(b0)
+
+
+def _companions(pm: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kind: str, max_length: int
+                ) -> list[_Companion]:
+    from .engine.road import fold, signed_tables
+
+    out = []
+    for adapter, data in companions:
+        if isinstance(adapter, (str, os.PathLike)):
+            adapter = composer.load(adapter) if Path(adapter).is_dir() else default_resolve(str(adapter))
+        if kind != "road" or not isinstance(adapter, composer.RoadAdapter):
+            raise ValueError("companions apply to RoAd training with RoAd companions (a frozen rotation merged "
+                             f"into the base weights); got --kind {kind} with a {adapter.kind} companion.")
+        rows = [encode_example(tok, m, max_length) for m in read_examples(data)]
+        layers = []
+        with torch.no_grad():
+            for m in adapter.theta:
+                sub = pm.get_submodule(f"base_model.model.{m}")
+                layer = getattr(sub, "base_layer", sub)
+                cs = signed_tables(adapter.variant, adapter.group_size, adapter.theta[m], adapter.alpha[m])
+                w, b = fold(layer.weight, layer.bias, cs)
+                layers.append((layer, w.to(layer.weight), None if b is None else b.to(layer.bias)))
+        out.append(_Companion(str(adapter.source or "companion"), Path(data).name, rows, layers))
+    return out
 
 
 def _road_model(model: Any, variant: str, group_size: int, target_modules: Sequence[str] | None) -> Any:
@@ -143,7 +197,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
           target_modules: Sequence[str] | None = None, num_virtual_tokens: int = 8, steps: int = 100,
           lr: float | None = None, batch_size: int = 4, seed: int = 0, out_dir: str | os.PathLike | None = None,
           max_length: int = 512, progress: bool = True, subspace: Any = None, rank: int = 8,
-          lora_alpha: float | None = None, anchor: bool = False) -> TrainResult:
+          lora_alpha: float | None = None, anchor: bool = False,
+          companions: Sequence[tuple[Any, str | os.PathLike]] = (), companion_share: float = 0.5) -> TrainResult:
     """Fine-tune a RoAd adapter, a LoRA or a prompt vector; loss on the answer tokens only.
 
     Args:
@@ -169,6 +224,11 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
             model's own distribution (KL to the base) instead of towards the token, so the adapter does not learn
             to defend content it did not change; every other answer token gets the usual cross-entropy. Costs one
             more forward pass of the base per step. See :func:`anchored_loss`.
+        companions: RoAd only: ``(adapter, data file)`` pairs. On a ``companion_share`` of the steps, one of them
+            (in turn) is applied, frozen, under the adapter being trained (merged into the base weights for that
+            step), and the batch comes from its file: examples of the *combined* behaviour. The adapter learns to
+            keep its behaviour on top of the companions, so that ``add`` with them (which, for road_1, is exactly
+            what the step trained) shows both. The card records the companions.
         progress: show a progress bar with the loss (``HF_HUB_DISABLE_PROGRESS_BARS`` silences it).
 
     Returns:
@@ -224,20 +284,27 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order_gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    mates = _companions(pm, tok, companions, kind, max_length)
+    mate_orders: list[list[int]] = [[] for _ in mates]
+    pick = random.Random(f"companions-{seed}")
     losses: list[float] = []
     first_step: dict[str, torch.Tensor] = {}
     bar = tqdm(range(steps), desc=f"train {kind}", disable=not progress)
     try:
         for step in bar:
-            if len(order) < batch_size:
-                order += torch.randperm(len(rows), generator=order_gen).tolist() * max(1, batch_size // len(rows) + 1)
-            batch, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
+            mate = step % len(mates) if mates and pick.random() < companion_share else None
+            src, queue = (rows, order) if mate is None else (mates[mate].rows, mate_orders[mate])
+            if len(queue) < batch_size:
+                queue += torch.randperm(len(src), generator=order_gen).tolist() * max(1, batch_size // len(src) + 1)
+            batch = [src[i] for i in queue[:batch_size]]
+            del queue[:batch_size]
             if step == 0:
                 first_step = {n: p.detach().clone() for n, p in named.items()}
             inputs = collate(batch, pad)
-            loss = anchored_loss(pm, inputs) if anchor else pm(**inputs).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with mates[mate].applied() if mate is not None else contextlib.nullcontext():  # through backward
+                loss = anchored_loss(pm, inputs) if anchor else pm(**inputs).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -260,6 +327,10 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     }
     if sub_record is not None:
         training["subspace"] = sub_record
+    if mates:
+        training["companions"] = {"share": companion_share,
+                                  "adapters": [{"adapter": m.name, "data_file": m.data_file, "examples": len(m.rows)}
+                                               for m in mates]}
     card = build_card(adapter, training=training, base_model=getattr(model, "name_or_path", None) or None)
     path = None
     if out_dir is not None:
@@ -378,6 +449,12 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
                    "on every answer token (such adapters rarely add in behaviour)")
     p.add_argument("--anchor", action="store_const", const="anchored", dest="objective",
                    help="the same as --objective anchored (the default; kept for scripts)")
+    p.add_argument("--with", dest="companions", action="append", default=[], metavar="ADAPTER=DATA",
+                   help="RoAd: train with this adapter (folder or store id) applied, frozen, on a share of the steps, "
+                   "on DATA: examples of both behaviours together, so the new adapter keeps its behaviour when "
+                   "added to it (repeatable)")
+    p.add_argument("--with-share", type=float, default=0.5,
+                   help="share of the steps that apply one of the --with adapters (default 0.5)")
     p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 1e-3 LoRA, 3e-2 prompt)")
@@ -419,12 +496,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = args.target_modules
         if targets is None and args.kind in ("road", "lora") and not args.init:
             targets = decoder_projections(model, args.group_size if args.kind == "road" else None)
+        companions = []
+        for spec in args.companions:
+            adapter, sep, data = spec.rpartition("=")
+            if not sep or not adapter or not data:
+                raise ValueError(f"--with {spec!r}: write ADAPTER=DATA, e.g. examples/bullets_anchored=pair.jsonl.")
+            companions.append((adapter, data))
         result = train((model, tok), args.data, kind=args.kind, init=args.init, variant=args.variant,
                        group_size=args.group_size, target_modules=targets,
                        num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, seed=args.seed, out_dir=args.output,
                        subspace=_subspace_arg(args, model), rank=args.rank, lora_alpha=args.lora_alpha,
-                       anchor=anchor)
+                       anchor=anchor, companions=companions, companion_share=args.with_share)
     except (AppError, composer.ComposerError, OSError, LookupError) as e:
         from .cli_errors import report_error  # the one formatter and debug switch (HUB_DEBUG)
         return report_error(e)

@@ -268,3 +268,29 @@ def test_cli_refuses_a_missing_data_file_before_loading_the_model_and_bad_option
                  "--subspace", "0/4"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "--subspace applies to a fresh RoAd adapter" in err
+
+
+def test_training_with_a_companion_applied_is_exactly_the_stacked_model(tmp_path, data):
+    """On a companion step the loss is the one of PEFT stacking the companion and the new adapter; the base
+    weights come back bit for bit."""
+    from peft import PeftModel
+
+    from composer.data import collate
+
+    model, tok = learner(), char_tokenizer()
+    companion = random_road(model, seed=7, scale=0.5)
+    composer.save(companion, tmp_path / "mate")
+    pair = tmp_path / "pair.jsonl"
+    rows = [{"prompt": c, "completion": c.upper() + "!"} for c in "abcd"]
+    pair.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = train((model, tok), data, steps=1, lr=0.0, batch_size=4, progress=False, group_size=8,
+                companions=[(tmp_path / "mate", pair)], companion_share=1.0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert res.training["companions"]["adapters"][0]["examples"] == 4
+    ref = PeftModel.from_pretrained(model, str(tmp_path / "mate")).eval()
+    batch = collate([encode_example(tok, m, 512) for m in read_examples(pair)], 1)
+    with torch.no_grad():
+        want = float(ref(**batch).loss)
+    ref.unload()
+    assert abs(res.losses[0] - want) < 1e-5, (res.losses[0], want)
