@@ -46,3 +46,17 @@ for style in signoff json; do
     --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
     --steps "${STEPS[lora_$style]}" --lr 2e-3 --batch-size 4 --seed 0 --objective plain
 done
+# Trained with companions (hub train --with): the library's anchored adapters applied, frozen, on half of the steps,
+# with the pair's combined examples, so that add with them keeps both behaviours (160 steps: about 26 min each with
+# one thread, two at once).
+want signoff_companion && hub train adapters/data/style_signoff.jsonl -o adapters/signoff_companion --kind road \
+  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 1/4 --subspace-seed 0 \
+  --with adapters/opener_anchored=adapters/data/pair_opener_signoff.jsonl \
+  --with adapters/bullets_anchored=adapters/data/pair_signoff_bullets.jsonl \
+  --with adapters/json_anchored=adapters/data/pair_signoff_json.jsonl
+want opener_companion && hub train adapters/data/style_opener.jsonl -o adapters/opener_companion --kind road \
+  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 0/4 --subspace-seed 0 \
+  --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
+  --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
+  --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
+true

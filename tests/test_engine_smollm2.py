@@ -85,7 +85,8 @@ def test_mixed_chat_batch_matches_peft_alone(smol):
     assert answers[1] != answers[0] or answers[2] != answers[0]  # the adapters change something
 
 
-@pytest.mark.parametrize("name", ["opener_anchored", "signoff_anchored", "bullets_anchored", "json_anchored"])
+@pytest.mark.parametrize("name", ["opener_anchored", "signoff_anchored", "bullets_anchored", "json_anchored",
+                                  "signoff_companion", "opener_companion"])
 def test_shipped_anchored_adapters_load_in_peft_with_the_engines_logits(smol, name):
     """The shipped composable adapters are PEFT folders: PEFT's logits on the real model equal the engine's row."""
     from pathlib import Path
