@@ -394,15 +394,14 @@ class Store:
         return dest
 
     def snapshot(self, resolved: Resolved) -> Path:
-        """A read-only export at ``snapshots/<ns>/<name>/<sha>/``, created once.
+        """A read-only export at ``snapshots/<ns>/<name>/<sha>/``, created once and checked at every use against
+        the commit (git blob ids): a snapshot edited since is rebuilt, never served as the pinned version.
 
         On a read-only store (a shared mount) the export goes to a per-user cache instead
         (:func:`_fallback_snapshots`), so reads never need write access to the store.
         """
         rel = Path(resolved.ref.namespace) / resolved.ref.name / resolved.sha
         first = self.root / "snapshots" / rel
-        if first.is_dir():
-            return first
         try:
             return self._snapshot_into(resolved, first)
         except OSError:
@@ -414,9 +413,30 @@ class Store:
             raise StoreError(f"Could not write a snapshot of {resolved.pinned} under {first.parent} or "
                              f"{second.parent}: {e.strerror or e}. Pass --to DIR to pull elsewhere.") from e
 
+    def _intact(self, resolved: Resolved, folder: Path) -> bool:
+        """Whether ``folder`` holds exactly the commit's adapter files, byte for byte (git blob ids compared)."""
+        want = {n: oid for n, oid in self.files(resolved) if n in ADAPTER_FILES}
+        have = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+        if have != sorted(want):
+            return False
+        for name, oid in want.items():
+            f = folder / name
+            if f.is_symlink() or not f.is_file():
+                return False
+            data = f.read_bytes()
+            algo = hashlib.sha256 if len(oid) == 64 else hashlib.sha1
+            if algo(b"blob %d\0" % len(data) + data).hexdigest() != oid:
+                return False
+        return True
+
     def _snapshot_into(self, resolved: Resolved, final: Path) -> Path:
         if final.is_dir():
-            return final
+            if self._intact(resolved, final):
+                return final
+            # Edited or damaged since it was written: never served under the commit's sha. Moved aside and rebuilt.
+            stale = final.parent / f".{final.name}.stale-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{resolved.sha}."))
         try:

@@ -453,3 +453,18 @@ def test_a_refused_first_push_leaves_no_empty_repository(tmp_path, store):
     assert not store.repo_path(hub.parse_id("new/repo")).exists()
     assert "new/repo" not in [r["id"] for r in hub.list_adapters()]
     assert hub.push(src, "new/repo").tag == "v1"  # and the id is free to use
+
+
+def test_an_edited_snapshot_is_rebuilt_not_served_as_the_pinned_version(tmp_path, store):
+    src = folder(tmp_path, "a")
+    hub.push(src, "alice/math")
+    snap = hub.pull("alice/math@v1")
+    original = (snap / "adapter_model.safetensors").read_bytes()
+    other = folder(tmp_path, "b", seed=9)
+    (snap / "adapter_model.safetensors").write_bytes((other / "adapter_model.safetensors").read_bytes())
+    (snap / "notes.txt").write_text("mine")
+    again = hub.pull("alice/math@v1")
+    assert again == snap and (again / "adapter_model.safetensors").read_bytes() == original
+    assert not (again / "notes.txt").exists()
+    loaded = hub.load("alice/math@v1")
+    assert all(torch.equal(loaded.theta[m], composer.load(src).theta[m]) for m in loaded.theta)
