@@ -27,10 +27,14 @@ _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-autho
 _BLOCK = 1 << 16
 
 
-def _handler(upstream: tuple[str, int], public: str) -> type[BaseHTTPRequestHandler]:
+READ_TIMEOUT = 30.0  # seconds a client may stay silent (idle sockets would otherwise hold a thread forever)
+
+
+def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "adapter-hub"
         protocol_version = "HTTP/1.0"  # one request per connection: bodies end when the connection closes
+        timeout = read_timeout  # each read and write of the client's socket; a silent client is dropped
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
             pass  # olah keeps the access log
@@ -97,9 +101,10 @@ def _handler(upstream: tuple[str, int], public: str) -> type[BaseHTTPRequestHand
 class Gateway:
     """The proxy, serving in a background thread until :meth:`close`."""
 
-    def __init__(self, host: str, port: int, upstream: tuple[str, int]) -> None:
+    def __init__(self, host: str, port: int, upstream: tuple[str, int], *, read_timeout: float = READ_TIMEOUT
+                 ) -> None:
         public = f"http://{host}:{port}"
-        self.httpd = ThreadingHTTPServer((host, port), _handler(upstream, public))
+        self.httpd = ThreadingHTTPServer((host, port), _handler(upstream, public, read_timeout))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="hub-gateway", daemon=True)
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -84,3 +85,20 @@ def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_a_silent_client_is_dropped_after_the_read_timeout():
+    """Idle sockets held a gateway thread each, forever; now each is closed after its read timeout."""
+    from hub.gateway import Gateway
+
+    port = free_port()
+    gw = Gateway("127.0.0.1", port, ("127.0.0.1", free_port()), read_timeout=0.5).start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        time.sleep(1.5)
+        for s in idle:
+            assert s.recv(1) == b""  # the server closed it (an empty read, not a timeout on our side)
+            s.close()
+        assert threading.active_count() < 20  # no thread is left waiting on them
+    finally:
+        gw.close()
