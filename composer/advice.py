@@ -32,8 +32,9 @@ def notes(inputs: Sequence[tuple[str, Adapter, dict[str, Any] | None]]) -> list[
 
     out = []
     for name, adapter, training in inputs:
-        if adapter.kind in ("road", "lora") and isinstance(training, dict) \
-                and training.get("objective") == "cross_entropy":
+        # A record without an objective comes from a hub train that had only cross-entropy.
+        if adapter.kind in ("road", "lora") and isinstance(training, dict) and training.get("steps") is not None \
+                and training.get("objective", "cross_entropy") == "cross_entropy":
             out.append(PLAIN.format(name=name))
     roads = [(n, a) for n, a, _ in inputs if isinstance(a, RoadAdapter)]
     for i, (na, a) in enumerate(roads):

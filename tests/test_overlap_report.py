@@ -106,3 +106,13 @@ def test_mixer_says_when_the_chosen_adapters_will_not_compose_well(slots):
     notes = mixer.composition_notes([("t/s0", slots["s0"]), ("t/full", slots["full"])])
     assert any("t/s0 and t/full move the same 2D pairs (100%" in n for n in notes)
     assert mixer.composition_notes([("t/s0", slots["s0"])]) == []  # one adapter: nothing to compose
+
+
+def test_a_card_from_before_the_objective_field_counts_as_plain_cross_entropy():
+    from composer.advice import notes
+    from tests.tiny import tiny_model
+
+    a = random_road(tiny_model())
+    assert len(notes([("old/plain", a, {"kind": "road", "steps": 120})])) == 1  # hub train had only cross-entropy
+    assert notes([("new/anchored", a, {"kind": "road", "steps": 120, "objective": "anchored"})]) == []
+    assert notes([("composed/mix", a, None)]) == []  # no training record: nothing known against it
