@@ -327,7 +327,6 @@ def _show_text(d: dict, modules: bool) -> str:
 def _cmd_show(a) -> int:
     import composer
     import hub
-    from composer.card import parse_card
 
     store = hub.Store()
     resolved = store.resolve(a.id)
@@ -338,7 +337,7 @@ def _cmd_show(a) -> int:
 
         d["active_pairs"] = active_share(adapter)
     try:
-        front, _ = parse_card(store.read(resolved, "README.md"))
+        front = store.front_matter(resolved)
     except (hub.HubError, composer.ComposerError):
         front = {}
     d["training"] = front.get("training")

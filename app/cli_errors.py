@@ -68,5 +68,3 @@ def report_error(e: BaseException) -> int:
     hint = f"(set {DEBUG_ENV}=1 for the traceback)"
     _err(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}")
     return 1
-
-

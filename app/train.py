@@ -63,22 +63,20 @@ class _Companion:
 
     @contextlib.contextmanager
     def applied(self):
-        """Merge the companion into the base layers for one step (``W <- R·W``), then put them back exactly."""
-        saved = []
-        with torch.no_grad():
-            for layer, w, b in self.layers:
-                saved.append((layer.weight.detach().clone(), None if b is None else layer.bias.detach().clone()))
-                layer.weight.copy_(w)
-                if b is not None:
-                    layer.bias.copy_(b)
+        """Run one step with the companion merged into the base layers (``W <- R·W``): the frozen parameters'
+        data are swapped for the merged tensors made once, then the originals are put back (no copy per step)."""
+        saved = [(layer.weight.data, None if b is None else layer.bias.data) for layer, _, b in self.layers]
+        for layer, w, b in self.layers:
+            layer.weight.data = w
+            if b is not None:
+                layer.bias.data = b
         try:
             yield
         finally:
-            with torch.no_grad():
-                for (layer, _, b), (w0, b0) in zip(self.layers, saved):
-                    layer.weight.copy_(w0)
-                    if b is not None:
-                        layer.bias.copy_(b0)
+            for (layer, _, b), (w0, b0) in zip(self.layers, saved):
+                layer.weight.data = w0
+                if b is not None:
+                    layer.bias.data = b0
 
 
 def _companions(pm: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kind: str, max_length: int
@@ -398,7 +396,6 @@ def free_slot(base_model: str | None, n: int = 4, root: Any = None) -> tuple[str
     and the reason names the adapters it overlaps with.
     """
     import hub
-    from composer.card import parse_card
 
     users: dict[int, list[str]] = {k: [] for k in range(n)}
     try:
@@ -408,7 +405,7 @@ def free_slot(base_model: str | None, n: int = 4, root: Any = None) -> tuple[str
         rows = []
     for row in rows:
         try:
-            front, _ = parse_card(store.read(store.resolve(row["id"]), "README.md"))
+            front = store.front_matter(store.resolve(row["id"]))
         except Exception:  # noqa: BLE001 - an unreadable card only means we do not know its slot
             continue
         sub = (front.get("training") or {}).get("subspace") if isinstance(front.get("training"), dict) else None

@@ -34,14 +34,11 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import limits
 from .errors import ExpressionError, LimitExceededError
 from .merge_methods import METHODS
-
-if TYPE_CHECKING:
-    pass
 
 FUNCTIONS = ("interp", "compose", "merge", "compress")
 

@@ -169,12 +169,12 @@ def _road_union(adapters: Sequence[RoadAdapter]) -> list[RoadAdapter]:
     out = []
     for a in adapters:
         theta, alpha = {}, {}
+        dtype = next(iter(a.theta.values())).dtype
         for m in modules:
             if m in a.theta:
                 theta[m], alpha[m] = a.theta[m], a.alpha[m]
             else:
                 n = road_math.num_values(a.variant, width[m])
-                dtype = next(iter(a.theta.values())).dtype
                 theta[m], alpha[m] = torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype)
         cfg = {k: v for k, v in a.config.items() if k not in ("layers_to_transform", "layers_pattern")}
         cfg["target_modules"] = targets
@@ -217,7 +217,7 @@ def _inputs(adapters: Sequence[Adapter]) -> tuple[dict, ...]:
 
 
 def linear(adapters: Sequence[Adapter], weights: Sequence[float], *, method: str = "task_arithmetic",
-            params: dict | None = None, expression: str | None = None, op: str | None = None) -> Adapter:
+           params: dict | None = None, expression: str | None = None, op: str | None = None) -> Adapter:
     """``Σ wᵢ·genᵢ`` (or a merge method) over compatible adapters; the core of every linear operation."""
     check_compatible(adapters)
     weights = [float(w) for w in weights]

@@ -148,14 +148,19 @@ def list_adapters(*, root: str | os.PathLike | None = None) -> list[dict]:
 
 def training_record(repo_id: str, *, root: str | os.PathLike | None = None) -> dict | None:
     """The ``training`` record of a stored adapter's card (``hub train`` writes it), or ``None``."""
-    from composer.card import parse_card
-
     store = Store(root)
     try:
-        front, _ = parse_card(store.read(store.resolve(repo_id), "README.md"))
+        return _training(store, store.resolve(repo_id))
     except (HubError, composer.ComposerError, OSError):
         return None
-    rec = front.get("training")
+
+
+def _training(store: Store, resolved: Resolved) -> dict | None:
+    """The card's ``training`` record at ``resolved`` (``None`` when there is none, or the card cannot be read)."""
+    try:
+        rec = store.front_matter(resolved).get("training")
+    except (HubError, composer.ComposerError, OSError):
+        return None
     return rec if isinstance(rec, dict) else None
 
 
@@ -166,7 +171,10 @@ def composition_notes(expression: str, *, root: str | os.PathLike | None = None)
     from composer.expr import names, parse
 
     store = Store(root)
-    inputs = [(n, store.load(n), training_record(n, root=root)) for n in dict.fromkeys(names(parse(expression)))]
+    inputs = []
+    for name in dict.fromkeys(names(parse(expression))):
+        resolved = store.resolve(name)  # once per name: the adapter and its card from the same commit
+        inputs.append((name, composer.load(store.snapshot(resolved)), _training(store, resolved)))
     return notes(inputs)
 
 

@@ -313,6 +313,14 @@ class Store:
         path = self._require(resolved.ref)
         return self._git(path, "cat-file", "blob", f"{resolved.sha}:{name}").stdout
 
+    def front_matter(self, resolved: Resolved) -> dict:
+        """The YAML front matter of the commit's model card (``training``, ``base_model``, ``description``, ...).
+
+        Raises:
+            StoreError (no card at that commit), composer.InvalidCardError (an unsafe or malformed card).
+        """
+        return parse_card(self.read(resolved, "README.md"))[0]
+
     def export(self, resolved: Resolved, dest: str | os.PathLike) -> Path:
         """Write the files of a commit into ``dest`` (each file replaced atomically)."""
         dest = Path(dest)
@@ -530,7 +538,7 @@ class Store:
                                 repo_id=ref.repo_id, tag=tag, target=tags[tag])
                         check_reserved(ref.repo_id, tag, force=force)
                 except HubError:
-                    if new and parent is None:  # a refused first push leaves no empty repository behind
+                    if new:  # a refused first push leaves no empty repository behind
                         shutil.rmtree(path, ignore_errors=True)
                     raise
 

@@ -17,7 +17,7 @@ import composer
 import hub
 from composer import LoraAdapter, RoadAdapter
 from composer.adapters import cosine, task_vector
-from composer.card import describe, parse_card
+from composer.card import describe
 from composer.expr import format_interp, format_merge, format_name, format_sum
 from composer.merge_methods import METHODS as MERGE_METHODS
 from composer.mixfit import layer_number
@@ -296,12 +296,9 @@ class Mixer:
     def training(self, name: str) -> dict | None:
         """The ``training`` record of the adapter's card (objective, subspace, ...), or ``None``."""
         try:
-            resolved = self.store.resolve(name)
-            front, _ = parse_card(self.store.read(resolved, "README.md"))
-        except Exception:  # noqa: BLE001 - a missing or broken card only means nothing is known
+            return hub.training_record(name, root=self.store.root)
+        except Exception:  # noqa: BLE001 - a bad name or a broken card only means nothing is known
             return None
-        rec = front.get("training")
-        return rec if isinstance(rec, dict) else None
 
     def composition_notes(self, named: Sequence[tuple[str, composer.Adapter]]) -> list[str]:
         """Why the chosen adapters may not compose well in behaviour, with what to do
