@@ -332,7 +332,7 @@ def _cmd_show(a) -> int:
     resolved = store.resolve(a.id)
     adapter = store.load(f"{resolved.ref.repo_id}@{resolved.sha}")
     d = composer.describe(adapter)
-    if adapter.kind == "road":
+    if composer.kinds.of(adapter).subspaces:
         from composer.subspace import active_share
 
         d["active_pairs"] = active_share(adapter)

@@ -103,34 +103,6 @@ def _companions(pm: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kind: 
     return out
 
 
-def _road_model(model: Any, variant: str, group_size: int, target_modules: Sequence[str] | None) -> Any:
-    from peft import RoadConfig, get_peft_model
-
-    cfg = RoadConfig(variant=variant, group_size=group_size,
-                     target_modules=list(target_modules) if target_modules else None)
-    return get_peft_model(model, cfg)
-
-
-def _lora_model(model: Any, rank: int, alpha: float | None, target_modules: Sequence[str] | None) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    # PEFT's own initialisation: A random, B = 0, so training starts exactly at the base model.
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0,
-                     target_modules=list(target_modules) if target_modules else None)
-    return get_peft_model(model, cfg)
-
-
-def _prompt_model(model: Any, num_virtual_tokens: int) -> Any:
-    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
-
-    # Sampled vocabulary embeddings start the prompt at the scale of real tokens (N(0,1) is far larger).
-    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                             prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
-    pm = get_peft_model(model, cfg)
-    pm.composer_prompt_init = pm.prompt_encoder["default"].embedding.weight.detach().clone()
-    return pm
-
-
 def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Zero the gradients of RoAd parameters outside ``subspace``; returns param name -> mask, and the record."""
@@ -138,7 +110,7 @@ def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
         return {}, None
     from composer.subspace import Subspace, SubspaceError, num_pairs, param_mask
 
-    if kind != "road":
+    if not composer.kinds.by_name(kind).subspaces:
         raise SubspaceError("A subspace applies to RoAd adapters only (--kind road); prompt vectors train every "
                             "virtual token.")
     if isinstance(subspace, str):
@@ -238,9 +210,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     """
     from huggingface_hub.utils import tqdm
 
-    if kind not in ("road", "lora", "prompt"):
-        raise ValueError(f"kind must be 'road', 'lora' or 'prompt', got {kind!r}.")
-    if anchor and kind == "prompt":
+    kind_of = composer.kinds.by_name(kind)
+    if anchor and not kind_of.layered:
         raise ValueError("anchor applies to RoAd and LoRA training only (a prompt vector changes the input, not the "
                          "layers).")
     if isinstance(base, tuple):
@@ -263,13 +234,12 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
                        else {"expression": init if isinstance(init, str) else (start.source or "adapter"),
                              "source": start.source})
         pm = composer.init(model, start)
-        kind = start.kind
-    elif kind == "road":
-        pm = _road_model(model, variant, group_size, target_modules)
-    elif kind == "lora":
-        pm = _lora_model(model, rank, lora_alpha, target_modules)
+        kind_of = composer.kinds.of(start)
     else:
-        pm = _prompt_model(model, num_virtual_tokens)
+        pm = kind_of.new_peft(model, {"variant": variant, "group_size": group_size, "target_modules": target_modules,
+                                      "rank": rank, "lora_alpha": lora_alpha,
+                                      "num_virtual_tokens": num_virtual_tokens})
+    kind = kind_of.name
     prompt_init = getattr(pm, "composer_prompt_init", None)
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -277,7 +247,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     masks, sub_record = _restrict_to_subspace(pm, subspace, kind)
     start = {n: p.detach().clone() for n, p in named.items()} if masks else {}
     if lr is None:
-        lr = {"road": 3e-3, "lora": 1e-3}.get(kind, 3e-2)
+        lr = kind_of.default_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order_gen = torch.Generator().manual_seed(seed)
@@ -318,8 +288,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     training = {
         "kind": adapter.kind, "data_file": Path(data_path).name, "data_sha256": data_hash, "examples": len(rows),
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "seed": seed,
-        "init": init_recipe if init_recipe is not None else {"road": "identity", "lora": "peft (B = 0)"}.get(
-            kind, "sample_vocab"),
+        "init": init_recipe if init_recipe is not None else kind_of.fresh_start,
         "objective": "anchored" if anchor else "cross_entropy",
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
     }
@@ -333,7 +302,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     path = None
     if out_dir is not None:
         path = composer.save(adapter, out_dir, card=card)
-    if adapter.kind in ("road", "lora") and hasattr(pm, "unload"):
+    if kind_of.layered and hasattr(pm, "unload"):
         pm.unload()  # hand the caller's model back with its plain layers
     return TrainResult(adapter=adapter, path=path, losses=losses, first_step=first_step, card=card,
                        training=training)
@@ -426,7 +395,7 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help='JSONL file: {"messages": [...]} or {"prompt": ..., "completion": ...} per line')
     p.add_argument("-o", "--output", required=True, help="folder to write the PEFT adapter to")
-    p.add_argument("--kind", choices=["road", "lora", "prompt"], default="road")
+    p.add_argument("--kind", choices=composer.kinds.names(), default="road")
     p.add_argument("--init", help="start from a composition, e.g. '0.5*a + 0.5*b' (folders or store ids)")
     p.add_argument("--variant", choices=composer.road_math.VARIANTS, default="road_1")
     p.add_argument("--group-size", type=int, default=64)
@@ -489,9 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     path=args.data)
         from .engine import load_base
         model, tok = load_base(args.base)
-        anchor = args.objective == "anchored" and args.kind != "prompt"
+        anchor = args.objective == "anchored" and composer.kinds.by_name(args.kind).layered
         targets = args.target_modules
-        if targets is None and args.kind in ("road", "lora") and not args.init:
+        if targets is None and composer.kinds.by_name(args.kind).layered and not args.init:
             targets = decoder_projections(model, args.group_size if args.kind == "road" else None)
         companions = []
         for spec in args.companions:

@@ -11,6 +11,7 @@ Public surface::
     METHODS                                                      merge methods and the parameters they declare
     fit(adapters, examples, model=..., tokenizer=...)            mix coefficients fitted to a few examples
     subspace.Subspace / active_pairs / overlap                   RoAd adapters trained in a share of the pairs
+    kinds.of(adapter) / kinds.by_peft_type(t)                    the adapter kinds, one module each (composer/kinds/)
 
 Errors are :class:`ComposerError` subclasses (each also a ``ValueError``), in :mod:`composer.errors`.
 
@@ -63,7 +64,8 @@ _LAZY = {
     "subspace": ("Subspace", "SubspaceError", "active_pairs", "overlap"),
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = set(_LAZY) | {"road_math", "lora_math", "card", "errors", "data", "limits", "advice", "env"}
+_SUBMODULES = set(_LAZY) | {"road_math", "lora_math", "card", "errors", "data", "limits", "advice", "env", "kinds",
+                             "provenance", "folder", "arith"}
 
 
 def __getattr__(name: str):

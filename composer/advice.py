@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .adapters import Adapter, RoadAdapter
+from . import kinds
+from .adapters import Adapter
 
 PLAIN = ("{name} was trained with plain cross-entropy: such adapters rarely add in behaviour (both styles in "
          "0–8% of replies in the bench). Fit the mix to a few examples (`hub fit`), or retrain it with `hub "
@@ -33,10 +34,10 @@ def notes(inputs: Sequence[tuple[str, Adapter, dict[str, Any] | None]]) -> list[
     out = []
     for name, adapter, training in inputs:
         # A record without an objective comes from a hub train that had only cross-entropy.
-        if adapter.kind in ("road", "lora") and isinstance(training, dict) and training.get("steps") is not None \
+        if kinds.of(adapter).layered and isinstance(training, dict) and training.get("steps") is not None \
                 and training.get("objective", "cross_entropy") == "cross_entropy":
             out.append(PLAIN.format(name=name))
-    roads = [(n, a) for n, a, _ in inputs if isinstance(a, RoadAdapter)]
+    roads = [(n, a) for n, a, _ in inputs if kinds.of(a).subspaces]
     for i, (na, a) in enumerate(roads):
         for nb, b in roads[i + 1:]:
             o = overlap(a, b)

@@ -343,6 +343,16 @@ def format_name(name: str) -> str:
     return f"`{name}`"
 
 
+_PINNED = re.compile(r"@([0-9a-f]{40})(?![0-9A-Za-z_])")
+
+
+def short_shas(text: str, keep: int = 10) -> str:
+    """``text`` with every pinned commit (``name@<40 hex digits>``) cut to its first ``keep`` digits, for display:
+    the store resolves a unique prefix of four or more digits to the same commit, so the short form reads back to
+    the same version (recipes keep the full sha)."""
+    return _PINNED.sub(lambda m: "@" + m.group(1)[:keep], text)
+
+
 def format_number(x: float) -> str:
     """The shortest text that reads back as the same float (``0.5``, ``2``, ``1e-05``)."""
     x = float(x)

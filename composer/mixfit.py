@@ -27,8 +27,12 @@ from typing import Any
 import torch
 
 from .adapters import Adapter, Recipe, RoadAdapter
+from .arith import inputs as _inputs
+from .arith import label as _label
 from .errors import ComposerError, DataError, IncompatibleAdaptersError
-from .ops import _generator, _inputs, _label, _road_result, check_compatible
+from .kinds.road import checked_generator as _generator
+from .kinds.road import result_like as _road_result
+from .ops import check_compatible
 
 GRANULARITIES = ("adapter", "layer", "module")
 MAX_EXAMPLES = 32

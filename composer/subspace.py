@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .adapters import RoadAdapter
 from .errors import ComposerError
+from .kinds.road import RoadAdapter
 from .road_math import layer_width
 
 

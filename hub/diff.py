@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from composer import Adapter, IncompatibleAdaptersError, RoadAdapter
+from composer import Adapter, IncompatibleAdaptersError, kinds
 from composer.adapters import cosine as _cos
 
 
@@ -45,7 +45,7 @@ def diff(a: Adapter, b: Adapter) -> dict[str, Any]:
     total = float((fa - fb).norm())
     out = {"kind": a.kind, "a": a.source, "b": b.source, "identical": total == 0.0, "diff_norm": total,
            "cosine": _cos(fa, fb), "modules": modules}
-    if isinstance(a, RoadAdapter) and isinstance(b, RoadAdapter):
+    if kinds.of(a).subspaces:  # same kind: checked above
         from composer.subspace import overlap
 
         out["active_pairs"] = overlap(a, b)

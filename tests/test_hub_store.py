@@ -103,6 +103,19 @@ def test_resolve_tag_branch_sha(pushed, store):
         hub.resolve("alice/nothing")
 
 
+def test_short_shas_in_shown_expressions_resolve_to_the_pinned_versions(pushed, store):
+    from composer.expr import short_shas
+
+    v1, v2 = hub.resolve("alice/math@v1").sha, hub.resolve("alice/math@v2").sha
+    full = f"0.5*alice/math@{v1} + interp(alice/math@{v2}, `alice/math@{v1}`, 0.25)"
+    shown = short_shas(full)
+    assert shown == f"0.5*alice/math@{v1[:10]} + interp(alice/math@{v2[:10]}, `alice/math@{v1[:10]}`, 0.25)"
+    from composer.expr import names, parse
+
+    assert [hub.resolve(n).sha for n in names(parse(shown))] == [v1, v2]  # each name once
+    assert short_shas("a@" + "f" * 41) == "a@" + "f" * 41  # not a sha: 41 digits
+
+
 def test_tags_never_move_without_force(tmp_path, pushed, store):
     repo, src = pushed
     before = refs(repo)

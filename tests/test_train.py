@@ -171,10 +171,11 @@ def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):
 
 
 def test_anchored_loss_claims_only_the_tokens_the_base_would_not_produce():
-    from app.train import _road_model, anchored_loss
+    from app.train import anchored_loss
+    from composer import kinds
 
     torch.manual_seed(0)
-    pm = _road_model(learner(), "road_1", 8, None)  # a fresh RoAd adapter: the identity
+    pm = kinds.by_name("road").new_peft(learner(), {"group_size": 8})  # a fresh RoAd adapter: the identity
     prompt = torch.randint(4, 40, (1, 6))
     with pm.disable_adapter():
         ids = pm.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=1)

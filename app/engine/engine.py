@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer import LoraAdapter, PromptVector, RoadAdapter
+from composer import LoraAdapter, PromptVector, RoadAdapter, kinds
 
 from ..errors import MixError
 from . import kernel, lora, road
@@ -91,10 +91,7 @@ class Engine:
         adapter object)."""
         t = self._tables.get(adapter)
         if t is None:
-            if isinstance(adapter, LoraAdapter):
-                t = lora.adapter_factors(adapter, self._linears)
-            else:
-                t = road.adapter_tables(adapter, self._linears)
+            t = _ROLE_TABLES[kinds.of(adapter).engine_role](adapter, self._linears)
             self._tables[adapter] = t
         return t
 
@@ -110,13 +107,18 @@ class Engine:
             import composer
             mix = composer.evaluate(mix, resolve=self.resolve)
         parts = list(mix) if isinstance(mix, (list, tuple)) else [mix]
-        roads = [p for p in parts if isinstance(p, RoadAdapter)]
-        loras = [p for p in parts if isinstance(p, LoraAdapter)]
-        prompts = [p for p in parts if isinstance(p, PromptVector)]
-        other = [p for p in parts if p is not None and not isinstance(p, (RoadAdapter, LoraAdapter, PromptVector))]
-        if other:
-            raise MixError(f"Row {row}: a mix holds composer adapters (RoadAdapter, LoraAdapter, PromptVector), "
-                           f"not {type(other[0]).__name__}.", row=row)
+        by_role: dict[str | None, list[Any]] = {}
+        for p in parts:
+            if p is None:
+                continue
+            if not isinstance(p, kinds.adapter_classes()):
+                names = ", ".join(c.__name__ for c in kinds.adapter_classes())
+                raise MixError(f"Row {row}: a mix holds composer adapters ({names}), not {type(p).__name__}.", row=row)
+            by_role.setdefault(kinds.of(p).engine_role, []).append(p)
+        if None in by_role:
+            raise MixError(f"Row {row}: {by_role[None][0].kind} adapters are not served per row by the engine; load "
+                           "them with PEFT, or merge them into the base model.", row=row)
+        roads, loras, prompts = by_role.get("output", []), by_role.get("weight", []), by_role.get("prefix", [])
         if len(prompts) > 1:
             raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "
                            "compose them first (composer.add).", row=row)
@@ -476,3 +478,8 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
         ids.add(end)
     return ids
+
+
+# How the engine serves each kind's rows (composer.kinds.Kind.engine_role): per-layer tables of an output transform
+# (RoAd), or low-rank factors of a weight update (LoRA); prefixes (prompt vectors) go in front of the embeddings.
+_ROLE_TABLES = {"output": road.adapter_tables, "weight": lora.adapter_factors}

@@ -20,14 +20,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from composer.expr import short_shas
+
 from .mixer import plain
 
 _LABEL = "*mix: "
 
 
 def mix_label(expression: str) -> str:
-    """What a reply says it was made with: the expression, or ``base model``."""
-    return expression or "base model"
+    """What a reply says it was made with: the expression (pinned commits shortened), or ``base model``."""
+    return short_shas(expression) if expression else "base model"
 
 
 def labelled(label: str, text: str) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 
 import composer
 import hub
-from composer import LoraAdapter, RoadAdapter
 from composer.adapters import cosine, task_vector
 from composer.card import describe
 from composer.expr import format_interp, format_merge, format_name, format_sum
@@ -341,13 +340,7 @@ def _explain(e: BaseException) -> str:
 
 def kind_label(a: composer.Adapter) -> str:
     """What the adapter list shows as its kind: ``road (road_1, g=64)``, ``lora (r=8)``, ``prompt``."""
-    if isinstance(a, RoadAdapter):
-        return f"road ({a.variant}, g={a.group_size})"
-    if isinstance(a, LoraAdapter):
-        ranks = sorted({a.rank(m) for m in a.lora_a})
-        extra = ", DoRA" if a.config.get("use_dora") else (", not combinable" if a.not_low_rank else "")
-        return f"lora (r={ranks[0] if len(ranks) == 1 else '/'.join(map(str, ranks))}{extra})"
-    return a.kind
+    return composer.kinds.of(a).label(a)
 
 
 def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
@@ -357,27 +350,7 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
         return []
     if isinstance(adapter, (list, tuple)):  # a RoAd mix with a prompt vector
         return [row for part in adapter for row in layer_norms(part)]
-    rows = []
-    if isinstance(adapter, RoadAdapter):
-        acc: dict[int, list[float]] = {}
-        for m, n in adapter.norms().items():
-            layer = _layer(m)
-            a = acc.setdefault(layer, [0.0, 0.0])
-            a[0] += n["theta"] ** 2
-            a[1] += n["log_alpha"] ** 2
-        for layer in sorted(acc):
-            rows.append({"layer": layer, "norm": math.sqrt(acc[layer][0]), "series": "angle ‖θ‖"})
-            rows.append({"layer": layer, "norm": math.sqrt(acc[layer][1]), "series": "scale ‖log α‖"})
-    elif isinstance(adapter, LoraAdapter):
-        acc2: dict[int, float] = {}
-        for m, n in adapter.norms().items():
-            layer = _layer(m)
-            acc2[layer] = acc2.get(layer, 0.0) + n["delta"] ** 2
-        rows = [{"layer": layer, "norm": math.sqrt(v), "series": "LoRA ‖ΔW‖"} for layer, v in sorted(acc2.items())]
-    else:
-        for i, (_, n) in enumerate(adapter.norms().items()):
-            rows.append({"layer": i, "norm": n["vector"], "series": "prompt ‖τ‖ per virtual token"})
-    return rows
+    return composer.kinds.of(adapter).layer_rows(adapter, _layer)
 
 
 def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]], weights: Sequence[float] | None = None
@@ -432,7 +405,7 @@ def overlap_matrix(named: Sequence[tuple[str, composer.Adapter]]
     """
     from composer.subspace import active_share, overlap
 
-    road = [(n, a) for n, a in named if isinstance(a, RoadAdapter)]
+    road = [(n, a) for n, a in named if composer.kinds.of(a).subspaces]
     names = [n for n, _ in road]
     mat: list[list[Any]] = [[None] * len(road) for _ in road]
     for i, (_, a) in enumerate(road):

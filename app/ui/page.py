@@ -37,6 +37,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from composer.expr import short_shas
+
 from ..batcher import Batcher
 from ..errors import RequestError
 from .conversation import Conversation, Pending, labelled, mix_label, unlabelled
@@ -182,7 +184,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             if advice:
                 status += "\n\n" + "\n\n".join(f"**May not compose well:** {plain(n)} (*Fit to examples* below "
                                                  "does it here.)" for n in advice)
-            return (expression, status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
+            return (short_shas(expression), status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
                     deviation_text(adapter), overlap_html(*overlap_matrix(named)), descriptions(selected))
         except MixInputError as e:
             return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]), heatmap_html([], []), "", "",

@@ -1,0 +1,80 @@
+"""Adapter kinds: each kind (RoAd, LoRA, prompt vector) is one module holding its adapter class and a
+:class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``, ``composer.initialise``,
+``describe``, the engine, the mixer, ``hub train``, ``hub diff``) asks the registry instead of testing types::
+
+    from composer import kinds
+
+    kinds.of(adapter).describe(adapter)        # the kind of an adapter object
+    kinds.by_peft_type("ROAD").parse(...)      # the kind that reads a folder's peft_type
+    kinds.by_name("lora")                      # the kind a command line names
+
+Adding a kind is one new module here that defines the adapter class (a frozen dataclass with ``kind``, ``config``,
+``recipe``, ``source``, ``validate``, ``num_parameters``, ``task_vectors`` and ``norms``) and a :class:`Kind`
+subclass, registered at the bottom of this file. What a kind does not support raises with the reason (the
+defaults below), so a new kind is stored and described before it can be combined or served.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Kind, linear_layer
+
+__all__ = ["Kind", "linear_layer", "register", "all_kinds", "names", "of", "by_name", "by_peft_type", "peft_types",
+           "adapter_classes"]
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    """Add ``kind`` to the registry (by name and PEFT type); returns it."""
+    if kind.name in _KINDS or any(k.peft_type == kind.peft_type for k in _KINDS.values()):
+        raise ValueError(f"kind {kind.name!r} ({kind.peft_type}) is registered already")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def all_kinds() -> list[Kind]:
+    return list(_KINDS.values())
+
+
+def names() -> list[str]:
+    return list(_KINDS)
+
+
+def of(adapter: Any) -> Kind:
+    """The kind of an adapter object; a ``TypeError`` for anything else."""
+    for k in _KINDS.values():
+        if isinstance(adapter, k.adapter_class):
+            return k
+    raise TypeError(f"Expected an adapter ({', '.join(k.adapter_class.__name__ for k in _KINDS.values())}), "
+                    f"got {type(adapter).__name__}")
+
+
+def by_name(name: str) -> Kind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, _KINDS))}, got {name!r}.") from None
+
+
+def by_peft_type(peft_type: str) -> Kind | None:
+    return next((k for k in _KINDS.values() if k.peft_type == peft_type), None)
+
+
+def peft_types() -> list[str]:
+    return [k.peft_type for k in _KINDS.values()]
+
+
+def adapter_classes() -> tuple[type, ...]:
+    return tuple(k.adapter_class for k in _KINDS.values())
+
+
+def _register_builtin() -> None:
+    from . import lora, prompt, road
+
+    for module in (road, lora, prompt):
+        register(module.KIND)
+
+
+_register_builtin()

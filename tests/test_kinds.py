@@ -1,0 +1,119 @@
+"""The kinds registry (``composer.kinds``): every kind × every operation, checked against the table of what each
+kind supports, so that a kind added to the registry is tested for everything at once; and the registry is what
+the house dispatches through (no module outside ``composer/kinds`` tests adapter types)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import composer
+from composer import kinds
+from composer.errors import NotComposableError
+from tests.tiny import peft_lora, random_prompt, random_road, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What each kind supports: True = returns an adapter of the kind; False = refused with NotComposableError.
+SUPPORTS = {
+    "road": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+             "compose": True, "compress": False, "init": True},
+    "lora": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+             "compose": False, "compress": True, "init": True},
+    "prompt": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+               "compose": False, "compress": False, "init": True},
+}
+OPERATIONS = {
+    "add": lambda a, b: composer.add(a, b),
+    "sub": lambda a, b: composer.sub(a, b),
+    "negate": lambda a, b: composer.negate(a),
+    "scale": lambda a, b: composer.scale(a, 0.5),
+    "interpolate": lambda a, b: composer.interpolate(a, b, 0.3),
+    "ties": lambda a, b: composer.merge([a, b], method="ties", density=0.5),
+    "compose": lambda a, b: composer.compose(a, b),
+    "compress": lambda a, b: composer.compress(a, rank=2),
+    "init": lambda a, b: composer.init(tiny_model(), a),
+}
+
+
+def _pair(name, tmp_path_factory):
+    model = tiny_model()
+    if name == "road":
+        return random_road(model, seed=1), random_road(model, seed=2)
+    if name == "prompt":
+        return random_prompt(seed=1), random_prompt(seed=2)
+    root = tmp_path_factory.mktemp("lora")
+    return composer.load(peft_lora(root / "a", seed=1)), composer.load(peft_lora(root / "b", seed=2))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return {name: _pair(name, tmp_path_factory) for name in kinds.names()}
+
+
+def test_the_table_covers_every_registered_kind():
+    assert sorted(SUPPORTS) == sorted(kinds.names())
+    for k in kinds.all_kinds():
+        assert kinds.by_name(k.name) is k and kinds.by_peft_type(k.peft_type) is k
+
+
+@pytest.mark.parametrize("op", sorted(OPERATIONS))
+@pytest.mark.parametrize("kind", sorted(SUPPORTS))
+def test_every_kind_times_every_operation(pairs, kind, op):
+    a, b = pairs[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not SUPPORTS[kind][op]:
+            with pytest.raises(NotComposableError) as e:
+                OPERATIONS[op](a, b)
+            assert len(str(e.value)) > 40  # says why, and what to use instead
+            return
+        out = OPERATIONS[op](a, b)
+    if op == "init":
+        assert out.composer_start is a
+        return
+    assert kinds.of(out) is kinds.by_name(kind)
+    assert out.recipe is not None and out.recipe.expression
+    out.validate()
+
+
+@pytest.mark.parametrize("kind", sorted(SUPPORTS))
+def test_every_kind_saves_loads_describes_and_fits(pairs, kind, tmp_path):
+    a, _ = pairs[kind]
+    k = kinds.of(a)
+    back = composer.load(composer.save(composer.add(a, a) if kind != "lora" else a, tmp_path / "x"))
+    assert kinds.of(back) is k
+    assert torch.equal(composer.adapters.task_vector(back),
+                       composer.adapters.task_vector(composer.add(a, a) if kind != "lora" else a))
+    d = composer.describe(a)
+    assert d["kind"] == kind and d["parameters"] == a.num_parameters() and d["norms"]
+    assert k.label(a).startswith(kind)
+    assert all({"layer", "norm", "series"} <= set(row) for row in k.layer_rows(a, lambda m: 0))
+    composer.check_fits(a, tiny_model())
+
+
+def test_an_adapter_of_no_kind_is_refused_with_the_kinds_named():
+    with pytest.raises(TypeError, match="RoadAdapter"):
+        kinds.of(object())
+    with pytest.raises(ValueError, match="'road'"):
+        kinds.by_name("ia3")
+
+
+def test_no_module_outside_the_kinds_tests_adapter_types():
+    """The house dispatches through the registry: `isinstance(x, RoadAdapter/LoraAdapter/PromptVector)` lives only in
+    composer/kinds and in what is RoAd's own machinery (mix fitting, subspaces, companion training)."""
+    own = {"composer/mixfit.py", "composer/subspace.py", "app/train.py"}
+    pattern = re.compile(r"isinstance\([^)]*\b(RoadAdapter|LoraAdapter|PromptVector)\b")
+    found = []
+    for package in ("composer", "hub", "app"):
+        for path in (ROOT / package).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("composer/kinds/") or rel in own:
+                continue
+            found += [f"{rel}:{i}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                      if pattern.search(line)]
+    assert not found, found
