@@ -115,9 +115,10 @@ def build_card(adapter: Adapter, existing: str | bytes | None = None, *, repo_id
         InvalidCardError: ``existing`` is unsafe or malformed.
     """
     front, body = parse_card(existing) if existing else ({}, "")
-    kind_tag = KIND_TAGS[adapter.kind]
+    kind_tag = KIND_TAGS.get(adapter.kind, adapter.kind)  # a stored-only PEFT type: its own name (ia3, loha ...)
     tags = [t for t in (front.get("tags") or []) if isinstance(t, str)]
-    tags = [t for t in tags if t not in KIND_TAGS.values() and t not in ("adapter-hub", "composed", "trained")]
+    tags = [t for t in tags if t not in (*KIND_TAGS.values(), kind_tag) and t not in ("adapter-hub", "composed",
+                                                                                       "trained")]
     extra = (["composed"] if adapter.recipe else []) + (["trained"] if training or front.get("training") else [])
     tags = [kind_tag, "adapter-hub"] + extra + tags
     out: dict[str, Any] = {"library_name": "peft"}

@@ -161,8 +161,8 @@ def load(path: str | os.PathLike) -> Adapter:
     kind = kinds.by_peft_type(peft_type) if isinstance(peft_type, str) else None
     if kind is None:
         raise AdapterFormatError(
-            f"{folder / CONFIG}: peft_type {peft_type!r} is not supported; this hub handles "
-            f"{', '.join(kinds.peft_types())} adapters.", path=folder)
+            f"{folder / CONFIG}: peft_type {peft_type!r} is not a type PEFT knows; this hub stores every PEFT type "
+            f"and composes {', '.join(kinds.peft_types())} adapters.", path=folder)
     if cfg.get("modules_to_save"):
         raise AdapterFormatError(
             f"{folder / CONFIG}: modules_to_save {str(cfg['modules_to_save'])[:80]} asks PEFT to load full copies of "

@@ -139,8 +139,12 @@ def test_load_rejects_pickle_only_folder(tmp_path):
 
 
 def test_load_rejects_unknown_peft_type_and_bad_json(saved):
-    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
-    with pytest.raises(composer.AdapterFormatError, match="peft_type 'LOHA' is not supported"):
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "NOT_A_TYPE"}))
+    with pytest.raises(composer.AdapterFormatError, match="peft_type 'NOT_A_TYPE' is not a type PEFT knows"):
+        composer.load(saved)
+    # RoAd tensors under a LOHA config: LoHa is stored, and these tensors are not LoHa's
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["q_proj"]}))
+    with pytest.raises(composer.AdapterFormatError, match="Unexpected tensor .*road_.* in a LOHA adapter"):
         composer.load(saved)
     # RoAd tensors under a LORA config: LoRA is read, and these tensors are not LoRA's
     (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))

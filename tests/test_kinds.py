@@ -26,6 +26,9 @@ SUPPORTS = {
              "compose": False, "compress": True, "init": True},
     "prompt": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
                "compose": False, "compress": False, "init": True},
+    # every other PEFT type (here IA³): stored, versioned and served to HF clients, never combined
+    "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
+               "compose": False, "compress": False, "init": False},
 }
 OPERATIONS = {
     "add": lambda a, b: composer.add(a, b),
@@ -46,19 +49,35 @@ def _pair(name, tmp_path_factory):
         return random_road(model, seed=1), random_road(model, seed=2)
     if name == "prompt":
         return random_prompt(seed=1), random_prompt(seed=2)
+    if name == "stored":
+        return _ia3(tmp_path_factory.mktemp("ia3") / "a", 1), _ia3(tmp_path_factory.mktemp("ia3") / "b", 2)
     root = tmp_path_factory.mktemp("lora")
     return composer.load(peft_lora(root / "a", seed=1)), composer.load(peft_lora(root / "b", seed=2))
 
 
+def _ia3(path, seed):
+    from peft import IA3Config, get_peft_model
+
+    pm = get_peft_model(tiny_model(), IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    pm.save_pretrained(str(path))
+    return composer.load(path)
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    return {name: _pair(name, tmp_path_factory) for name in kinds.names()}
+    return {k.name: _pair(k.name, tmp_path_factory) for k in kinds.all_kinds()}
 
 
 def test_the_table_covers_every_registered_kind():
-    assert sorted(SUPPORTS) == sorted(kinds.names())
-    for k in kinds.all_kinds():
-        assert kinds.by_name(k.name) is k and kinds.by_peft_type(k.peft_type) is k
+    assert sorted(SUPPORTS) == sorted(k.name for k in kinds.all_kinds())
+    for name in kinds.names():
+        k = kinds.by_name(name)
+        assert k.name == name and kinds.by_peft_type(k.peft_type) is k
+    assert kinds.by_peft_type("IA3").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))
@@ -85,13 +104,13 @@ def test_every_kind_times_every_operation(pairs, kind, op):
 def test_every_kind_saves_loads_describes_and_fits(pairs, kind, tmp_path):
     a, _ = pairs[kind]
     k = kinds.of(a)
-    back = composer.load(composer.save(composer.add(a, a) if kind != "lora" else a, tmp_path / "x"))
+    made = composer.add(a, a) if SUPPORTS[kind]["add"] else a
+    back = composer.load(composer.save(made, tmp_path / "x"))
     assert kinds.of(back) is k
-    assert torch.equal(composer.adapters.task_vector(back),
-                       composer.adapters.task_vector(composer.add(a, a) if kind != "lora" else a))
+    assert torch.equal(composer.adapters.task_vector(back), composer.adapters.task_vector(made))
     d = composer.describe(a)
-    assert d["kind"] == kind and d["parameters"] == a.num_parameters() and d["norms"]
-    assert k.label(a).startswith(kind)
+    assert d["kind"] == a.kind and d["parameters"] == a.num_parameters() and d["norms"]
+    assert k.label(a).startswith(a.kind)
     assert all({"layer", "norm", "series"} <= set(row) for row in k.layer_rows(a, lambda m: 0))
     composer.check_fits(a, tiny_model())
 

@@ -34,17 +34,21 @@ def register(kind: Kind) -> Kind:
     return kind
 
 
+_FALLBACK: list[Any] = []  # the kind that stores every other PEFT type (kinds/stored.py)
+
+
 def all_kinds() -> list[Kind]:
-    return list(_KINDS.values())
+    return list(_KINDS.values()) + _FALLBACK
 
 
 def names() -> list[str]:
+    """The kinds ``hub train --kind`` and the arithmetic know by name (the stored-only fallback aside)."""
     return list(_KINDS)
 
 
 def of(adapter: Any) -> Kind:
     """The kind of an adapter object; a ``TypeError`` for anything else."""
-    for k in _KINDS.values():
+    for k in all_kinds():
         if isinstance(adapter, k.adapter_class):
             return k
     raise TypeError(f"Expected an adapter ({', '.join(k.adapter_class.__name__ for k in _KINDS.values())}), "
@@ -59,22 +63,29 @@ def by_name(name: str) -> Kind:
 
 
 def by_peft_type(peft_type: str) -> Kind | None:
-    return next((k for k in _KINDS.values() if k.peft_type == peft_type), None)
+    """The kind that reads folders of this ``peft_type``: its own module, else the fallback that stores any type
+    PEFT knows; ``None`` for a type PEFT does not know."""
+    found = next((k for k in _KINDS.values() if k.peft_type == peft_type), None)
+    if found is None and _FALLBACK and _FALLBACK[0].accepts(peft_type):
+        return _FALLBACK[0]
+    return found
 
 
 def peft_types() -> list[str]:
+    """The types with a kind module of their own (composed and served); every other PEFT type is stored."""
     return [k.peft_type for k in _KINDS.values()]
 
 
 def adapter_classes() -> tuple[type, ...]:
-    return tuple(k.adapter_class for k in _KINDS.values())
+    return tuple(k.adapter_class for k in all_kinds())
 
 
 def _register_builtin() -> None:
-    from . import lora, prompt, road
+    from . import lora, prompt, road, stored
 
     for module in (road, lora, prompt):
         register(module.KIND)
+    _FALLBACK.append(stored.KIND)
 
 
 _register_builtin()
