@@ -56,6 +56,9 @@ class _Job:
     rows: list[Row] = field(default_factory=list)
     closed: bool = False
     cancel_hook: Any = None
+    prompt_tokens: list[int] = field(default_factory=list)  # per row: the chat template's ids, after any cut
+    tokens: list[int] = field(default_factory=list)  # per row: tokens made so far (set before each text goes out)
+    finish: list[str | None] = field(default_factory=list)  # per row: None while running, then as Row.finish
 
     @property
     def key(self) -> tuple[float, float, int | None]:
@@ -78,6 +81,25 @@ class Stream:
     def __init__(self, job: _Job, notes: list[str | None]) -> None:
         self._job = job
         self.notes = notes
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        """Each row's prompt length in tokens (the chat template's ids, after any cut to fit the context;
+        a prompt vector's virtual tokens are not counted)."""
+        return list(self._job.prompt_tokens)
+
+    @property
+    def completion_tokens(self) -> list[int]:
+        """Tokens each row has made as of the newest text read (an end token, when reached, counts)."""
+        n = len(self._job.requests)
+        return list(self._job.tokens) if len(self._job.tokens) == n else [0] * n
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        """Why each row ended: ``"end"`` (an end token), ``"length"`` (``max_new_tokens``), ``"cancelled"``;
+        ``None`` while it runs."""
+        n = len(self._job.requests)
+        return list(self._job.finish) if len(self._job.finish) == n else [None] * n
 
     @property
     def note(self) -> str | None:
@@ -206,8 +228,10 @@ class Batcher:
         job = _Job(requests, [max_new_tokens] * len(requests),
                    (float(temperature), float(top_p), None if seed is None else int(seed)),
                    cancel_hook=self._cancelled)
+        ids = [_template_ids(self.engine.tokenizer, r.messages) for r in requests]
+        job.prompt_tokens = [len(i) for i in ids]
         if self.scheduler == "continuous":
-            job.ids = [_template_ids(self.engine.tokenizer, r.messages) for r in requests]
+            job.ids = ids
         with self._cv:
             if self._closed:
                 raise RuntimeError("The batcher is closed; start the app again.")
@@ -352,6 +376,9 @@ class Batcher:
         tok = self.engine.tokenizer
         if job.closed:
             return
+        # Counts first: a reader that sees a text sees counts at least as new.
+        job.tokens = [len(r.tokens) for r in job.rows]
+        job.finish = [r.finish for r in job.rows]
         job.out.put([tok.decode(r.tokens, skip_special_tokens=True) for r in job.rows])
         if all(r.done for r in job.rows):
             self._finish(job)
@@ -417,6 +444,8 @@ class Batcher:
         eos = engine.eos_token_ids
         finished = [False] * len(requests)
         texts = [""] * len(requests)
+        counts = [0] * len(requests)
+        reasons: list[str | None] = [None] * len(requests)
         open_jobs = set(range(len(batch)))
         steps = engine.generate_tokens(input_ids, mask, mixes, max_new_tokens=max(limits),
                                        temperature=temperature, top_p=top_p, seed=seed)
@@ -427,12 +456,17 @@ class Batcher:
                         continue
                     row = ids[r][:limits[r]]
                     texts[r] = tok.decode(row, skip_special_tokens=True)
-                    if len(row) >= limits[r] or (row and row[-1] in eos):
-                        finished[r] = True
+                    counts[r] = len(row)
+                    if row and row[-1] in eos:
+                        finished[r], reasons[r] = True, "end"
+                    elif len(row) >= limits[r]:
+                        finished[r], reasons[r] = True, "length"
                 for b, job in enumerate(batch):
                     if b not in open_jobs:
                         continue
                     rows = [r for r, (j, _) in enumerate(owners) if j is job]
+                    job.tokens = [counts[r] for r in rows]
+                    job.finish = [reasons[r] or ("cancelled" if job.cancelled.is_set() else None) for r in rows]
                     job.out.put([texts[r] for r in rows])
                     if job.cancelled.is_set() or all(finished[r] for r in rows):
                         job.out.put(_DONE)

@@ -10,7 +10,7 @@ exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage err
 subcommand's own usage.
 
 Only commands that touch tensors import torch (``show``, ``diff``, ``push``, ``compose``, ``pull``, ``train``,
-``fit``, ``app``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
+``fit``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub serve
         hub serve --host 0.0.0.0 --port 8090
         HF_ENDPOINT=http://127.0.0.1:8090 hf download alice/math --revision v1"""),
+    "api": ("Serve an OpenAI-compatible API where 'model' is the base model, an adapter or an expression.", """
+        hub api                                            # http://127.0.0.1:8000/v1
+        ADAPTER_HUB_API_KEY=secret hub api --host 0.0.0.0 --port 8000 --max-batch 16
+        curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+          -d '{"model": "examples/signoff_anchored + examples/bullets_anchored",
+               "messages": [{"role": "user", "content": "Name three rivers."}]}'"""),
     "app": ("Start the Gradio app: mix adapters and chat with the result.", """
         hub app
         hub app -- --port 7861                             # options after '--' go to the app
@@ -80,6 +86,17 @@ def _fmt_help(name: str) -> str:
     summary, examples = COMMANDS[name]
     body = textwrap.indent(textwrap.dedent(examples).strip(chr(10)), "  ")
     return f"{summary}\n\nExamples:\n{body}"
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a usage error, exit 2, otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _sub(subs, name: str, **kw) -> argparse.ArgumentParser:
@@ -166,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(subs, "serve")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8090)
+
+    s = _sub(subs, "api")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (repeat for several keys); ADAPTER_HUB_API_KEY (one "
+                        "key, or several separated by commas) adds keys without showing them in the process list")
+    s.add_argument("--base", metavar="MODEL", help="base model id or folder (default: offline SmolLM2-135M-Instruct)")
+    s.add_argument("--root", metavar="DIR", help="store root (default $ADAPTER_HUB_HOME)")
+    s.add_argument("--no-seed", action="store_true", help="do not add the shipped adapters to the store")
+    s.add_argument("--max-batch", type=_positive, default=8, help="rows decoding together (default 8)")
+    s.add_argument("--max-queue", type=_positive, default=64,
+                   help="rows that may wait for a place; past it a request gets 429 with Retry-After (default 64)")
+    s.add_argument("--max-tokens", type=_positive, default=256,
+                   help="a reply's length in tokens when a request sets no max_tokens (default 256)")
 
     for name in ("app", "train"):
         s = _sub(subs, name, add_help=False)  # --help reaches the app's / trainer's own parser
@@ -392,6 +424,12 @@ def _cmd_serve(a) -> int:
     return serve(host=a.host, port=a.port, announce=_err)
 
 
+def _cmd_api(a) -> int:
+    from .api import serve  # FastAPI, torch and the engine: imported only for this command
+    return serve(base=a.base, root=a.root, host=a.host, port=a.port, api_keys=a.api_key, max_batch=a.max_batch,
+                 max_queue=a.max_queue, seed_examples=not a.no_seed, default_max_tokens=a.max_tokens, announce=_err)
+
+
 def _passthrough(a) -> list[str]:
     return a.args[1:] if a.args[:1] == ["--"] else a.args
 
@@ -455,7 +493,7 @@ def _cmd_fit(a) -> int:
 
 HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd_log, "show": _cmd_show,
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
-            "app": _cmd_app, "train": _cmd_train, "fit": _cmd_fit}
+            "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit}
 READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")
 
 

@@ -21,7 +21,8 @@ A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight
 
 This module also owns the *writer*: :func:`format_name`, :func:`format_number`, :func:`format_sum`,
 :func:`format_interp` and :func:`format_merge` produce text that :func:`parse` reads back to the same tree.
-Recipes (:mod:`composer.ops`) and the app's mixer both write expressions with them.
+Recipes (:mod:`composer.ops`) and the app's mixer both write expressions with them; :func:`rename` replaces
+names in a text and keeps the rest as written (the API pins ``alice/math@v2`` to its commit with it).
 
 Work is bounded before anything is loaded (:mod:`composer.limits`): the text's length, the number of adapter
 names, the nesting of parentheses, calls and signs; numbers must be finite.
@@ -303,14 +304,14 @@ def parse(text: str) -> Node:
     return _Parser(text).parse()
 
 
-def names(node: Node) -> list[str]:
-    """The adapter names an expression refers to, in order of first appearance."""
-    out: list[str] = []
+def leaves(node: Node) -> list[Name]:
+    """Every occurrence of a name in an expression, in the order of the text (a name written twice is here
+    twice; :func:`names` lists each once). Each has its ``pos`` in the text, for carets."""
+    out: dict[int, Name] = {}
 
     def walk(n: Node) -> None:
         if isinstance(n, Name):
-            if n.name not in out:
-                out.append(n.name)
+            out.setdefault(n.pos, n)
         elif isinstance(n, Linear):
             for _, c in n.terms:
                 walk(c)
@@ -319,7 +320,29 @@ def names(node: Node) -> list[str]:
                 walk(c)
 
     walk(node)
-    return out
+    return [out[p] for p in sorted(out)]
+
+
+def names(node: Node) -> list[str]:
+    """The adapter names an expression refers to, in order of first appearance."""
+    return list(dict.fromkeys(n.name for n in leaves(node)))
+
+
+def rename(text: str, mapping: Mapping[str, str]) -> str:
+    """``text`` with each adapter name replaced by ``mapping[name]`` (names not in it stay), everything else
+    (spacing, numbers, calls) as written: e.g. ``0.5*alice/math@v2`` pinned to ``0.5*alice/math@1a2b3c4d5e6f``.
+
+    Raises:
+        ExpressionError: ``text`` does not parse, or a new name cannot be written (:func:`format_name`).
+    """
+    out, last = [], 0
+    for leaf in leaves(parse(text)):
+        if leaf.name not in mapping:
+            continue
+        width = len(leaf.name) + 2 if text[leaf.pos] == "`" else len(leaf.name)
+        out += [text[last:leaf.pos], format_name(mapping[leaf.name])]
+        last = leaf.pos + width
+    return "".join(out) + text[last:]
 
 
 # ------------------------------------------------------------------------------------------------ writer

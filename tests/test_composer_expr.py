@@ -80,3 +80,19 @@ def test_unknown_name_points_at_it(named):
     with pytest.raises(ExpressionError, match="Cannot resolve 'nobody/x'") as e:
         composer.evaluate("alice/code + nobody/x", resolve=resolver(named))
     assert e.value.position == 13
+
+
+@pytest.mark.parametrize("text,mapping,expected", [
+    ("0.5*alice/math@v2 + bob/code", {"alice/math@v2": "alice/math@1a2b"}, "0.5*alice/math@1a2b + bob/code"),
+    ("a/x - 0.3*a/x", {"a/x": "a/x@v1"}, "a/x@v1 - 0.3*a/x@v1"),  # every occurrence
+    ("merge(ties, `my dir/x`, b/y, density=0.5)", {"my dir/x": "c/z", "b/y": "two words"},
+     "merge(ties, c/z, `two words`, density=0.5)"),  # backquotes off and on as the new name needs
+    ("interp( a/x ,b/y,0.25 )", {"b/y": "b/y@v3"}, "interp( a/x ,b/y@v3,0.25 )"),  # the rest as written
+])
+def test_rename_replaces_names_and_keeps_the_rest(text, mapping, expected):
+    from composer.expr import leaves, names, rename
+
+    assert rename(text, mapping) == expected
+    assert names(composer.parse(expected)) == list(dict.fromkeys(mapping.get(n, n) for n in
+                                                                 names(composer.parse(text))))
+    assert [n.pos for n in leaves(composer.parse(text))] == sorted(n.pos for n in leaves(composer.parse(text)))
