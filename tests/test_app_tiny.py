@@ -203,6 +203,39 @@ def test_mixer_lists_evaluates_and_saves(tmp_path):
     assert hub.load("me/mix@v1", root=tmp_path).recipe.expression == "0.7*alice/math@v1 - 0.3*bob/code"
 
 
+def test_mixer_resolves_each_name_once_and_serves_the_pinned_commits(tmp_path, monkeypatch):
+    model, _ = tiny_chat_model()
+    populate_store(tmp_path, model)
+    mixer = Mixer(tmp_path)
+    mixer.rows()  # the page lists the adapters first, which loads each version once (cached per commit)
+    calls = []
+    real = mixer.store.resolve
+    v1 = real("alice/math@v1").sha
+
+    def resolve(name, *a, **k):
+        calls.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(mixer.store, "resolve", resolve)
+    expression, adapter, _ = mixer.compose(["alice/math", "bob/code"], [0.7, -0.3])
+    assert sorted(calls) == ["alice/math", "bob/code"]  # once each per change (was 4-5 git lookups per name)
+    # A version pushed while a mix is evaluated cannot enter it: the mix loads the commits resolved first.
+    pushed = []
+
+    def racing(name, *a, **k):
+        r = real(name, *a, **k)
+        if name == "alice/math" and not pushed:
+            new = composer.save(random_road(model, seed=9, scale=0.8), tmp_path / "new")
+            pushed.append(hub.Store(tmp_path).push(new, "alice/math"))
+        return r
+
+    monkeypatch.setattr(mixer.store, "resolve", racing)
+    mixer._mixes.clear()
+    _, again, _ = mixer.compose(["alice/math", "bob/code"], [0.7, -0.3])
+    assert pushed and real("alice/math").sha != v1
+    assert torch.equal(composer.adapters.task_vector(again), composer.adapters.task_vector(adapter))
+
+
 def test_app_command_has_help_and_checks_auth(capsys):
     from app.ui import _auth, main
 

@@ -186,8 +186,12 @@ class Mixer:
         return self._load_sha(resolved.ref.repo_id, resolved.sha)
 
     # ------------------------------------------------------------------------------------------- mixing
-    def evaluate(self, expression: str) -> tuple[composer.Adapter | None, list[str]]:
+    def evaluate(self, expression: str, pins: dict[str, Any] | None = None
+                 ) -> tuple[composer.Adapter | None, list[str]]:
         """Evaluate an expression over the store: ``(adapter or None for the base model, warnings)``.
+
+        Each name is resolved once, first (``pins`` holds names the caller resolved already), and the adapters
+        are loaded from those commits: a version pushed meanwhile cannot enter a mix cached under the old ones.
 
         Raises:
             MixInputError: with a message for the page (unknown or deleted adapters, incompatible choices).
@@ -195,9 +199,13 @@ class Mixer:
         expression = (expression or "").strip()
         if not expression:
             return None, []
+        pins = dict(pins or {})
         try:
             names = composer.expr.names(composer.parse(expression))
-            key = (expression, tuple(self.store.resolve(n).sha for n in names))
+            for n in names:
+                if n not in pins:
+                    pins[n] = self.store.resolve(n)
+            key = (expression, tuple(pins[n].sha for n in names))
         except _KNOWN as e:
             raise MixInputError(_explain(e)) from e
         with self._lock:
@@ -207,7 +215,8 @@ class Mixer:
         try:
             with self._eval_lock, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                adapter = composer.evaluate(expression, resolve=self.load)
+                adapter = composer.evaluate(expression, resolve=lambda n: self._load_sha(pins[n].ref.repo_id,
+                                                                                          pins[n].sha))
         except _KNOWN as e:
             raise MixInputError(_explain(e)) from e
         notes = list(dict.fromkeys(str(w.message) for w in caught
@@ -234,12 +243,13 @@ class Mixer:
         """
         selected = [s for s in (selected or []) if s]
         try:
-            kinds = [self.load(n).kind if _is_name(n) else "?" for n in selected]
+            pins = {n: self.store.resolve(n) for n in selected if _is_name(n)}  # once per change
+            kinds = [self._load_sha(pins[n].ref.repo_id, pins[n].sha).kind if n in pins else "?" for n in selected]
         except _KNOWN as e:
             raise MixInputError(_explain(e)) from e
         if "road" not in kinds or "prompt" not in kinds:
             expression = build_expression(selected, weights, method, t, density)
-            adapter, notes = self.evaluate(expression)
+            adapter, notes = self.evaluate(expression, pins)
             return expression, adapter, notes
         prompts = [n for n, k in zip(selected, kinds) if k == "prompt"]
         if len(prompts) > 1:
@@ -253,7 +263,7 @@ class Mixer:
         p_weight = ws[selected.index(prompts[0])]
         road_expr = build_expression([n for n, _ in road], [w for _, w in road], method, t, density)
         prompt_expr = build_expression(prompts, [p_weight], "task_arithmetic")
-        parts = [(e, *self.evaluate(e)) for e in (road_expr, prompt_expr) if e]
+        parts = [(e, *self.evaluate(e, pins)) for e in (road_expr, prompt_expr) if e]
         if len(parts) < 2:  # one side is all weight 0
             return (parts[0][0], parts[0][1], parts[0][2]) if parts else ("", None, [])
         return (f"{road_expr} ; {prompt_expr}", [parts[0][1], parts[1][1]],
