@@ -236,6 +236,37 @@ def test_mixer_resolves_each_name_once_and_serves_the_pinned_commits(tmp_path, m
     assert torch.equal(composer.adapters.task_vector(again), composer.adapters.task_vector(adapter))
 
 
+def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
+    """Every mix the page can build is shown under the expression label only if `hub compose` reads it back; the
+    fitted mix and the RoAd + prompt pair say what they are instead."""
+    from app.ui.page import EXPRESSION_LABEL, FITTED_LABEL, PAIR_LABEL, expression_view
+
+    model, _ = tiny_chat_model()
+    populate_store(tmp_path, model)
+    mixer = Mixer(tmp_path)
+    shown = []
+    for method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "interp"):
+        for selected in (["alice/math"], ["alice/math", "bob/code"], ["alice/math", "carol/style"]):
+            try:
+                expression, adapter, _ = mixer.compose(selected, [0.5, -0.25], method, 0.3, 0.6)
+            except MixInputError:
+                continue
+            shown.append(expression_view(expression, adapter, False))
+    fitted = composer.fit([mixer.load("alice/math"), mixer.load("bob/code")],
+                          [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+                          model=model, tokenizer=tiny_chat_model()[1], steps=1, granularity="adapter")
+    shown.append(expression_view(fitted.recipe.expression, fitted, True))
+    as_expressions = [v["value"] for v in shown if v["label"] == EXPRESSION_LABEL]
+    others = {v["label"] for v in shown} - {EXPRESSION_LABEL}
+    assert len(as_expressions) >= 8 and others == {FITTED_LABEL, PAIR_LABEL}
+    for text in as_expressions:
+        composer.evaluate(text, resolve=mixer.load)  # parses and resolves, pinned shas included
+    for v in shown:
+        if v["label"] != EXPRESSION_LABEL:
+            with pytest.raises(composer.ExpressionError):
+                composer.parse(v["value"])
+
+
 def test_app_command_has_help_and_checks_auth(capsys):
     from app.ui import _auth, main
 

@@ -141,6 +141,19 @@ def _table(mixer: Mixer) -> pd.DataFrame:
                         columns=["adapter", "kind", "base model", "latest", "versions", "description"])
 
 
+EXPRESSION_LABEL = "Expression (accepted by `hub compose`)"
+FITTED_LABEL = "Fitted mix: per-module coefficients, not an expression (save it to use it by name)"
+PAIR_LABEL = "Two adapters on one row: a RoAd mix ; a prompt vector (each side is an expression)"
+
+
+def expression_view(expression: str, adapter: Any, is_fit: bool) -> dict[str, Any]:
+    """The expression box for a mix: under the label that says it is an expression only when ``hub compose``
+    reads it back (pinned commits shortened; they resolve to the same versions); a fitted mix and a RoAd mix with a
+    prompt vector beside it are labelled as what they are."""
+    label = FITTED_LABEL if is_fit else PAIR_LABEL if isinstance(adapter, list) else EXPRESSION_LABEL
+    return gr.update(value=short_shas(expression), label=label)
+
+
 def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix and chat",
               base_name: str = "", concurrency: int = 16) -> gr.Blocks:
     """Build the page over ``mixer`` (the store) and ``batcher`` (the engine).
@@ -184,11 +197,12 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             if advice:
                 status += "\n\n" + "\n\n".join(f"**May not compose well:** {plain(n)} (*Fit to examples* below "
                                                  "does it here.)" for n in advice)
-            return (short_shas(expression), status, _plot_frame(layer_norms(adapter)), heatmap_html(names, mat),
+            return (expression_view(expression, adapter, is_fit), status, _plot_frame(layer_norms(adapter)),
+                    heatmap_html(names, mat),
                     deviation_text(adapter), overlap_html(*overlap_matrix(named)), descriptions(selected))
         except MixInputError as e:
-            return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]), heatmap_html([], []), "", "",
-                    descriptions(selected))
+            return (expression_view("", None, False), f"**Cannot build this mix.** {plain(e)}", _plot_frame([]),
+                    heatmap_html([], []), "", "", descriptions(selected))
 
     def descriptions(selected):
         lines = []
@@ -446,7 +460,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                               visible=False, elem_id="interp-t")
                 density = gr.Slider(0.05, 1, value=0.5, step=0.05, label="density (fraction kept)",
                                     visible=False, elem_id="density")
-                expression = gr.Textbox(label="Expression (accepted by `hub compose`)", interactive=False,
+                expression = gr.Textbox(label=EXPRESSION_LABEL, interactive=False,
                                         elem_id="expression", elem_classes="expression",
                                         buttons=["copy"])
                 status = gr.Markdown("Base model only: choose adapters to mix.", elem_id="mix-status")
