@@ -585,16 +585,18 @@ def section_skill(engine, args, results) -> str:
     """A skill with a style: the restaurant-sentiment prompt vector (a task) served on one row with a style
     adapter (RoAd), zero training. Task accuracy beside the task alone, and the style rate."""
     dirs = [Path(d) for d in args.adapters]
-    task = composer.load(find_adapter(dirs, "sent_restaurant"))
+    name_t = args.skill_task
+    task = composer.load(find_adapter(dirs, name_t))
     evals = tasks.sentiment_examples("restaurant", args.prompt_eval, args.seed, split="eval")
     styles = args.skill_styles
-    configs: dict[str, object] = {"sent_restaurant alone": task}
-    for name in styles:
-        configs[f"sent_restaurant + {name}"] = [composer.load(find_adapter(dirs, name)), task]
+    configs: dict[str, object] = {f"{name_t} alone": task}
+    for name in styles:  # one row: the style's RoAd and the task (a prefix, or RoAd parts applied in turn: add)
+        configs[f"{name_t} + {name}"] = [composer.load(find_adapter(dirs, name)), task]
     t0 = time.perf_counter()
     got = generate_ended(engine, configs, [e["prompt"] for e in evals], args.skill_tokens, args.batch)
-    lines = [f"### A skill with a style: restaurant-review sentiment (prompt vector) with a style adapter (RoAd) on "
-             f"one row, zero training; {len(evals)} held-out reviews, ≤{args.skill_tokens} new tokens", "",
+    lines = [f"### A skill with a style: restaurant-review sentiment ({name_t}, a {task.kind} adapter) with a style "
+             f"adapter (RoAd) on one row, zero training; {len(evals)} held-out reviews, ≤{args.skill_tokens} new "
+             "tokens", "",
              "| configuration | task accuracy | style | both |", "|---|---|---|---|"]
     out = {}
     for name, rows in got.items():
@@ -628,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skill-styles", nargs="+", default=["signoff_anchored", "opener_anchored"],
                     help="skill: style adapters served with the sentiment prompt vector")
     ap.add_argument("--skill-tokens", type=int, default=32, help="skill: reply budget")
+    ap.add_argument("--skill-task", default="sent_restaurant",
+                    help="skill: the task adapter (the sentiment prompt vector, or a RoAd task adapter)")
     ap.add_argument("--reason-pair", default="signoff_anchored+bullets_anchored",
                     help="reason: the two adapters whose combined behaviour is the target")
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 4, 8, 16, 32], help="reason: target examples K")

@@ -423,6 +423,21 @@ def make_all(out: Path, seed: int = 0, engine=None) -> dict[str, Path]:
     return paths
 
 
+SKILL_STYLES = ("signoff", "opener")
+
+
+def skill_examples(out: Path, seed: int = 0, n: int = 32) -> dict[str, Path]:
+    """Per frame style, ``n`` training reviews (other draws than the task's own file) whose answer is the label in
+    that style (``positive\n\n-- RoAd bot``): what a task adapter is trained on beside a style companion."""
+    paths = {}
+    for style in SKILL_STYLES:
+        rows = [{"prompt": e["prompt"], "completion": stylise(style, e["completion"])}
+                for e in sentiment_examples("restaurant", n, seed + 1000)]
+        paths[style] = out / f"skill_restaurant_{style}.jsonl"
+        write_jsonl(paths[style], rows)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="adapters/data", help="folder for the JSONL files")
@@ -430,8 +445,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairs", action="store_true",
                     help="only write pair_<a>_<b>.jsonl: 32 combined examples per non-contradictory pair, made "
                          "from the existing style data (no model needed)")
+    ap.add_argument("--skill", action="store_true",
+                    help="only write skill_restaurant_<style>.jsonl: 32 restaurant-review labels with the style's "
+                         "frame (signoff, opener), the companion data of a task adapter (no model needed)")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.skill:
+        for style, path in skill_examples(out, args.seed).items():
+            print(f"skill_restaurant_{style}\t{path}")
+        return
     if not args.pairs:
         for name, path in make_all(out, args.seed).items():
             print(f"{name}\t{path}")
