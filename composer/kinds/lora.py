@@ -374,34 +374,6 @@ def result_like(template: LoraAdapter, adapters: Sequence[LoraAdapter], lora_a: 
     return LoraAdapter(lora_a=lora_a, lora_b=lora_b, scaling={m: 1.0 for m in modules}, config=cfg, recipe=recipe)
 
 
-def _lora_linear(adapters: Sequence[LoraAdapter], weights: list[float], method: str, params: dict, expr: str,
-                 op: str | None) -> LoraAdapter:
-    """Task arithmetic by rank concatenation (exact); TIES/DARE on the dense ΔW, re-factored by SVD at the
-    inputs' summed rank (approximate: the heuristic itself, and the truncation error in ``deviation``)."""
-    lora_a, lora_b = {}, {}
-    dtype = adapters[0].lora_a[next(iter(adapters[0].lora_a))].dtype
-    cut = total = 0.0
-    for m in modules_of(adapters):
-        have = [(a, w) for a, w in zip(adapters, weights) if m in a.lora_a]
-        if method == "task_arithmetic":
-            lora_a[m], lora_b[m] = lora_math.concat([(a.lora_a[m], a.lora_b[m], w * a.scaling[m]) for a, w in have],
-                                                    dtype=dtype)
-        else:
-            out, inp = have[0][0].shape(m)
-            deltas = [a.delta(m) if m in a.lora_a else torch.zeros(out, inp, dtype=torch.float64) for a in adapters]
-            dw = merge_methods.apply(method, deltas, weights, params)
-            rank = sum(a.rank(m) for a, _ in have)
-            lora_a[m], lora_b[m], err = lora_math.factor(dw, rank, dtype)
-            norm2 = float(dw.square().sum())
-            cut, total = cut + err * err * norm2, total + norm2
-        _check(m, lora_a[m], lora_b[m], weights)
-    heuristic = method != "task_arithmetic"
-    recipe = Recipe(expression=expr, inputs=inputs(adapters), weights=tuple(weights), method=op or method,
-                    params=params, exact=not heuristic,
-                    deviation=(math.sqrt(cut / total) if total > 0 else 0.0) if heuristic else None)
-    return result_like(adapters[0], adapters, lora_a, lora_b, recipe)
-
-
 def _check(m: str, a: torch.Tensor, b: torch.Tensor, weights: list[float]) -> None:
     check_result(f"{m}.lora_A.weight", a, None, weights)
     check_result(f"{m}.lora_B.weight", b, None, weights)
