@@ -21,13 +21,16 @@ from . import kinds
 from .kinds.lora import LoraAdapter
 from .kinds.prompt import PromptVector
 from .kinds.road import RoadAdapter
+from .kinds.stored import StoredAdapter
 from .provenance import LIBRARY_VERSION, Recipe, check_finite
 from .road_math import VARIANTS, Variant
 
-__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Adapter", "describe",
+__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "StoredAdapter", "Adapter",
+           "describe",
            "check_finite", "task_vector", "cosine", "LIBRARY_VERSION"]
 
-Adapter = RoadAdapter | LoraAdapter | PromptVector
+# For annotations; what counts as an adapter at run time is the registry's (composer.kinds.adapter_classes()).
+Adapter = RoadAdapter | LoraAdapter | PromptVector | StoredAdapter
 
 
 def task_vector(adapter: Adapter) -> torch.Tensor:
