@@ -85,19 +85,18 @@ print("done", flush=True)
 
 
 def _check_patterns(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse regular expressions that backtrack catastrophically (``(.+)+z``): PEFT matches ``target_modules``
-    (a string) and the ``rank_pattern`` / ``alpha_pattern`` keys against every module name of the base model with
-    Python's ``re``, which has no time limit, so such a pattern would hang this push and every client that loads
-    the adapter. Each is tried with ``re`` itself, in a child process killed after ``PATTERN_SECONDS``, on the
-    adapter's own module names and on names every transformer has. Costs a process start (about 30 ms), only
-    for adapters whose config holds patterns."""
+    """Refuse regular expressions that backtrack catastrophically (``(.+)+z``): PEFT matches ``target_modules``,
+    ``exclude_modules`` and IA³'s ``feedforward_modules`` (strings) and the ``rank_pattern`` / ``alpha_pattern``
+    keys against every module name of the base model with Python's ``re``, which has no time limit, so such a
+    pattern would hang this push and every client that loads the adapter. Each is tried with ``re`` itself, in a
+    child process killed after ``PATTERN_SECONDS``, on the adapter's own module names and on names every
+    transformer has. Costs a process start (about 30 ms), only for adapters whose config holds patterns."""
     import json
     import subprocess
     import sys
 
-    tries = []
-    if isinstance(cfg.get("target_modules"), str):
-        tries.append(("target_modules", cfg["target_modules"], "{}"))
+    tries = [(key, cfg[key], "{}") for key in ("target_modules", "exclude_modules", "feedforward_modules")
+             if isinstance(cfg.get(key), str)]
     for key in ("rank_pattern", "alpha_pattern"):
         if isinstance(cfg.get(key), dict):
             tries += [(f"a key of {key}", k, r"(.*\.)?({})$") for k in cfg[key] if isinstance(k, str)]

@@ -26,7 +26,9 @@ SUPPORTS = {
              "compose": False, "compress": True, "init": True},
     "prompt": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
                "compose": False, "compress": False, "init": True},
-    # every other PEFT type (here IA³): stored, versioned and served to HF clients, never combined
+    "ia3": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+            "compose": True, "compress": False, "init": True},
+    # every other PEFT type (here LoHa): stored, versioned and served to HF clients, never combined
     "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
                "compose": False, "compress": False, "init": False},
 }
@@ -49,16 +51,21 @@ def _pair(name, tmp_path_factory):
         return random_road(model, seed=1), random_road(model, seed=2)
     if name == "prompt":
         return random_prompt(seed=1), random_prompt(seed=2)
+    if name == "ia3":
+        return _saved(tmp_path_factory.mktemp("ia3") / "a", 1), _saved(tmp_path_factory.mktemp("ia3") / "b", 2)
     if name == "stored":
-        return _ia3(tmp_path_factory.mktemp("ia3") / "a", 1), _ia3(tmp_path_factory.mktemp("ia3") / "b", 2)
+        return (_saved(tmp_path_factory.mktemp("loha") / "a", 1, "loha"),
+                _saved(tmp_path_factory.mktemp("loha") / "b", 2, "loha"))
     root = tmp_path_factory.mktemp("lora")
     return composer.load(peft_lora(root / "a", seed=1)), composer.load(peft_lora(root / "b", seed=2))
 
 
-def _ia3(path, seed):
-    from peft import IA3Config, get_peft_model
+def _saved(path, seed, kind="ia3"):
+    from peft import IA3Config, LoHaConfig, get_peft_model
 
-    pm = get_peft_model(tiny_model(), IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
+    cfg = (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+           if kind == "ia3" else LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(tiny_model(), cfg)
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
@@ -77,7 +84,7 @@ def test_the_table_covers_every_registered_kind():
     for name in kinds.names():
         k = kinds.by_name(name)
         assert k.name == name and kinds.by_peft_type(k.peft_type) is k
-    assert kinds.by_peft_type("IA3").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
+    assert kinds.by_peft_type("LOHA").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))
@@ -119,7 +126,7 @@ def test_an_adapter_of_no_kind_is_refused_with_the_kinds_named():
     with pytest.raises(TypeError, match="RoadAdapter"):
         kinds.of(object())
     with pytest.raises(ValueError, match="'road'"):
-        kinds.by_name("ia3")
+        kinds.by_name("loha")
 
 
 def test_no_module_outside_the_kinds_tests_adapter_types():

@@ -1,6 +1,7 @@
 """Every PEFT type is versioned: a folder PEFT saved (IA³, LoHa, LoKr, OFT, BOFT, VeRA, FourierFT, AdaLoRA, prefix
 tuning, p-tuning) is read, checked, pushed, pulled, shown and diffed; written back, PEFT loads it with logits equal
-to the model it was saved from; hostile variants are refused; arithmetic and the engine refuse it with the reason."""
+to the model it was saved from; hostile variants are refused; arithmetic and the engine refuse the types stored as they
+are with the reason (IA³ has a kind of its own, composed and served: tests/test_ia3.py)."""
 
 from __future__ import annotations
 
@@ -78,10 +79,13 @@ def test_every_peft_type_round_trips_and_peft_loads_it_with_equal_logits(saved, 
 
     src, want = saved[peft_type]
     a = composer.load(src)
-    assert a.peft_type == peft_type and a.kind == peft_type.lower() and kinds.of(a).name == "stored"
+    k = kinds.of(a)
+    assert a.kind == peft_type.lower() and kinds.by_peft_type(peft_type) is k
+    assert k.name == (a.kind if peft_type in kinds.peft_types() else "stored")  # IA³ is composed: its own kind
     d = composer.describe(a)
-    assert d["peft_type"] == peft_type and d["parameters"] == a.num_parameters() > 0
-    assert d["composable"] is False
+    assert d["parameters"] == a.num_parameters() > 0
+    if k.name == "stored":
+        assert d["peft_type"] == peft_type and d["composable"] is False
     out = composer.save(a, tmp_path / "back")
     assert load_file(str(out / "adapter_model.safetensors")).keys() == load_file(
         str(src / "adapter_model.safetensors")).keys()
@@ -98,7 +102,7 @@ def test_stored_types_push_pull_show_and_diff(saved, peft_type, tmp_path):
     pulled = hub.pull(f"alice/{peft_type.lower()}@v1", to=tmp_path / "p")
     assert (pulled / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
     loaded = hub.load(f"alice/{peft_type.lower()}@v1")
-    assert loaded.peft_type == peft_type
+    assert loaded.kind == peft_type.lower()
     from hub.diff import diff
 
     same = diff(loaded, composer.load(src))
@@ -109,7 +113,7 @@ def test_arithmetic_and_the_engine_refuse_stored_types_with_the_reason(saved):
     from app.engine import Engine
     from app.errors import MixError
 
-    a = composer.load(saved["IA3"][0])
+    a = composer.load(saved["LOKR"][0])
     with pytest.raises(NotComposableError, match="stored and served as they are"):
         composer.add(a, a)
     with pytest.raises(NotComposableError):

@@ -329,16 +329,30 @@ class _Packed:
         self.data = torch.zeros(0, 0)
         self._ident = torch.zeros(0)
         self._vectors: dict[int, tuple[road.Tables, torch.Tensor]] = {}
+        self._scales: set[str] = set()  # modules whose columns hold pure scales only (any grouping fits them)
 
     def _extend(self, tables: road.Tables) -> bool:
-        """Add ``tables``' modules to the layout; ``False`` when a module's shape disagrees with it."""
+        """Add ``tables``' modules to the layout; ``False`` when a module's shape disagrees with it.
+
+        A pure scale (IA³: ``S = 0``) fits any grouping of its layer (its values are copied flat); a module laid
+        out by pure scales only takes the grouping of the first table that rotates."""
         grown = False
         for m in sorted(tables):
             shape = road.full_tables(tables[m])[0].shape
             if m in self.layout:
-                if self.layout[m][1] != shape:
-                    return False
+                same = self.layout[m][1] == shape
+                if same and m not in self._scales:
+                    continue
+                scale = road.scale_only(tables[m])
+                if not same and not scale:
+                    if m not in self._scales:
+                        return False
+                    self.layout[m] = (self.layout[m][0], shape)  # same width: the running rows' values stay
+                if not scale:
+                    self._scales.discard(m)
                 continue
+            if road.scale_only(tables[m]):
+                self._scales.add(m)
             self.layout[m] = (self.width, shape)
             self.width += 2 * shape.numel()
             grown = True
@@ -407,6 +421,7 @@ class _Packed:
 
     def reset(self) -> None:
         self.layout, self.width = {}, 0
+        self._scales.clear()
         self._ident = torch.zeros(0)
         self._vectors.clear()
         self.data = torch.zeros(0, 0)

@@ -139,11 +139,12 @@ class Engine:
             for m, cs in t.items():
                 if m not in merged:
                     merged[m] = cs
-                elif road.full_tables(merged[m])[0].shape != road.full_tables(cs)[0].shape:
+                    continue
+                pair = road.aligned([merged[m], cs])
+                if pair is None:
                     raise MixError(f"Row {row}: stacked RoAd adapters use different group sizes on '{m}'.",
                                    row=row, module=m)
-                else:
-                    merged[m] = road.compose_tables(merged[m], cs)
+                merged[m] = road.compose_tables(*pair)
             tables = merged
         factors = None
         if loras:

@@ -14,17 +14,21 @@ Three element-wise kernels per adapted layer, whatever the number of distinct ad
 row's ``(C, S)`` is gathered once per batch from a stacked table whose row 0 is the identity (C=1, S=0), so
 base-model rows are exact. A pair block ``[[C1, S1], [S2, C2]]`` is a general 2x2 matrix, so stacking
 several RoAd adapters on one row (PEFT applying them in turn) is the matrix product of their blocks.
+
+Other kinds whose ``engine_role`` is ``"output"`` say which RoAd adapter they equal (``Kind.as_road``): IA³'s
+output scale ``y ⊙ l`` is ``C = l, S = 0``. Such a pure scale fits every grouping of its layer (:func:`aligned`), so
+it shares a layer with RoAd tables of any group size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer import RoadAdapter
 from composer.adapters import VARIANTS
 from composer.road_math import columns
 
@@ -80,20 +84,45 @@ def compose_tables(first: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.T
     return torch.stack((c1, c2), 1), torch.stack((s1, s2), 1)
 
 
-def adapter_tables(adapter: RoadAdapter, linears: dict[str, nn.Linear]) -> Tables:
-    """Check ``adapter`` against the model's layers and compute its per-layer ``(C, S)`` tables.
+def adapter_tables(adapter: Any, linears: dict[str, nn.Linear]) -> Tables:
+    """Check ``adapter`` (of a kind whose ``engine_role`` is ``"output"``) against the model's layers and compute
+    its per-layer ``(C, S)`` tables, from the RoAd adapter its kind says it equals (``Kind.as_road``).
 
     Raises:
-        MixError: a module is missing from the model, is not an ``nn.Linear``, or has another width.
+        MixError: a module is missing from the model, is not an ``nn.Linear``, or has another width; or the adapter
+            is no output transform (the kind's reason).
     """
-    from composer import IncompatibleAdaptersError, check_fits
+    from composer import IncompatibleAdaptersError, NotComposableError, check_fits, kinds
 
     try:
         check_fits(adapter, None, modules=linears)
+        adapter = kinds.of(adapter).as_road(adapter)
     except IncompatibleAdaptersError as e:
         raise MixError(str(e), module=e.tensor.rsplit(".", 1)[0] if e.tensor else None) from e
+    except NotComposableError as e:
+        raise MixError(str(e)) from e
     return {name: signed_tables(adapter.variant, adapter.group_size, adapter.theta[name], adapter.alpha[name])
             for name in adapter.theta}
+
+
+def scale_only(cs: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether tables are a pure per-element scale (``S = 0``: an IA³ vector, or a RoAd with θ = 0), which every
+    grouping of the layer's width represents exactly (the values in the same order)."""
+    return not bool(cs[1].any())
+
+
+def aligned(tables: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The tables of one layer in their full form and one grouping: the grouping of those that rotate (all of which
+    must share it), pure scales regrouped to it; ``None`` when two that rotate group the layer differently."""
+    full = [full_tables(t) for t in tables]
+    shapes = {c.shape for c, _ in full}
+    if len(shapes) == 1:
+        return full
+    fixed = {c.shape for c, s in full if not scale_only((c, s))}
+    if len(fixed) > 1:
+        return None
+    shape = fixed.pop() if fixed else full[0][0].shape
+    return [(c, s) if c.shape == shape else (c.reshape(shape), s.reshape(shape)) for c, s in full]
 
 
 class RowRoadLinear(nn.Linear):
@@ -208,13 +237,15 @@ def batch_tables(row_tables: list[Tables | None]
     modules = sorted({m for t in distinct for m in t})
     out = {}
     for m in modules:
-        full = {i: full_tables(t[m]) for i, t in enumerate(distinct) if m in t}
-        shapes = {f[0].shape for f in full.values()}
-        if len(shapes) > 1:
+        have = [i for i, t in enumerate(distinct) if m in t]
+        tables = aligned([distinct[i][m] for i in have])
+        if tables is None:
+            shapes = {full_tables(distinct[i][m])[0].shape for i in have}
             raise MixError(
                 f"Rows of this batch adapt '{m}' with different group sizes ({sorted(s[2] * 2 for s in shapes)}); "
                 "serve them in separate batches or retrain with one group size.", module=m)
-        shape = shapes.pop()
+        full = dict(zip(have, tables))
+        shape = tables[0][0].shape
         ident_c, ident_s = torch.ones(shape), torch.zeros(shape)
         cs = torch.stack([ident_c] + [full[i][0] if i in full else ident_c for i in range(len(distinct))])
         ss = torch.stack([ident_s] + [full[i][1] if i in full else ident_s for i in range(len(distinct))])

@@ -1,4 +1,4 @@
-"""Adapter kinds: each kind (RoAd, LoRA, prompt vector) is one module holding its adapter class and a
+"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³) is one module holding its adapter class and a
 :class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``, ``composer.initialise``,
 ``describe``, the engine, the mixer, ``hub train``, ``hub diff``) asks the registry instead of testing types::
 
@@ -81,9 +81,9 @@ def adapter_classes() -> tuple[type, ...]:
 
 
 def _register_builtin() -> None:
-    from . import lora, prompt, road, stored
+    from . import ia3, lora, prompt, road, stored
 
-    for module in (road, lora, prompt):
+    for module in (road, lora, prompt, ia3):
         register(module.KIND)
     _FALLBACK.append(stored.KIND)
 

@@ -93,6 +93,12 @@ class Kind:
         """A fresh trainable ``PeftModel`` of this kind (``hub train``; ``options``: its command-line values)."""
         raise NotImplementedError(f"hub train cannot train {self.name} adapters yet.")
 
+    def as_road(self, adapter: Any) -> Any:
+        """For ``engine_role == "output"``: the RoAd adapter whose output transform equals ``adapter``'s, which the
+        engine turns into per-row tables (a RoAd adapter is its own); :class:`NotComposableError` with the reason
+        where there is none."""
+        return adapter
+
     # ------------------------------------------------------------------------------------------ showing
     def describe(self, adapter: Any) -> dict[str, Any]:
         """Kind-specific fields of :func:`composer.describe` (``hub show``, the app)."""
