@@ -423,7 +423,9 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
                    help="share of the steps that apply one of the --with adapters (default 0.5)")
     p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 RoAd, 1e-3 LoRA, 3e-2 prompt)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the kind's, " + ", ".join(
+                       f"{k.name} {k.default_lr:g}" for k in map(composer.kinds.by_name, composer.kinds.names())) + ")")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="base model id or path (default: offline SmolLM2-135M-Instruct)")

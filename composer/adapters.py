@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import kinds
+from .kinds.ia3 import Ia3Adapter
 from .kinds.lora import LoraAdapter
 from .kinds.prompt import PromptVector
 from .kinds.road import RoadAdapter
@@ -25,12 +26,13 @@ from .kinds.stored import StoredAdapter
 from .provenance import LIBRARY_VERSION, Recipe, check_finite
 from .road_math import VARIANTS, Variant
 
-__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "StoredAdapter", "Adapter",
+__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Ia3Adapter", "StoredAdapter",
+           "Adapter",
            "describe",
            "check_finite", "task_vector", "cosine", "LIBRARY_VERSION"]
 
 # For annotations; what counts as an adapter at run time is the registry's (composer.kinds.adapter_classes()).
-Adapter = RoadAdapter | LoraAdapter | PromptVector | StoredAdapter
+Adapter = RoadAdapter | LoraAdapter | PromptVector | Ia3Adapter | StoredAdapter
 
 
 def task_vector(adapter: Adapter) -> torch.Tensor:

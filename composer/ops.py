@@ -59,8 +59,8 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                 field="kind", left=first.kind, right=other.kind)
         if other.kind != first.kind:
             raise IncompatibleAdaptersError(
-                f"Cannot combine a {first.kind} adapter with a {other.kind} adapter ({names}); "
-                "RoAd adapters combine with RoAd adapters, LoRAs with LoRAs and prompt vectors with prompt vectors.",
+                f"Cannot combine {_a(first.kind)} adapter with {_a(other.kind)} adapter ({names}); arithmetic combines "
+                "adapters of one kind (RoAd with RoAd, LoRA with LoRA, prompt vectors with prompt vectors ...).",
                 field="kind", left=first.kind, right=other.kind)
         bm_note = ""
         if first.base_model != other.base_model:
@@ -71,6 +71,10 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                 f"{names} were trained on different base models ({first.base_model!r} vs "
                 f"{other.base_model!r}); shapes match, so they are combined anyway.",
                 CompatibilityWarning, stacklevel=3)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 # ---------------------------------------------------------------------------------------------- linear

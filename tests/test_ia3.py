@@ -294,7 +294,7 @@ def test_adapters_that_do_not_fit_together_are_refused_with_the_reason(folders, 
     with pytest.raises(IncompatibleAdaptersError, match=r"\d+ values vs \d+") as e:
         composer.add(a, wide)
     assert e.value.field == "shape"
-    with pytest.raises(IncompatibleAdaptersError, match="Cannot combine a ia3 adapter with a road adapter"):
+    with pytest.raises(IncompatibleAdaptersError, match="Cannot combine an ia3 adapter with a road adapter"):
         composer.add(a, load(folders, "road"))
     with pytest.raises(composer.NotComposableError, match="no rank"):
         composer.compress(a, rank=2)

@@ -130,13 +130,6 @@ class PromptKind(Kind):
                 "to this prompt.", path=pv, tensor="prompt_embeddings")
         return PromptVector(prompt=prompt, init=init, vector=vector, config=cfg)
 
-
-    _LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_B.bias": "bias",
-                      ".lora_magnitude_vector": "magnitude"}
-    # Variant tensors: stored and round-tripped, required exactly when the config field says so.
-    _LORA_EXTRA = {"bias": "lora_bias", "magnitude": "use_dora"}
-
-
     def peft_config(self, adapter: PromptVector, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.setdefault("task_type", "CAUSAL_LM")
         cfg["num_virtual_tokens"] = adapter.shape[0] // cfg.get("num_transformer_submodules", 1)
