@@ -319,9 +319,13 @@ def _fit_text(r: dict) -> list[str]:
 
 
 def _show_text(d: dict, modules: bool) -> str:
-    lines = [f"{k}: {d[k]}" for k in ("source", "kind", "variant", "group_size", "r", "lora_alpha", "use_rslora",
-                                      "num_virtual_tokens", "token_dim", "composable", "base_model", "parameters",
-                                      "modules", "deviation") if k in d]
+    # Every plain field describe() gives, in its order (the kind's own fields included: a new kind shows its own).
+    special = {"norms", "recipe", "training", "active_pairs", "target_modules", "not_low_rank"}
+    first = {k: d[k] for k in ("source", "kind") if k in d}
+    lines = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in {**first, **d}.items()
+             if k not in special and (v is None or isinstance(v, (str, int, float, bool))
+                                      or (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v)))
+             and not (k == "deviation" and v is None)]
     if d.get("not_low_rank"):
         lines.append(f"arithmetic: refused ({d['not_low_rank']})")
     if "target_modules" in d:
