@@ -2,6 +2,7 @@
 
     AppError
     ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
+    │   └── UnsupportedModelError      the engine cannot serve this architecture (names what still works)
     ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
     └── RequestError(ValueError)       a chat request's settings or size are out of bounds (NaN temperature,
         │                              a history over the limit)
@@ -28,6 +29,19 @@ class BaseModelError(AppError, RuntimeError):
     def __init__(self, message: str, *, name: object = None) -> None:
         super().__init__(message)
         self.name = name
+
+
+class UnsupportedModelError(BaseModelError):
+    """The engine cannot serve this model's architecture (raised by ``Engine(...)``).
+
+    Attributes:
+        name: the model type.
+        layer_types: the cache layer types at fault.
+    """
+
+    def __init__(self, message: str, *, name: object = None, layer_types: list[str] | None = None) -> None:
+        super().__init__(message, name=name)
+        self.layer_types = layer_types or []
 
 
 class MixError(AppError, ValueError):

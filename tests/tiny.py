@@ -61,13 +61,13 @@ LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def peft_lora(path, seed: int = 0, r: int = 4, lora_alpha: float = 8, targets=LORA_TARGETS, scale: float = 0.3,
-              **config):
-    """A LoRA folder written by PEFT itself (``get_peft_model`` + ``save_pretrained``) on the tiny model, with
-    random A and B (so ΔW ≠ 0); ``config`` goes to ``LoraConfig`` (``use_rslora``, ``rank_pattern``,
-    ``use_dora``, ``lora_bias`` ...). Returns the folder."""
+              model=None, **config):
+    """A LoRA folder written by PEFT itself (``get_peft_model`` + ``save_pretrained``) on the tiny model (or on
+    ``model``, which PEFT wraps in place: pass a fresh one), with random A and B (so ΔW ≠ 0); ``config`` goes to
+    ``LoraConfig`` (``use_rslora``, ``rank_pattern``, ``use_dora``, ``lora_bias`` ...). Returns the folder."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_model()
+    model = tiny_model() if model is None else model
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(targets), lora_dropout=0.0, **config)
     pm = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -97,3 +97,65 @@ def peft_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int
                 break
             seq = torch.cat([seq, seq.new_tensor([[nxt]])], dim=1)
     return new
+
+
+# The architectures people fine-tune, as tiny random configs: what each one brings that Llama does not, and the
+# projections its adapters target (Phi-3 fuses q/k/v and gate/up into one layer each). Sliding windows are 6 wide,
+# so the tests' sequences (prompt prefix + prompt + generated tokens) run past them.
+_COMMON = dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)
+_SLIDING = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+ARCHS: dict[str, tuple[str, str, dict, tuple[str, ...]]] = {
+    # name: (config class, model class, config fields beyond _COMMON, RoAd/LoRA targets)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, TARGETS),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), TARGETS),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, tie_word_embeddings=True), TARGETS),  # q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=8, sliding_window=6), TARGETS),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # scaled embeddings, four norms a layer, soft-capping, tied
+               dict(head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                    **_SLIDING), TARGETS),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, local and global rotary bases, tied
+               dict(head_dim=8, query_pre_attn_scalar=8, **_SLIDING), TARGETS),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(original_max_position_embeddings=128),
+             ("qkv_proj", "gate_up_proj")),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, TARGETS),  # q/k norms over the whole width, post-norms
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8), TARGETS),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}, ("q_proj", "v_proj", "fc1")),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                sliding_window=6), ("q_proj", "v_proj")),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(**_SLIDING), TARGETS),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, TARGETS),  # no rotary embedding on some layers
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(  # chunked attention, mixture of experts
+        head_dim=8, num_local_experts=2, intermediate_size_mlp=64, attention_chunk_size=4,
+        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0]), ("q_proj", "v_proj")),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"]), ("q_proj", "v_proj", "w1")),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        head_dim=8, layer_types=["linear_attention", "full_attention"], num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8), ("q_proj", "v_proj")),
+}
+
+# Architectures the engine refuses (tests/test_architectures.py checks the refusal): Gemma 4 computes per-layer
+# inputs from token ids (the engine passes embeddings); DeepSeek-V3.2's indexed attention cache cannot be stacked
+# row by row.
+REFUSED: dict[str, tuple[str, str, dict, tuple[str, ...]]] = {
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=8, global_head_dim=8, num_kv_shared_layers=1, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "full_attention"]), TARGETS),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=8, index_topk=4,
+        index_head_dim=8, index_n_heads=2, first_k_dense_replace=1, n_group=1, topk_group=1), ("q_b_proj",)),
+}
+
+
+def arch_model(arch: str, seed: int = 0, **overrides):
+    """A tiny random model of architecture ``arch`` (a key of :data:`ARCHS` or :data:`REFUSED`) in eval mode,
+    seeded."""
+    import transformers
+
+    config_cls, model_cls, fields, _ = {**ARCHS, **REFUSED}[arch]
+    kw = {**_COMMON, **fields, **overrides}
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()

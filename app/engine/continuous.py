@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MixError, RequestError
+from . import cache as kv_cache
 from . import lora, road
 from .sampling import check_sampling, generator, pick_rows
 
@@ -147,8 +148,6 @@ class RunningBatch:
             ConflictError: the rows adapt a layer with another group size than a running row (a
                 :class:`MixError`; they can join once those rows have left).
         """
-        from transformers import DynamicCache
-
         rows = list(rows)
         if not rows:
             return rows
@@ -165,7 +164,7 @@ class RunningBatch:
             ids = torch.tensor([[pad] * (n - len(r.input_ids)) + list(r.input_ids) for r in rows])
             mask = torch.tensor([[0] * (n - len(r.input_ids)) + [1] * len(r.input_ids) for r in rows])
             emb, mask, pos, _ = eng._inputs(ids, mask, [s[1] for s in split])
-            cache = DynamicCache(config=eng.model.config)
+            cache = kv_cache.new(eng.model.config)
             shared = eng.shared([s[0] for s in split])  # folded for the prefill only if it already is
             applied = eng._folded(shared) if shared is not None and eng.is_folded(shared) else \
                 eng._layers_applied(eng._placed(new_layers), eng._placed(lora.batch_factors(loras)))
@@ -196,8 +195,7 @@ class RunningBatch:
             old, new = self.width, mask.shape[1]
             w = max(old, new)
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat((_pad_left(mine.keys, w - old), _pad_left(theirs.keys, w - new)))
-                mine.values = torch.cat((_pad_left(mine.values, w - old), _pad_left(theirs.values, w - new)))
+                kv_cache.stack(mine, theirs, w - old, w - new)
             self._mask = torch.cat((F.pad(self._mask, (w - old, 0)), F.pad(mask, (w - new, 0))))
         self._pos = torch.cat((self._pos, pos))
         self._last = torch.cat((self._last, last))
@@ -298,9 +296,7 @@ class RunningBatch:
         cut = int(mask.any(0).to(torch.int8).argmax())
         self._mask = mask[:, cut:]
         for layer in self._cache.layers:
-            on = idx.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(0, on)[:, :, cut:]
-            layer.values = layer.values.index_select(0, on)[:, :, cut:]
+            kv_cache.keep(layer, idx, cut)
         self._pos = self._pos.index_select(0, idx)
         self._last = self._last.index_select(0, idx)
         self._temp = self._temp.index_select(0, idx)
@@ -436,7 +432,3 @@ class _Packed:
             out[m] = (data[:, off:off + n].view(b, 1, *shape), data[:, off + n:off + 2 * n].view(b, 1, *shape))
         return out
 
-
-def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``x`` ``(batch, heads, length, dim)`` with ``n`` zero columns before its sequence."""
-    return F.pad(x, (0, 0, n, 0)) if n else x

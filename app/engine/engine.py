@@ -27,7 +27,8 @@ from torch import nn
 
 from composer import LoraAdapter, PromptVector, RoadAdapter, kinds
 
-from ..errors import MixError
+from ..errors import MixError, UnsupportedModelError
+from . import cache as kv_cache
 from . import kernel, lora, road
 from .sampling import check_sampling, generator, pick_rows
 
@@ -63,11 +64,17 @@ class Engine:
             (``True``), or broadcast one row of tables (``False``). Default: fold on the CPU, broadcast on an
             accelerator (the copy costs the adapted layers' weights in memory while the mix is kept).
 
+    Raises:
+        UnsupportedModelError: the model computes per-layer inputs from token ids (Gemma 3n, Gemma 4), or its
+            cache has layers the running batch cannot serve row by row (:func:`app.engine.cache.check`: indexed
+            sparse attention as in DeepSeek-V3.2 ...).
+
     Calls are serialised by a lock: one batch runs at a time (batch concurrent users' requests together).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, resolve: Callable[[str], Any] | None = None,
                  fold_shared: bool | None = None) -> None:
+        _check_model(model)  # first: a model the engine cannot serve is refused here, with the reason
         self.model = model
         self.tokenizer = tokenizer
         self.resolve = resolve
@@ -325,6 +332,13 @@ class Engine:
                     prefix_mask[i, width - n:] = 1
             emb = torch.cat((prefix, emb), 1)
             attention_mask = torch.cat((prefix_mask, attention_mask), 1)
+            # A sliding window (Mistral, Gemma 2/3) spans columns, not positions: padding between a row's prompt
+            # and its tokens would narrow it. Every padding column before a row's last real one moves to the
+            # row's left (in order), so prompt and tokens sit side by side as they do alone.
+            gap = attention_mask.flip(1).cummax(1).values.flip(1) - attention_mask
+            order = gap.neg().argsort(dim=1, stable=True)
+            emb = emb.gather(1, order[..., None].expand_as(emb))
+            attention_mask = attention_mask.gather(1, order)
         # Positions count real tokens only, as if each row ran alone without padding.
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         return emb, attention_mask, positions, width
@@ -463,6 +477,22 @@ class Engine:
         for update in self.stream(requests, **sampling):
             texts = update
         return texts
+
+
+def _check_model(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "hidden_size_per_layer_input", None):
+        name = getattr(config, "model_type", type(config).__name__)
+        raise UnsupportedModelError(
+            f"The engine cannot serve '{name}' models: they compute per-layer inputs from the token ids "
+            f"(hidden_size_per_layer_input={text.hidden_size_per_layer_input}), while the engine passes embeddings "
+            "(prompt vectors are prefixes of embeddings that no token id stands for). Load adapters with "
+            "PeftModel.from_pretrained and call generate, or merge them into the base model (merge_and_unload).",
+            name=name)
+    kv_cache.check(config)
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
