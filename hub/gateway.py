@@ -9,7 +9,9 @@ It exists for what olah answers badly, and to keep the server read-only whatever
 - ``GET /`` answers a short text saying what this is and how to use it (olah answers 500);
 - ``/api/models/<ns>/<name>`` without a revision is asked as ``.../revision/main`` (olah asks
   huggingface.co for the newest commit even for its own mirrors, and answers 401 "repository not found");
-- only ``GET`` and ``HEAD`` pass; anything else is ``405`` (the store is never written through the server).
+- only ``GET`` and ``HEAD`` pass, and ``POST`` to ``/api/models/<ns>/<name>/paths-info/<rev>`` (a read that
+  huggingface_hub sends as a form: ``get_paths_info``, which ``hub pull --remote hf`` needs for sizes and
+  checksums), its body at most 1 MiB; anything else is ``405`` (the store is never written through the server).
 
 Responses are streamed through in blocks, with their status and headers (hop-by-hop headers dropped).
 """
@@ -24,7 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 _MODEL_INFO = re.compile(r"/api/models/([^/?#]+)/([^/?#]+)/?(\?.*)?\Z")
 _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                   "transfer-encoding", "upgrade"))
+_PATHS_INFO = re.compile(r"/api/models/[^/?#]+/[^/?#]+/paths-info/[^?#]+\Z")
 _BLOCK = 1 << 16
+_MAX_BODY = 1 << 20  # a paths-info form: a list of file names
 
 
 READ_TIMEOUT = 30.0  # seconds a client may stay silent (idle sockets would otherwise hold a thread forever)
@@ -50,7 +54,7 @@ def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> typ
             if self.command != "HEAD":
                 self.wfile.write(body)
 
-        def _forward(self) -> None:
+        def _forward(self, body: bytes | None = None) -> None:
             path = self.path
             if path in ("/", ""):
                 self._text(200, f"adapter-hub: a read-only store served over the Hugging Face Hub API.\n"
@@ -63,7 +67,7 @@ def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> typ
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
             conn = http.client.HTTPConnection(*upstream, timeout=300)
             try:
-                conn.request(self.command, path, headers=headers)
+                conn.request(self.command, path, body=body, headers=headers)
                 resp = conn.getresponse()
             except OSError as e:
                 conn.close()
@@ -93,7 +97,22 @@ def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> typ
             self._text(405, "This server is read-only: push with 'hub push' on the machine that holds the store.\n",
                        {"Allow": "GET, HEAD"})
 
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _read_only  # noqa: N815
+        def do_POST(self) -> None:  # noqa: N802
+            if not _PATHS_INFO.match(self.path):
+                self._read_only()
+                return
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit() or int(length) > _MAX_BODY:
+                self._text(413 if length.isdigit() else 411,
+                           f"A paths-info request needs a Content-Length of at most {_MAX_BODY} bytes.\n")
+                return
+            try:
+                body = self.rfile.read(int(length))
+            except OSError:
+                return  # the client went silent or away
+            self._forward(body)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _read_only  # noqa: N815
 
     return Handler
 

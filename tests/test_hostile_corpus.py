@@ -29,7 +29,7 @@ import composer
 import hub
 from app.cli import main
 from tests.helpers import free_port
-from tests.test_hub_helpers import env, folder, git
+from tests.test_hub_helpers import env, files, folder, git, hub_cmd
 from tests.tiny import peft_lora
 
 SECRET = "aws_secret_access_key = DO-NOT-LEAK"
@@ -431,3 +431,23 @@ def test_hostile_requests_leave_the_server_serving(served, path, method):
         body = b""
     assert b"root:" not in body
     assert _answers(base)
+
+
+def test_pull_remote_hf_from_hub_serve_through_its_gateway(served, tmp_path):
+    """`hub serve` (gateway in front of olah) as the endpoint of `hub pull --remote hf`: the gateway answered
+    405 to the POST paths-info that the checksums need. Now it passes that one read-only POST."""
+    root, base = served
+    before = state(root)
+    cenv = dict(ADAPTER_HUB_HOME=str(tmp_path / "client"), HF_HOME=str(tmp_path / "client-hf"), HF_ENDPOINT=base,
+                HF_HUB_OFFLINE="0", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+                HF_HUB_DISABLE_PROGRESS_BARS="1")
+    p = hub_cmd("pull", "--remote", "hf", "alice/math@v1", "--to", str(tmp_path / "out"), **cenv)
+    assert p.returncode == 0, p.stderr
+    want = hub.Store(root).snapshot(hub.Store(root).resolve("alice/math@v1"))
+    assert files(tmp_path / "out") == files(want)
+    assert state(root) == before
+    # a POST elsewhere is still refused
+    req = urllib.request.Request(f"{base}/api/models/alice/math/commit/main", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
