@@ -451,3 +451,34 @@ def test_pull_remote_hf_from_hub_serve_through_its_gateway(served, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+def test_hub_serve_answers_clients_as_the_hub_would(served, tmp_path, monkeypatch):
+    """Unknown paths answered 200 with an empty body (clients failed parsing it), a missing revision 401
+    RepoNotFound ("make sure you are authenticated"), a missing file 500, and commit listings lacked the
+    authors' "user" field (KeyError in huggingface_hub). Each is now what the Hub answers."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import errors as hf
+
+    root, base = served
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for path in ("/v1/models", "/api/models", "/nonexistent/path"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert e.value.code == 404 and json.loads(e.value.read())["error"]
+    api = HfApi(endpoint=base, token=False)
+    with pytest.raises(hf.HfHubHTTPError) as e:
+        list(api.list_models(limit=3))
+    assert e.value.response.status_code == 404
+    with pytest.raises(hf.RevisionNotFoundError):
+        api.model_info("alice/math", revision="v9")
+    kw = dict(endpoint=base, cache_dir=str(tmp_path / "hf"), token=False)
+    with pytest.raises(hf.RevisionNotFoundError):
+        hf_hub_download("alice/math", "README.md", revision="v9", **kw)
+    with pytest.raises(hf.EntryNotFoundError):
+        hf_hub_download("alice/math", "nothing.txt", revision="v1", **kw)
+    with pytest.raises(hf.RepositoryNotFoundError):
+        api.model_info("alice/nothing")
+    assert [c.authors for c in api.list_repo_commits("alice/math")] == [["adapter-hub"]] * 2
+    assert Path(hf_hub_download("alice/math", "README.md", revision="v1", **kw)).read_bytes()
