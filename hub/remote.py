@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from composer import limits
+from composer.folder import PICKLE_SUFFIXES
 
 from .errors import (
     HubError,
@@ -488,9 +489,6 @@ class HfRemote:
             path=name, expected=str(size), actual=str(got))
 
 
-_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-
-
 def _adapter_names(repo_id: str, sha: str, siblings) -> list[str]:
     """The files of a remote commit that a pull downloads: the adapter files at the top level.
 
@@ -503,7 +501,7 @@ def _adapter_names(repo_id: str, sha: str, siblings) -> list[str]:
         name = getattr(s, "rfilename", None)
         if not isinstance(name, str):
             continue
-        if name.lower().endswith(_PICKLES):
+        if name.lower().endswith(PICKLE_SUFFIXES):
             raise UnsafeFolderError(
                 f"'{repo_id}@{sha[:12]}' holds '{shown(name)}', a pickle (it runs code when loaded); the hub only "
                 "pulls safetensors adapters. Ask its author for adapter_model.safetensors.", path=name)
