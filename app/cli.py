@@ -272,23 +272,37 @@ def _cmd_log(a) -> int:
     return 0
 
 
+def _num(x: object) -> str:
+    """A number from a stored record as text: 4 significant digits when it is one, else the value escaped (a
+    record can hold anything: ``"losses": "a"`` must not raise, a newline must not forge a line)."""
+    from hub.text import shown
+
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return f"{x:.4g}"
+    return shown(json.dumps(x, default=str) if isinstance(x, (dict, list)) else x)
+
+
+def _loss(first: object, final: object) -> str:
+    return f", loss {_num(first)} -> {_num(final)}" if first is not None and final is not None else ""
+
+
 def _training_text(t: dict) -> list[str]:
+    from hub.text import shown
+
     init = t.get("init")
     init = init.get("expression") if isinstance(init, dict) else init
-    loss = ""
-    if t.get("first_loss") is not None and t.get("final_loss") is not None:
-        loss = f", loss {t['first_loss']:.4g} -> {t['final_loss']:.4g}"
-    lines = [f"training: {t.get('steps')} steps, lr {t.get('learning_rate')}, batch {t.get('batch_size')}, "
-             f"seed {t.get('seed')}, init {init}{loss}"]
+    loss = _loss(t.get("first_loss"), t.get("final_loss"))
+    lines = [f"training: {_num(t.get('steps'))} steps, lr {_num(t.get('learning_rate'))}, batch "
+             f"{_num(t.get('batch_size'))}, seed {_num(t.get('seed'))}, init {shown(init)}{loss}"]
     if t.get("data_file"):
-        lines.append(f"  data: {t['data_file']} (sha256 {str(t.get('data_sha256', '?'))[:16]}…, "
-                     f"{t.get('examples', '?')} examples)")
+        lines.append(f"  data: {shown(t['data_file'])} (sha256 {shown(str(t.get('data_sha256', '?'))[:16])}…, "
+                     f"{_num(t.get('examples', '?'))} examples)")
     if isinstance(t.get("subspace"), dict):
         lines.append(f"  subspace: {_subspace_text(t['subspace'])}")
     for k, v in t.items():
         if k not in ("kind", "steps", "learning_rate", "batch_size", "seed", "init", "first_loss", "final_loss",
                      "data_file", "data_sha256", "examples", "subspace"):
-            lines.append(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+            lines.append(f"  {shown(k)}: {_num(v)}")
     return lines
 
 
@@ -305,24 +319,27 @@ def _subspace_text(sub: dict, digest: bool = True) -> str:
 
 def _fit_text(r: dict) -> list[str]:
     """A fit recipe's parameters in words (the coefficients themselves are in --json and recipe.json)."""
-    p = r.get("params") or {}
-    coef = p.get("coefficients") or {}
-    losses = p.get("losses") or {}
-    per = f"per {p.get('granularity')}"
-    weights = ", ".join(f"{w:.4g}" for w in r.get("weights") or [])
-    loss = ""
-    if losses.get("first") is not None and losses.get("final") is not None:
-        loss = f", loss {losses['first']:.4g} -> {losses['final']:.4g}"
-    return [f"  fit: {per}, {sum(len(c) for c in coef.values())} coefficients, mean weights {weights}",
-            f"  fitted on {p.get('examples')} examples (sha256 {str(p.get('data_sha256', '?'))[:16]}…), "
-            f"{p.get('steps')} steps, lr {p.get('lr')}{loss}"]
+    from hub.text import shown
+
+    p = r.get("params") if isinstance(r.get("params"), dict) else {}
+    coef = p.get("coefficients") if isinstance(p.get("coefficients"), dict) else {}
+    losses = p.get("losses") if isinstance(p.get("losses"), dict) else {}
+    per = f"per {shown(p.get('granularity'))}"
+    weights = ", ".join(_num(w) for w in r.get("weights") or [])
+    count = sum(len(c) for c in coef.values() if isinstance(c, (dict, list)))
+    return [f"  fit: {per}, {count} coefficients, mean weights {weights}",
+            f"  fitted on {_num(p.get('examples'))} examples (sha256 {shown(str(p.get('data_sha256', '?'))[:16])}…), "
+            f"{_num(p.get('steps'))} steps, lr {_num(p.get('lr'))}{_loss(losses.get('first'), losses.get('final'))}"]
 
 
 def _show_text(d: dict, modules: bool) -> str:
+    from hub.text import shown
+
     # Every plain field describe() gives, in its order (the kind's own fields included: a new kind shows its own).
     special = {"norms", "recipe", "training", "active_pairs", "target_modules", "not_low_rank"}
     first = {k: d[k] for k in ("source", "kind") if k in d}
-    lines = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in {**first, **d}.items()
+    lines = [f"{k}: {shown(', '.join(map(str, v)) if isinstance(v, list) else str(v))}"
+             for k, v in {**first, **d}.items()
              if k not in special and (v is None or isinstance(v, (str, int, float, bool))
                                       or (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v)))
              and not (k == "deviation" and v is None)]
@@ -348,9 +365,9 @@ def _show_text(d: dict, modules: bool) -> str:
             lines.append(f"  {m:{width}}  " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in norms[m].items()))
     if d.get("recipe"):
         r = d["recipe"]
-        lines.append(f"recipe: {r['expression']}  (method {r['method']}, exact={r['exact']})")
+        lines.append(f"recipe: {shown(r['expression'])}  (method {shown(r['method'])}, exact={shown(r['exact'])})")
         for i in r["inputs"]:
-            lines.append(f"  {i.get('name')} -> {i.get('ref')}")
+            lines.append(f"  {shown(i.get('name'))} -> {shown(i.get('ref'))}")
         if r.get("method") == "fit":
             lines += _fit_text(r)
     else:

@@ -19,7 +19,11 @@ def _safe(text: str) -> str:
     (a name holding ESC[2K or a newline could otherwise clear or forge lines of the user's terminal)."""
     from hub.text import shown
 
-    return "\n".join(shown(line) for line in str(text).split("\n"))
+    first, *rest = str(text).split("\n")
+    # a message's own further lines are indented (an expression and its caret); any other line is indented
+    # too, so no line but the first can start with "Error:" whatever a name smuggled in
+    return "\n".join([shown(first)] + [shown(line if line[:1].isspace() or not line else "  " + line)
+                                        for line in rest])
 
 
 def _err(msg: str) -> None:
@@ -66,5 +70,6 @@ def report_error(e: BaseException) -> int:
         raise e
     text = fmt(e)
     hint = f"(set {DEBUG_ENV}=1 for the traceback)"
-    _err(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}")
+    text = _safe(text)
+    print(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}", file=sys.stderr)
     return 1

@@ -93,6 +93,10 @@ def parse_card(text: str | bytes) -> tuple[dict[str, Any], str]:
         data = {}
     if not isinstance(data, dict):
         raise InvalidCardError(f"The model card's front matter must be a YAML mapping, got {type(data).__name__}.")
+    tags = data.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise InvalidCardError(f"The model card's 'tags' must be a list of strings, got {type(tags).__name__} "
+                               f"{str(tags)[:80]!r}; write e.g. 'tags: [math, road]' or drop the line.")
     return data, text.lstrip("\ufeff")[m.end():]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import limits
 from .errors import DataError
 
 IGNORE = -100
@@ -93,6 +94,10 @@ def parse_jsonl(text: str, *, name: str = "the examples", path: object = None) -
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}:{i} is not valid JSON ({e}).", path=path, line=i) from e
+        except RecursionError as e:  # the decoder recurses once per bracket
+            raise DataError(f"{name}:{i} is nested too deeply to read (arrays or objects inside each other "
+                            f"thousands of times); an example is a flat object of strings.", path=path, line=i) from e
+        limits.check_nesting(row, f"{name}:{i}")
         out.append(_conversation(row, f"{name}:{i}", path, i))
     if not out:
         raise DataError(f"'{name}' holds no examples; write one JSON object per line.", path=path)

@@ -102,7 +102,9 @@ class ExpressionError(ComposerError, ValueError):
 
     def __init__(self, message: str, *, expression: str = "", position: int | None = None) -> None:
         if position is not None and expression:
-            message = f"{message}\n  {expression}\n  {' ' * position}^"
+            from .text import shown  # a newline in the expression must not start a line of its own
+
+            message = f"{message}\n  {shown(expression)}\n  {' ' * len(shown(expression[:position]))}^"
         super().__init__(message)
         self.expression = expression
         self.position = position

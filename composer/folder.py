@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from . import limits
 from .errors import AdapterFormatError
+from .text import shown
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -35,7 +36,7 @@ def read_json(path: Path, what: str) -> Any:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and integers of thousands of digits
-        raise AdapterFormatError(f"{path} is not valid JSON: {e}", path=path) from e
+        raise AdapterFormatError(f"{shown(path)} is not valid JSON: {e}", path=path) from e
     except RecursionError as e:
         raise limits.exceeded("nesting", "hundreds of levels", what=f"The nesting of {path}") from e
     limits.check_nesting(data, str(path))

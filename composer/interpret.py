@@ -14,6 +14,7 @@ from .adapters import Adapter
 from .errors import ComposerError, ExpressionError, InvalidArgumentError
 from .expr import Linear, Name, Node, names, parse
 from .io import load
+from .text import shown
 
 
 def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -> Adapter:
@@ -42,10 +43,10 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
             except ComposerError as e:
                 if isinstance(e, ExpressionError):
                     raise
-                raise ExpressionError(f"Cannot resolve '{n.name}': {e}", expression=expression,
+                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {e}", expression=expression,
                                       position=n.pos) from e
             except (LookupError, OSError, ValueError) as e:
-                raise ExpressionError(f"Cannot resolve '{n.name}': {e}", expression=expression,
+                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {e}", expression=expression,
                                       position=n.pos) from e
             cache[n.name] = replace(a, source=a.source or n.name)
         return cache[n.name]

@@ -41,6 +41,7 @@ from .folder import (
     read_json,
     read_safetensors,
 )
+from .text import shown
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -154,7 +155,8 @@ def load(path: str | os.PathLike) -> Adapter:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds {CONFIG}.", path=folder)
+        raise AdapterFormatError(f"'{shown(folder)}' is not a folder. Pass the folder that holds {CONFIG}.",
+                                 path=folder)
     cfg = _read_config(folder)
     peft_type = cfg.get("peft_type")
     kind = kinds.by_peft_type(peft_type) if isinstance(peft_type, str) else None

@@ -14,6 +14,7 @@ and the code cannot disagree::
     lock_timeout         ADAPTER_HUB_LOCK_TIMEOUT               600 s       waiting for another writer's lock
     history_chars        ADAPTER_HUB_MAX_HISTORY_CHARS          200000      a chat request's whole history
     history_turns        ADAPTER_HUB_MAX_HISTORY_TURNS          1000        a chat request's turns
+    remote_deadline      ADAPTER_HUB_REMOTE_DEADLINE            600 s       all of one pull's reads from a remote
 
 A variable that is not a positive number is refused with a :class:`LimitExceededError` that says so, rather
 than silently ignored.
@@ -48,6 +49,7 @@ _TABLE = (
     Limit("lock_timeout", "ADAPTER_HUB_LOCK_TIMEOUT", 600, "seconds", "waiting for a lock"),
     Limit("history_chars", "ADAPTER_HUB_MAX_HISTORY_CHARS", 200_000, "characters", "a chat history"),
     Limit("history_turns", "ADAPTER_HUB_MAX_HISTORY_TURNS", 1000, "turns", "a chat history"),
+    Limit("remote_deadline", "ADAPTER_HUB_REMOTE_DEADLINE", 600, "seconds", "one pull from a remote"),
 )
 LIMITS: dict[str, Limit] = {lim.name: lim for lim in _TABLE}
 

@@ -5,22 +5,35 @@ Push: validate locally, ``create_repo(exist_ok=True)``, exactly one ``create_com
 overwritten), then ``create_tag``. A commit whose response is lost (network error, 5xx) is not retried
 blindly: we re-read the branch head and look for our push id in the new commit's description first.
 
-Pull: resolve the revision to a commit, ``snapshot_download`` it, check every file's sha256 (LFS) or git blob
-sha1 against the server's own record from ``get_paths_info`` (huggingface_hub checks sizes only), validate
-with :mod:`composer`, and record it in the local store (``refs/hf/<remote sha>`` plus the remote's tags)
-so it works offline afterwards.
+Pull: resolve the revision to a commit (model info), take the server's own record of each adapter file
+(``get_paths_info``: size, sha256 for LFS files or the git blob sha1) and check the sizes against
+:mod:`composer.limits` before downloading anything; then stream each file ourselves, never past its recorded
+size, and check its checksum (huggingface_hub's downloader trusts the size the download announces, and checks
+nothing else). Every read from the remote shares one deadline (``ADAPTER_HUB_REMOTE_DEADLINE``, 600 s): a server
+trickling a byte every few seconds ends the pull with an error rather than holding it forever. Only the
+adapter files at the top of the repository are downloaded; a pickle (``.bin``, ``.pt``, ...) is refused, any
+other file is left on the server. The files are validated with :mod:`composer` and recorded in the local store
+(``refs/hf/<remote sha>`` plus the remote's tags) so it works offline afterwards::
+
+    model_info(rev, blobs)  ─> sha, file names   (pickle: refused; not an adapter file: skipped)
+    paths-info(names)       ─> size, checksum    (over a limit: refused before any download)
+    GET resolve/<sha>/<f>   ─> staging/<f>       (stops past the recorded size or the deadline)
+    store.push(staging)     ─> refs/hf/<sha>, tags
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composer.data import file_sha256
+from composer import limits
+from composer.folder import PICKLE_SUFFIXES
 
 from .errors import (
     HubError,
@@ -31,9 +44,12 @@ from .errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
     TagExistsError,
+    UnsafeFolderError,
 )
 from .ids import check_tag, next_version, parse_id
+from .staging import SMALL_FILES
 from .store import ADAPTER_FILES, BRANCH, PushResult, Store, check_reserved, write_card
+from .text import shown
 
 _SHA40 = __import__("re").compile(r"[0-9a-f]{40}\Z")
 _MARKER = "hub-push-id:"
@@ -161,8 +177,11 @@ class HfRemote:
                 raise
             raise mapped from e
 
-    def _refs(self, repo_id: str) -> tuple[str | None, dict[str, str]]:
-        refs = self._call(repo_id, "read", self.api.list_repo_refs, repo_id)
+    def _refs(self, repo_id: str, deadline: float | None = None) -> tuple[str | None, dict[str, str]]:
+        if deadline is None:
+            refs = self._call(repo_id, "read", self.api.list_repo_refs, repo_id)
+        else:
+            refs = self._read(repo_id, deadline, self.api.list_repo_refs, repo_id)
         head = next((b.target_commit for b in refs.branches if b.name == BRANCH), None)
         return head, {t.name: t.target_commit for t in refs.tags}
 
@@ -301,56 +320,191 @@ class HfRemote:
     def _fetch(self, repo_id: str, rev: str):
         from .store import Resolved
 
-        info = self._call(repo_id, "pull", self.api.model_info, repo_id, revision=rev)
-        sha = info.sha
-        if not sha or not _SHA40.match(sha):
-            raise IntegrityError(f"{_endpoint()} gave no commit sha for '{repo_id}@{rev}'.")
+        deadline = time.monotonic() + limits.get("remote_deadline")
+        info = self._read(repo_id, deadline, self.api.model_info, repo_id, revision=rev, files_metadata=True)
+        sha = getattr(info, "sha", None)
+        if not isinstance(sha, str) or not _SHA40.match(sha):
+            raise IntegrityError(f"{self._where()} gave no commit sha for '{repo_id}@{shown(rev)}'; it is not "
+                                 "a Hugging Face Hub server, or a broken one. Check HF_ENDPOINT.")
         ref = parse_id(repo_id)
         if self.store.exists(repo_id):
             try:
                 return self.store.resolve(f"{repo_id}@{sha}")  # already recorded: refs/hf/<sha>
             except RevisionNotFoundError:
                 pass
+        names = _adapter_names(repo_id, sha, getattr(info, "siblings", None) or ())
+        records = self._records(repo_id, sha, names, info, deadline)
         self.store.root.mkdir(parents=True, exist_ok=True)
         with self.store.staging_dir("pull") as tmp:
-            local = Path(self._call(repo_id, "pull", self.api.snapshot_download, repo_id, revision=sha,
-                                    local_dir=tmp))
-            files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
-                           if p.is_file() and ".cache" not in p.relative_to(local).parts)
-            self._verify(repo_id, sha, local, files)
+            local = Path(tmp)
+            from huggingface_hub.utils import tqdm
+
+            for name in tqdm(names, desc="Downloading", unit="file", leave=False):
+                self._download(repo_id, sha, name, local / name, records[name], deadline)
             remote_tags: tuple[str, ...] = ()
             try:
-                _, tags = self._refs(repo_id)
+                _, tags = self._refs(repo_id, deadline)
                 remote_tags = tuple(t for t, target in tags.items() if target == sha)
             except HubError:
                 pass
             if rev not in remote_tags and rev != BRANCH and not _SHA40.match(rev) and not rev.startswith(sha[:4]):
                 remote_tags = remote_tags + (rev,)
             result: PushResult = self.store.push(
-                local, repo_id, message=f"Pull {repo_id}@{sha} from {_endpoint()}",
+                local, repo_id, message=f"Pull {repo_id}@{sha} from {self._where()}",
                 extra_refs={f"refs/hf/{sha}": ""}, extra_tags=remote_tags, auto_version=False,
                 keep_card=True)
         return Resolved(ref, result.sha)
 
-    def _verify(self, repo_id: str, sha: str, local: Path, files: list[str]) -> None:
-        from huggingface_hub.utils import tqdm
+    def _where(self) -> str:
+        return str(getattr(self.api, "endpoint", None) or _endpoint())
 
-        infos = self._call(repo_id, "pull", self.api.get_paths_info, repo_id, files, revision=sha)
-        by_path = {i.path: i for i in infos}
-        for name in tqdm(files, desc="Verifying checksums", unit="file", leave=False):
-            info = by_path.get(name)
-            if info is None:
-                raise IntegrityError(f"'{name}' was downloaded from '{repo_id}@{sha[:12]}' but the server has no "
-                                     "record of it; refusing it.", path=name)
-            lfs = getattr(info, "lfs", None)
-            if lfs is not None:
-                expected = lfs["sha256"] if isinstance(lfs, dict) else lfs.sha256
-                actual = file_sha256(local / name)
-            else:
-                expected = info.blob_id
-                actual = git_blob_sha1((local / name).read_bytes())
-            if expected != actual:
+    def _read(self, repo_id: str, deadline: float, fn, *args, **kwargs):
+        """``self._call(fn)`` that gives up at ``deadline`` (a server trickling its answer byte by byte would
+        otherwise hold the pull forever: each read is within the read timeout, the whole never ends).
+
+        The call runs in a daemon thread that is abandoned at the deadline; whatever it still receives is
+        dropped, nothing of it is stored.
+        """
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = self._call(repo_id, "pull", fn, *args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=run, name="hub-remote-read", daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            raise self._late(repo_id)
+        if "error" in box:
+            error = box["error"]
+            if isinstance(error, (ValueError, TypeError, KeyError, AttributeError)) and not isinstance(
+                    error, HubError):  # model info that is not JSON, or JSON of another shape
                 raise IntegrityError(
-                    f"'{name}' from '{repo_id}@{sha[:12]}' does not match the server's checksum (expected "
-                    f"{expected}, got {actual}); it was corrupted or altered in transit. Nothing was stored; "
-                    "retry the pull.", path=name, expected=expected, actual=actual)
+                    f"{self._where()} answered a request about '{repo_id}' with something that is not a Hugging "
+                    f"Face Hub answer ({type(error).__name__}); it is not a Hub server, or a broken one. Nothing "
+                    "was stored; check HF_ENDPOINT.") from error
+            raise error
+        return box["value"]
+
+    def _late(self, repo_id: str) -> RemoteUnavailableError:
+        lim = limits.LIMITS["remote_deadline"]
+        return RemoteUnavailableError(
+            f"Pulling '{repo_id}' from {self._where()} took longer than {limits.get('remote_deadline'):g} s "
+            f"(the server is too slow, or stalling); nothing was stored. Retry later, or allow more time with "
+            f"{lim.env}=<seconds>.")
+
+    def _records(self, repo_id: str, sha: str, names: list[str], info: Any, deadline: float) -> dict[str, Any]:
+        """The server's own record (size, checksum) of each file, checked against the size limits before a byte
+        of any file is downloaded."""
+        records: dict[str, Any] = {}
+        if names:
+            infos = self._read(repo_id, deadline, self.api.get_paths_info, repo_id, names, revision=sha)
+            records = {getattr(i, "path", None): i for i in infos}
+        listed = {getattr(s, "rfilename", None): getattr(s, "size", None) for s in getattr(info, "siblings", ())}
+        for name in names:
+            record = records.get(name)
+            size = getattr(record, "size", None)
+            if record is None or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise IntegrityError(f"{self._where()} lists '{name}' in '{repo_id}@{sha[:12]}' but gives no size "
+                                     "or checksum for it; refusing to download it. Nothing was stored.", path=name)
+            if isinstance(listed.get(name), int) and listed[name] != size:
+                raise IntegrityError(
+                    f"{self._where()} gives two sizes for '{name}' in '{repo_id}@{sha[:12]}' ({listed[name]} in the "
+                    f"model info, {size} in paths-info); refusing it. Nothing was stored.", path=name)
+            limits.check("config_bytes" if name in SMALL_FILES else "adapter_bytes", size,
+                         f"'{name}' of '{repo_id}@{sha[:12]}' on {self._where()} (its declared size)")
+        return records
+
+    def _download(self, repo_id: str, sha: str, name: str, dest: Path, record: Any, deadline: float) -> None:
+        """Stream one file into ``dest``: never more than its declared size, never past ``deadline``, then its
+        checksum against the server's record (sha256 for LFS files, the git blob sha1 otherwise)."""
+        import httpx2
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        size = record.size
+        url = hf_hub_url(repo_id, name, revision=sha, endpoint=getattr(self.api, "endpoint", None))
+        token = getattr(self.api, "token", None)
+        headers = build_hf_headers(token=token) if token is not False else build_hf_headers(token=False)
+        headers["Accept-Encoding"] = "identity"  # count the bytes as sent: no decompression bomb
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._late(repo_id)
+        read = min(float(constants.HF_HUB_DOWNLOAD_TIMEOUT or 10), remaining)
+        received = 0
+        lfs = getattr(record, "lfs", None)
+        digest = hashlib.sha256() if lfs is not None else hashlib.sha1(b"blob %d\0" % size)
+        try:
+            with get_session().stream("GET", url, headers=headers, timeout=httpx2.Timeout(read),
+                                      follow_redirects=True) as resp:
+                if resp.status_code >= 400:
+                    raise self._refused(repo_id, sha, name, resp.status_code)
+                announced = resp.headers.get("Content-Length")
+                if announced is not None and announced.isdigit() and int(announced) > size:
+                    raise self._oversized(repo_id, sha, name, size, int(announced), "announces")
+                with open(dest, "xb") as out:
+                    for block in resp.iter_raw():
+                        received += len(block)
+                        if received > size:
+                            raise self._oversized(repo_id, sha, name, size, received, "sent")
+                        if time.monotonic() > deadline:
+                            raise self._late(repo_id)
+                        digest.update(block)
+                        out.write(block)
+        except HubError:
+            raise
+        except Exception as e:
+            mapped = map_error(e, repo_id, "pull")
+            if mapped is None:
+                raise
+            raise mapped from e
+        if received != size:
+            raise IntegrityError(f"'{name}' from '{repo_id}@{sha[:12]}' ended after {received} of its {size} bytes; "
+                                 "the connection was cut. Nothing was stored; retry the pull.", path=name)
+        expected = (lfs["sha256"] if isinstance(lfs, dict) else lfs.sha256) if lfs is not None \
+            else getattr(record, "blob_id", None)
+        actual = digest.hexdigest()
+        if expected != actual:
+            raise IntegrityError(
+                f"'{name}' from '{repo_id}@{sha[:12]}' does not match the server's checksum (expected "
+                f"{expected}, got {actual}); it was corrupted or altered in transit. Nothing was stored; "
+                "retry the pull.", path=name, expected=expected, actual=actual)
+
+    def _refused(self, repo_id: str, sha: str, name: str, status: int) -> HubError:
+        where = f"{self._where()} answered HTTP {status} for '{name}' of '{repo_id}@{sha[:12]}'"
+        if status in (401, 403):
+            return RemoteAccessError(f"{where}: not allowed. Log in with 'hf auth login' or set HF_TOKEN.")
+        if status >= 500 or status in (408, 429):
+            return RemoteUnavailableError(f"{where}. Nothing was stored; retry the pull later.")
+        return IntegrityError(f"{where}, though it lists that file. Nothing was stored; the server is broken, "
+                              "check HF_ENDPOINT.", path=name)
+
+    def _oversized(self, repo_id: str, sha: str, name: str, size: int, got: int, how: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self._where()} {how} {got} bytes for '{name}' of '{repo_id}@{sha[:12]}', but its own record says "
+            f"{size}; stopped there and stored nothing. The server is broken or hostile; check HF_ENDPOINT.",
+            path=name, expected=str(size), actual=str(got))
+
+
+def _adapter_names(repo_id: str, sha: str, siblings) -> list[str]:
+    """The files of a remote commit that a pull downloads: the adapter files at the top level.
+
+    A pickle anywhere is refused (it runs code when loaded, and a repo that ships one is not an adapter this
+    hub can store); any other file (``.gitattributes``, images, training logs, subfolders) is left on the
+    server, not downloaded.
+    """
+    names = []
+    for s in siblings:
+        name = getattr(s, "rfilename", None)
+        if not isinstance(name, str):
+            continue
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise UnsafeFolderError(
+                f"'{repo_id}@{sha[:12]}' holds '{shown(name)}', a pickle (it runs code when loaded); the hub only "
+                "pulls safetensors adapters. Ask its author for adapter_model.safetensors.", path=name)
+        if name in ADAPTER_FILES:
+            names.append(name)
+    return sorted(set(names))

@@ -82,12 +82,13 @@ def copy_files(folder: Path, staging: Path, names: tuple[str, ...]) -> tuple[str
                     raise UnsafeFolderError(f"'{shown(folder / name)}' is a folder, not a file.",
                                             path=folder / name) from e
                 raise
+            st = os.fstat(fd)  # before wrapping it: os.fdopen of a folder fails with "Is a directory: 4"
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise UnsafeFolderError(
+                    f"'{shown(folder / name)}' is not a regular file (a folder, device or pipe); "
+                    "only plain files are pushed. Remove it or replace it with the file.", path=folder / name)
             with os.fdopen(fd, "rb") as src:
-                st = os.fstat(src.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise UnsafeFolderError(
-                        f"'{shown(folder / name)}' is not a regular file (a folder, device or pipe); "
-                        "only plain files are pushed.", path=folder / name)
                 if st.st_nlink > 1:
                     raise UnsafeFolderError(
                         f"'{shown(folder / name)}' is a hard link ({st.st_nlink} names for one file); a push never "

@@ -58,6 +58,7 @@ from .errors import (
 from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
 from .locks import clear_dead_staging, clear_stale_git_locks, owner_tag, repo_lock
 from .staging import check_folder, copy_files
+from .text import shown
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
@@ -471,7 +472,7 @@ class Store:
             The staged adapter and the names of the files left out (not adapter files).
         """
         if not folder.is_dir() and not folder.is_symlink():
-            raise composer.AdapterFormatError(f"'{folder}' is not a folder. Pass the folder that holds "
+            raise composer.AdapterFormatError(f"'{shown(folder)}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
         check_folder(folder)  # before anything reads through a link
         composer.load(folder)  # errors name the user's folder

@@ -86,3 +86,19 @@ def test_recipe_fields_render_as_text(tmp_path):
     mixed = composer.scale(road(0), 0.5)
     evil = dataclasses.replace(mixed, recipe=dataclasses.replace(mixed.recipe, method="<img src=http://x/y>"))
     assert "<img" not in deviation_text(evil)
+
+
+@pytest.mark.parametrize("t", [1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_garbage(t):
+    """temperature=1e-45 (finite, > 0, inside the slider's range) overflowed logits / t to inf, and the softmax
+    of inf - inf sampled garbage: it is the t -> 0 limit, the greedy choice."""
+    import torch
+
+    from app.engine.sampling import check_sampling, pick_rows
+
+    t, p = check_sampling(t, 1.0)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 10
+    temps = torch.tensor([t, 0.0, t])
+    gens = [torch.Generator().manual_seed(i) if temps[i] > 0 else None for i in range(3)]
+    out = pick_rows(logits, temps, torch.tensor([p, p, 0.5]), gens)
+    assert out.tolist() == logits.argmax(-1).tolist()

@@ -29,7 +29,7 @@ import composer
 import hub
 from app.cli import main
 from tests.helpers import free_port
-from tests.test_hub_helpers import env, folder, git
+from tests.test_hub_helpers import env, files, folder, git, hub_cmd
 from tests.tiny import peft_lora
 
 SECRET = "aws_secret_access_key = DO-NOT-LEAK"
@@ -256,6 +256,19 @@ def _add_key(name: str, shape: tuple):
     return lambda ts: {**ts, f"base_model.model.model.layers.0.self_attn.q_proj.{name}": torch.zeros(shape)}
 
 
+def _card_folder(tmp, mp):
+    src = folder(tmp, "src")
+    (src / "README.md").unlink(missing_ok=True)
+    (src / "README.md").mkdir()
+    return ["push", str(src), "alice/math"]
+
+
+def _newline_folder(tmp, mp):
+    src = folder(tmp, "x\nError: forged")
+    (src / "adapter_config.json").write_text("{")
+    return ["push", str(src), "alice/math"]
+
+
 CASES: dict[str, tuple[Callable, int]] = {
     # a push never follows links, never blocks on a pipe
     "card link to a secret": (_linked("README.md"), 1),
@@ -357,6 +370,13 @@ CASES: dict[str, tuple[Callable, int]] = {
     "merge unknown method": (_compose("merge(nope, alice/math@v1, alice/math@v2)"), 1),
     "expression unknown name": (_compose("alice/nothing + alice/math"), 1),
     "expression garbage": (_compose("+*)("), 1),
+    # third round (issue 22): tracebacks and forged lines
+    "card tags a number": (_card("---\ntags: 5\n---\nhi\n"), 1),
+    "card is a folder": (_card_folder, 1),
+    "folder name with a newline": (lambda t, mp: ["push", str(t / "x\nError: forged"), "alice/math"], 1),
+    "existing folder name with a newline": (_newline_folder, 1),
+    "expression name with a newline": (_compose("alice/math + `x\nError: forged`"), 1),
+    "expression id with a newline": (_compose("`alice/no\nError: forged`"), 1),
     # usage
     "unknown flag": (lambda t, mp: ["push", "--frobnicate"], 2),
 }
@@ -392,6 +412,8 @@ def test_hostile_input(name, served, tmp_path, monkeypatch, capsys):
         # one line; an expression error adds the expression and a caret under the position
         assert len(lines) == 1 or (argv[0] == "compose" and len(lines) <= 4), err
     assert out == ""
+    assert "forged" not in err or "\\nError: forged" in err  # a smuggled newline is shown escaped
+    assert ": 4 " not in err  # no file descriptor for a name ("Is a directory: 4")
     assert SECRET not in err
     assert state(root) == before
     assert _answers(base), "the server stopped answering"
@@ -431,3 +453,88 @@ def test_hostile_requests_leave_the_server_serving(served, path, method):
         body = b""
     assert b"root:" not in body
     assert _answers(base)
+
+
+def test_pull_remote_hf_from_hub_serve_through_its_gateway(served, tmp_path):
+    """`hub serve` (gateway in front of olah) as the endpoint of `hub pull --remote hf`: the gateway answered
+    405 to the POST paths-info that the checksums need. Now it passes that one read-only POST."""
+    root, base = served
+    before = state(root)
+    cenv = dict(ADAPTER_HUB_HOME=str(tmp_path / "client"), HF_HOME=str(tmp_path / "client-hf"), HF_ENDPOINT=base,
+                HF_HUB_OFFLINE="0", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+                HF_HUB_DISABLE_PROGRESS_BARS="1")
+    p = hub_cmd("pull", "--remote", "hf", "alice/math@v1", "--to", str(tmp_path / "out"), **cenv)
+    assert p.returncode == 0, p.stderr
+    want = hub.Store(root).snapshot(hub.Store(root).resolve("alice/math@v1"))
+    assert files(tmp_path / "out") == files(want)
+    assert state(root) == before
+    # a POST elsewhere is still refused
+    req = urllib.request.Request(f"{base}/api/models/alice/math/commit/main", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+
+
+def test_hub_serve_answers_clients_as_the_hub_would(served, tmp_path, monkeypatch):
+    """Unknown paths answered 200 with an empty body (clients failed parsing it), a missing revision 401
+    RepoNotFound ("make sure you are authenticated"), a missing file 500, and commit listings lacked the
+    authors' "user" field (KeyError in huggingface_hub). Each is now what the Hub answers."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import errors as hf
+
+    root, base = served
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for path in ("/v1/models", "/api/models", "/nonexistent/path"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert e.value.code == 404 and json.loads(e.value.read())["error"]
+    api = HfApi(endpoint=base, token=False)
+    with pytest.raises(hf.HfHubHTTPError) as e:
+        list(api.list_models(limit=3))
+    assert e.value.response.status_code == 404
+    with pytest.raises(hf.RevisionNotFoundError):
+        api.model_info("alice/math", revision="v9")
+    kw = dict(endpoint=base, cache_dir=str(tmp_path / "hf"), token=False)
+    with pytest.raises(hf.RevisionNotFoundError):
+        hf_hub_download("alice/math", "README.md", revision="v9", **kw)
+    with pytest.raises(hf.EntryNotFoundError):
+        hf_hub_download("alice/math", "nothing.txt", revision="v1", **kw)
+    with pytest.raises(hf.RepositoryNotFoundError):
+        api.model_info("alice/nothing")
+    assert [c.authors for c in api.list_repo_commits("alice/math")] == [["adapter-hub"]] * 2
+    assert Path(hf_hub_download("alice/math", "README.md", revision="v1", **kw)).read_bytes()
+
+
+@pytest.mark.parametrize("recipe, card", [
+    ({"expression": "a\nError: forged", "method": "fit",
+      "params": {"losses": {"first": "a", "final": "b"}}}, None),
+    ({"expression": "a", "method": "fit", "params": {"losses": [1, 2], "coefficients": {"a": 5}}}, None),
+    ({"expression": "a", "method": "fit", "params": {"coefficients": [1], "steps": {"x": 1}, "lr": "fast"}}, None),
+    (None, "---\ntraining:\n  first_loss: abc\n  final_loss: [1]\n  steps: \"x\\nError: forged\"\n---\nhi\n"),
+])
+def test_show_of_odd_records_is_text_not_a_traceback(tmp_path, monkeypatch, capsys, recipe, card):
+    """`hub show` of a fit recipe whose params have odd types, or a training record with non-numeric losses,
+    raised (TypeError, AttributeError, ValueError); stored text with a newline forged a line."""
+    monkeypatch.setenv("ADAPTER_HUB_HOME", str(tmp_path / "store"))
+    src = folder(tmp_path, "src")
+    if recipe is not None:
+        (src / "recipe.json").write_text(json.dumps(recipe))
+    if card is not None:
+        (src / "README.md").write_text(card)
+    code, _, err = _run(["push", str(src), "bob/odd"], capsys)
+    assert code == 0, err
+    code, out, err = _run(["show", "bob/odd"], capsys)
+    assert code == 0, err
+    assert not any(line.startswith("Error: forged") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("line", ["[" * 100_000 + "]" * 100_000, '{"messages": ' + "[" * 60 + "]" * 60 + "}"])
+def test_deeply_nested_examples_are_one_error(tmp_path, line):
+    """A deeply nested JSONL line raised RecursionError in `hub train`, `hub fit` and the app's Fit panel
+    (which all read examples through composer.data.parse_jsonl)."""
+    from composer.data import parse_jsonl
+
+    with pytest.raises(composer.ComposerError) as e:
+        parse_jsonl('{"prompt": "a", "completion": "b"}\n' + line, name="data.jsonl")
+    assert "data.jsonl:2" in str(e.value)

@@ -106,15 +106,22 @@ class FakeHub:
     def _sha(self, rev):
         return self.tags.get(rev) or (self.head if rev in (None, "main") else rev)
 
+    endpoint = "https://hub.example"
+    token = False
+
     def model_info(self, repo_id, *, revision=None, **kw):
         if not self.exists:
             raise HfRepoNotFound("404", response=httpx2.Response(404, request=httpx2.Request("GET", "http://x")))
-        return SimpleNamespace(sha=self._sha(revision))
+        sha = self._sha(revision)
+        return SimpleNamespace(sha=sha, siblings=[SimpleNamespace(rfilename=n) for n in self.commits[sha]["tree"]])
 
-    def snapshot_download(self, repo_id, *, revision=None, local_dir=None, **kw):
-        for name, data in self.commits[self._sha(revision)]["tree"].items():
-            (Path(local_dir) / name).write_bytes(self.tamper.get(name, data))
-        return str(local_dir)
+    def serve(self, request: httpx2.Request) -> httpx2.Response:
+        """``GET /<ns>/<name>/resolve/<sha>/<file>``: the file's bytes (tampered if asked)."""
+        parts = request.url.path.strip("/").split("/")
+        assert parts[2] == "resolve", request.url
+        name = "/".join(parts[4:])
+        data = self.tamper.get(name, self.commits[parts[3]]["tree"][name])
+        return httpx2.Response(200, headers={"Content-Length": str(len(data))}, content=iter([data]))
 
     def get_paths_info(self, repo_id, paths, *, revision=None, **kw):
         tree = self.commits[self._sha(revision)]["tree"]
@@ -133,7 +140,14 @@ class FakeHub:
 
 @pytest.fixture
 def fake():
-    return FakeHub()
+    """The fake API, and its files served through huggingface_hub's own client hook (the network boundary)."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    hub_ = FakeHub()
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub_.serve)))
+    yield hub_
+    set_client_factory(default_client_factory)
 
 
 def test_push_is_one_commit_with_parent_and_one_tag(tmp_path, fake):

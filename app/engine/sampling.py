@@ -54,6 +54,10 @@ def pick_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tens
     if hot.numel() == 0:
         return out
     lg = logits.index_select(0, hot).float() / temperature.index_select(0, hot).float()[:, None]
+    # A temperature so small that logits / t overflow (1e-45 is allowed: finite and > 0) is the t -> 0 limit:
+    # greedy. Its row still draws its one number below, so its generator stays in step.
+    finite = torch.isfinite(lg).all(-1)
+    lg = torch.where(finite[:, None], lg, torch.zeros_like(lg))
     probs = lg.softmax(-1)
     p = top_p.index_select(0, hot).float()
     u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in hot.tolist()])
@@ -63,7 +67,7 @@ def pick_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tens
     for part in ((p < 1).nonzero().flatten(), (p >= 1).nonzero().flatten()):
         if part.numel():
             picked[part] = _inverse_cdf(probs.index_select(0, part), p.index_select(0, part), u.index_select(0, part))
-    out[hot] = picked
+    out[hot] = torch.where(finite, picked, out.index_select(0, hot))
     return out
 
 
