@@ -516,8 +516,8 @@ def _cmd_fit(a) -> int:
     return 0
 
 
-def _cmd_export(a) -> int:
-    usage = _subparser(build_parser(), "export").error  # exit 2 with the subcommand's usage
+def _export_usage(a, usage) -> None:
+    """Option combinations ``hub export`` refuses as usage errors (checked before the store or torch is touched)."""
     if a.rank is not None and a.format != "lora":
         usage("--rank compresses a LoRA: it goes with --format lora")
     if a.gguf_type is not None and a.format != "gguf":
@@ -525,6 +525,9 @@ def _cmd_export(a) -> int:
     if a.format == "gguf" and a.base:
         usage("--format gguf rewrites the GGUF file the base model came from, and only the default base comes from "
               "one; export --format merged from --base and convert that folder with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _cmd_export(a) -> int:
     _err(f"Exporting {a.expression} as {a.format} to {a.to} ...")  # before torch loads: something within a second
     import composer
 
@@ -567,6 +570,7 @@ HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
             "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit, "export": _cmd_export}
 READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit", "export")
+USAGE_CHECKS = {"export": _export_usage}  # command -> (args, parser.error): usage errors argparse cannot see
 
 
 def _seed_examples() -> None:
@@ -597,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command in USAGE_CHECKS:
+        USAGE_CHECKS[args.command](args, _subparser(parser, args.command).error)
     try:
         if args.command in READS_STORE:
             _seed_examples()

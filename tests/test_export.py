@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import composer
 import hub
 from app import export
-from app.cli import build_parser, main
+from app.cli import _export_usage, build_parser, main
 from app.engine import Engine
 from app.errors import ExportError
 from tests.test_app_tiny import tiny_chat_model
@@ -454,6 +454,20 @@ def test_cli_choices_are_the_formats_and_types():
     opts = {a.dest: a for a in sub._actions}
     assert list(opts["format"].choices) == list(export.FORMATS)
     assert tuple(opts["gguf_type"].choices) == export.TENSOR_TYPES
+
+
+def test_the_readme_export_commands_are_valid_command_lines():
+    """Every ``hub export`` line of the README's Export section parses, with no option argparse would refuse."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Export\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln.split("  #")[0] for ln in section.splitlines() if ln.startswith("hub export ")]
+    assert len(lines) >= 3
+    parser = build_parser()
+    for line in lines:
+        args, extra = parser.parse_known_args(shlex.split(line)[1:])
+        assert args.command == "export" and not extra, line
+        _export_usage(args, lambda msg, line=line: pytest.fail(f"{line}: {msg}"))
 
 
 @pytest.fixture
