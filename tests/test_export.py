@@ -341,6 +341,7 @@ def write_tiny_gguf(model, path, quant="Q8_0"):
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_string("tokenizer.chat_template", "{{ messages }}")  # carried over as it is
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant}"))
     meta = {"head_count": cfg.num_attention_heads, "head_count_kv": cfg.num_key_value_heads}
     sd = model.state_dict()
     qtype = getattr(gguf.GGMLQuantizationType, quant)
@@ -409,7 +410,7 @@ def test_gguf_f32_reads_back_to_the_engines_logits_and_tokens(tiny_gguf, ads, sp
     # everything else is the source's: its metadata, and its tensors byte for byte
     src, new = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
     for name, f in src.fields.items():
-        if not name.startswith("GGUF."):
+        if not name.startswith("GGUF.") and name != "general.file_type":
             assert new.get_field(name).contents() == f.contents(), name
     assert new.get_field(export.gguf.MIX_KEY).contents() == (result.mix["pinned"] or spec)  # the mix, pinned
     replaced = {t.name for t in new.tensors if t.tensor_type.name == "F32" and len(t.shape) == 2}
@@ -429,6 +430,10 @@ def test_gguf_smaller_types_report_their_rounding(tiny_gguf, ads, kind, tmp_path
     assert result.details["error_vs_change"] > result.deviation  # the mix changed less than the whole weights
     types = result.details["tensor_types"]
     assert types.get("F16" if kind == "f16" else "Q8_0") >= result.details["replaced_tensors"]
+    import gguf
+
+    file_type = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")).get_field("general.file_type").contents()
+    assert file_type == gguf.LlamaFileType.MOSTLY_Q8_0  # q, v, up replaced: Q8_0 still holds most of the weights
     ids = ids_batch()
     with torch.no_grad():
         got = load_gguf(tmp_path / "out")(input_ids=ids[1:2]).logits[0]
@@ -582,6 +587,10 @@ def test_real_model_gguf_reads_back_to_the_engines_tokens(smol_home, monkeypatch
     capsys.readouterr()
     rec = json.loads((tmp_path / "g" / "export.json").read_text())
     assert rec["exact"] and rec["details"]["replaced_tensors"] == 210  # 7 projections x 30 layers, in f32
+    import gguf
+
+    file_type = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).get_field("general.file_type").contents()
+    assert file_type == gguf.LlamaFileType.ALL_F32  # what llama.cpp and Ollama show: no longer "Q4_1"
     ids, want, eos = _engine_tokens(composer.load(ROOT / "adapters" / "lora_signoff"), 16)
     loaded = load_gguf(tmp_path / "g")
     tok = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="model.gguf")  # the source's tokenizer, carried

