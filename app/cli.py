@@ -10,7 +10,7 @@ exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage err
 subcommand's own usage.
 
 Only commands that touch tensors import torch (``show``, ``diff``, ``push``, ``compose``, ``pull``, ``train``,
-``fit``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
+``fit``, ``export``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
 """
 
 from __future__ import annotations
@@ -65,6 +65,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"model": "examples/signoff_anchored + examples/bullets_anchored",
                "messages": [{"role": "user", "content": "Name three rivers."}]}'"""),
+    "export": ("Export an adapter or a mix for other servers: merged model (vLLM, TGI), LoRA folder, GGUF.", """
+        hub export examples/signoff_anchored --to out/signoff-merged             # transformers folder, mix folded in
+        hub export "examples/upper_anchored + examples/signoff_anchored" --to out/mix --force
+        hub export "compress(alice/lora-a + bob/lora-b, 16)" --to out/lora --format lora
+        hub export "alice/lora-a + bob/lora-b" --to out/lora16 --format lora --rank 16   # SVD, error reported
+        hub export examples/bullets_anchored --to out/gguf --format gguf           # llama.cpp / Ollama
+        hub export ./my-adapter --to out/m --base ./my-base-model --json"""),
     "app": ("Start the Gradio app: mix adapters and chat with the result.", """
         hub app
         hub app -- --port 7861                             # options after '--' go to the app
@@ -198,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows that may wait for a place; past it a request gets 429 with Retry-After (default 64)")
     s.add_argument("--max-tokens", type=_positive, default=256,
                    help="a reply's length in tokens when a request sets no max_tokens (default 256)")
+
+    s = _sub(subs, "export")
+    s.add_argument("expression", metavar="ID|EXPR",
+                   help="a store id (ns/name[@rev]), an adapter folder, or an expression over them")
+    s.add_argument("--to", required=True, metavar="DIR", help="the folder to write (absent or empty; see --force)")
+    # Names as in app.export.FORMATS and TENSOR_TYPES (a test keeps them equal; importing them here loads torch).
+    s.add_argument("--format", choices=["merged", "lora", "gguf"], default="merged",
+                   help="merged: a transformers model folder with the mix folded into the weights (default); lora: a "
+                        "plain PEFT LoRA folder of a LoRA mix; gguf: the merged model as one GGUF file")
+    s.add_argument("--rank", type=_positive, metavar="N",
+                   help="--format lora: compress to at most rank N first (truncated SVD; the error is reported)")
+    s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "source"], default=None,
+                   help="--format gguf: the type of the tensors the mix changes: f32 (default, exact), f16, q8_0, "
+                        "or source (each as in the base model's GGUF file; rounding error reported)")
+    s.add_argument("--base", metavar="MODEL",
+                   help="base model id or folder (default: offline SmolLM2-135M-Instruct, from its GGUF file)")
+    s.add_argument("--force", action="store_true", help="replace a non-empty --to folder")
+    s.add_argument("--json", action="store_true", help="print what was written (exactness, errors, files) as JSON")
 
     for name in ("app", "train"):
         s = _sub(subs, name, add_help=False)  # --help reaches the app's / trainer's own parser
@@ -512,10 +537,62 @@ def _cmd_fit(a) -> int:
     return 0
 
 
+def _export_usage(a, usage) -> None:
+    """Option combinations ``hub export`` refuses as usage errors (checked before the store or torch is touched)."""
+    if a.rank is not None and a.format != "lora":
+        usage("--rank compresses a LoRA: it goes with --format lora")
+    if a.gguf_type is not None and a.format != "gguf":
+        usage("--gguf-type goes with --format gguf")
+    if a.format == "gguf" and a.base:
+        usage("--format gguf rewrites the GGUF file the base model came from, and only the default base comes from "
+              "one; export --format merged from --base and convert that folder with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _cmd_export(a) -> int:
+    _err(f"Exporting {a.expression} as {a.format} to {a.to} ...")  # before torch loads: something within a second
+    _seed_examples()  # a first run imports the shipped examples (seconds): after the line above
+    import composer
+
+    from . import export
+    from .train import default_resolve
+
+    export.check_target(a.to, a.force)  # before any work: a folder in the way fails at once
+    _err("Resolving the mix ...")
+    mix = composer.evaluate(a.expression, resolve=default_resolve)
+    kw: dict[str, Any] = {"expression": a.expression.strip(), "force": a.force, "announce": _err}
+    if a.format == "lora":
+        result = export.write_lora(mix, a.to, rank=a.rank, **kw)
+    else:
+        from .export.mix import peft_part, refuse_prefix
+
+        refuse_prefix(mix, a.format)  # what the mix alone says: before the model loads
+        peft_part(mix, a.format)
+        from .engine import gguf_path, load_base
+
+        source = gguf_path() if a.format == "gguf" else None
+        _err(f"Loading the base model {a.base or 'SmolLM2-135M-Instruct (default)'} ...")
+        model, tok = load_base(a.base)
+        if a.format == "gguf":
+            result = export.write_gguf(mix, a.to, model=model, source=source,
+                                       tensor_type=a.gguf_type or "f32", **kw)
+        else:
+            result = export.write_merged(mix, a.to, model=model, tokenizer=tok, **kw)
+    if a.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    how = "exact" if result.exact else f"approximate, relative error {result.deviation:.3g}"
+    _err(f"Exported {a.format} ({how}) to {result.path}.")
+    for note in result.notes:
+        _err(f"note: {note}")
+    print(_safe(str(result.path)))
+    return 0
+
+
 HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd_log, "show": _cmd_show,
             "diff": _cmd_diff, "tag": _cmd_tag, "compose": _cmd_compose, "serve": _cmd_serve,
-            "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit}
-READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")
+            "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit, "export": _cmd_export}
+READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")  # export: after its first line
+USAGE_CHECKS = {"export": _export_usage}  # command -> (args, parser.error): usage errors argparse cannot see
 
 
 def _seed_examples() -> None:
@@ -546,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command in USAGE_CHECKS:
+        USAGE_CHECKS[args.command](args, _subparser(parser, args.command).error)
     try:
         if args.command in READS_STORE:
             _seed_examples()

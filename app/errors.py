@@ -4,6 +4,8 @@
     ├── BaseModelError(RuntimeError)   the base model cannot be found or loaded (names the install command)
     │   └── UnsupportedModelError      the engine cannot serve this architecture (names what still works)
     ├── MixError(ValueError)           a request's mix does not fit the base model or is malformed
+    ├── ExportError(ValueError)        a mix cannot be written in the asked format (names the reason and what works),
+    │                                  or the target folder is in the way
     └── RequestError(ValueError)       a chat request's settings or size are out of bounds (NaN temperature,
         │                              a history over the limit)
         └── BusyError                  the waiting queue is full: try again in a few seconds
@@ -56,6 +58,20 @@ class MixError(AppError, ValueError):
         super().__init__(message)
         self.row = row
         self.module = module
+
+
+class ExportError(AppError, ValueError):
+    """A mix cannot be exported as asked (``hub export``).
+
+    Attributes:
+        format: the asked format (``merged``, ``lora``, ``gguf``).
+        reason: why, in one phrase (also in the message).
+    """
+
+    def __init__(self, message: str, *, format: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.format = format
+        self.reason = reason
 
 
 class RequestError(AppError, ValueError):

@@ -129,7 +129,7 @@ LIGHT = """
 import contextlib, io, sys
 from app.cli import main
 for argv in (["--help"], ["list"], ["log", "alice/math"], ["tag", "alice/math@v1", "stable"], ["log", "--bogus"],
-             ["push"], ["log", "alice/nothing"]):
+             ["push"], ["log", "alice/nothing"], ["export", "alice/math", "--to", "x", "--rank", "4"]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             main(argv)

@@ -240,6 +240,25 @@ class Engine:
         self._fold_cache = (tables, factors, out)
         return out
 
+    def merged_weights(self, mix: Mix) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each layer ``mix`` adapts, as ``(weight, bias)`` with the mix merged in: exactly the weights the engine runs
+        when a batch shares this mix folded (``R·(W + ΔW)``, ``R·b``), for writing a merged model (``hub export``).
+
+        New tensors (the model's parameters are never written); ``{}`` for the base model.
+
+        Raises:
+            MixError: the mix holds a prompt vector (an input prefix, which no weight can hold), or does not fit the
+                model, or is of a kind the engine does not run.
+        """
+        with self._lock:
+            row, prompt = self._split(mix, 0)
+            if prompt is not None:
+                raise MixError("A prompt vector is an input prefix (virtual tokens in front of the prompt), not a "
+                               "change of weights: no merged weight holds it. Serve it with 'hub api' or PEFT.")
+            if row is None:
+                return {}
+            return dict(self._fold(row))
+
     def _install(self, modules: Iterable[str]) -> None:
         """Swap the named layers not yet swapped to :class:`road.RowRoadLinear` (:meth:`close` swaps them back)."""
         new = [m for m in modules if m not in self._installed]
