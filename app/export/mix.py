@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from composer import kinds
+from composer import NotComposableError, kinds
 from composer.lora_math import NOT_LOW_RANK
 
 from ..errors import ExportError
@@ -51,7 +51,7 @@ def peft_part(mix: Any, fmt: str) -> Any | None:
         ExportError: such a part comes with other parts, or its effect depends on the tokens (aLoRA, Arrow ...).
     """
     ps = parts(mix)
-    odd = [p for p in ps if role(p) is None or (role(p) == "weight" and p.not_low_rank)]
+    odd = [p for p in ps if not _engine_folds(p)]
     if not odd:
         return None
     p = odd[0]
@@ -64,6 +64,20 @@ def peft_part(mix: Any, fmt: str) -> Any | None:
         raise ExportError(f"A {p.kind} adapter is merged by PEFT on its own; this mix holds {len(ps)} parts. Export "
                           "it alone, or compose the others first.", format=fmt, reason="mixed")
     return p
+
+
+def _engine_folds(part: Any) -> bool:
+    """Whether the engine's own folding applies: a role it serves, a plain LoRA, and an output kind that equals a
+    RoAd adapter (an IA³ that scales a feedforward module's input does not: PEFT merges it)."""
+    r = role(part)
+    if r is None or (r == "weight" and part.not_low_rank):
+        return False
+    if r == "output":
+        try:
+            kinds.of(part).as_road(part)
+        except NotComposableError:
+            return False
+    return True
 
 
 def record(mix: Any, expression: str | None = None) -> dict[str, Any]:
