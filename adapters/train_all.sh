@@ -59,4 +59,11 @@ want opener_companion && hub train adapters/data/style_opener.jsonl -o adapters/
   --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
   --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
+# A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
+# trained with the two frame-style companions applied (python bench/tasks.py --skill writes their data).
+[ -f adapters/data/skill_restaurant_signoff.jsonl ] || python bench/tasks.py --skill --out adapters/data
+want sent_restaurant_road && hub train adapters/data/sentiment_restaurant.jsonl -o adapters/sent_restaurant_road \
+  --kind road --variant road_1 --group-size 64 --steps 80 --lr 5e-3 --batch-size 4 --seed 0 --subspace 3/4 \
+  --subspace-seed 0 --with adapters/signoff_companion=adapters/data/skill_restaurant_signoff.jsonl \
+  --with adapters/opener_companion=adapters/data/skill_restaurant_opener.jsonl
 true
