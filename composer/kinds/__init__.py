@@ -61,10 +61,11 @@ def of(adapter: Any) -> Kind:
 
 
 def by_name(name: str) -> Kind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, _KINDS))}, got {name!r}.") from None
+    """The kind named ``name`` (a format of its own included)."""
+    found = _KINDS.get(name) or _OWN_FORMAT.get(name)
+    if found is None:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, [*_KINDS, *_OWN_FORMAT]))}, got {name!r}.")
+    return found
 
 
 def by_peft_type(peft_type: str) -> Kind | None:
