@@ -10,6 +10,10 @@ missing or unexpected keys::
     ├── recipe.json                  composed adapters only
     └── README.md                    model card
 
+A kind with a format of its own (no ``peft_type``) claims its folders (``composer.kinds.claiming``) and names its
+weights file: the ``adapters`` library's bottleneck adapters (``adapter_config.json`` + ``adapter.safetensors``,
+:mod:`composer.kinds.bottleneck`) are read and written back in that format.
+
 Only safetensors are read: pickles (``.bin``, ``.pt``) can run code when loaded.
 """
 
@@ -57,9 +61,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _check_sizes(folder: Path) -> None:
+def _check_sizes(folder: Path, weights: str) -> None:
     """Refuse adapter files over the size limit before reading a byte of them."""
-    total = sum(p.stat().st_size for p in (folder / WEIGHTS, folder / PROMPT_VECTOR) if p.is_file())
+    total = sum(p.stat().st_size for p in (folder / weights, folder / PROMPT_VECTOR) if p.is_file())
     limits.check("adapter_bytes", total, f"The adapter in '{folder}'")
 
 
@@ -122,18 +126,17 @@ def _check_patterns(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.
         "pattern without nested repeats.", path=folder)
 
 
-def _weights_path(folder: Path) -> Path:
-    path = folder / WEIGHTS
+def _weights_path(folder: Path, kind: kinds.Kind) -> Path:
+    path = folder / kind.weights_file
     if path.is_file():
         return path
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UnsafeFormatError(
             f"'{folder}' holds only pickled weights ({', '.join(pickles)}); pickles can run arbitrary code when "
-            f"loaded, so only {WEIGHTS} is read. Convert it where you trust the file: "
-            "load it with PeftModel.from_pretrained and call save_pretrained(..., safe_serialization=True).",
-            path=folder)
-    raise AdapterFormatError(f"'{folder}' has no {WEIGHTS}.", path=folder)
+            f"loaded, so only {kind.weights_file} is read. Convert it where you trust the file: "
+            f"{kind.pickle_hint}.", path=folder)
+    raise AdapterFormatError(f"'{folder}' has no {kind.weights_file}.", path=folder)
 
 
 def load(path: str | os.PathLike) -> Adapter:
@@ -160,6 +163,13 @@ def load(path: str | os.PathLike) -> Adapter:
     cfg = _read_config(folder)
     peft_type = cfg.get("peft_type")
     kind = kinds.by_peft_type(peft_type) if isinstance(peft_type, str) else None
+    if kind is None and "peft_type" not in cfg:
+        kind = kinds.claiming(folder, cfg)
+        if kind is None:
+            raise AdapterFormatError(
+                f"{folder / CONFIG} has no peft_type and is in no other format this hub reads (PEFT adapters, and "
+                "the adapters library's bottleneck adapters: 'config', 'hidden_size', 'model_type' and "
+                "adapter.safetensors). Re-save it with PEFT's save_pretrained.", path=folder)
     if kind is None:
         raise AdapterFormatError(
             f"{folder / CONFIG}: peft_type {peft_type!r} is not a type PEFT knows; this hub stores every PEFT type "
@@ -169,8 +179,8 @@ def load(path: str | os.PathLike) -> Adapter:
             f"{folder / CONFIG}: modules_to_save {str(cfg['modules_to_save'])[:80]} asks PEFT to load full copies of "
             "those modules, which this adapter's weights do not hold (PEFT fails to load it) and this hub does not "
             "check yet. Set modules_to_save to null if nothing was saved that way.", path=folder)
-    _check_sizes(folder)
-    tensors = read_safetensors(_weights_path(folder))
+    _check_sizes(folder, kind.weights_file)
+    tensors = read_safetensors(_weights_path(folder, kind))
     _check_patterns(folder, cfg, tensors)
     adapter: Adapter = kind.parse(folder, cfg, tensors)
     recipe = None
@@ -194,9 +204,11 @@ def validate_folder(path: str | os.PathLike) -> Adapter:
 
 def _peft_config(adapter: Adapter) -> dict[str, Any]:
     cfg = dict(adapter.config)
+    kind = kinds.of(adapter)
+    if kind.peft_type is None:  # a format of its own: the kind writes its config whole
+        return kind.peft_config(adapter, cfg)
     cfg.setdefault("base_model_name_or_path", None)
     cfg["inference_mode"] = True
-    kind = kinds.of(adapter)
     cfg["peft_type"] = kind.peft_type
     return kind.peft_config(adapter, cfg)
 

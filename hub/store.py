@@ -11,6 +11,7 @@ Layout under ``$ADAPTER_HUB_HOME`` (default ``~/.cache/adapter-hub``)::
     │           ├── adapter_config.json      working tree = main, refreshed after each push
     │           ├── adapter_model.safetensors
     │           ├── prompt_vector.safetensors   (prompt vectors only)
+    │           ├── adapter.safetensors      (the adapters library's bottleneck adapters, instead of adapter_model)
     │           ├── recipe.json              (composed adapters only)
     │           └── README.md                model card, YAML front matter
     ├── snapshots/<namespace>/<name>/<commit sha>/   read-only exports, what `hub pull` prints
@@ -63,7 +64,7 @@ from .text import shown
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "prompt_vector.safetensors",
-                 "recipe.json", "README.md")
+                 "adapter.safetensors", "recipe.json", "README.md")  # adapter.safetensors: the adapters library's
 BRANCH = "main"
 PULL_MARKER = ".hub-pull"  # in a --to folder: what was pulled there, and each file's sha256
 _ZERO = "0" * 40

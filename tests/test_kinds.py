@@ -28,6 +28,9 @@ SUPPORTS = {
                "compose": False, "compress": False, "init": True},
     "ia3": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
             "compose": True, "compress": False, "init": True},
+    # the adapters library's bottleneck adapters: exact sums of outputs; parameter heuristics and products refused
+    "bottleneck": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": False,
+                   "compose": False, "compress": False, "init": False},
     # every other PEFT type (here LoHa): stored, versioned and served to HF clients, never combined
     "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
                "compose": False, "compress": False, "init": False},
@@ -53,6 +56,9 @@ def _pair(name, tmp_path_factory):
         return random_prompt(seed=1), random_prompt(seed=2)
     if name == "ia3":
         return _saved(tmp_path_factory.mktemp("ia3") / "a", 1), _saved(tmp_path_factory.mktemp("ia3") / "b", 2)
+    if name == "bottleneck":  # folders the adapters library itself wrote (tests/reference/make_bottleneck.py)
+        ref = ROOT / "tests" / "reference" / "bottleneck"
+        return composer.load(ref / "seq_bn"), composer.load(ref / "seq_bn_b")
     if name == "stored":
         return (_saved(tmp_path_factory.mktemp("loha") / "a", 1, "loha"),
                 _saved(tmp_path_factory.mktemp("loha") / "b", 2, "loha"))

@@ -123,8 +123,9 @@ class Engine:
                 raise MixError(f"Row {row}: a mix holds composer adapters ({names}), not {type(p).__name__}.", row=row)
             by_role.setdefault(kinds.of(p).engine_role, []).append(p)
         if None in by_role:
-            raise MixError(f"Row {row}: {by_role[None][0].kind} adapters are not served per row by the engine; load "
-                           "them with PEFT, or merge them into the base model.", row=row)
+            first = by_role[None][0]
+            raise MixError(f"Row {row}: {first.kind} adapters are not served per row by the engine; "
+                           f"{kinds.of(first).serve_hint}.", row=row)
         roads, loras, prompts = by_role.get("output", []), by_role.get("weight", []), by_role.get("prefix", [])
         if len(prompts) > 1:
             raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "

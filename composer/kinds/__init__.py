@@ -6,11 +6,14 @@
 
     kinds.of(adapter).describe(adapter)        # the kind of an adapter object
     kinds.by_peft_type("ROAD").parse(...)      # the kind that reads a folder's peft_type
+    kinds.claiming(folder, cfg)                # the kind of a folder in a format of its own (no peft_type)
     kinds.by_name("lora")                      # the kind a command line names
 
 Adding a kind is one new module here that defines the adapter class (a frozen dataclass with ``kind``, ``config``,
 ``recipe``, ``source``, ``validate``, ``num_parameters``, ``task_vectors`` and ``norms``) and a :class:`Kind`
-subclass, registered at the bottom of this file. What a kind does not support raises with the reason (the
+subclass, registered at the bottom of this file. A kind whose folders are not PEFT's (``peft_type = None``, as the
+``adapters`` library's bottleneck adapters) recognises them itself (``Kind.claims``); it is not trained by
+``hub train`` (not in :func:`names`). What a kind does not support raises with the reason (the
 defaults below), so a new kind is stored and described before it can be combined or served.
 """
 
@@ -20,17 +23,19 @@ from typing import Any
 
 from .base import Kind, linear_layer
 
-__all__ = ["Kind", "linear_layer", "register", "all_kinds", "names", "of", "by_name", "by_peft_type", "peft_types",
-           "adapter_classes"]
+__all__ = ["Kind", "linear_layer", "register", "all_kinds", "names", "of", "by_name", "by_peft_type", "claiming",
+           "peft_types", "adapter_classes"]
 
 _KINDS: dict[str, Kind] = {}
+_OWN_FORMAT: dict[str, Kind] = {}  # kinds whose folders are not PEFT's (peft_type None), asked by claiming()
 
 
 def register(kind: Kind) -> Kind:
-    """Add ``kind`` to the registry (by name and PEFT type); returns it."""
-    if kind.name in _KINDS or any(k.peft_type == kind.peft_type for k in _KINDS.values()):
+    """Add ``kind`` to the registry (by name and PEFT type, or as a format of its own); returns it."""
+    taken = kind.name in _KINDS or kind.name in _OWN_FORMAT
+    if taken or (kind.peft_type is not None and any(k.peft_type == kind.peft_type for k in _KINDS.values())):
         raise ValueError(f"kind {kind.name!r} ({kind.peft_type}) is registered already")
-    _KINDS[kind.name] = kind
+    (_OWN_FORMAT if kind.peft_type is None else _KINDS)[kind.name] = kind
     return kind
 
 
@@ -38,7 +43,7 @@ _FALLBACK: list[Any] = []  # the kind that stores every other PEFT type (kinds/s
 
 
 def all_kinds() -> list[Kind]:
-    return list(_KINDS.values()) + _FALLBACK
+    return list(_KINDS.values()) + list(_OWN_FORMAT.values()) + _FALLBACK
 
 
 def names() -> list[str]:
@@ -56,10 +61,11 @@ def of(adapter: Any) -> Kind:
 
 
 def by_name(name: str) -> Kind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, _KINDS))}, got {name!r}.") from None
+    """The kind named ``name`` (a format of its own included)."""
+    found = _KINDS.get(name) or _OWN_FORMAT.get(name)
+    if found is None:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, [*_KINDS, *_OWN_FORMAT]))}, got {name!r}.")
+    return found
 
 
 def by_peft_type(peft_type: str) -> Kind | None:
@@ -69,6 +75,11 @@ def by_peft_type(peft_type: str) -> Kind | None:
     if found is None and _FALLBACK and _FALLBACK[0].accepts(peft_type):
         return _FALLBACK[0]
     return found
+
+
+def claiming(folder: Any, cfg: dict[str, Any]) -> Kind | None:
+    """The kind whose own (non-PEFT) format a folder's config is in, or ``None``."""
+    return next((k for k in _OWN_FORMAT.values() if k.claims(folder, cfg)), None)
 
 
 def peft_types() -> list[str]:
@@ -81,9 +92,9 @@ def adapter_classes() -> tuple[type, ...]:
 
 
 def _register_builtin() -> None:
-    from . import ia3, lora, prompt, road, stored
+    from . import bottleneck, ia3, lora, prompt, road, stored
 
-    for module in (road, lora, prompt, ia3):
+    for module in (road, lora, prompt, ia3, bottleneck):
         register(module.KIND)
     _FALLBACK.append(stored.KIND)
 

@@ -17,7 +17,11 @@ class Kind:
 
     Attributes:
         name: the kind's name (``adapter.kind``, ``hub train --kind``).
-        peft_type: PEFT's ``peft_type`` for this kind's folders.
+        peft_type: PEFT's ``peft_type`` for this kind's folders; ``None`` for a format of its own, whose folders the
+            kind recognises itself (:meth:`claims`; e.g. the ``adapters`` library's bottleneck adapters).
+        weights_file: the safetensors file its folders keep their weights in.
+        pickle_hint: how to convert a folder holding only pickled weights (the refusal's next step).
+        serve_hint: what to do instead, when the engine refuses to serve it per row (``engine_role is None``).
         adapter_class: the frozen dataclass holding this kind's tensors.
         engine_role: how the engine serves it per batch row: ``"output"`` (a per-row transform of a linear
             layer's output, as RoAd), ``"weight"`` (a per-row low-rank weight update, as LoRA), ``"prefix"``
@@ -29,7 +33,11 @@ class Kind:
     """
 
     name: str = ""
-    peft_type: str = ""
+    peft_type: str | None = ""
+    weights_file: str = "adapter_model.safetensors"
+    pickle_hint: str = ("load it with PeftModel.from_pretrained and call save_pretrained(..., "
+                        "safe_serialization=True)")
+    serve_hint: str = "load them with PEFT, or merge them into the base model"
     adapter_class: type = object
     engine_role: str | None = None
     layered: bool = True
@@ -38,6 +46,11 @@ class Kind:
     fresh_start: str = ""
 
     # ------------------------------------------------------------------------------------------- folders
+    def claims(self, folder: Path, cfg: dict[str, Any]) -> bool:
+        """For a kind with ``peft_type = None``: whether ``cfg`` (a folder's config that names no ``peft_type``) is
+        in this kind's format. :meth:`parse` then checks every field."""
+        return False
+
     def parse(self, folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
         """The adapter in ``folder`` (config and weights already read and bounded), every value checked."""
         raise AdapterFormatError(f"Reading {self.peft_type} adapters is not supported yet.", path=folder)
