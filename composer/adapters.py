@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import kinds
+from .kinds.bottleneck import BottleneckAdapter
 from .kinds.ia3 import Ia3Adapter
 from .kinds.lora import LoraAdapter
 from .kinds.prompt import PromptVector
@@ -26,13 +27,12 @@ from .kinds.stored import StoredAdapter
 from .provenance import LIBRARY_VERSION, Recipe, check_finite
 from .road_math import VARIANTS, Variant
 
-__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Ia3Adapter", "StoredAdapter",
-           "Adapter",
-           "describe",
-           "check_finite", "task_vector", "cosine", "LIBRARY_VERSION"]
+__all__ = ["VARIANTS", "Variant", "Recipe", "RoadAdapter", "LoraAdapter", "PromptVector", "Ia3Adapter",
+           "BottleneckAdapter", "StoredAdapter", "Adapter", "describe", "check_finite", "task_vector", "cosine",
+           "LIBRARY_VERSION"]
 
 # For annotations; what counts as an adapter at run time is the registry's (composer.kinds.adapter_classes()).
-Adapter = RoadAdapter | LoraAdapter | PromptVector | Ia3Adapter | StoredAdapter
+Adapter = RoadAdapter | LoraAdapter | PromptVector | Ia3Adapter | BottleneckAdapter | StoredAdapter
 
 
 def task_vector(adapter: Adapter) -> torch.Tensor:
