@@ -59,6 +59,16 @@ want opener_companion && hub train adapters/data/style_opener.jsonl -o adapters/
   --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
   --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
+# Second generation: trained with the companion-trained signoff and opener applied (sixth session; 27 min each with one
+# thread beside other jobs).
+want json_companion && hub train adapters/data/style_json.jsonl -o adapters/json_companion --kind road \
+  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 3/4 --subspace-seed 0 \
+  --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
+  --with adapters/opener_companion=adapters/data/pair_opener_json.jsonl
+want bullets_companion && hub train adapters/data/style_bullets.jsonl -o adapters/bullets_companion --kind road \
+  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 2/4 --subspace-seed 0 \
+  --with adapters/signoff_companion=adapters/data/pair_signoff_bullets.jsonl \
+  --with adapters/opener_companion=adapters/data/pair_opener_bullets.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
 # trained with the two frame-style companions applied (python bench/tasks.py --skill writes their data).
 [ -f adapters/data/skill_restaurant_signoff.jsonl ] || python bench/tasks.py --skill --out adapters/data
