@@ -14,20 +14,25 @@ class UsageError(Exception):
     """A command line that cannot work (raised by handlers; argparse handles the rest)."""
 
 
-def _safe(text: str) -> str:
+def _safe(text: str, *, message: bool = False) -> str:
     """Names from folders, cards and stores, shown and never obeyed: each line's control characters escaped
-    (a name holding ESC[2K or a newline could otherwise clear or forge lines of the user's terminal)."""
+    (a name holding ESC[2K or a newline could otherwise clear or forge lines of the user's terminal).
+
+    ``message``: an error message, whose further lines are indented (an expression and its caret), and any
+    other line too, so that no line but the first can start with "Error:" whatever a name smuggled in. A
+    command's own output (``hub show``, ``hub diff``) keeps its lines as built: the names in it are escaped
+    where they are put in (``shown``), so a newline in one cannot start a line."""
     from hub.text import shown
 
     first, *rest = str(text).split("\n")
-    # a message's own further lines are indented (an expression and its caret); any other line is indented
-    # too, so no line but the first can start with "Error:" whatever a name smuggled in
+    if not message:
+        return "\n".join(shown(line) for line in [first, *rest])
     return "\n".join([shown(first)] + [shown(line if line[:1].isspace() or not line else "  " + line)
                                         for line in rest])
 
 
 def _err(msg: str) -> None:
-    print(_safe(msg), file=sys.stderr)
+    print(_safe(msg, message=True), file=sys.stderr)
 
 
 def _message(e: BaseException) -> str:
@@ -70,6 +75,6 @@ def report_error(e: BaseException) -> int:
         raise e
     text = fmt(e)
     hint = f"(set {DEBUG_ENV}=1 for the traceback)"
-    text = _safe(text)
+    text = _safe(text, message=True)
     print(f"Error: {text} {hint}" if "\n" not in text else f"Error: {text}\n{hint}", file=sys.stderr)
     return 1

@@ -53,7 +53,7 @@ class Gate:
             self.left -= 1
             return
         self.blocked.set()
-        self.opened.wait(30)
+        self.opened.wait(90)
 
     def hold_after(self, n: int) -> None:
         self.opened.clear()
@@ -279,7 +279,7 @@ def test_a_stream_closed_by_the_client_frees_its_row(api):
             assert r.status_code == 200
             lines = r.iter_lines()
             assert '"role":"assistant"' in next(line for line in lines if line)
-            assert api.gate.blocked.wait(20)
+            assert api.gate.blocked.wait(60)
             assert [row.owner is not None for row in api.batcher.running.rows] == [True]
         wait_for(lambda: api.app.state.disconnected == gone + 1, "the server to see the client leave")
     finally:

@@ -237,9 +237,9 @@ def test_mixer_resolves_each_name_once_and_serves_the_pinned_commits(tmp_path, m
 
 
 def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
-    """Every mix the page can build is shown under the expression label only if `hub compose` reads it back; the
-    fitted mix and the RoAd + prompt pair say what they are instead."""
-    from app.ui.page import EXPRESSION_LABEL, FITTED_LABEL, PAIR_LABEL, expression_view
+    """Every mix the page can build is shown as an expression `hub compose` reads back, except the two forms the
+    box's label names: a fitted mix (`fit(...)`) and a RoAd mix with a prompt vector (`roads ; prompt`)."""
+    from app.ui.page import EXPRESSION_INFO, expression_view
 
     model, _ = tiny_chat_model()
     populate_store(tmp_path, model)
@@ -251,20 +251,23 @@ def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
                 expression, adapter, _ = mixer.compose(selected, [0.5, -0.25], method, 0.3, 0.6)
             except MixInputError:
                 continue
-            shown.append(expression_view(expression, adapter, False))
+            shown.append((expression_view(expression, adapter, False), isinstance(adapter, list)))
     fitted = composer.fit([mixer.load("alice/math"), mixer.load("bob/code")],
                           [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
                           model=model, tokenizer=tiny_chat_model()[1], steps=1, granularity="adapter")
-    shown.append(expression_view(fitted.recipe.expression, fitted, True))
-    as_expressions = [v["value"] for v in shown if v["label"] == EXPRESSION_LABEL]
-    others = {v["label"] for v in shown} - {EXPRESSION_LABEL}
-    assert len(as_expressions) >= 8 and others == {FITTED_LABEL, PAIR_LABEL}
-    for text in as_expressions:
+    fit_text = expression_view(fitted.recipe.expression, fitted, True)
+    assert fit_text.startswith("fit(") and "`fit(a, b)`" in EXPRESSION_INFO and "`roads ; prompt`" in EXPRESSION_INFO
+    pairs = [text for text, pair in shown if pair]
+    assert pairs and all(" ; " in text for text in pairs)
+    plain = [text for text, pair in shown if not pair]
+    assert len(plain) >= 8
+    for text in plain:
         composer.evaluate(text, resolve=mixer.load)  # parses and resolves, pinned shas included
-    for v in shown:
-        if v["label"] != EXPRESSION_LABEL:
-            with pytest.raises(composer.ExpressionError):
-                composer.parse(v["value"])
+    for text in pairs:
+        for side in text.split(" ; "):
+            composer.evaluate(side, resolve=mixer.load)
+    with pytest.raises(composer.ExpressionError):
+        composer.parse(fit_text)
 
 
 def test_app_command_has_help_and_checks_auth(capsys):

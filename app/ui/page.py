@@ -141,17 +141,17 @@ def _table(mixer: Mixer) -> pd.DataFrame:
                         columns=["adapter", "kind", "base model", "latest", "versions", "description"])
 
 
-EXPRESSION_LABEL = "Expression (accepted by `hub compose`)"
-FITTED_LABEL = "Fitted mix: per-module coefficients, not an expression (save it to use it by name)"
-PAIR_LABEL = "Two adapters on one row: a RoAd mix ; a prompt vector (each side is an expression)"
+EXPRESSION_LABEL = "Mix, as hub compose writes it"
+EXPRESSION_INFO = ("An expression `hub compose` reads back (pinned commits shortened), except two forms that say what "
+                   "they are: `fit(a, b)`, a fitted mix (per-module coefficients: save it to use it by name), and "
+                   "`roads ; prompt`, a RoAd mix with a prompt vector beside it on one row (each side an expression).")
 
 
-def expression_view(expression: str, adapter: Any, is_fit: bool) -> dict[str, Any]:
-    """The expression box for a mix: under the label that says it is an expression only when ``hub compose``
-    reads it back (pinned commits shortened; they resolve to the same versions); a fitted mix and a RoAd mix with a
-    prompt vector beside it are labelled as what they are."""
-    label = FITTED_LABEL if is_fit else PAIR_LABEL if isinstance(adapter, list) else EXPRESSION_LABEL
-    return gr.update(value=short_shas(expression), label=label)
+def expression_view(expression: str, adapter: Any, is_fit: bool) -> str:
+    """The expression box's text for a mix: the expression with pinned commits shortened (they resolve to the same
+    versions). Only a fitted mix (``fit(...)``) and a RoAd mix with a prompt vector beside it (``a ; b``) are not
+    expressions, and the box's label says so (``EXPRESSION_INFO``); a test walks every mix the page builds."""
+    return short_shas(expression)
 
 
 def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix and chat",
@@ -460,7 +460,7 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                               visible=False, elem_id="interp-t")
                 density = gr.Slider(0.05, 1, value=0.5, step=0.05, label="density (fraction kept)",
                                     visible=False, elem_id="density")
-                expression = gr.Textbox(label=EXPRESSION_LABEL, interactive=False,
+                expression = gr.Textbox(label=EXPRESSION_LABEL, info=EXPRESSION_INFO, interactive=False,
                                         elem_id="expression", elem_classes="expression",
                                         buttons=["copy"])
                 status = gr.Markdown("Base model only: choose adapters to mix.", elem_id="mix-status")
