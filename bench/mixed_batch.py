@@ -1,4 +1,5 @@
-"""Mixed-adapter batches on SmolLM2-135M-Instruct (CPU): the base model vs ours vs PEFT.
+"""Mixed-adapter batches on SmolLM2-135M-Instruct (CPU), or on a randomly initialised model of a given shape
+(``--shape``, any device): the base model vs ours vs PEFT.
 
 Everything is measured side by side in one run, in the same decode loop (prefill with a KV cache, then
 greedy steps). The configurations run in lockstep, one forward pass each in turn (prefill of each, then step 1
@@ -20,6 +21,10 @@ printed before and after (ratios from a machine busy with other work are not wor
     python bench/mixed_batch.py --quick               # batch 16, road_1, 3 repeats: about a minute
     python bench/mixed_batch.py --targets all --kinds road   # every projection adapted
     python bench/mixed_batch.py --device cuda --dtype bfloat16   # on a GPU
+    python bench/mixed_batch.py --shape llama3-8b --device cuda --dtype bfloat16   # random weights, no download
+
+With ``--shape`` the model is a Llama of that shape with random weights (throughput does not depend on the
+weights' values) and no tokenizer: the mix change is measured on random token ids. ``bench/gpu.sh`` runs it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,35 @@ import composer
 from app.engine import Engine, kernel, load_base, lora, road
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# LlamaConfig fields of the shapes --shape builds with random weights. The rotary base and the norms' epsilon are
+# left at Llama's defaults: they do not change the work done. "tiny" is bench/gpu.sh's dry run on a CPU.
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),   # SmolLM2-135M
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama-3-8B
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+}
+
+
+def random_base(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """A Llama of ``SHAPES[shape]`` with random weights, built directly on ``device`` in ``dtype`` (an 8B model
+    never passes through the CPU in float32), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    model.name_or_path = f"random-{shape}"
+    return model.eval()
 
 
 def random_road_1(model, targets, group_size: int, seed: int, scale: float = 0.05) -> composer.RoadAdapter:
@@ -141,6 +175,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (the engine follows the model)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="model dtype (bfloat16 is the usual choice on a GPU)")
+    ap.add_argument("--shape", choices=sorted(SHAPES),
+                    help="a Llama of this shape with random weights instead of SmolLM2-135M-Instruct (no tokenizer)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT")
     ap.add_argument("--quick", action="store_true",
                     help="a one-minute check: batch 16, road_1, mixes 1 and 16, 3 repeats, 8 steps")
@@ -155,13 +191,18 @@ def main(argv=None) -> None:
     load_before = load()
 
     t = time.perf_counter()
-    model, tok = load_base(dtype=getattr(torch, args.dtype), device=args.device)
+    if args.shape:
+        model, tok = random_base(args.shape, getattr(torch, args.dtype), args.device), None
+    else:
+        model, tok = load_base(dtype=getattr(torch, args.dtype), device=args.device)
     load_s = time.perf_counter() - t
-    fused = kernel.prepare(wait=True)
     on_cpu = torch.device(args.device).type == "cpu" and args.dtype == "float32"
+    fused = kernel.prepare(wait=True) if on_cpu else None  # the fused kernel is the CPU's, float32 only
     where = f"{torch.get_num_threads()} threads" if torch.device(args.device).type == "cpu" else \
         torch.cuda.get_device_name(torch.device(args.device))
-    print(f"base model loaded in {load_s:.2f} s on {args.device} ({where}), {args.dtype}; torch {torch.__version__}; "
+    what = f"random {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)" \
+        if args.shape else "base model"
+    print(f"{what} loaded in {load_s:.2f} s on {args.device} ({where}), {args.dtype}; torch {torch.__version__}; "
           f"RoAd update: {'fused kernel' if fused is not None and on_cpu else 'eager'}; "
           f"targets {' '.join(args.targets)}")
     n_adapters = max(args.mixes)
@@ -177,12 +218,16 @@ def main(argv=None) -> None:
         from peft import PeftModel
         for kind in args.kinds:
             progress(f"loading {n_adapters} {kind} adapters into PEFT ...")
+            # PEFT keeps adapter weights in float32 on a bfloat16 model unless told not to, and its RoAd
+            # adapter_names path then fails ("Index put requires the source and destination dtypes match"):
+            # adapters in the model's dtype, as the engine's tables are.
+            same_dtype = {"autocast_adapter_dtype": False}
             with tempfile.TemporaryDirectory() as d:
                 for i, a in enumerate(adapters[kind]):
                     composer.save(a, f"{d}/a{i}")
-                pm = PeftModel.from_pretrained(copy.deepcopy(model), f"{d}/a0", adapter_name="a0")
+                pm = PeftModel.from_pretrained(copy.deepcopy(model), f"{d}/a0", adapter_name="a0", **same_dtype)
                 for i in range(1, n_adapters):
-                    pm.load_adapter(f"{d}/a{i}", adapter_name=f"a{i}")
+                    pm.load_adapter(f"{d}/a{i}", adapter_name=f"a{i}", **same_dtype)
             peft_models[kind] = pm.eval()
     # One engine per kind: an engine keeps one folded mix, and two folded configurations taking turns on one engine
     # would fold again at every step.
@@ -197,10 +242,35 @@ def main(argv=None) -> None:
         return lambda **kw: pm(adapter_names=names, **kw)
 
     results: dict[tuple, list[tuple[float, float]]] = {}
+    labels = {"base": "base model", "ours": "ours", "broadcast": "ours, broadcast", "peft": "peft"}
+
+    def table(b: int) -> None:
+        """Batch ``b``'s rows of the table, printed as soon as it is measured (a run stopped by a time limit
+        keeps the batches it finished)."""
+        base = results[(b, "base", "", 0)]
+        for (bb, name, kind, k), rs in results.items():
+            if bb != b:
+                continue
+            peft = results.get((b, "peft", kind, k))
+            cols = []
+            for phase in (0, 1):
+                tps = b * (args.prompt_len if phase == 0 else args.steps) / statistics.median(r[phase] for r in rs)
+                xb = [x[phase] / r[phase] for x, r in zip(base, rs)]
+                xp = [x[phase] / r[phase] for x, r in zip(peft, rs)] if peft and name in ("ours", "broadcast") else None
+                cols.append(f"{tps:>13.1f} {spread(xb):>19} {spread(xp) if xp else '':>19}")
+            label = labels[name] + (f" {k} {kind}" if k else "")
+            print(f"{b:>5} {label:<22} {cols[0]} {cols[1][1:]}", flush=True)
+
+    print(f"\nthroughput: prefill {args.prompt_len} tokens/row, decode {args.steps} steps; {args.repeats} repeats, "
+          "interleaved. Ratios are per repeat (this configuration's time vs the base model's, or PEFT's, in the same "
+          "repeat): median (min-max). Above 1: faster.")
+    print(f"{'batch':>5} {'config':<22} {'prefill tok/s':>13} {'x base':>19} {'x peft':>19} "
+          f"{'decode tok/s':>12} {'x base':>19} {'x peft':>19}", flush=True)
+    vocab = min(40000, model.config.vocab_size)
     t_run = time.perf_counter()
     with torch.inference_mode():
         for b in args.batches:
-            ids = torch.randint(100, 40000, (b, args.prompt_len))
+            ids = torch.randint(min(100, vocab // 2), vocab, (b, args.prompt_len))
             mask = torch.ones_like(ids)
             configs = [("base", "", 0)]
             for kind in args.kinds:
@@ -252,28 +322,8 @@ def main(argv=None) -> None:
                     results.setdefault((b, *c), []).append(runners[c].take())
                 progress(f"batch {b}: repeat {rep + 1}/{args.repeats} of {len(configs)} configurations took "
                          f"{time.perf_counter() - t_rep:.1f} s (load {load()})")
+            table(b)
     run_s = time.perf_counter() - t_run
-
-    print(f"\nthroughput: prefill {args.prompt_len} tokens/row, decode {args.steps} steps; {args.repeats} repeats, "
-          "interleaved. Ratios are per repeat (this configuration's time vs the base model's, or PEFT's, in the same "
-          "repeat): median (min-max). Above 1: faster.")
-    print(f"{'batch':>5} {'config':<22} {'prefill tok/s':>13} {'x base':>19} {'x peft':>19} "
-          f"{'decode tok/s':>12} {'x base':>19} {'x peft':>19}")
-    labels = {"base": "base model", "ours": "ours", "broadcast": "ours, broadcast", "peft": "peft"}
-    for b in args.batches:
-        base = results[(b, "base", "", 0)]
-        for (bb, name, kind, k), rs in results.items():
-            if bb != b:
-                continue
-            peft = results.get((b, "peft", kind, k))
-            cols = []
-            for phase in (0, 1):
-                tps = b * (args.prompt_len if phase == 0 else args.steps) / statistics.median(r[phase] for r in rs)
-                xb = [x[phase] / r[phase] for x, r in zip(base, rs)]
-                xp = [x[phase] / r[phase] for x, r in zip(peft, rs)] if peft and name in ("ours", "broadcast") else None
-                cols.append(f"{tps:>13.1f} {spread(xb):>19} {spread(xp) if xp else '':>19}")
-            label = labels[name] + (f" {k} {kind}" if k else "")
-            print(f"{b:>5} {label:<22} {cols[0]} {cols[1][1:]}")
 
     # memory: what the loaded adapters add (the engine's tables/factors, and the adapters' own tensors)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -294,8 +344,12 @@ def main(argv=None) -> None:
     kind = args.kinds[0]
     progress("mix change ...")
     rows = [adapters[kind][i % n_adapters] for i in range(16)]
-    msgs = [{"messages": [{"role": "user", "content": "Name a colour."}], "mix": m} for m in rows]
-    ids, mask, _ = engine.encode(msgs)
+    if tok is not None:
+        msgs = [{"messages": [{"role": "user", "content": "Name a colour."}], "mix": m} for m in rows]
+        ids, mask, _ = engine.encode(msgs)
+    else:  # a random model has no tokenizer: a prompt of random ids as long as the chat one
+        ids = torch.randint(min(100, vocab // 2), vocab, (16, 16))
+        mask = torch.ones_like(ids)
 
     def first_token(mixes) -> float:
         t0 = time.perf_counter()

@@ -7,9 +7,14 @@ import os
 import pytest
 import torch
 
-from tests.helpers import missing
+from tests.helpers import DEVICE_ENV, missing
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_report_header(config):
+    device = os.environ.get(DEVICE_ENV)
+    return f"tiny models on {device} ({DEVICE_ENV}, tests/tiny.py)" if device else None
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import pytest
 from composer.env import env_flag
 
 STRICT_ENV = "ADAPTER_HUB_TEST_STRICT"
+DEVICE_ENV = "ADAPTER_HUB_TEST_DEVICE"  # where tests/tiny.py builds its models: cpu (default), cuda ...
 
 
 def missing(what: str) -> None:

@@ -11,7 +11,7 @@ import composer
 from app.engine import Engine
 from app.engine.road import RowRoadLinear
 from app.errors import MixError
-from tests.tiny import peft_greedy, random_prompt, random_road, tiny_model
+from tests.tiny import DEVICE, peft_greedy, random_prompt, random_road, tiny_model
 
 TOL = 1e-4
 
@@ -71,7 +71,7 @@ def batch(seed=0, lengths=(7, 5, 7, 6, 4, 7, 3, 2)):
     for i, length in enumerate(lengths):
         mask[i, n - length:] = 1
         ids[i, : n - length] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def test_mixed_batch_logits_match_peft_alone(folders):
@@ -113,7 +113,7 @@ def test_stacked_road_parts_and_a_prompt_on_one_row(folders):
     ref_model = peft_model(folders, "road_2", "road_4")
     with torch.no_grad():
         emb = ref_model.get_input_embeddings()(ids[:1])
-        ref = ref_model(inputs_embeds=torch.cat((prompt.prompt[None], emb), 1)).logits[0, prompt.shape[0]:]
+        ref = ref_model(inputs_embeds=torch.cat((prompt.prompt[None].to(emb), emb), 1)).logits[0, prompt.shape[0]:]
     assert (got - ref).abs().max() < TOL
 
 

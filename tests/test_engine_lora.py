@@ -11,7 +11,7 @@ import composer
 from app.engine import Engine
 from app.errors import MixError
 from tests.test_engine import batch
-from tests.tiny import peft_lora, random_prompt, random_road, tiny_model
+from tests.tiny import DEVICE, peft_lora, random_prompt, random_road, tiny_model
 
 TOL = 1e-4
 
@@ -46,8 +46,8 @@ def reference(folders, names, ids):
     model.eval()
     with torch.no_grad():
         if "pv3" in names:
-            p = composer.load(folders["pv3"]).prompt
             emb = model.get_input_embeddings()(ids[None])
+            p = composer.load(folders["pv3"]).prompt.to(emb)
             return model(inputs_embeds=torch.cat((p[None], emb), 1)).logits[0, p.shape[0]:]
         return model(input_ids=ids[None]).logits[0]
 
@@ -90,7 +90,7 @@ def test_greedy_generation_matches_peft_token_for_token(folders):
         row = ids[i][mask[i].bool()]
         out: list[int] = []
         for _ in range(8):  # greedy decoding with the reference model, one full forward per token
-            nxt = int(reference(folders, names, torch.cat([row, torch.tensor(out, dtype=row.dtype)]))[-1].argmax())
+            nxt = int(reference(folders, names, torch.cat([row, row.new_tensor(out)]))[-1].argmax())
             out.append(nxt)
             if nxt == 2:
                 break
@@ -104,7 +104,7 @@ def test_sixteen_distinct_loras_match_peft_adapter_names_path(tmp_path):
     for i, f in enumerate(folders[1:], start=1):
         pm.load_adapter(str(f), adapter_name=f"l{i}")
     pm.eval()
-    ids = torch.randint(3, 97, (17, 6), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 97, (17, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     names = [f"l{i}" for i in range(16)] + ["__base__"]
     with torch.no_grad():
         ref = pm(input_ids=ids, adapter_names=names).logits

@@ -1,15 +1,24 @@
-"""Tiny models and adapters built from a config (no network): the one tiny-model builder of the tests."""
+"""Tiny models and adapters built from a config (no network): the one tiny-model builder of the tests.
+
+``ADAPTER_HUB_TEST_DEVICE=cuda`` builds the models on that device (default the CPU), so that the engine's tests
+(``tests/test_engine.py``, ``test_engine_lora.py``, ``test_continuous.py``, ``test_architectures.py``) run there
+as written: ``bench/gpu.sh`` does this on a GPU. Adapters stay on the CPU, as ``composer.load`` gives them.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from composer import PromptVector, RoadAdapter
 from composer.road_math import num_values
+from tests.helpers import DEVICE_ENV
 
 HIDDEN = 32
 TARGETS = ("q_proj", "v_proj", "up_proj")
+DEVICE = torch.device(os.environ.get(DEVICE_ENV) or "cpu")
 
 
 def tiny_config(hidden: int = HIDDEN, **overrides) -> LlamaConfig:
@@ -22,10 +31,10 @@ def tiny_config(hidden: int = HIDDEN, **overrides) -> LlamaConfig:
 
 
 def tiny_model(seed: int = 0, hidden: int = HIDDEN, **overrides) -> LlamaForCausalLM:
-    """A tiny Llama in eval mode, seeded; ``overrides`` go to :func:`tiny_config` (e.g. ``vocab_size``,
-    ``initializer_range``)."""
+    """A tiny Llama in eval mode on :data:`DEVICE`, seeded (on the CPU, then moved: the same weights on every
+    device); ``overrides`` go to :func:`tiny_config` (e.g. ``vocab_size``, ``initializer_range``)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(hidden, **overrides)).eval()
+    return LlamaForCausalLM(tiny_config(hidden, **overrides)).eval().to(DEVICE)
 
 
 def module_widths(model, targets=TARGETS) -> dict[str, int]:
@@ -87,7 +96,7 @@ def peft_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int
     nonsense, while its forward pass (virtual tokens prepended, full attention) stays right. No key/value cache,
     so nothing of ``generate``'s cache or position bookkeeping is trusted.
     """
-    seq, new = ids, []
+    seq, new = ids.to(model.device), []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
@@ -151,11 +160,11 @@ REFUSED: dict[str, tuple[str, str, dict, tuple[str, ...]]] = {
 
 
 def arch_model(arch: str, seed: int = 0, **overrides):
-    """A tiny random model of architecture ``arch`` (a key of :data:`ARCHS` or :data:`REFUSED`) in eval mode,
-    seeded."""
+    """A tiny random model of architecture ``arch`` (a key of :data:`ARCHS` or :data:`REFUSED`) in eval mode on
+    :data:`DEVICE`, seeded."""
     import transformers
 
     config_cls, model_cls, fields, _ = {**ARCHS, **REFUSED}[arch]
     kw = {**_COMMON, **fields, **overrides}
     torch.manual_seed(seed)
-    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval().to(DEVICE)
