@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                          for line in textwrap.dedent(COMMANDS[n][1]).strip("\n").splitlines()[:1])
     p = argparse.ArgumentParser(
         prog="hub", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Version, share and compose RoAd adapters, LoRAs and task prompt vectors.\n\n"
+        description="Version, share and compose adapters: RoAd, LoRA, IA3, task prompt vectors and bottleneck "
+                    "adapters by task arithmetic; every other PEFT type is stored and versioned.\n\n"
                     "The local store lives in $ADAPTER_HUB_HOME (default $XDG_CACHE_HOME/adapter-hub or "
                     "~/.cache/adapter-hub); '--remote hf' talks to the Hugging Face Hub at $HF_ENDPOINT.",
         epilog=f"Examples:\n{examples}\n\nSet {DEBUG_ENV}=1 to see tracebacks.")
