@@ -53,3 +53,27 @@ def test_lora_with_road_is_explained_on_the_page(store):
     root, _, _ = store
     with pytest.raises(MixInputError, match="mix of parts"):
         Mixer(root).evaluate("alice/la + alice/math")
+
+
+def test_the_page_mixes_kinds_the_engine_serves_on_one_row(store):
+    """A LoRA, a RoAd adapter and a prompt vector chosen together: each kind mixed by the method, served as parts
+    of one row (LoRA on the weights, RoAd on the outputs, the prompt as a prefix), what the engine answers for
+    those parts; refused with the reason where one row cannot take them."""
+    root, model, tok = store
+    mixer = Mixer(root)
+    expression, mix, _ = mixer.compose(["alice/la", "alice/math", "bob/code", "carol/style"], [1.0, 0.5, -0.25, 1.0])
+    assert expression == "alice/la ; 0.5*alice/math - 0.25*bob/code ; carol/style"
+    assert [p.kind for p in mix] == ["lora", "road", "prompt"]
+    la, math, code, style = (mixer.load(n) for n in ("alice/la", "alice/math", "bob/code", "carol/style"))
+    engine = Engine(model, tok)
+    msg = [{"role": "user", "content": "hi"}]
+    want = engine.generate([{"messages": msg, "mix": [la, composer.merge([math, code], [0.5, -0.25]), style]}],
+                           max_new_tokens=6)
+    assert engine.generate([{"messages": msg, "mix": mix}], max_new_tokens=6) == want
+    assert want != engine.generate([{"messages": msg, "mix": [la, style]}], max_new_tokens=6)  # the RoAd part matters
+    with pytest.raises(MixInputError, match="Interpolation goes between two adapters of one kind"):
+        mixer.compose(["alice/la", "alice/math"], [1.0, 1.0], "interp")
+    hub.push(composer.save(tiny_prompt := composer.scale(style, 0.5), root.parent / "p2"), "dan/p2", root=root)
+    assert tiny_prompt.kind == "prompt"
+    with pytest.raises(MixInputError, match="at most one prompt vector"):
+        mixer.compose(["alice/math", "carol/style", "dan/p2"], [1.0, 1.0, 1.0])

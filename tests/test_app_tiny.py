@@ -238,7 +238,7 @@ def test_mixer_resolves_each_name_once_and_serves_the_pinned_commits(tmp_path, m
 
 def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
     """Every mix the page can build is shown as an expression `hub compose` reads back, except the two forms the
-    box's label names: a fitted mix (`fit(...)`) and a RoAd mix with a prompt vector (`roads ; prompt`)."""
+    box's label names: a fitted mix (`fit(...)`) and adapters of several kinds on one row (`road ; prompt`)."""
     from app.ui.page import EXPRESSION_INFO, expression_view
 
     model, _ = tiny_chat_model()
@@ -256,7 +256,7 @@ def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
                           [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
                           model=model, tokenizer=tiny_chat_model()[1], steps=1, granularity="adapter")
     fit_text = expression_view(fitted.recipe.expression, fitted, True)
-    assert fit_text.startswith("fit(") and "`fit(a, b)`" in EXPRESSION_INFO and "`roads ; prompt`" in EXPRESSION_INFO
+    assert fit_text.startswith("fit(") and "`fit(a, b)`" in EXPRESSION_INFO and " ; " in EXPRESSION_INFO
     pairs = [text for text, pair in shown if pair]
     assert pairs and all(" ; " in text for text in pairs)
     plain = [text for text, pair in shown if not pair]

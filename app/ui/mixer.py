@@ -232,42 +232,55 @@ class Mixer:
                 t: Any = 0.5, density: Any = 0.5) -> tuple[str, Any, list[str]]:
         """The page's choices as ``(expression, mix, notes)``; ``mix`` is what the engine serves.
 
-        RoAd adapters and one prompt vector may be chosen together: the method mixes the RoAd adapters, the
-        prompt vector joins with its weight (τ scaled), and the mix is the pair ``[road, prompt]`` the engine
-        runs on one row (PEFT stacks them the same way). Its expression is the two expressions joined by
-        ``" ; "``.
+        Adapters of one kind are combined by the method. Adapters of several kinds the engine serves together on
+        one row (RoAd or IA³ on a layer's output, LoRA on its weight, one prompt vector as a prefix: PEFT stacks
+        them the same way) are combined kind by kind, each group by the method with its weights, and the mix is the
+        list of parts; its expression is the parts' expressions joined by ``" ; "`` (each side an expression).
 
         Raises:
-            MixInputError: as :func:`build_expression` and :meth:`evaluate`, or more than one prompt vector
-                beside RoAd adapters.
+            MixInputError: as :func:`build_expression` and :meth:`evaluate`; kinds the engine does not serve on one
+                row (two prompt vectors, a kind served by PEFT only), or interpolation across kinds.
         """
         selected = [s for s in (selected or []) if s]
         try:
             pins = {n: self.store.resolve(n) for n in selected if _is_name(n)}  # once per change
-            kinds = [self._load_sha(pins[n].ref.repo_id, pins[n].sha).kind if n in pins else "?" for n in selected]
+            loaded = {n: self._load_sha(pins[n].ref.repo_id, pins[n].sha) for n in pins}
         except _KNOWN as e:
             raise MixInputError(_explain(e)) from e
-        if "road" not in kinds or "prompt" not in kinds:
+        kinds_of = [loaded[n].kind if n in loaded else "?" for n in selected]
+        groups = list(dict.fromkeys(kinds_of))
+        if len(groups) <= 1 or "?" in groups:
             expression = build_expression(selected, weights, method, t, density)
             adapter, notes = self.evaluate(expression, pins)
             return expression, adapter, notes
-        prompts = [n for n, k in zip(selected, kinds) if k == "prompt"]
-        if len(prompts) > 1:
-            raise MixInputError(f"A RoAd mix takes at most one prompt vector beside it; you chose {len(prompts)} "
-                                f"({', '.join(prompts)}). Mix prompt vectors on their own, or keep one.")
         if method == "interp":
-            raise MixInputError("Interpolation goes between two adapters of one kind; with a prompt vector beside "
-                                "RoAd adapters, use task arithmetic, TIES or DARE (they mix the RoAd adapters).")
+            raise MixInputError("Interpolation goes between two adapters of one kind; with adapters of several kinds "
+                                "on one row, use task arithmetic, TIES or DARE (each kind is mixed on its own).")
+        for kind in groups:
+            role = composer.kinds.of(next(loaded[n] for n in selected if loaded[n].kind == kind)).engine_role
+            if role is None:
+                raise MixInputError(f"{kind} adapters are not served per row beside other kinds; choose them alone "
+                                    "(the engine refuses them with the reason), or export a merged model.")
+        prompts = [n for n, k in zip(selected, kinds_of) if k == "prompt"]
+        if len(prompts) > 1:
+            raise MixInputError(f"One row takes at most one prompt vector beside other kinds; you chose {len(prompts)} "
+                                f"({', '.join(prompts)}). Mix prompt vectors on their own, or keep one.")
         ws = list(weights) + [1.0] * (len(selected) - len(weights))
-        road = [(n, w) for n, w, k in zip(selected, ws, kinds) if k != "prompt"]
-        p_weight = ws[selected.index(prompts[0])]
-        road_expr = build_expression([n for n, _ in road], [w for _, w in road], method, t, density)
-        prompt_expr = build_expression(prompts, [p_weight], "task_arithmetic")
-        parts = [(e, *self.evaluate(e, pins)) for e in (road_expr, prompt_expr) if e]
-        if len(parts) < 2:  # one side is all weight 0
-            return (parts[0][0], parts[0][1], parts[0][2]) if parts else ("", None, [])
-        return (f"{road_expr} ; {prompt_expr}", [parts[0][1], parts[1][1]],
-                list(dict.fromkeys(parts[0][2] + parts[1][2])))
+        parts, texts, notes = [], [], []
+        # The order the engine applies them in does not matter per role; prompt vectors last, as the page did.
+        for kind in sorted(groups, key=lambda k: k == "prompt"):
+            names = [n for n, k in zip(selected, kinds_of) if k == kind]
+            expr = build_expression(names, [ws[selected.index(n)] for n in names],
+                                    "task_arithmetic" if kind == "prompt" else method, t, density)
+            if not expr:  # every weight of this kind is 0
+                continue
+            adapter, more = self.evaluate(expr, pins)
+            parts.append(adapter)
+            texts.append(expr)
+            notes += more
+        if len(parts) <= 1:
+            return (texts[0], parts[0], notes) if parts else ("", None, [])
+        return " ; ".join(texts), parts, list(dict.fromkeys(notes))
 
     def description(self, name: str) -> str:
         """What the adapter's model card says it does (:func:`composer.card.describe`), or ``""``."""

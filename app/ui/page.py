@@ -144,7 +144,7 @@ def _table(mixer: Mixer) -> pd.DataFrame:
 EXPRESSION_LABEL = "Mix, as hub compose writes it"
 EXPRESSION_INFO = ("An expression `hub compose` reads back (pinned commits shortened), except two forms that say what "
                    "they are: `fit(a, b)`, a fitted mix (per-module coefficients: save it to use it by name), and "
-                   "`roads ; prompt`, a RoAd mix with a prompt vector beside it on one row (each side an expression).")
+                   "`lora ; road ; prompt`, adapters of several kinds on one row (each side an expression).")
 
 
 def expression_view(expression: str, adapter: Any, is_fit: bool) -> str:
@@ -183,9 +183,11 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             status = ("Base model only: choose adapters to mix (or raise a weight above 0)." if not expression
                       else "Mix ready; the next chat message uses it.")
             if isinstance(adapter, list):
-                road_expr, _, prompt_expr = expression.partition(" ; ")
-                status = (f"Mix ready: the RoAd mix {plain(road_expr)} with the prompt vector {plain(prompt_expr)} as "
-                          "a prefix, on one row; the next chat message uses it. (Two adapters: save them separately.)")
+                sides = [f"the {a.kind} mix {plain(e)}" for a, e in zip(adapter, expression.split(" ; "))]
+                status = (f"Mix ready: {', '.join(sides[:-1])} and {sides[-1]}, applied together on one row (each kind "
+                          "where the engine applies it: LoRA on the weights, RoAd/IA³ on the outputs, a prompt "
+                          "vector as a prefix); the next chat message uses it. (Several adapters: save each "
+                          "separately.)")
             if adapter is not None and adapter is current(fitted, selected, method, weights):
                 status = ("**Fitted mix ready** (coefficients fitted to your examples, see *Fit to examples*); the "
                           "next chat message uses it. The sliders show the mean coefficients; move one to go back "
