@@ -102,3 +102,27 @@ def test_a_tiny_temperature_is_greedy_not_garbage(t):
     gens = [torch.Generator().manual_seed(i) if temps[i] > 0 else None for i in range(3)]
     out = pick_rows(logits, temps, torch.tensor([p, p, 0.5]), gens)
     assert out.tolist() == logits.argmax(-1).tolist()
+
+
+def test_an_enormous_scale_is_refused_not_an_empty_reply():
+    """A RoAd adapter with finite but enormous scales (α = 1e30) overflowed the activations and every reply came
+    out empty with no message; the engine refuses the mix with the reason, and a mix within the bound still runs."""
+    from dataclasses import replace
+
+    import torch
+
+    from app.engine import Engine
+    from app.engine.road import MAX_SCALE
+    from app.errors import MixError
+    from tests.test_app_tiny import tiny_chat_model
+    from tests.tiny import random_road
+
+    model, tok = tiny_chat_model()
+    a = random_road(model, seed=1)
+    engine = Engine(model, tok)
+    msg = [{"role": "user", "content": "hi"}]
+    for scale in (1e30, 10 * MAX_SCALE):
+        big = replace(a, alpha={m: torch.full_like(v, scale) for m, v in a.alpha.items()})
+        with pytest.raises(MixError, match="overflow"):
+            engine.generate([{"messages": msg, "mix": big}], max_new_tokens=4)
+    assert engine.generate([{"messages": msg, "mix": a}], max_new_tokens=4) != [""]

@@ -101,8 +101,18 @@ def adapter_tables(adapter: Any, linears: dict[str, nn.Linear]) -> Tables:
         raise MixError(str(e), module=e.tensor.rsplit(".", 1)[0] if e.tensor else None) from e
     except NotComposableError as e:
         raise MixError(str(e)) from e
+    big = max((float(a.abs().max()) for a in adapter.alpha.values() if a.numel()), default=0.0)
+    if big > MAX_SCALE:
+        # Finite but enormous: a few layers scaled by this overflow float32 and every token comes out empty.
+        raise MixError(f"The mix scales a layer's output by up to {big:.3g} (RoAd/IA³ scale α; above {MAX_SCALE:g} "
+                       "the model's activations overflow and the reply comes out empty). Lower the weights, or check "
+                       "the adapter: trained scales stay near 1.")
     return {name: signed_tables(adapter.variant, adapter.group_size, adapter.theta[name], adapter.alpha[name])
             for name in adapter.theta}
+
+
+MAX_SCALE = 1e4
+"""The largest output scale (|α|) the engine serves; trained and composed adapters stay within a few units."""
 
 
 def scale_only(cs: tuple[torch.Tensor, torch.Tensor]) -> bool:
