@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +30,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rewrite_folder(src: Path, dst: Path, *, tensors: Callable | None = None, config: Callable | None = None) -> Path:
+    """A copy of the adapter folder ``src`` at ``dst`` with its weights passed through ``tensors`` (a function of the
+    loaded state dict) and its config through ``config`` (a function of the parsed JSON): a hostile variant."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if tensors is not None:
+        save_file(tensors(load_file(str(dst / "adapter_model.safetensors"))), str(dst / "adapter_model.safetensors"))
+    if config is not None:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps(config(cfg)))
+    return dst

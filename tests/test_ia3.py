@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from dataclasses import replace
 
@@ -17,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import composer
 from app.engine import Engine
@@ -26,6 +25,7 @@ from app.errors import MixError
 from composer import kinds
 from composer.errors import AdapterFormatError, IncompatibleAdaptersError, InvalidValueError
 from composer.kinds.ia3 import Ia3Adapter
+from tests.helpers import rewrite_folder
 from tests.tiny import peft_greedy, peft_lora, random_prompt, random_road, tiny_model
 
 IDS = torch.tensor([[5, 9, 17, 3, 44, 8]])
@@ -116,19 +116,9 @@ def test_a_peft_folder_reads_as_ia3_and_round_trips_bit_for_bit(folders, tmp_pat
 
 def test_a_regex_feedforward_selects_what_peft_selects(folders, tmp_path):
     regex = {"feedforward_modules": r".*\.mlp\.down_proj", "target_modules": r".*\.(k_proj|v_proj|down_proj)"}
-    path = _rewrite(folders["ff"], tmp_path / "re", config=lambda c: {**c, **regex})
+    path = rewrite_folder(folders["ff"], tmp_path / "re", config=lambda c: {**c, **regex})
     a = composer.load(path)
     assert a.feedforward == load(folders, "ff").feedforward
-
-
-def _rewrite(src, dst, *, tensors=None, config=None):
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        save_file(tensors(load_file(str(dst / "adapter_model.safetensors"))), str(dst / "adapter_model.safetensors"))
-    if config is not None:
-        cfg = json.loads((dst / "adapter_config.json").read_text())
-        (dst / "adapter_config.json").write_text(json.dumps(config(cfg)))
-    return dst
 
 
 DOWN = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
@@ -164,7 +154,7 @@ def test_hostile_ia3_folders_are_refused_with_what_is_wrong(folders, tmp_path, c
         "no module name": dict(tensors=lambda t: {**t, "base_model.model.ia3_l": t[DOWN].clone()}),
     }
     with pytest.raises(AdapterFormatError, match=needle):
-        composer.load(_rewrite(folders["ff"], tmp_path / "x", **edits[case]))
+        composer.load(rewrite_folder(folders["ff"], tmp_path / "x", **edits[case]))
 
 
 def test_non_finite_vectors_are_refused(folders, tmp_path):
@@ -174,7 +164,7 @@ def test_non_finite_vectors_are_refused(folders, tmp_path):
         return {**t, DOWN: v}
 
     with pytest.raises(InvalidValueError, match="down_proj.ia3_l"):
-        composer.load(_rewrite(folders["ff"], tmp_path / "nan", tensors=nan))
+        composer.load(rewrite_folder(folders["ff"], tmp_path / "nan", tensors=nan))
 
 
 def test_ia3_on_convolutions_is_stored_as_it_is(tmp_path):

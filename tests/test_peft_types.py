@@ -5,17 +5,17 @@ are with the reason (IA³ has a kind of its own, composed and served: tests/test
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import composer
 import hub
 from composer import kinds
 from composer.errors import AdapterFormatError, NotComposableError
+from tests.helpers import rewrite_folder
 from tests.tiny import tiny_model
 
 
@@ -125,18 +125,6 @@ def test_arithmetic_and_the_engine_refuse_stored_types_with_the_reason(saved):
         engine.forward(IDS, mixes=[a])
 
 
-def _rewrite(src, dst, *, tensors=None, config=None):
-    import shutil
-
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        save_file(tensors(load_file(str(dst / "adapter_model.safetensors"))), str(dst / "adapter_model.safetensors"))
-    if config is not None:
-        cfg = json.loads((dst / "adapter_config.json").read_text())
-        (dst / "adapter_config.json").write_text(json.dumps(config(cfg)))
-    return dst
-
-
 def test_hostile_stored_folders_are_refused_with_what_is_wrong(saved, tmp_path):
     ia3 = saved["IA3"][0]
 
@@ -145,7 +133,7 @@ def test_hostile_stored_folders_are_refused_with_what_is_wrong(saved, tmp_path):
         return {**{x: v for x, v in t.items() if x != k}, k.replace("ia3_l", "evil"): t[k]}
 
     with pytest.raises(AdapterFormatError, match="Unexpected tensor"):
-        composer.load(_rewrite(ia3, tmp_path / "a", tensors=rename))
+        composer.load(rewrite_folder(ia3, tmp_path / "a", tensors=rename))
 
     def untargeted(t):
         k = next(iter(t))
@@ -153,7 +141,7 @@ def test_hostile_stored_folders_are_refused_with_what_is_wrong(saved, tmp_path):
         return {**t, other: t[k].clone()}
 
     with pytest.raises(AdapterFormatError, match="does\\s+not select"):
-        composer.load(_rewrite(ia3, tmp_path / "b", tensors=untargeted))
+        composer.load(rewrite_folder(ia3, tmp_path / "b", tensors=untargeted))
 
     def nan(t):
         k = next(iter(t))
@@ -162,12 +150,12 @@ def test_hostile_stored_folders_are_refused_with_what_is_wrong(saved, tmp_path):
         return {**t, k: v}
 
     with pytest.raises(composer.InvalidValueError):
-        composer.load(_rewrite(ia3, tmp_path / "c", tensors=nan))
+        composer.load(rewrite_folder(ia3, tmp_path / "c", tensors=nan))
     with pytest.raises(AdapterFormatError, match="PEFT cannot load this config"):
-        composer.load(_rewrite(ia3, tmp_path / "d", config=lambda c: {**c, "feedforward_modules": ["o_proj"]}))
+        composer.load(rewrite_folder(ia3, tmp_path / "d", config=lambda c: {**c, "feedforward_modules": ["o_proj"]}))
     with pytest.raises(AdapterFormatError, match="not a type PEFT knows"):
-        composer.load(_rewrite(ia3, tmp_path / "e", config=lambda c: {**c, "peft_type": "NOT_A_TYPE"}))
+        composer.load(rewrite_folder(ia3, tmp_path / "e", config=lambda c: {**c, "peft_type": "NOT_A_TYPE"}))
     prefix = saved["PREFIX_TUNING"][0]
     with pytest.raises(AdapterFormatError, match="virtual tokens"):
-        composer.load(_rewrite(prefix, tmp_path / "f",
+        composer.load(rewrite_folder(prefix, tmp_path / "f",
                                tensors=lambda t: {"prompt_embeddings": t["prompt_embeddings"][:3].contiguous()}))
