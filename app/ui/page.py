@@ -141,17 +141,12 @@ def _table(mixer: Mixer) -> pd.DataFrame:
                         columns=["adapter", "kind", "base model", "latest", "versions", "description"])
 
 
+# The expression box shows the mix's expression with pinned commits shortened (they resolve to the same versions);
+# a test walks every mix the page builds and evaluates what the box shows.
 EXPRESSION_LABEL = "Mix, as hub compose writes it"
 EXPRESSION_INFO = ("An expression `hub compose` reads back (pinned commits shortened), except two forms that say what "
                    "they are: `fit(a, b)`, a fitted mix (per-module coefficients: save it to use it by name), and "
                    "`lora ; road ; prompt`, adapters of several kinds on one row (each side an expression).")
-
-
-def expression_view(expression: str, adapter: Any, is_fit: bool) -> str:
-    """The expression box's text for a mix: the expression with pinned commits shortened (they resolve to the same
-    versions). Only a fitted mix (``fit(...)``) and a RoAd mix with a prompt vector beside it (``a ; b``) are not
-    expressions, and the box's label says so (``EXPRESSION_INFO``); a test walks every mix the page builds."""
-    return short_shas(expression)
 
 
 def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix and chat",
@@ -188,22 +183,22 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
                           "where the engine applies it: LoRA on the weights, RoAd/IA³ on the outputs, a prompt "
                           "vector as a prefix); the next chat message uses it. (Several adapters: save each "
                           "separately.)")
-            if adapter is not None and adapter is current(fitted, selected, method, weights):
+            is_fit = adapter is not None and adapter is current(fitted, selected, method, weights)
+            if is_fit:
                 status = ("**Fitted mix ready** (coefficients fitted to your examples, see *Fit to examples*); the "
                           "next chat message uses it. The sliders show the mean coefficients; move one to go back "
                           "to the plain weighted sum.")
             if notes:
                 status += "\n\n" + "\n\n".join(f"**Note:** {plain(n)}" for n in notes)
-            is_fit = adapter is not None and adapter is current(fitted, selected, method, weights)
             advice = mixer.composition_notes(named) if expression and not is_fit else []
             if advice:
                 status += "\n\n" + "\n\n".join(f"**May not compose well:** {plain(n)} (*Fit to examples* below "
                                                  "does it here.)" for n in advice)
-            return (expression_view(expression, adapter, is_fit), status, _plot_frame(layer_norms(adapter)),
+            return (short_shas(expression), status, _plot_frame(layer_norms(adapter)),
                     heatmap_html(names, mat),
                     deviation_text(adapter), overlap_html(*overlap_matrix(named)), descriptions(selected))
         except MixInputError as e:
-            return (expression_view("", None, False), f"**Cannot build this mix.** {plain(e)}", _plot_frame([]),
+            return ("", f"**Cannot build this mix.** {plain(e)}", _plot_frame([]),
                     heatmap_html([], []), "", "", descriptions(selected))
 
     def descriptions(selected):
