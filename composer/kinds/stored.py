@@ -14,6 +14,7 @@ fit the model's layers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class StoredAdapter(Provenance):
     @property
     def modules(self) -> list[str]:
         """The adapted modules (empty for prompt-learning types)."""
-        return sorted({module for module, _ in (_split(k, _stem(self.peft_type)) for k in self.tensors) if module})
+        stem = _stem(self.peft_type)
+        return sorted({module for module, _ in (_split(k, stem) for k in self.tensors) if module})
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
@@ -73,6 +75,7 @@ class StoredAdapter(Provenance):
                 f"params={self.num_parameters()}, source={self.source!r})")
 
 
+@functools.cache
 def _prefixes() -> dict[str, str]:
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
