@@ -407,9 +407,13 @@ def test_history_limits_are_the_apps(api, monkeypatch):
 def test_a_full_queue_is_429_with_retry_after(api):
     streams = []
     try:
-        with api.engine.exclusive():  # nothing leaves the queue meanwhile
-            with pytest.raises(BusyError):
-                for i in range(api.batcher.max_batch + api.batcher.max_queue + 1):
+        with api.engine.exclusive():  # the worker's next step waits for the engine
+            # Let the worker take a request first and block on the engine: a batch it took after the queue was
+            # filled made room again, and the request below then waited for a first token instead of a 429 (flaky).
+            streams.append(api.batcher.submit_many([(conv("first"), None)], max_new_tokens=2))
+            wait_for(lambda: not api.batcher.waiting, "the worker to take the first request")
+            with pytest.raises(BusyError):  # nothing leaves the queue now
+                for i in range(api.batcher.max_queue + 1):
                     streams.append(api.batcher.submit_many([(conv(f"q{i}"), None)], max_new_tokens=2))
             with api.http() as http:
                 r = http.post("/v1/chat/completions", json={"model": BASE, "messages": conv("one more")})
