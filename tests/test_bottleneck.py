@@ -1,7 +1,8 @@
 """Bottleneck adapters (``composer.kinds.bottleneck``) against AdapterHub's ``adapters`` library itself: the folders
 and logits under ``tests/reference/bottleneck`` were made by that library (``tests/reference/make_bottleneck.py``,
 run in its own environment); here they are read without it, attached to the same tiny Llama in transformers 5.x
-and compared. Then hostile folders, arithmetic, the engine's refusal and the hub."""
+and compared. Then hostile folders, arithmetic, a model they do not fit and the hub (the engine's per-row serving:
+tests/test_engine_bottleneck.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_describe_names_architecture_reduction_factor_non_linearity_and_places()
     d = composer.describe(composer.load(REF / "double_seq_bn"))
     assert (d["architecture"], d["reduction_factor"], d["non_linearity"]) == ("double_seq_bn", 16, "swish")
     assert d["places"] == ["attention", "output"] and d["layers"] == [0, 1] and d["widths"] == [2]
-    assert d["parameters"] == 4 * (2 * 32 + 2 + 32 * 2 + 32) and d["served_per_row"] is False
+    assert d["parameters"] == 4 * (2 * 32 + 2 + 32 * 2 + 32) and d["served_per_row"] is True
     g = composer.describe(composer.load(REF / "seq_bn_gelu"))
     assert g["reduction_factor"] == {"1": 4, "default": 8} and g["layers"] == [1] and g["widths"] == [8]
     assert composer.describe(composer.load(REF / "par_bn"))["architecture"] == "par_bn"
@@ -261,8 +262,8 @@ def test_check_fits_and_the_engine_s_refusal_say_what_to_do(base):
         composer.check_fits(a, tiny_model(hidden=64))
     with pytest.raises(IncompatibleAdaptersError, match="no tensors for layer 2"):
         composer.check_fits(a, tiny_model(num_hidden_layers=3))
-    with pytest.raises(MixError, match="not served per row.*adapters library.*attached"):
-        Engine(tiny_model(), None).forward(torch.tensor([[1, 5, 9]]), None, [a])
+    with pytest.raises(MixError, match="Row 0: .*hidden_size 32, the model has 64"):  # served per row: tests/
+        Engine(tiny_model(hidden=64), None).forward(torch.tensor([[1, 5, 9]]), None, [a])  # test_engine_bottleneck.py
 
 
 def test_the_hub_pushes_pulls_shows_and_diffs_them(tmp_path, capsys):

@@ -31,6 +31,9 @@ SUPPORTS = {
     # the adapters library's bottleneck adapters: exact sums of outputs; parameter heuristics and products refused
     "bottleneck": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": False,
                    "compose": False, "compress": False, "init": False},
+    # PEFT's prefix tuning: stored as every other PEFT type, served per row by the engine (past keys and values)
+    "prefix_tuning": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False,
+                      "ties": False, "compose": False, "compress": False, "init": False},
     # every other PEFT type (here LoHa): stored, versioned and served to HF clients, never combined
     "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
                "compose": False, "compress": False, "init": False},
@@ -59,6 +62,9 @@ def _pair(name, tmp_path_factory):
     if name == "bottleneck":  # folders the adapters library itself wrote (tests/reference/make_bottleneck.py)
         ref = ROOT / "tests" / "reference" / "bottleneck"
         return composer.load(ref / "seq_bn"), composer.load(ref / "seq_bn_b")
+    if name == "prefix_tuning":
+        return (_saved(tmp_path_factory.mktemp("prefix") / "a", 1, "prefix"),
+                _saved(tmp_path_factory.mktemp("prefix") / "b", 2, "prefix"))
     if name == "stored":
         return (_saved(tmp_path_factory.mktemp("loha") / "a", 1, "loha"),
                 _saved(tmp_path_factory.mktemp("loha") / "b", 2, "loha"))
@@ -67,10 +73,12 @@ def _pair(name, tmp_path_factory):
 
 
 def _saved(path, seed, kind="ia3"):
-    from peft import IA3Config, LoHaConfig, get_peft_model
+    from peft import IA3Config, LoHaConfig, PrefixTuningConfig, get_peft_model
 
-    cfg = (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-           if kind == "ia3" else LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    cfg = {"ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"]),
+           "loha": lambda: LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]),
+           "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}[kind]()
     pm = get_peft_model(tiny_model(), cfg)
     with torch.no_grad():
         for p in pm.parameters():
@@ -91,6 +99,8 @@ def test_the_table_covers_every_registered_kind():
         k = kinds.by_name(name)
         assert k.name == name and kinds.by_peft_type(k.peft_type) is k
     assert kinds.by_peft_type("LOHA").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
+    # prefix tuning has a kind of its own (served per row) that hub train does not offer
+    assert kinds.by_peft_type("PREFIX_TUNING").name == "prefix_tuning" and "prefix_tuning" not in kinds.names()
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))

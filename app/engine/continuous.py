@@ -9,7 +9,7 @@
 
 The shared KV cache holds one row per running request, right-aligned (every row appends at the end)::
 
-    row 0   . . . . p p p p g g g g        p: prompt (and prompt-vector prefix)   g: generated
+    row 0   . . . . p p p p g g g g        p: prompt (and a prompt vector or prefix-tuning prefix)   g: generated
     row 1   . . p p p p p p p p g g        .: padding: attention mask 0, never attended to
     row 2   . . . . . . . . p p p g   <- joined last step: prefilled alone, then left-padded to the width
             └──────── width = the longest row (columns that are padding on every row are cut) ────────┘
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MixError, RequestError
+from . import bottleneck, lora, road
 from . import cache as kv_cache
-from . import lora, road
 from .sampling import check_sampling, generator, pick_rows
 
 if TYPE_CHECKING:
@@ -123,9 +123,11 @@ class RunningBatch:
         self._gens: list[torch.Generator | None] = []
         self._row_tables: list[road.Tables | None] = []
         self._row_lora: list[lora.Factors | None] = []
+        self._row_bn: list[bottleneck.Part | None] = []
         self._packed = _Packed()
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bn_places: dict = {}
         self._shared = None  # the mix every running row carries, when they all carry one (folded)
         self._shared_steps = 0  # steps it has run so far
 
@@ -157,6 +159,7 @@ class RunningBatch:
             split = [eng._split(r.mix, i) for i, r in enumerate(rows)]
             tables = [s[0][0] if s[0] is not None else None for s in split]
             loras = [s[0][1] if s[0] is not None else None for s in split]
+            bns = [s[0][2] if s[0] is not None else None for s in split]
             packed = self._packed.rows(tables, self._row_tables)  # raises MixError / ConflictError
             new_layers = self._packed.views(packed)
             n = max(len(r.input_ids) for r in rows)
@@ -165,9 +168,11 @@ class RunningBatch:
             mask = torch.tensor([[0] * (n - len(r.input_ids)) + [1] * len(r.input_ids) for r in rows])
             emb, mask, pos, _ = eng._inputs(ids, mask, [s[1] for s in split])
             cache = kv_cache.new(eng.model.config)
+            mask, pos = eng.past([s[1] for s in split], mask, pos, cache)  # prefix-tuning rows' keys and values
             shared = eng.shared([s[0] for s in split])  # folded for the prefill only if it already is
             applied = eng._folded(shared) if shared is not None and eng.is_folded(shared) else \
-                eng._layers_applied(eng._placed(new_layers), eng._placed(lora.batch_factors(loras)))
+                eng._layers_applied(eng._placed(new_layers), eng._placed(lora.batch_factors(loras)),
+                                    eng._placed_bn(bottleneck.batch(bns)))
             t1 = time.perf_counter()
             with applied:
                 logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -178,7 +183,7 @@ class RunningBatch:
             top_p = torch.tensor([r.top_p for r in rows])
             nxt = pick_rows(logits, temp, top_p, gens)
             t3 = time.perf_counter()
-            self._merge(cache, mask.cpu(), pos[:, -1].cpu(), nxt, temp, top_p, gens, tables, loras, packed)
+            self._merge(cache, mask.cpu(), pos[:, -1].cpu(), nxt, temp, top_p, gens, tables, loras, bns, packed)
             self.rows.extend(rows)
         self.stats["prefill"] += t2 - t1
         self.stats["sample"] += t3 - t2
@@ -187,7 +192,7 @@ class RunningBatch:
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
         return rows
 
-    def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, packed) -> None:
+    def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, bns, packed) -> None:
         if self._cache is None or not self.rows:
             self._cache = cache
             self._mask = mask
@@ -204,6 +209,7 @@ class RunningBatch:
         self._gens.extend(gens)
         self._row_tables.extend(tables)
         self._row_lora.extend(loras)
+        self._row_bn.extend(bns)
         self._packed.append(packed)
         self._gathered()
 
@@ -212,10 +218,10 @@ class RunningBatch:
         eng = self.engine
         self._layers = eng._placed(self._packed.views())
         self._lora_layers = eng._placed(lora.batch_factors(self._row_lora))  # gathered again on join and leave
-        shared = eng.shared([None if t is None and f is None else (t, f)
-                             for t, f in zip(self._row_tables, self._row_lora)])
-        if shared is None or self._shared is None or shared[0] is not self._shared[0] \
-                or shared[1] is not self._shared[1]:
+        self._bn_places = eng._placed_bn(bottleneck.batch(self._row_bn))
+        shared = eng.shared([None if t is None and f is None and b is None else (t, f, b)
+                             for t, f, b in zip(self._row_tables, self._row_lora, self._row_bn)])
+        if shared is None or self._shared is None or any(x is not y for x, y in zip(shared, self._shared)):
             self._shared_steps = 0
         self._shared = shared
 
@@ -236,7 +242,8 @@ class RunningBatch:
             t1 = time.perf_counter()
             shared = self._shared
             fold = shared is not None and (self._shared_steps >= self.FOLD_AFTER or eng.is_folded(shared))
-            applied = eng._folded(shared) if fold else eng._layers_applied(self._layers, self._lora_layers)
+            applied = eng._folded(shared) if fold else eng._layers_applied(self._layers, self._lora_layers,
+                                                                           self._bn_places)
             self._shared_steps += shared is not None
             with applied:
                 # Bookkeeping stays on the CPU; on an accelerator the small inputs go over and the last logits back.
@@ -304,6 +311,7 @@ class RunningBatch:
         self._gens = [self._gens[i] for i in keep]
         self._row_tables = [self._row_tables[i] for i in keep]
         self._row_lora = [self._row_lora[i] for i in keep]
+        self._row_bn = [self._row_bn[i] for i in keep]
         self._packed.keep(idx, self._row_tables)
         self._gathered()
         self.rows = [self.rows[i] for i in keep]

@@ -1,13 +1,16 @@
 """The engine: one base model, every row of a batch with its own adapter mix, batched streaming generation.
 
-A *mix* is what a row carries: ``None`` (the base model), a :class:`composer.RoadAdapter`, a
-:class:`composer.LoraAdapter`, a :class:`composer.PromptVector`, or a list of them (RoAd parts are applied in
-order, as PEFT stacks active adapters; LoRA parts add up, as PEFT with several active; at most one prompt).
+A *mix* is what a row carries: ``None`` (the base model), an adapter of a kind the engine serves (RoAd, IA³, LoRA,
+prompt vector, prefix tuning, bottleneck), or a list of them (RoAd/IA³ parts are applied in order, as PEFT stacks
+active adapters; LoRA parts add up, as PEFT with several active; at most one prompt vector or prefix-tuning adapter,
+as PEFT runs one prompt-learning adapter; at most one bottleneck adapter). Each kind's ``engine_role`` says how:
 RoAd and LoRA run per row inside the model's own linear layers (:mod:`app.engine.road`, :mod:`app.engine.lora`):
 a layer carrying both adds the LoRA on the weight and rotates the output with RoAd (``y = R(W·x + ΔW·x)``,
 what PEFT gives for the RoAd adapter on a model with the LoRA merged in); prompts become per-row prefix embeddings,
 left-padded to a common length with the attention mask off on the padding and positions counted from each row's first
-real token, so every row sees exactly what PEFT would show it alone.
+real token, so every row sees exactly what PEFT would show it alone. Prefix tuning puts each row's keys and values in
+front of the cache (:mod:`app.engine.prefix`); bottleneck adapters add each row's bottleneck to decoder sublayers'
+outputs (:mod:`app.engine.bottleneck`).
 
 Tables are cached per adapter object (weakly: dropping the adapter drops its tables), so changing a mix
 costs computing a few hundred thousand numbers for the new adapter; the base model is never reloaded.
@@ -25,15 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer import LoraAdapter, PromptVector, RoadAdapter, kinds
+from composer import PromptVector, kinds
 
 from ..errors import MixError, UnsupportedModelError
+from . import bottleneck, kernel, lora, prefix, road
 from . import cache as kv_cache
-from . import kernel, lora, road
 from .sampling import check_sampling, generator, pick_rows
 
 Mix = Any  # None | an adapter | a sequence of RoadAdapter, LoraAdapter, PromptVector | str (an expression)
-Row = tuple[road.Tables | None, lora.Factors | None]  # a row's RoAd tables and LoRA factors (None: base model)
+# A row's RoAd tables, LoRA factors and bottleneck part (None: the base model); its prompt vector or prefix-tuning
+# adapter travels beside it (they act on the inputs and the cache, not on layers).
+Row = tuple[road.Tables | None, lora.Factors | None, bottleneck.Part | None]
 
 
 @dataclass
@@ -93,19 +98,20 @@ class Engine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
 
     # ----------------------------------------------------------------------------------------------- mixes
-    def tables(self, adapter: RoadAdapter | LoraAdapter) -> road.Tables | lora.Factors:
-        """Per-layer ``(C, S)`` tables of a RoAd adapter, or ``(Aᵀ, (s·B)ᵀ)`` factors of a LoRA (cached per
-        adapter object)."""
+    def tables(self, adapter: Any) -> road.Tables | lora.Factors | prefix.Kv | bottleneck.Part:
+        """Per-layer ``(C, S)`` tables of a RoAd adapter, ``(Aᵀ, (s·B)ᵀ)`` factors of a LoRA, keys and values of a
+        prefix-tuning adapter, or the blocks of a bottleneck adapter (cached per adapter object)."""
         t = self._tables.get(adapter)
         if t is None:
-            t = _ROLE_TABLES[kinds.of(adapter).engine_role](adapter, self._linears)
+            role = kinds.of(adapter).engine_role
+            t = _ROLE_TABLES[role](adapter, self._linears) if role in _ROLE_TABLES else \
+                _MODEL_ROLES[role](adapter, self.model)
             self._tables[adapter] = t
         return t
 
     def cached_bytes(self) -> int:
         """Bytes held by the table cache (what the loaded mixes add to the base model)."""
-        return sum(c.numel() * c.element_size() + s.numel() * s.element_size()
-                   for t in list(self._tables.values()) for c, s in t.values())
+        return sum(x.numel() * x.element_size() for t in list(self._tables.values()) for xs in t.values() for x in xs)
 
     def _split(self, mix: Mix, row: int) -> tuple[Row | None, PromptVector | None]:
         if mix is None:
@@ -130,6 +136,13 @@ class Engine:
         if len(prompts) > 1:
             raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "
                            "compose them first (composer.add).", row=row)
+        if prompts and by_role.get("past_kv") or len(by_role.get("past_kv", [])) > 1:
+            raise MixError(f"Row {row}: a mix holds at most one prompt-learning adapter (a prompt vector or a "
+                           "prefix-tuning adapter), as PEFT runs one; serve the others on rows of their own.", row=row)
+        if len(by_role.get("stream", [])) > 1:
+            raise MixError(f"Row {row}: a mix holds at most one bottleneck adapter; combine them first: "
+                           "composer.add(a, b) is exactly the sum of their outputs, composer.interpolate(a, b, t) "
+                           "their weighted average (the adapters library's Average block).", row=row)
         prompt = prompts[0] if prompts else None
         if prompt is not None:
             from composer import IncompatibleAdaptersError, check_fits
@@ -137,6 +150,13 @@ class Engine:
                 check_fits(prompt, self.model)
             except IncompatibleAdaptersError as e:
                 raise MixError(f"Row {row}: {e}", row=row) from e
+        for p in by_role.get("past_kv", []) + by_role.get("stream", []):
+            try:
+                self.tables(p)  # checked against the model once, then cached
+            except MixError as e:
+                raise MixError(f"Row {row}: {e}", row=row) from e
+        prompt = prompt or next(iter(by_role.get("past_kv", [])), None)
+        part = self.tables(by_role["stream"][0]) if "stream" in by_role else None
         tables: road.Tables | None = None
         for a in roads:
             t = self.tables(a)
@@ -160,16 +180,18 @@ class Engine:
                 factors = lora.stack([self.tables(a) for a in loras])
             except MixError as e:
                 raise MixError(f"Row {row}: {e}", row=row, module=e.module) from e
-        if tables is None and factors is None:
+        if tables is None and factors is None and part is None:
             return None, prompt
-        return (tables, factors), prompt
+        return (tables, factors, part), prompt
 
     @contextmanager
     def applied(self, mixes: Sequence[Mix]) -> Iterator[list[PromptVector | None]]:
-        """Inside this block, calls of ``self.model`` apply each row's RoAd and LoRA parts (``mixes[i]`` on row ``i``).
+        """Inside this block, calls of ``self.model`` apply each row's RoAd, LoRA and bottleneck parts (``mixes[i]`` on
+        row ``i``).
 
-        Yields each row's prompt vector (or ``None``): the caller prepends those itself (see :meth:`inputs`).
-        Used by :meth:`forward`/:meth:`generate_tokens`, and by benchmarks that drive the model directly.
+        Yields each row's prompt vector or prefix-tuning adapter (or ``None``): the caller prepends those itself (see
+        :meth:`inputs` and :meth:`past`). Used by :meth:`forward`/:meth:`generate_tokens`, and by benchmarks that
+        drive the model directly.
         """
         with self._lock:
             tables, prompts = self._mixes(mixes, len(mixes))
@@ -182,6 +204,18 @@ class Engine:
         with torch.no_grad():
             return self._inputs(input_ids, attention_mask, list(prompts))
 
+    def past(self, prompts: Sequence[Any], attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the rows' prefix-tuning keys and values into the empty ``cache`` (:mod:`app.engine.prefix`) and return
+        the attention mask and position ids (from :meth:`inputs`) that go with it: the prefix columns' mask in front,
+        each such row's positions counted from its prefix width, as PEFT does. Unchanged when no row has one."""
+        kvs = [self.tables(p) if p is not None and kinds.of(p).engine_role == "past_kv" else None for p in prompts]
+        if not any(kvs):
+            return attention_mask, position_ids
+        with torch.no_grad():
+            mask, widths = prefix.fill(cache, kvs, self._embed.weight)
+        return torch.cat((mask.to(attention_mask), attention_mask), 1), position_ids + widths[:, None].to(position_ids)
+
     @contextmanager
     def _applied(self, rows: list[Row | None]) -> Iterator[None]:
         # Folded weights are detached copies: where gradients are recorded, the per-row path runs instead.
@@ -191,15 +225,21 @@ class Engine:
                 yield
             return
         with self._layers_applied(self._placed(road.batch_tables([r[0] if r is not None else None for r in rows])),
-                                  self._placed(lora.batch_factors([r[1] if r is not None else None for r in rows]))):
+                                  self._placed(lora.batch_factors([r[1] if r is not None else None for r in rows])),
+                                  self._placed_bn(bottleneck.batch([r[2] if r is not None else None for r in rows]))):
             yield
 
     def shared(self, rows: Sequence[Row | None]) -> Row | None:
-        """The one adapted row every row of ``rows`` carries (same tables and factors), when folding is on."""
+        """The one adapted row every row of ``rows`` carries (same tables, factors and bottleneck), when folding is on.
+        (A bottleneck is no weight change: a folded row still runs its bottleneck, once for the whole batch.)"""
         if not self.fold_shared or not rows or rows[0] is None:
             return None
-        t, f = rows[0]
-        return rows[0] if all(r is not None and r[0] is t and r[1] is f for r in rows) else None
+        t, f, b = rows[0]
+        return rows[0] if all(r is not None and r[0] is t and r[1] is f and r[2] is b for r in rows) else None
+
+    def _placed_bn(self, per_place: dict[Any, bottleneck.Batched]) -> dict[Any, bottleneck.Batched]:
+        """Per-place bottleneck tensors on the model's device, in its dtype."""
+        return bottleneck.placed(per_place, self._embed.weight) if per_place else per_place
 
     def _placed(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]]
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -222,7 +262,7 @@ class Engine:
         New tensors (the model's parameters are never written); the last mix's are kept, so a batch that keeps
         one mix folds it once. The copy costs the adapted layers' weights in memory while it is kept.
         """
-        tables, factors = row
+        tables, factors = row[0], row[1]
         hit = self._fold_cache
         if hit is not None and hit[0] is tables and hit[1] is factors:
             return hit[2]
@@ -248,14 +288,20 @@ class Engine:
         New tensors (the model's parameters are never written); ``{}`` for the base model.
 
         Raises:
-            MixError: the mix holds a prompt vector (an input prefix, which no weight can hold), or does not fit the
+            MixError: the mix holds a prompt vector or prefix-tuning adapter (an input or cache prefix, which no weight
+                can hold) or a bottleneck adapter (a nonlinear function added to the stream), or does not fit the
                 model, or is of a kind the engine does not run.
         """
         with self._lock:
             row, prompt = self._split(mix, 0)
             if prompt is not None:
-                raise MixError("A prompt vector is an input prefix (virtual tokens in front of the prompt), not a "
-                               "change of weights: no merged weight holds it. Serve it with 'hub api' or PEFT.")
+                raise MixError(f"A {'prompt vector' if prompt.kind == 'prompt' else f'{prompt.kind} adapter'} is a "
+                               "prefix (virtual tokens in front of the prompt), not a change of weights: no merged "
+                               "weight holds it. Serve it with 'hub api' or PEFT.")
+            if row is not None and row[2] is not None:
+                raise MixError("A bottleneck adapter adds a small network (down-projection, nonlinearity, "
+                               "up-projection) to the residual stream, not a change of weights: no merged weight "
+                               "holds it. Serve it with 'hub api' or the adapters library.")
             if row is None:
                 return {}
             return dict(self._fold(row))
@@ -269,23 +315,26 @@ class Engine:
 
     @contextmanager
     def _folded(self, row: Row) -> Iterator[None]:
-        """Run every row with ``row``'s mix merged into (copies of) the weights (:meth:`_fold`)."""
+        """Run every row with ``row``'s mix merged into (copies of) the weights (:meth:`_fold`), and its bottleneck
+        (if any) broadcast over the batch."""
         folded = self._fold(row)
         self._install(folded)
         try:
             for m, wb in folded.items():
                 self._linears[m].__dict__["folded"] = wb  # as in _layers_applied
-            yield
+            with bottleneck.applied(self.model, self._placed_bn(bottleneck.batch([row[2]]))):
+                yield
         finally:
             for m in folded:
                 self._linears[m].__dict__["folded"] = None
 
     @contextmanager
     def _layers_applied(self, per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                        per_layer_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-                        ) -> Iterator[None]:
+                        per_layer_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        per_place_bn: dict[Any, bottleneck.Batched] | None = None) -> Iterator[None]:
         """Set each adapted layer's per-row RoAd ``(C, S)`` (:func:`road.batch_tables`) and LoRA factors
-        (:func:`lora.batch_factors`) for the duration."""
+        (:func:`lora.batch_factors`), and each adapted place's per-row bottleneck (:func:`bottleneck.batch`, placed),
+        for the duration."""
         per_layer_lora = per_layer_lora or {}
         layers = list(dict.fromkeys([*per_layer, *per_layer_lora]))
         self._install(layers)
@@ -297,7 +346,8 @@ class Engine:
                 linears[m].__dict__["road_rows"] = t
             for m, f in per_layer_lora.items():
                 linears[m].__dict__["lora_rows"] = f
-            yield
+            with bottleneck.applied(self.model, per_place_bn or {}):
+                yield
         finally:
             for m in layers:
                 d = linears[m].__dict__
@@ -332,8 +382,10 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- batches
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                prompts: list[PromptVector | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Embeddings with per-row prompt prefixes, the attention mask, position ids, and the prefix width."""
+                prompts: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Embeddings with per-row prompt prefixes, the attention mask, position ids, and the prefix width
+        (prefix-tuning adapters among ``prompts`` go into the cache instead: :meth:`past`)."""
+        prompts = [p if p is not None and kinds.of(p).engine_role == "prefix" else None for p in prompts]
         dev = self._embed.weight.device
         input_ids = input_ids.to(dev)
         if attention_mask is None:
@@ -382,8 +434,12 @@ class Engine:
         with self._lock, torch.no_grad():
             tables, prompts = self._mixes(mixes, input_ids.shape[0])
             emb, mask, pos, width = self._inputs(input_ids, attention_mask, prompts)
+            cache = kv_cache.new(self.model.config)
+            mask, pos = self.past(prompts, mask, pos, cache)
+            # Only prefix-tuning rows need a cache here.
+            past = {"past_key_values": cache, "use_cache": True} if cache.get_seq_length() else {"use_cache": False}
             with self._applied(tables):
-                out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=False)
+                out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, **past)
             return out.logits[:, width:]
 
     def _mixes(self, mixes: Sequence[Mix] | None, batch: int
@@ -432,8 +488,9 @@ class Engine:
             temps, top_ps = torch.full((b,), temperature), torch.full((b,), top_p)
             done = torch.zeros(b, dtype=torch.bool)
             out_ids: list[list[int]] = [[] for _ in range(b)]
+            cache = DynamicCache(config=self.model.config)
+            mask, pos = self.past(prompts, mask, pos, cache)
             with self._applied(tables):
-                cache = DynamicCache(config=self.model.config)
                 # Sampling and bookkeeping stay on the CPU (each row's generator is a CPU one); only the last
                 # position's logits come back from an accelerator.
                 logits = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
@@ -532,5 +589,8 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 
 
 # How the engine serves each kind's rows (composer.kinds.Kind.engine_role): per-layer tables of an output transform
-# (RoAd), or low-rank factors of a weight update (LoRA); prefixes (prompt vectors) go in front of the embeddings.
+# (RoAd), or low-rank factors of a weight update (LoRA), from the model's linear layers; keys and values in front of
+# the cache (prefix tuning) or blocks added to decoder sublayers (bottleneck), checked against the model; prefixes
+# (prompt vectors) go in front of the embeddings.
 _ROLE_TABLES = {"output": road.adapter_tables, "weight": lora.adapter_factors}
+_MODEL_ROLES = {"past_kv": prefix.adapter_kv, "stream": bottleneck.adapter_part}

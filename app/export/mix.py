@@ -29,18 +29,25 @@ def parts(mix: Any) -> list[Any]:
 
 
 def role(part: Any) -> str | None:
-    """How the engine serves ``part``: ``"output"`` (RoAd), ``"weight"`` (LoRA), ``"prefix"`` (prompt vector), or
-    ``None`` (a PEFT type only PEFT runs)."""
+    """How the engine serves ``part``: ``"output"`` (RoAd, IA³), ``"weight"`` (LoRA), ``"prefix"`` (prompt vector),
+    ``"past_kv"`` (prefix tuning), ``"stream"`` (bottleneck), or ``None`` (a PEFT type only PEFT runs)."""
     return kinds.of(part).engine_role
 
 
 def refuse_prefix(mix: Any, fmt: str) -> None:
-    """Raise when any part is an input prefix (a prompt vector, or a stored prompt-learning type)."""
+    """Raise when any part is an input prefix (a prompt vector, prefix tuning, or a stored prompt-learning type), or a
+    bottleneck adapter (a network added to the stream: no weight file holds it either)."""
     for p in parts(mix):
-        if role(p) == "prefix" or (role(p) is None and not getattr(p, "modules", ())):
+        if role(p) in ("prefix", "past_kv") or (role(p) is None and not getattr(p, "modules", ())):
             what = "a prompt vector" if role(p) == "prefix" else f"a {p.kind} adapter (prompt learning)"
             raise ExportError(f"Cannot export {what} as '{fmt}': {PREFIX}. {PREFIX_NEXT}", format=fmt,
                               reason="prefix")
+        if role(p) == "stream":
+            raise ExportError(f"Cannot export a bottleneck adapter as '{fmt}': it adds a small network "
+                              "(down-projection, nonlinearity, up-projection) to the residual stream, not a change of "
+                              "weights, so no weight file can hold it. Serve it with 'hub api', or with the adapters "
+                              "library.",
+                              format=fmt, reason="stream")
 
 
 def peft_part(mix: Any, fmt: str) -> Any | None:

@@ -1,6 +1,7 @@
-"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³) is one module holding its adapter class and a
-:class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``, ``composer.initialise``,
-``describe``, the engine, the mixer, ``hub train``, ``hub diff``) asks the registry instead of testing types::
+"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³, prefix tuning, bottleneck) is one module holding its
+adapter class and a :class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``,
+``composer.initialise``, ``describe``, the engine, the mixer, ``hub train``, ``hub diff``) asks the registry instead
+of testing types::
 
     from composer import kinds
 
@@ -13,8 +14,9 @@ Adding a kind is one new module here that defines the adapter class (a frozen da
 ``recipe``, ``source``, ``validate``, ``num_parameters``, ``task_vectors`` and ``norms``) and a :class:`Kind`
 subclass, registered at the bottom of this file. A kind whose folders are not PEFT's (``peft_type = None``, as the
 ``adapters`` library's bottleneck adapters) recognises them itself (``Kind.claims``); it is not trained by
-``hub train`` (not in :func:`names`). What a kind does not support raises with the reason (the
-defaults below), so a new kind is stored and described before it can be combined or served.
+``hub train`` (not in :func:`names`), nor is a PEFT kind with ``trains = False`` (prefix tuning). What a kind does
+not support raises with the reason (the defaults below), so a new kind is stored and described before it can be
+combined or served.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def all_kinds() -> list[Kind]:
 
 
 def names() -> list[str]:
-    """The kinds ``hub train --kind`` and the arithmetic know by name (the stored-only fallback aside)."""
-    return list(_KINDS)
+    """The kinds ``hub train --kind`` trains (PEFT kinds with ``Kind.trains``; the stored-only fallback aside)."""
+    return [n for n, k in _KINDS.items() if k.trains]
 
 
 def of(adapter: Any) -> Kind:
@@ -83,7 +85,7 @@ def claiming(folder: Any, cfg: dict[str, Any]) -> Kind | None:
 
 
 def peft_types() -> list[str]:
-    """The types with a kind module of their own (composed and served); every other PEFT type is stored."""
+    """The types with a kind module of their own (composed or served per row); every other PEFT type is stored."""
     return [k.peft_type for k in _KINDS.values()]
 
 
@@ -92,9 +94,9 @@ def adapter_classes() -> tuple[type, ...]:
 
 
 def _register_builtin() -> None:
-    from . import bottleneck, ia3, lora, prompt, road, stored
+    from . import bottleneck, ia3, lora, prefix, prompt, road, stored
 
-    for module in (road, lora, prompt, ia3, bottleneck):
+    for module in (road, lora, prompt, ia3, prefix, bottleneck):
         register(module.KIND)
     _FALLBACK.append(stored.KIND)
 

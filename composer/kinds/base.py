@@ -25,7 +25,11 @@ class Kind:
         adapter_class: the frozen dataclass holding this kind's tensors.
         engine_role: how the engine serves it per batch row: ``"output"`` (a per-row transform of a linear
             layer's output, as RoAd), ``"weight"`` (a per-row low-rank weight update, as LoRA), ``"prefix"``
-            (per-row input embeddings in front of the prompt), or ``None`` (not served per row).
+            (per-row input embeddings in front of the prompt), ``"past_kv"`` (per-row keys and values every
+            attention layer attends to before the prompt, as prefix tuning), ``"stream"`` (a per-row function added
+            to a decoder sublayer's output in the residual stream, as bottleneck adapters), or ``None`` (not served
+            per row).
+        trains: ``hub train --kind`` offers it (:func:`composer.kinds.names`).
         layered: it changes the model's layers (so the anchored objective and decoder-projection targets apply).
         subspaces: its values come in 2D pairs that subspace slots, overlap checks and mix fitting act on.
         default_lr: ``hub train``'s learning rate when none is given.
@@ -40,6 +44,7 @@ class Kind:
     serve_hint: str = "load them with PEFT, or merge them into the base model"
     adapter_class: type = object
     engine_role: str | None = None
+    trains: bool = True
     layered: bool = True
     subspaces: bool = False
     default_lr: float = 1e-3

@@ -30,10 +30,10 @@ summing to 1 is the library's ``Average`` block (output averaging). Parameter av
 ``f``'s. It is offered as :func:`average_parameters`, labelled ``exact=False``; TIES/DARE on parameters and the
 sequential product (``compose``) are refused. Results grow in width (like LoRA's rank concatenation).
 
-The engine does not serve these per row (``engine_role = None``): they change the residual stream between
-sublayers, not a linear layer's output. :func:`attached` runs one on a Hugging Face Llama-family model (forward
-hooks, the library's placement), which is how the tests check this module against the library itself
-(``tests/reference/make_bottleneck.py``).
+:func:`attached` runs one on a Hugging Face Llama-family model (forward hooks, the library's placement:
+:func:`places`, :func:`terms`), which is how the tests check this module against the library itself
+(``tests/reference/make_bottleneck.py``). The engine serves them per row (``engine_role = "stream"``:
+:mod:`app.engine.bottleneck`, the same places and terms, every row's adapter by batched matmuls).
 """
 
 from __future__ import annotations
@@ -193,16 +193,32 @@ def _residuals(bn: Mapping[str, Any]) -> int:
     return extra
 
 
+def terms(bn: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(a, b, e)`` such that the library's sublayer output with the adapter is ``h' = h + f(a·x + b·h) + e·x``
+    (``x``: the stream entering the sublayer, ``h``: the attention's or MLP's output): what the bottleneck reads
+    (``(1, 0)`` the input stream, in parallel; ``(1, 1)`` the stream after the residual; ``(0, 1)`` the sublayer's
+    output) and the extra copies of the stream the library's residual adds (:func:`_residuals`; 0 for the presets)."""
+    if bn.get("is_parallel"):
+        a, b = 1, 0
+    else:
+        a, b = (1, 1) if bn.get("original_ln_before") else (0, 1)
+    return a, b, _residuals(bn)
+
+
 def sublayer_output(x: torch.Tensor, h: torch.Tensor, block: Block, bn: Mapping[str, Any]) -> torch.Tensor:
     """The sublayer output ``h'`` that makes a Llama layer's ``x + h'`` what the library computes with the adapter
     (``x``: the stream entering the sublayer, ``h``: the attention's or MLP's output)."""
-    if bn.get("is_parallel"):
-        u = x
-    else:
-        u = x + h if bn.get("original_ln_before") else h
+    a, b, extra = terms(bn)
+    u = x if not b else h if not a else x + h
     out = h + bottleneck(u, block, bn["non_linearity"].lower(), float(bn.get("scaling", 1.0)))
-    extra = _residuals(bn)
     return out + extra * x if extra else out
+
+
+def places(layer: Any) -> dict[str, tuple[Any, Any]]:
+    """Where the library places a Llama decoder layer's adapters: per place, the norm whose input is the stream ``x``
+    entering the sublayer, and the sublayer whose output ``h`` the adapter changes."""
+    return {"attention": (layer.input_layernorm, layer.self_attn),
+            "output": (layer.post_attention_layernorm, layer.mlp)}
 
 
 @contextmanager
@@ -215,13 +231,11 @@ def attached(model: Any, adapter: BottleneckAdapter) -> Iterator[Any]:
             (:meth:`BottleneckKind.check_fits`).
     """
     KIND.check_fits(adapter, model, None)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     bn = adapter.bn
     handles = []
     for (i, place), block in adapter.blocks().items():
-        layer = layers[i]
-        norm, sub = ((layer.input_layernorm, layer.self_attn) if place == "attention"
-                     else (layer.post_attention_layernorm, layer.mlp))
+        norm, sub = places(layers[i])[place]
         seen: dict[str, torch.Tensor] = {}
 
         def keep(_mod, args, kwargs, seen=seen):
@@ -241,11 +255,17 @@ def attached(model: Any, adapter: BottleneckAdapter) -> Iterator[Any]:
             h.remove()
 
 
-def _decoder_layers(model: Any) -> Any:
+def decoder_layers(model: Any) -> Any:
+    """The model's decoder layers when they are Llama's (two norms, each before its sublayer), else ``None``. Layers
+    with norms after their sublayers too (Gemma 2/3's ``pre_/post_feedforward_layernorm``, where
+    ``post_attention_layernorm`` normalises the attention's output) would put the adapter in another place."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
-    ok = layers is not None and all(hasattr(la, n) for la in layers for n in
-                                    ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+    if layers is None:
+        return None
+    need = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    after = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+    ok = all(hasattr(la, n) for la in layers for n in need) and not any(hasattr(la, n) for la in layers for n in after)
     return layers if ok else None
 
 
@@ -389,10 +409,8 @@ class BottleneckKind(Kind):
     weights_file = WEIGHTS_FILE
     pickle_hint = ("load it with the adapters library (model.load_adapter) and save it with "
                    "model.save_adapter(folder, name, use_safetensors=True)")
-    serve_hint = ("load them with AdapterHub's adapters library (model.load_adapter(folder)), or run one on a "
-                  "transformers Llama model with composer.kinds.bottleneck.attached(model, adapter)")
     adapter_class = BottleneckAdapter
-    engine_role = None
+    engine_role = "stream"
     layered = False
 
     def claims(self, folder: Path, cfg: dict[str, Any]) -> bool:
@@ -449,7 +467,7 @@ class BottleneckKind(Kind):
 
     # ------------------------------------------------------------------------------------------- models
     def check_fits(self, adapter: BottleneckAdapter, model: Any, modules: Mapping[str, Any] | None) -> None:
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         if layers is None:
             raise IncompatibleAdaptersError(
                 "This model has no Llama-style decoder layers (model.layers[i] with input_layernorm, self_attn, "
@@ -483,7 +501,7 @@ class BottleneckKind(Kind):
                 "places": [p for p in PLACES if bn[_FLAG[p]]], "layers": sorted({i for i, _ in blocks}),
                 "widths": sorted({b.down.shape[0] for b in blocks.values()}), "hidden_size": adapter.hidden_size,
                 "model_type": adapter.config.get("model_type"), "adapter_name": adapter.name,
-                "composable": True, "served_per_row": False}
+                "composable": True, "served_per_row": True}
 
     def label(self, adapter: BottleneckAdapter) -> str:
         return f"bottleneck ({adapter.architecture}, {adapter.bn['non_linearity']})"
