@@ -136,13 +136,13 @@ class Engine:
         if len(prompts) > 1:
             raise MixError(f"Row {row}: a mix holds at most one prompt vector, got {len(prompts)}; "
                            "compose them first (composer.add).", row=row)
-        if prompts and by_role.get("past_kv") or len(by_role.get("past_kv", [])) > 1:
+        if len(prompts) + len(by_role.get("past_kv", [])) > 1:
             raise MixError(f"Row {row}: a mix holds at most one prompt-learning adapter (a prompt vector or a "
                            "prefix-tuning adapter), as PEFT runs one; serve the others on rows of their own.", row=row)
         if len(by_role.get("stream", [])) > 1:
             raise MixError(f"Row {row}: a mix holds at most one bottleneck adapter; combine them first: "
                            "composer.add(a, b) is exactly the sum of their outputs, composer.interpolate(a, b, t) "
-                           "their weighted average (the adapters library's Average block).", row=row)
+                           "their weighted average.", row=row)
         prompt = prompts[0] if prompts else None
         if prompt is not None:
             from composer import IncompatibleAdaptersError, check_fits
@@ -435,11 +435,12 @@ class Engine:
             tables, prompts = self._mixes(mixes, input_ids.shape[0])
             emb, mask, pos, width = self._inputs(input_ids, attention_mask, prompts)
             cache = kv_cache.new(self.model.config)
-            mask, pos = self.past(prompts, mask, pos, cache)
-            # Only prefix-tuning rows need a cache here.
-            past = {"past_key_values": cache, "use_cache": True} if cache.get_seq_length() else {"use_cache": False}
+            full, pos = self.past(prompts, mask, pos, cache)
+            # Only prefix-tuning rows need a cache here (their keys and values widen the mask).
+            past = {"past_key_values": cache, "use_cache": True} if full.shape[1] > mask.shape[1] else \
+                {"use_cache": False}
             with self._applied(tables):
-                out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, **past)
+                out = self.model(inputs_embeds=emb, attention_mask=full, position_ids=pos, **past)
             return out.logits[:, width:]
 
     def _mixes(self, mixes: Sequence[Mix] | None, batch: int
