@@ -199,3 +199,20 @@ def test_a_model_whose_layers_are_not_llama_s_is_refused_and_no_weight_holds_a_b
     with pytest.raises(ExportError, match="Cannot export a bottleneck adapter as 'merged'") as e:
         export.write_merged(ads["seq_bn"], tmp_path / "o", model=base(), tokenizer=None)
     assert e.value.reason == "stream" and not (tmp_path / "o").exists()
+
+
+def test_a_bottleneck_and_a_prefix_on_one_row_match_peft_s_prefix_on_the_model_carrying_the_bottleneck(ads, outputs,
+                                                                                                       tmp_path):
+    """The prefix's keys and values are stored, not computed by the layers, so a row carrying both is PEFT's prefix
+    tuning on the model with the bottleneck attached."""
+    from tests.test_engine_prefix import peft_alone, prefix_folder
+
+    folder = prefix_folder(tmp_path / "prefix", 11, n=3)
+    ids = outputs["input_ids"]
+    engine = Engine(base(), None)
+    got = engine.forward(ids, None, [[ads["par_bn"], composer.load(folder)], ads["par_bn"]])
+    pm = peft_alone(folder, base())
+    with torch.no_grad(), bn.attached(pm.get_base_model(), ads["par_bn"]):
+        want = pm(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits[0]
+    assert (got[0] - want).abs().max() < TOL, float((got[0] - want).abs().max())
+    assert (got[1] - outputs["par_bn"][1]).abs().max() < TOL

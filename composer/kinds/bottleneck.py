@@ -178,9 +178,10 @@ _KEY = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d{1,6})\.(?P<place>attention
 
 # ------------------------------------------------------------------------------------------------- the math
 def bottleneck(u: torch.Tensor, block: Block, activation: str, scaling: float) -> torch.Tensor:
-    """``s·(W_up·act(W_down·u + b_down) + b_up)`` on the last dimension of ``u``."""
-    d = ACTIVATIONS[activation](F.linear(u, block.down.to(u.dtype), block.down_bias.to(u.dtype)))
-    return F.linear(d, block.up.to(u.dtype), block.up_bias.to(u.dtype)) * scaling
+    """``s·(W_up·act(W_down·u + b_down) + b_up)`` on the last dimension of ``u`` (the block taken to ``u``'s device and
+    dtype: adapters load on the CPU, a model may run elsewhere)."""
+    d = ACTIVATIONS[activation](F.linear(u, block.down.to(u), block.down_bias.to(u)))
+    return F.linear(d, block.up.to(u), block.up_bias.to(u)) * scaling
 
 
 def _residuals(bn: Mapping[str, Any]) -> int:
