@@ -216,3 +216,24 @@ def test_a_bottleneck_and_a_prefix_on_one_row_match_peft_s_prefix_on_the_model_c
         want = pm(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits[0]
     assert (got[0] - want).abs().max() < TOL, float((got[0] - want).abs().max())
     assert (got[1] - outputs["par_bn"][1]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "gemma"])
+def test_other_llama_shaped_architectures_serve_bottleneck_rows_as_the_reader_places_them(ads, arch):
+    """Attention biases, q/k norms, a sliding window, fused projections, scaled embeddings: the same two norms before
+    their sublayers, so the same places (the library's own logits exist for Llama only: this checks the engine's
+    rows against the reader's placement)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (3, 7), generator=g).to(DEVICE)
+    names = ["double_seq_bn", None, "par_bn"]
+    engine = Engine(arch_model(arch, initializer_range=0.1), None)
+    got = engine.forward(ids, None, [ads[n] if n else None for n in names])
+    for i, n in enumerate(names):
+        model = arch_model(arch, initializer_range=0.1)
+        with torch.no_grad():
+            if n is None:
+                want = model(ids[i:i + 1]).logits[0]
+            else:
+                with bn.attached(model, ads[n]):
+                    want = model(ids[i:i + 1]).logits[0]
+        assert (got[i] - want).abs().max() < TOL, (arch, n, float((got[i] - want).abs().max()))
