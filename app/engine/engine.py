@@ -91,6 +91,7 @@ class Engine:
         self._installed: set[str] = set()
         self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._fold_cache: tuple[Any, Any, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] | None = None
+        self._bn_fold: tuple[Any, dict[Any, bottleneck.Batched]] = (None, {})  # a folded row's bottleneck, batched
         if param is not None and param.device.type == "cpu" and param.dtype == torch.float32:
             kernel.prepare()  # the fused RoAd kernel: built in the background once per machine
         self._lock = threading.RLock()
@@ -322,7 +323,9 @@ class Engine:
         try:
             for m, wb in folded.items():
                 self._linears[m].__dict__["folded"] = wb  # as in _layers_applied
-            with bottleneck.applied(self.model, self._placed_bn(bottleneck.batch([row[2]]))):
+            if self._bn_fold[0] is not row[2]:  # batched once per shared mix, not at every decode step
+                self._bn_fold = (row[2], self._placed_bn(bottleneck.batch([row[2]])))
+            with bottleneck.applied(self.model, self._bn_fold[1]):
                 yield
         finally:
             for m in folded:
@@ -379,6 +382,7 @@ class Engine:
             road.uninstall(self._linears[m] for m in self._installed)
             self._installed.clear()
             self._fold_cache = None
+            self._bn_fold = (None, {})
 
     # -------------------------------------------------------------------------------------------- batches
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
