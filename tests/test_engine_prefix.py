@@ -219,3 +219,22 @@ def test_cached_keys_and_values_are_counted_and_dropped_with_the_adapter(folders
 
     gc.collect()
     assert engine.cached_bytes() == 0
+
+
+def test_a_folder_whose_keys_and_values_do_not_fit_its_config_is_refused(folders, tmp_path):
+    from composer.errors import AdapterFormatError
+    from tests.helpers import rewrite_folder
+
+    src = folders["p4"]
+    with pytest.raises(AdapterFormatError, match=r"has 48 columns; .*num_layers 2 x 2 .* token_dim 16 = 64"):
+        composer.load(rewrite_folder(src, tmp_path / "a",
+                                     tensors=lambda t: {"prompt_embeddings": t["prompt_embeddings"][:, :48].clone()}))
+    with pytest.raises(AdapterFormatError, match="token_dim 16 is not a multiple of num_attention_heads 3"):
+        composer.load(rewrite_folder(src, tmp_path / "b", config=lambda c: {**c, "num_attention_heads": 3}))
+    # what the config leaves out PEFT takes from the model, and so does the engine
+    bare = composer.load(rewrite_folder(src, tmp_path / "c", config=lambda c: {**c, "num_layers": None,
+                                                                                 "token_dim": None,
+                                                                                 "num_attention_heads": None}))
+    ids, mask = batch(6, lengths=(4, 3))
+    got = Engine(base(), None).forward(ids, mask, [None, bare])[1][mask[1].bool()]
+    assert (got - reference_logits(folders, "p4", ids[1][mask[1].bool()])).abs().max() < TOL
