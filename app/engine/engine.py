@@ -2,7 +2,8 @@
 
 A *mix* is what a row carries: ``None`` (the base model), a :class:`composer.RoadAdapter`, a
 :class:`composer.LoraAdapter`, a :class:`composer.PromptVector`, or a list of them (RoAd parts are applied in
-order, as PEFT stacks active adapters; LoRA parts add up, as PEFT with several active; at most one prompt).
+order, as PEFT stacks active adapters; LoRA parts add up, as PEFT with several active; at most one prompt), or a
+stored recipe of parts (:class:`composer.Parts`, ``hub compose "a ; b"``), which is its list of parts.
 RoAd and LoRA run per row inside the model's own linear layers (:mod:`app.engine.road`, :mod:`app.engine.lora`):
 a layer carrying both adds the LoRA on the weight and rotates the output with RoAd (``y = R(W·x + ΔW·x)``,
 what PEFT gives for the RoAd adapter on a model with the LoRA merged in); prompts become per-row prefix embeddings,
@@ -26,13 +27,14 @@ import torch
 from torch import nn
 
 from composer import LoraAdapter, PromptVector, RoadAdapter, kinds
+from composer.parts import items
 
 from ..errors import MixError, UnsupportedModelError
 from . import cache as kv_cache
 from . import kernel, lora, road
 from .sampling import check_sampling, generator, pick_rows
 
-Mix = Any  # None | an adapter | a sequence of RoadAdapter, LoraAdapter, PromptVector | str (an expression)
+Mix = Any  # None | an adapter | a sequence of adapters | composer.Parts | str (an expression)
 Row = tuple[road.Tables | None, lora.Factors | None]  # a row's RoAd tables and LoRA factors (None: base model)
 
 
@@ -113,7 +115,7 @@ class Engine:
         if isinstance(mix, str):
             import composer
             mix = composer.evaluate(mix, resolve=self.resolve)
-        parts = list(mix) if isinstance(mix, (list, tuple)) else [mix]
+        parts = items(mix)  # a recipe of parts (hub compose "a ; b") is its parts
         by_role: dict[str | None, list[Any]] = {}
         for p in parts:
             if p is None:

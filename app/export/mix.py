@@ -2,7 +2,7 @@
 format refuses and why, and the record written beside every export.
 
 A mix is what the engine serves on a row: an adapter (:func:`composer.evaluate`'s result for ``ID|EXPR``) or a
-list of parts (RoAd, LoRA, at most one prompt vector).
+list of parts (RoAd, LoRA, at most one prompt vector), or a stored recipe of parts (:class:`composer.Parts`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from composer import NotComposableError, kinds
 from composer.lora_math import NOT_LOW_RANK
+from composer.parts import items
 
 from ..errors import ExportError
 
@@ -23,9 +24,8 @@ NOT_MERGEABLE = ("alora_invocation_tokens", "arrow_config", "monteclora_config",
 
 
 def parts(mix: Any) -> list[Any]:
-    """The mix's adapters, in order (``None`` entries dropped)."""
-    items = list(mix) if isinstance(mix, (list, tuple)) else [mix]
-    return [p for p in items if p is not None]
+    """The mix's adapters, in order (``None`` entries dropped; a recipe of parts is its parts)."""
+    return items(mix)
 
 
 def role(part: Any) -> str | None:
