@@ -116,11 +116,33 @@ def items(mix: Any) -> list[Any]:
 
 def refusal(parts: Parts) -> NotComposableError:
     """The error for a recipe of parts where one adapter is needed (arithmetic, training, fitting, ``hub diff``)."""
-    name = parts.source or "this mix"
+    from .expr import short_shas
+
+    name = short_shas(parts.source or "this mix")
     return NotComposableError(
         f"'{shown(name)}' is a recipe of parts ({parts.label()}) applied together on one row: it is served as it is "
         f"(name it alone, or as one side of a mix: '{shown(name)} ; other'), and takes no arithmetic, training, "
         "fitting or diff. Use its parts' adapters for that ('hub show' lists them).")
+
+
+def unserved(part: Any) -> str | None:
+    """Why the engine cannot serve ``part`` per row, or ``None`` when it can: a kind only PEFT serves, a LoRA that
+    is not a plain ``ΔW = s·B·A`` (DoRA, LoRA bias ...), an output kind that is no output transform (IA³ scaling a
+    feedforward module's input). The one owner of that rule (:func:`check`, ``hub export``)."""
+    from . import kinds
+
+    kind = kinds.of(part)
+    if kind.engine_role is None:
+        return f"{part.kind} adapters are served by PEFT only ({kind.serve_hint})"
+    if kind.engine_role == "weight" and getattr(part, "not_low_rank", None):
+        return (f"the engine runs plain LoRAs, and this one is not ({part.not_low_rank}); load it with "
+                "PeftModel.from_pretrained, or merge it into the base model")
+    if kind.engine_role == "output":
+        try:
+            kind.as_road(part)
+        except NotComposableError as e:
+            return str(e)
+    return None
 
 
 def check(parts: Sequence[Any], labels: Sequence[str] | None = None) -> None:
@@ -143,6 +165,9 @@ def check(parts: Sequence[Any], labels: Sequence[str] | None = None) -> None:
             raise NotComposableError(
                 f"{shown(name)} is a {p.kind} adapter, which is not served per row beside other kinds (the engine "
                 f"runs LoRA, RoAd, IA³ and prompt vectors); {kind.serve_hint}, or leave it out of the mix.")
+        reason = unserved(p)
+        if reason is not None:
+            raise NotComposableError(f"{shown(name)} is not served per row beside other kinds: {reason}")
         if kind.engine_role == "prefix":
             prefixes.append(name)
     if len(prefixes) > 1:

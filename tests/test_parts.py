@@ -20,6 +20,7 @@ from app.engine import Engine
 from app.ui import Mixer, MixInputError
 from composer.parts import Parts
 from tests.test_app_tiny import tiny_chat_model
+from tests.test_hub_remote import fake  # noqa: F401 (the fixture: an HfApi-like object, files served at the boundary)
 from tests.tiny import peft_lora, random_prompt, random_road, tiny_model
 
 LORAS = "alice/la + 0.5*bob/lb"
@@ -120,12 +121,11 @@ def test_push_pull_log_show_version_it(store, tmp_path, monkeypatch, capsys):
     copy = hub.push(first, "team/copy", root=root)
     files = {n: o for n, o in store_.files(store_.resolve("team/mix")) if n != "README.md"}
     assert {n: o for n, o in store_.files(store_.resolve(copy.pinned)) if n != "README.md"} == files
-    assert {n for n in files if "/" in n} == {"part-1-lora/adapter_config.json", "part-1-lora/adapter_model.safetensors",
-                                              "part-1-lora/recipe.json", "part-2-road/adapter_config.json",
-                                              "part-2-road/adapter_model.safetensors",
-                                              "part-3-prompt/adapter_config.json",
-                                              "part-3-prompt/adapter_model.safetensors",
-                                              "part-3-prompt/prompt_vector.safetensors"}
+    weights, config = "adapter_model.safetensors", "adapter_config.json"
+    assert {n for n in files if "/" in n} == {
+        f"part-1-lora/{config}", f"part-1-lora/{weights}", "part-1-lora/recipe.json", f"part-2-road/{config}",
+        f"part-2-road/{weights}", f"part-3-prompt/{config}", f"part-3-prompt/{weights}",
+        "part-3-prompt/prompt_vector.safetensors"}
     # a second version, then pulls of each into one folder (replaced whole, a pull marker over every part file)
     hub.compose(f"{LORAS} ; carol/road", "team/mix", root=root)
     assert [e["tags"] for e in hub.log("team/mix", root=root)] == [["v2"], ["v1"]]
@@ -157,6 +157,29 @@ def test_push_pull_log_show_version_it(store, tmp_path, monkeypatch, capsys):
     assert "recipe of parts (lora ; road)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("lfs", [False, True])
+def test_a_recipe_of_parts_goes_to_the_hugging_face_hub_and_back(store, tmp_path, fake, lfs):  # noqa: F811
+    root, _, _ = store
+    fake.lfs = lfs
+    folder = hub.pull("team/mix", to=tmp_path / "mix", root=root)
+    r = hub.push(folder, "team/mix", remote="hf", api=fake, root=root)
+    tree = fake.commits[r.sha]["tree"]
+    local = hub.Store(root)
+    for name, _ in local.files(local.resolve("team/mix")):
+        if name != "README.md":
+            assert tree[name] == local.read(local.resolve("team/mix"), name), name
+    other = tmp_path / "elsewhere"
+    pulled = hub.pull("team/mix@v1", remote="hf", api=fake, root=other)
+    assert (pulled / "part-3-prompt" / "prompt_vector.safetensors").is_file()
+    a, b = hub.load("team/mix", root=root), hub.load("team/mix", root=other)
+    assert a.label() == b.label() == "lora ; road ; prompt"
+    for pa, pb in zip(a, b):
+        assert all(torch.equal(t, pb.task_vectors()[m]) for m, t in pa.task_vectors().items())
+    # a plain adapter pushed over it: the part folders are deleted on the Hub in the same commit
+    r2 = hub.push(hub.pull("carol/road", root=root), "team/mix", remote="hf", api=fake, root=root)
+    assert not [n for n in fake.commits[r2.sha]["tree"] if "/" in n]
+
+
 def test_what_one_row_cannot_take_is_refused_with_the_reason(store, tmp_path):
     root, model, _ = store
     with pytest.raises(composer.NotComposableError, match="both prompt vectors.*at most one prompt vector"):
@@ -165,7 +188,8 @@ def test_what_one_row_cannot_take_is_refused_with_the_reason(store, tmp_path):
         hub.compose("team/mix ; erin/pv", "team/bad", root=root)
     with pytest.raises(composer.ExpressionError, match=r"recipe of parts \(lora ; road ; prompt\).*no arithmetic"):
         hub.compose("0.5*team/mix ; carol/road", "team/bad", root=root)
-    with pytest.raises(composer.IncompatibleAdaptersError, match="join the two with ';' .'alice/la@[0-9a-f]{10} ; carol/road@"):
+    with pytest.raises(composer.IncompatibleAdaptersError,
+                       match="join the two with ';' .'alice/la@[0-9a-f]{10} ; carol/road@"):
         hub.compose("alice/la + carol/road", "team/bad", root=root)
     from peft import LoHaConfig, get_peft_model
     get_peft_model(tiny_model(), LoHaConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "loha"))

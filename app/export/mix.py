@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from composer import NotComposableError, kinds
+from composer import kinds
 from composer.lora_math import NOT_LOW_RANK
-from composer.parts import items
+from composer.parts import items, unserved
 
 from ..errors import ExportError
 
@@ -67,17 +67,9 @@ def peft_part(mix: Any, fmt: str) -> Any | None:
 
 
 def _engine_folds(part: Any) -> bool:
-    """Whether the engine's own folding applies: a role it serves, a plain LoRA, and an output kind that equals a
-    RoAd adapter (an IA³ that scales a feedforward module's input does not: PEFT merges it)."""
-    r = role(part)
-    if r is None or (r == "weight" and part.not_low_rank):
-        return False
-    if r == "output":
-        try:
-            kinds.of(part).as_road(part)
-        except NotComposableError:
-            return False
-    return True
+    """Whether the engine's own folding applies: it serves the part per row (a plain LoRA, an output kind that equals
+    a RoAd adapter: an IA³ that scales a feedforward module's input does not, PEFT merges it)."""
+    return unserved(part) is None
 
 
 def record(mix: Any, expression: str | None = None) -> dict[str, Any]:
