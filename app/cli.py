@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="move the tag if it exists, or take a v<digits> name")
 
     s = _sub(subs, "compose")
-    s.add_argument("expression", metavar="EXPR", help="a composer expression over store ids")
+    s.add_argument("expression", metavar="EXPR", help="a composer expression over store ids; sides joined by ';' "
+                                                      "(kinds served together on one row) make a recipe of parts")
     s.add_argument("-o", "--output", metavar="ID", required=True, help="where to store the result")
     s.add_argument("-m", "--message", help="commit message")
     s.add_argument("--tag", help="tag instead of the next vN")
