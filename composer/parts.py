@@ -34,13 +34,14 @@ import os
 import re
 import shutil
 import stat
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from . import limits
-from .errors import AdapterFormatError, ComposerError, NotComposableError
+from .errors import AdapterFormatError, CompatibilityWarning, ComposerError, NotComposableError
 from .folder import CARD, CONFIG, MANIFEST, PROMPT_VECTOR, RECIPE, WEIGHTS, read_json
 from .provenance import Recipe
 from .text import shown
@@ -189,6 +190,10 @@ def combine(values: Sequence[Any], labels: Sequence[str], *, expression: str = "
         flat += inner
         names += [label] if len(inner) == 1 else [f"{label} (part {i + 1})" for i in range(len(inner))]
     check(flat, names)
+    bases = {p.base_model for p in flat if p.base_model}
+    if len(bases) > 1:  # shapes are checked against the model when it is served; the names may only differ
+        warnings.warn(f"The parts name different base models ({', '.join(sorted(map(repr, bases)))}); they are served "
+                      "together only on a model every part fits.", CompatibilityWarning, stacklevel=3)
     recipes = [p.recipe for p in flat if p.recipe is not None]
     deviations = [r.deviation for r in recipes if not r.exact and r.deviation is not None
                   and not math.isnan(r.deviation)]
