@@ -54,7 +54,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compose": ("Compose adapters by task arithmetic and store the result with its recipe.", """
         hub compose "0.7*alice/math@v2 + 0.3*bob/code" -o team/mix
         hub compose "interp(alice/math@v1, alice/math@v2, 0.25)" -o alice/math-mid -m "midpoint"
-        hub compose "compress(alice/lora-a + bob/lora-b, 8)" -o team/lora-mix   # LoRA: SVD back to rank 8"""),
+        hub compose "compress(alice/lora-a + bob/lora-b, 8)" -o team/lora-mix   # LoRA: SVD back to rank 8
+        hub compose "alice/lora-a + bob/lora-b ; carol/road ; dan/prompt" -o team/parts   # kinds on one row"""),
     "serve": ("Serve the store read-only over the Hugging Face Hub HTTP API (needs the 'serve' extra: olah).", """
         hub serve
         hub serve --host 0.0.0.0 --port 8090
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="move the tag if it exists, or take a v<digits> name")
 
     s = _sub(subs, "compose")
-    s.add_argument("expression", metavar="EXPR", help="a composer expression over store ids")
+    s.add_argument("expression", metavar="EXPR", help="a composer expression over store ids; sides joined by ';' "
+                                                      "(kinds served together on one row) make a recipe of parts")
     s.add_argument("-o", "--output", metavar="ID", required=True, help="where to store the result")
     s.add_argument("-m", "--message", help="commit message")
     s.add_argument("--tag", help="tag instead of the next vN")
@@ -389,17 +391,38 @@ def _show_text(d: dict, modules: bool) -> str:
         width = max((len(m) for m in norms), default=0)
         for m in sorted(norms, key=natural_key):
             lines.append(f"  {m:{width}}  " + ", ".join(f"{k}={_fmt_float(v)}" for k, v in norms[m].items()))
-    if d.get("recipe"):
-        r = d["recipe"]
-        lines.append(f"recipe: {shown(r['expression'])}  (method {shown(r['method'])}, exact={shown(r['exact'])})")
-        for i in r["inputs"]:
-            lines.append(f"  {shown(i.get('name'))} -> {shown(i.get('ref'))}")
-        if r.get("method") == "fit":
-            lines += _fit_text(r)
-    else:
-        lines.append("recipe: none (trained, not composed)")
+    lines += _recipe_text(d.get("recipe"))
     if isinstance(d.get("training"), dict):
         lines += _training_text(d["training"])
+    return "\n".join(lines)
+
+
+def _recipe_text(r: dict | None) -> list[str]:
+    from hub.text import shown
+
+    if not r:
+        return ["recipe: none (trained, not composed)"]
+    lines = [f"recipe: {shown(r['expression'])}  (method {shown(r['method'])}, exact={shown(r['exact'])})"]
+    for i in r["inputs"]:
+        lines.append(f"  {shown(i.get('name'))} -> {shown(i.get('ref'))}")
+    if r.get("method") == "fit":
+        lines += _fit_text(r)
+    return lines
+
+
+def _show_parts_text(d: dict, modules: bool) -> str:
+    """``hub show`` of a recipe of parts: what it is, then each part as ``hub show`` describes an adapter."""
+    from hub.text import shown
+
+    lines = [f"kind: parts ({shown(d['parts_kinds'])}): {len(d['parts'])} adapters applied together on one row",
+             f"source: {shown(str(d['source']))}", f"base_model: {shown(str(d['base_model']))}",
+             f"parameters: {d['parameters']}"]
+    for i, part in enumerate(d["parts"], start=1):
+        lines.append(f"part {i}: {shown(part['folder'])}/  (a PEFT folder: PeftModel.from_pretrained(base, "
+                     f"'<folder>/{shown(part['folder'])}'))")
+        lines += [f"  {line}" for line in _show_text({k: v for k, v in part.items() if k != "folder"},
+                                                      modules).splitlines()]
+    lines += _recipe_text(d.get("recipe"))
     return "\n".join(lines)
 
 
@@ -410,6 +433,10 @@ def _cmd_show(a) -> int:
     store = hub.Store()
     resolved = store.resolve(a.id)
     adapter = store.load(f"{resolved.ref.repo_id}@{resolved.sha}")
+    if isinstance(adapter, composer.Parts):  # a recipe of parts: each part described as an adapter
+        d = composer.parts.describe(adapter)
+        _out(d, a.json, _show_parts_text(d, a.modules))
+        return 0
     d = composer.describe(adapter)
     if composer.kinds.of(adapter).subspaces:
         from composer.subspace import active_share

@@ -3,6 +3,7 @@
 Public surface::
 
     load(path) / save(adapter, path) / from_peft(model)        PEFT-format I/O
+    Parts / load_any(path)                                       a recipe of parts (``a ; b``), one row (parts)
     add, sub, negate, scale, interpolate, merge, compose         arithmetic (see DESIGN.md)
     compress(lora, rank=...)                                     LoRA rank truncation by SVD, error reported
     evaluate("0.7*a + 0.3*b - c", resolve=...) / parse(text)     expressions; format_name(name) writes a name
@@ -50,11 +51,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors
     from .merge_methods import METHODS
     from .mixfit import FitError, apply_coefficients, fit, rebuild
     from .ops import add, check_compatible, compose, compress, interpolate, merge, negate, scale, sub
+    from .parts import Parts, load_any
     from .subspace import Subspace, SubspaceError, active_pairs, overlap
 
 _LAZY = {
     "adapters": ("Adapter", "RoadAdapter", "LoraAdapter", "PromptVector", "Recipe", "describe"),
     "io": ("load", "save", "from_peft", "validate_folder"),
+    "parts": ("Parts", "load_any"),
     "ops": ("add", "sub", "negate", "scale", "interpolate", "merge", "compose", "compress", "check_compatible"),
     "interpret": ("evaluate",),
     "expr": ("parse", "format_name"),
@@ -88,7 +91,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "RoadAdapter", "LoraAdapter", "PromptVector", "Recipe", "describe",
-    "load", "save", "from_peft", "validate_folder",
+    "load", "load_any", "save", "from_peft", "validate_folder", "Parts",
     "add", "sub", "negate", "scale", "interpolate", "merge", "compose", "compress", "check_compatible", "METHODS",
     "evaluate", "parse", "format_name", "init", "check_fits", "fit", "apply_coefficients", "rebuild",
     "Subspace", "active_pairs", "overlap", "FitError", "SubspaceError", "DataError",

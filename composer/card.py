@@ -171,6 +171,12 @@ def _body(adapter: Adapter, kind_tag: str, repo_id: str | None, training: dict[s
                      else "- loss: n/a")
         return "\n" + "\n".join(lines) + "\n"
     body = f"\n# {repo_id or f'{kind_tag} adapter'}\n\nA {kind_tag} adapter stored with `hub`.\n"
+    if adapter.kind == "parts":
+        body = (f"\n# {repo_id or 'recipe of parts'}\n\nA recipe of parts stored with `hub`: adapters of several kinds "
+                "applied together on one row (LoRA on the weights, RoAd/IA³ on the outputs, a prompt vector as a "
+                "prefix). Each part is a PEFT folder, listed in order in `parts.json`: load one with "
+                "`PeftModel.from_pretrained(base, repo, subfolder=\"part-1-lora\")`, or serve them all with "
+                "`hub api` (`model` = this id).\n")
     if adapter.recipe is not None:
         body += f"\nComposed with `composer`:\n\n```\n{adapter.recipe.expression}\n```\n"
     return body

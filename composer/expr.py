@@ -2,6 +2,8 @@
 
 Grammar::
 
+    mix     := expr (";" expr)*                         parts applied together on one row (composer.parts):
+                                                        each side is its own expression, e.g. ``lora ; road ; prompt``
     expr    := term (("+" | "-") term)*
     term    := "-" term | NUMBER "*" term | factor ("*" NUMBER)?
     factor  := NAME | "(" expr ")" | call
@@ -14,15 +16,18 @@ Grammar::
                or any text in backquotes (`my folder/with spaces`)
 
 Examples: ``0.7*alice/math@v2 + 0.7*alice/code - 0.3*bob/toxic``, ``interp(a, b, 0.25)``,
-``merge(ties, 0.6*a, 0.4*b, density=0.5)``, ``compress(a + b, 8)``. Because names may contain ``-``, write ``a - b``
-(with spaces) to subtract.
+``merge(ties, 0.6*a, 0.4*b, density=0.5)``, ``compress(a + b, 8)``, ``0.5*a/lora + 0.5*b/lora ; c/road``.
+Because names may contain ``-``, write ``a - b`` (with spaces) to subtract.
 
-A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight per input.
+A sum of terms becomes one task-arithmetic merge, so its recipe lists one weight per input. ``;`` joins whole
+expressions only (never inside parentheses or a call): each side is evaluated on its own and the sides are served
+together, as the engine serves a LoRA, a RoAd adapter and a prompt vector on one row.
 
 This module also owns the *writer*: :func:`format_name`, :func:`format_number`, :func:`format_sum`,
-:func:`format_interp` and :func:`format_merge` produce text that :func:`parse` reads back to the same tree.
-Recipes (:mod:`composer.ops`) and the app's mixer both write expressions with them; :func:`rename` replaces
-names in a text and keeps the rest as written (the API pins ``alice/math@v2`` to its commit with it).
+:func:`format_interp`, :func:`format_merge` and :func:`format_parts` produce text that :func:`parse` reads back
+to the same tree. Recipes (:mod:`composer.ops`) and the app's mixer both write expressions with them;
+:func:`rename` replaces names in a text and keeps the rest as written (the API pins ``alice/math@v2`` to its
+commit with it).
 
 Work is bounded before anything is loaded (:mod:`composer.limits`): the text's length, the number of adapter
 names, the nesting of parentheses, calls and signs; numbers must be finite.
@@ -63,7 +68,7 @@ def _tokenize(s: str) -> list[Tok]:
         if c.isspace():
             i += 1
             continue
-        if c in "+-*(),=":
+        if c in "+-*(),=;":
             toks.append(Tok("op", c, i))
             i += 1
             continue
@@ -115,7 +120,16 @@ class Call:
     pos: int
 
 
-Node = Name | Linear | Call
+@dataclass(frozen=True)
+class Sides:
+    """``a ; b ; c``: whole expressions served together as parts of one row. ``spans`` are each side's
+    ``(start, end)`` in the text, so a side's recipe can quote it as written."""
+
+    sides: tuple[Node, ...]
+    spans: tuple[tuple[int, int], ...]
+
+
+Node = Name | Linear | Call | Sides
 
 
 _KEYWORDS = frozenset((*FUNCTIONS, "density", "seed", *METHODS))
@@ -166,6 +180,9 @@ class _Parser:
 
     def expect(self, text: str) -> Tok:
         t = self.peek()
+        if t.kind == "op" and t.text == ";" and text != ";":
+            raise self.error(f"Expected '{text}' (';' separates the parts of a mix only at the top level, between "
+                             "whole expressions: 'a + b ; c')")
         if t.kind != "op" or t.text != text:
             raise self.error(f"Expected '{text}'")
         return self.take()
@@ -173,10 +190,19 @@ class _Parser:
     def parse(self) -> Node:
         if self.peek().kind == "end":
             raise self.error("Empty expression: expected an adapter name")
-        node = self.expr()
+        sides, spans = [], []
+        while True:
+            start = self.peek()
+            if start.kind == "end" or (start.kind == "op" and start.text == ";"):
+                raise self.error("Expected an expression on each side of ';'")
+            sides.append(self.expr())
+            spans.append((start.pos, self.peek().pos))
+            if not (self.peek().kind == "op" and self.peek().text == ";"):
+                break
+            self.take()
         if self.peek().kind != "end":
             raise self.error("Unexpected token")
-        return node
+        return sides[0] if len(sides) == 1 else Sides(tuple(sides), tuple(spans))
 
     def expr(self) -> Node:
         terms = list(_terms(self.term()))
@@ -315,6 +341,9 @@ def leaves(node: Node) -> list[Name]:
         elif isinstance(n, Linear):
             for _, c in n.terms:
                 walk(c)
+        elif isinstance(n, Sides):
+            for c in n.sides:
+                walk(c)
         else:
             for c in n.args:
                 walk(c)
@@ -410,6 +439,11 @@ def format_interp(a: str, b: str, t: float) -> str:
 def format_compress(a: str, rank: int) -> str:
     """``compress(a, rank)`` from a written operand."""
     return f"compress({a}, {int(rank)})"
+
+
+def format_parts(sides: Sequence[str]) -> str:
+    """``a ; b ; c`` from written expressions (each a whole expression): parts served together on one row."""
+    return " ; ".join(sides)
 
 
 def format_merge(method: str, terms: Sequence[tuple[float, str]], params: Mapping[str, Any] | None = None) -> str:

@@ -24,6 +24,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PROMPT_VECTOR = "prompt_vector.safetensors"
 RECIPE = "recipe.json"
+MANIFEST = "parts.json"  # a recipe of parts (composer.parts) instead of an adapter_config.json
 CARD = "README.md"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 PREFIX = "base_model.model."

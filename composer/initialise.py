@@ -53,6 +53,10 @@ def init(model: Any, adapter_or_expression: Adapter | str, *, resolve: Callable[
     adapter = (evaluate(adapter_or_expression, resolve=resolve) if isinstance(adapter_or_expression, str)
                else adapter_or_expression)
     if not isinstance(adapter, kinds.adapter_classes()):
+        from .parts import Parts, refusal
+
+        if isinstance(adapter, Parts):  # hub train --init team/parts: why not, and what to do
+            raise refusal(adapter)
         raise TypeError(f"Expected an adapter or an expression, got {type(adapter).__name__}")
     peft_model = kinds.of(adapter).init_peft(model, adapter, adapter_name)
     peft_model.train()

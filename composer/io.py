@@ -37,6 +37,7 @@ from .errors import AdapterFormatError, ComposerError, UnsafeFormatError
 from .folder import (
     CARD,
     CONFIG,
+    MANIFEST,
     PICKLE_SUFFIXES,
     PREFIX,
     PROMPT_VECTOR,
@@ -50,6 +51,11 @@ from .text import shown
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
+    if not path.is_file() and (folder / MANIFEST).is_file():
+        raise AdapterFormatError(
+            f"'{shown(folder)}' is a recipe of parts (parts.json: adapters applied together on one row), not one "
+            "adapter folder: load it with composer.load_any (hub.load does), or load one of its part folders.",
+            path=folder)
     if not path.is_file():
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise AdapterFormatError(
@@ -183,18 +189,24 @@ def load(path: str | os.PathLike) -> Adapter:
     tensors = read_safetensors(_weights_path(folder, kind))
     _check_patterns(folder, cfg, tensors)
     adapter: Adapter = kind.parse(folder, cfg, tensors)
-    recipe = None
+    return type(adapter)(**{**adapter.__dict__, "recipe": read_recipe(folder), "source": str(folder)})
+
+
+def read_recipe(folder: Path) -> Recipe | None:
+    """The folder's ``recipe.json``, every field checked, or ``None`` when it has none."""
     rp = folder / RECIPE
-    if rp.is_file():
-        data = read_json(rp, "a recipe")
-        try:
-            recipe = Recipe.from_dict(data)
-            limits.check("expression_chars", len(recipe.expression), f"{rp}: the expression's length")
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ComposerError):
-                raise
-            raise AdapterFormatError(f"{rp} is not a valid recipe: {e}", path=rp) from e
-    return type(adapter)(**{**adapter.__dict__, "recipe": recipe, "source": str(folder)})
+    if not rp.is_file():
+        return None
+    data = read_json(rp, "a recipe")
+    try:
+        recipe = Recipe.from_dict(data)
+        limits.check("expression_chars", len(recipe.expression), f"{rp}: the expression's length")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ComposerError):
+            raise
+        raise AdapterFormatError(f"{rp} is not a valid recipe: {e}", path=rp) from e
+    return recipe
+
 
 
 def validate_folder(path: str | os.PathLike) -> Adapter:
@@ -213,7 +225,7 @@ def _peft_config(adapter: Adapter) -> dict[str, Any]:
     return kind.peft_config(adapter, cfg)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -226,7 +238,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save(adapter: Adapter, path: str | os.PathLike, *, card: str | None = None) -> Path:
-    """Write ``adapter`` as a PEFT folder that ``PeftModel.from_pretrained`` loads.
+    """Write ``adapter`` as a PEFT folder that ``PeftModel.from_pretrained`` loads (a
+    :class:`composer.parts.Parts` as a recipe of parts, :func:`composer.parts.save`).
 
     Args:
         adapter: the adapter to write.
@@ -236,6 +249,8 @@ def save(adapter: Adapter, path: str | os.PathLike, *, card: str | None = None) 
     Returns:
         The folder path.
     """
+    if not isinstance(adapter, kinds.adapter_classes()) and hasattr(adapter, "save_to"):
+        return adapter.save_to(path, card=card)  # a recipe of parts (composer.parts) writes its own layout
     adapter.validate()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -245,16 +260,16 @@ def save(adapter: Adapter, path: str | os.PathLike, *, card: str | None = None) 
             (folder / name).unlink(missing_ok=True)
             continue
         plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        _atomic_write(folder / name, lambda p, plain=plain: save_file(plain, p, metadata={"format": "pt"}))
+        atomic_write(folder / name, lambda p, plain=plain: save_file(plain, p, metadata={"format": "pt"}))
     if adapter.recipe is not None:
-        _atomic_write(folder / RECIPE, lambda p: Path(p).write_text(adapter.recipe.to_json(), encoding="utf-8"))
+        atomic_write(folder / RECIPE, lambda p: Path(p).write_text(adapter.recipe.to_json(), encoding="utf-8"))
     else:
         (folder / RECIPE).unlink(missing_ok=True)
     if card is None and not (folder / CARD).exists():
         card = build_card(adapter)
     if card is not None:
-        _atomic_write(folder / CARD, lambda p: Path(p).write_text(card, encoding="utf-8"))
-    _atomic_write(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
+        atomic_write(folder / CARD, lambda p: Path(p).write_text(card, encoding="utf-8"))
+    atomic_write(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n",
                                                                 encoding="utf-8"))
     return folder
 

@@ -46,6 +46,7 @@ _TABLE = (
     Limit("expression_chars", "ADAPTER_HUB_MAX_EXPRESSION_CHARS", 10_000, "characters", "an expression"),
     Limit("expression_terms", "ADAPTER_HUB_MAX_EXPRESSION_TERMS", 256, "adapter names", "an expression"),
     Limit("expression_depth", "ADAPTER_HUB_MAX_EXPRESSION_DEPTH", 32, "levels", "expression nesting"),
+    Limit("parts", "ADAPTER_HUB_MAX_PARTS", 16, "parts", "a recipe of parts"),
     Limit("lock_timeout", "ADAPTER_HUB_LOCK_TIMEOUT", 600, "seconds", "waiting for a lock"),
     Limit("history_chars", "ADAPTER_HUB_MAX_HISTORY_CHARS", 200_000, "characters", "a chat history"),
     Limit("history_turns", "ADAPTER_HUB_MAX_HISTORY_TURNS", 1000, "turns", "a chat history"),

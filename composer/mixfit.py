@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import kinds
 from .adapters import Adapter, Recipe, RoadAdapter
 from .arith import inputs as _inputs
 from .arith import label as _label
@@ -78,6 +79,7 @@ def _check(adapters: Sequence[Adapter]) -> list[RoadAdapter]:
     if len(adapters) < 1:
         raise FitError("Give at least one adapter to fit.")
     for i, a in enumerate(adapters):
+        kinds.of(a)  # a recipe of parts: refused with the reason (it is served as it is)
         if not isinstance(a, RoadAdapter):
             raise FitError(f"{_label(a, i)} is a {a.kind} adapter; fitting mix coefficients is for RoAd adapters. "
                            "Prompt vectors are mixed by plain τ arithmetic (composer.add / scale).")

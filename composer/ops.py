@@ -26,7 +26,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidValueError,
 )
-from .expr import format_interp, format_merge, format_sum
+from .expr import format_interp, format_merge, format_sum, short_shas
 
 # ---------------------------------------------------------------------------------------------- checks
 
@@ -54,13 +54,17 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
             raise IncompatibleAdaptersError(
                 f"Cannot combine a {first.kind} adapter with a {other.kind} adapter in arithmetic ({names}): a LoRA "
                 "adds ΔW = s·B·A to a layer's weight and RoAd rotates the layer's output, and no single adapter of "
-                "either kind equals both. To use both, serve them together as a mix of parts (the engine applies "
-                "the LoRA on the weight and the RoAd on the output: mix=[lora, road]).",
+                "either kind equals both. To use both, serve them together as a mix of parts: join the two with ';' "
+                f"('{short_shas(f'{_label(first, 0)!s} ; {_label(other, i)!s}')}', which hub compose stores; "
+                "mix=[lora, road] in "
+                "Python), and the engine applies the LoRA on the weight and the RoAd on the output.",
                 field="kind", left=first.kind, right=other.kind)
         if other.kind != first.kind:
             raise IncompatibleAdaptersError(
                 f"Cannot combine {_a(first.kind)} adapter with {_a(other.kind)} adapter ({names}); arithmetic combines "
-                "adapters of one kind (RoAd with RoAd, LoRA with LoRA, prompt vectors with prompt vectors ...).",
+                "adapters of one kind (RoAd with RoAd, LoRA with LoRA, prompt vectors with prompt vectors ...). "
+                "Kinds the engine serves together on one row (LoRA, RoAd or IA³, one prompt vector) join with ';' as "
+                f"parts instead: '{short_shas(f'{_label(first, 0)!s} ; {_label(other, i)!s}')}'.",
                 field="kind", left=first.kind, right=other.kind)
         bm_note = ""
         if first.base_model != other.base_model:

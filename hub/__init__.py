@@ -116,7 +116,7 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
     else:
         resolved = store.resolve(repo_id)
         path = store.pull_to(resolved, to, force=force) if to is not None else store.snapshot(resolved)
-    composer.load(path)
+    composer.load_any(path)
     return Path(path)
 
 
@@ -130,8 +130,9 @@ def resolve(repo_id: str, *, root: str | os.PathLike | None = None) -> Resolved:
     return Store(root).resolve(repo_id)
 
 
-def load(repo_id: str, *, root: str | os.PathLike | None = None) -> composer.Adapter:
-    """Load ``ns/name[@rev]`` from the store with ``source`` = ``ns/name@<commit sha>``."""
+def load(repo_id: str, *, root: str | os.PathLike | None = None) -> composer.Adapter | composer.Parts:
+    """Load ``ns/name[@rev]`` from the store with ``source`` = ``ns/name@<commit sha>``; a recipe of parts (``hub
+    compose "a ; b"``) as a :class:`composer.Parts`, which the engine serves as its parts on one row."""
     return Store(root).load(repo_id)
 
 
@@ -174,7 +175,9 @@ def composition_notes(expression: str, *, root: str | os.PathLike | None = None)
     inputs = []
     for name in dict.fromkeys(names(parse(expression))):
         resolved = store.resolve(name)  # once per name: the adapter and its card from the same commit
-        inputs.append((name, composer.load(store.snapshot(resolved)), _training(store, resolved)))
+        adapter = composer.load_any(store.snapshot(resolved))
+        if not isinstance(adapter, composer.Parts):  # composed already: its parts were noted then
+            inputs.append((name, adapter, _training(store, resolved)))
     return notes(inputs)
 
 
@@ -182,7 +185,9 @@ def compose(expression: str, repo_id: str, *, message: str | None = None, tag: s
             force: bool = False, root: str | os.PathLike | None = None) -> PushResult:
     """Evaluate a :mod:`composer` expression over store ids and push the result with its recipe.
 
-    Every input is pinned to the commit it resolved to (``ns/name@<sha>``) in ``recipe.json`` and the card.
+    Every input is pinned to the commit it resolved to (``ns/name@<sha>``) in ``recipe.json`` and the card. Sides
+    joined by ``;`` (``"a/lora + b/lora ; c/road ; d/prompt"``: adapters of several kinds applied together on one
+    row) are stored as a recipe of parts (:mod:`composer.parts`), one PEFT folder per side.
     """
     store = Store(root)
     adapter = composer.evaluate(expression, resolve=store.load)

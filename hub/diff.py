@@ -25,6 +25,8 @@ def diff(a: Adapter, b: Adapter) -> dict[str, Any]:
     Raises:
         IncompatibleAdaptersError: different kinds, modules or shapes.
     """
+    for x in (a, b):
+        kinds.of(x)  # a recipe of parts: refused with the reason (it has no one task vector)
     if a.kind != b.kind:
         raise IncompatibleAdaptersError(f"Cannot compare a {a.kind} adapter with a {b.kind} adapter.",
                                         field="kind", left=a.kind, right=b.kind)

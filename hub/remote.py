@@ -11,8 +11,9 @@ Pull: resolve the revision to a commit (model info), take the server's own recor
 size, and check its checksum (huggingface_hub's downloader trusts the size the download announces, and checks
 nothing else). Every read from the remote shares one deadline (``ADAPTER_HUB_REMOTE_DEADLINE``, 600 s): a server
 trickling a byte every few seconds ends the pull with an error rather than holding it forever. Only the
-adapter files at the top of the repository are downloaded; a pickle (``.bin``, ``.pt``, ...) is refused, any
-other file is left on the server. The files are validated with :mod:`composer` and recorded in the local store
+adapter files at the top of the repository are downloaded (and, for a recipe of parts, those of its part
+folders); a pickle (``.bin``, ``.pt``, ...) is refused, any other file is left on the server. The files are
+validated with :mod:`composer` and recorded in the local store
 (``refs/hf/<remote sha>`` plus the remote's tags) so it works offline afterwards::
 
     model_info(rev, blobs)  ─> sha, file names   (pickle: refused; not an adapter file: skipped)
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .ids import check_tag, next_version, parse_id
 from .staging import SMALL_FILES
-from .store import ADAPTER_FILES, BRANCH, PushResult, Store, check_reserved, write_card
+from .store import BRANCH, PushResult, Store, check_reserved, listing, stored, write_card
 from .text import shown
 
 _SHA40 = __import__("re").compile(r"[0-9a-f]{40}\Z")
@@ -223,7 +224,7 @@ class HfRemote:
                                      repo_id=repo_id, tag=tag, target=tags[tag])
             else:
                 check_reserved(repo_id, tag, force=force)
-            names = sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES)
+            names = [n for n in listing(staging) if stored(n)]  # a recipe of parts: its part folders' files too
             present = set()
             if head is not None:
                 present = set(self._call(repo_id, "read", self.api.list_repo_files, repo_id, revision=head))
@@ -233,7 +234,7 @@ class HfRemote:
             for attempt in range(self.max_attempts):
                 ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(staging / n)) for n in names]
                 ops += [CommitOperationDelete(path_in_repo=n) for n in sorted(present)
-                        if n in ADAPTER_FILES and n not in names]
+                        if stored(n) and n not in names]
                 try:
                     info = self.api.create_commit(repo_id, ops, commit_message=msg, commit_description=marker,
                                                   parent_commit=head, revision=BRANCH)
@@ -340,6 +341,7 @@ class HfRemote:
             from huggingface_hub.utils import tqdm
 
             for name in tqdm(names, desc="Downloading", unit="file", leave=False):
+                (local / name).parent.mkdir(exist_ok=True)  # a part folder of a recipe of parts
                 self._download(repo_id, sha, name, local / name, records[name], deadline)
             remote_tags: tuple[str, ...] = ()
             try:
@@ -414,7 +416,7 @@ class HfRemote:
                 raise IntegrityError(
                     f"{self._where()} gives two sizes for '{name}' in '{repo_id}@{sha[:12]}' ({listed[name]} in the "
                     f"model info, {size} in paths-info); refusing it. Nothing was stored.", path=name)
-            limits.check("config_bytes" if name in SMALL_FILES else "adapter_bytes", size,
+            limits.check("config_bytes" if name.rsplit("/", 1)[-1] in SMALL_FILES else "adapter_bytes", size,
                          f"'{name}' of '{repo_id}@{sha[:12]}' on {self._where()} (its declared size)")
         return records
 
@@ -490,11 +492,14 @@ class HfRemote:
 
 
 def _adapter_names(repo_id: str, sha: str, siblings) -> list[str]:
-    """The files of a remote commit that a pull downloads: the adapter files at the top level.
+    """The files of a remote commit that a pull downloads: the adapter files at the top level, and for a recipe
+    of parts (a ``parts.json`` and no ``adapter_config.json`` at the top) its part folders' adapter files
+    (:func:`hub.store.stored`: one level down, plain names; which of them are parts, the staged ``parts.json``
+    decides, and the store keeps only those).
 
     A pickle anywhere is refused (it runs code when loaded, and a repo that ships one is not an adapter this
-    hub can store); any other file (``.gitattributes``, images, training logs, subfolders) is left on the
-    server, not downloaded.
+    hub can store); any other file (``.gitattributes``, images, training logs, checkpoint subfolders of a plain
+    adapter) is left on the server, not downloaded.
     """
     names = []
     for s in siblings:
@@ -505,6 +510,8 @@ def _adapter_names(repo_id: str, sha: str, siblings) -> list[str]:
             raise UnsafeFolderError(
                 f"'{repo_id}@{sha[:12]}' holds '{shown(name)}', a pickle (it runs code when loaded); the hub only "
                 "pulls safetensors adapters. Ask its author for adapter_model.safetensors.", path=name)
-        if name in ADAPTER_FILES:
+        if stored(name):
             names.append(name)
+    if "parts.json" not in names or "adapter_config.json" in names:
+        names = [n for n in names if "/" not in n]
     return sorted(set(names))

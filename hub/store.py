@@ -13,6 +13,8 @@ Layout under ``$ADAPTER_HUB_HOME`` (default ``~/.cache/adapter-hub``)::
     │           ├── prompt_vector.safetensors   (prompt vectors only)
     │           ├── adapter.safetensors      (the adapters library's bottleneck adapters, instead of adapter_model)
     │           ├── recipe.json              (composed adapters only)
+    │           ├── parts.json               (a recipe of parts, instead of adapter_config.json: composer.parts)
+    │           ├── part-1-lora/ …           (its parts: one PEFT folder each, adapter files only)
     │           └── README.md                model card, YAML front matter
     ├── snapshots/<namespace>/<name>/<commit sha>/   read-only exports, what `hub pull` prints
     ├── locks/<namespace>/<name>.lock        flock: one writer per repository
@@ -64,13 +66,40 @@ from .text import shown
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "prompt_vector.safetensors",
-                 "adapter.safetensors", "recipe.json", "README.md")  # adapter.safetensors: the adapters library's
+                 "adapter.safetensors", "recipe.json", "README.md",  # adapter.safetensors: the adapters library's
+                 "parts.json")  # a recipe of parts, whose part folders (composer.parts.PART_FILES each) sit beside it
 BRANCH = "main"
 PULL_MARKER = ".hub-pull"  # in a --to folder: what was pulled there, and each file's sha256
 _ZERO = "0" * 40
 _SHA = re.compile(r"[0-9a-f]{4,40}\Z")
 _SCRUB = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
           "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_COMMON_DIR")
+
+
+def stored(name: str) -> bool:
+    """Whether ``name`` (a path in a commit's tree, ``/``-separated) is one the store keeps: an adapter file at the
+    top, or an adapter file in a part folder of a recipe of parts (one level down, a plain part name). Nothing else
+    is ever exported, so no tree can make a pull write outside its folder."""
+    if name in ADAPTER_FILES:
+        return True
+    from composer.parts import PART_FILES, PART_NAME  # torch: only where adapter files are read or written
+
+    part, _, file = name.partition("/")
+    return bool(PART_NAME.match(part)) and file in PART_FILES
+
+
+def listing(folder: Path) -> list[str]:
+    """The files of an exported folder as :func:`stored` names (part folders one level down), dot-files aside."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            out += [f"{name}/{n}" for n in sorted(os.listdir(path)) if not n.startswith(".")]
+        else:
+            out.append(name)
+    return out
 
 
 def default_root() -> Path:
@@ -330,11 +359,12 @@ class Store:
         path = self._require(resolved.ref)
         try:
             for name, oid in self.files(resolved):
-                if name not in ADAPTER_FILES:  # the store holds nothing else; never write outside dest
+                if not stored(name):  # the store holds nothing else; never write outside dest
                     continue
                 data = self._git(path, "cat-file", "blob", oid).stdout
                 target = dest / name
-                fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".tmp")
+                target.parent.mkdir(exist_ok=True)  # a part folder of a recipe of parts
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
                 try:
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(data)
@@ -372,7 +402,8 @@ class Store:
             self.export(resolved, dest)
             _write_pull_marker(dest, resolved)
             return dest
-        foreign = [n for n in present if n not in ADAPTER_FILES]
+        foreign = [n for n in present if not stored(n) and not (dest / n).is_dir()]
+        foreign += [n for n in listing(dest) if "/" in n and not stored(n)]
         if foreign:
             raise FolderNotEmptyError(
                 f"'{dest}' is not empty and holds files that are not adapter files ({', '.join(foreign[:5])}"
@@ -425,8 +456,8 @@ class Store:
 
     def _intact(self, resolved: Resolved, folder: Path) -> bool:
         """Whether ``folder`` holds exactly the commit's adapter files, byte for byte (git blob ids compared)."""
-        want = {n: oid for n, oid in self.files(resolved) if n in ADAPTER_FILES}
-        have = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+        want = {n: oid for n, oid in self.files(resolved) if stored(n)}
+        have = listing(folder)
         if have != sorted(want):
             return False
         for name, oid in want.items():
@@ -458,10 +489,11 @@ class Store:
                 raise
         return final
 
-    def load(self, repo_id: str) -> composer.Adapter:
-        """Load ``ns/name[@rev]`` with its ``source`` pinned to ``ns/name@<commit sha>``."""
+    def load(self, repo_id: str) -> composer.Adapter | composer.Parts:
+        """Load ``ns/name[@rev]`` with its ``source`` pinned to ``ns/name@<commit sha>`` (a recipe of parts as a
+        :class:`composer.Parts`)."""
         resolved = self.resolve(repo_id)
-        adapter = composer.load(self.snapshot(resolved))
+        adapter = composer.load_any(self.snapshot(resolved))
         return dataclasses.replace(adapter, source=resolved.pinned)
 
     # --- writing ------------------------------------------------------------------------------------
@@ -476,13 +508,54 @@ class Store:
             raise composer.AdapterFormatError(f"'{shown(folder)}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
         check_folder(folder)  # before anything reads through a link
-        composer.load(folder)  # errors name the user's folder
-        skipped = copy_files(folder, staging, ADAPTER_FILES)
+        if composer.parts.is_parts(folder):
+            for name, _ in composer.parts.read_manifest(folder):  # each a plain name inside the folder
+                check_folder(folder / name)
+        composer.load_any(folder)  # errors name the user's folder
+        if composer.parts.is_parts(folder):  # the manifest, recipe and card here; each part in its own folder
+            skipped = [n for n in copy_files(folder, staging, ("parts.json", "recipe.json", "README.md"))
+                       if not (folder / n).is_dir()]
+            skipped += self._stage_parts(folder, staging)
+        else:
+            skipped = list(copy_files(folder, staging, tuple(n for n in ADAPTER_FILES if n != "parts.json")))
         # What is stored is the staged copy, so validate that too (the folder may change under us).
-        adapter = composer.load(staging)
+        adapter = composer.load_any(staging)
         if (staging / "README.md").exists():
             parse_card((staging / "README.md").read_bytes())  # reject unsafe cards before taking any lock
         return adapter, tuple(skipped)
+
+    @staticmethod
+    def _stage_parts(folder: Path, staging: Path) -> list[str]:
+        """Copy the part folders the staged ``parts.json`` lists, as :func:`hub.staging.copy_files` copies any
+        folder (no links, plain files only, within the limits); returns what was left out (other folders too)."""
+        from composer.parts import PART_FILES, read_manifest
+
+        listed = [name for name, _ in read_manifest(staging)]  # names checked: one plain name each, never a path
+        skipped = [n for n in sorted(os.listdir(folder)) if (folder / n).is_dir() and n not in listed
+                   and not n.startswith(".")]
+        for name in listed:
+            check_folder(folder / name)  # the part folder itself a link, or a link inside it: refused
+            (staging / name).mkdir()
+            skipped += [f"{name}/{n}" for n in copy_files(folder / name, staging / name, PART_FILES)]
+        return skipped
+
+    def _tree(self, path: Path, staging: Path) -> str:
+        """Write the staged files as git objects; returns the tree (part folders as subtrees)."""
+        def tree_of(folder: Path, names: list[str], subtrees: dict[str, str]) -> str:
+            oids = self._out(path, "hash-object", "-w", "--no-filters", "--stdin-paths",
+                             input="".join(f"{folder / n}\n" for n in names).encode()).split() if names else []
+            rows = [f"100644 blob {o}\t{n}\0" for n, o in zip(names, oids)]
+            rows += [f"040000 tree {o}\t{n}\0" for n, o in subtrees.items()]
+            return self._out(path, "mktree", "-z", input="".join(rows).encode())
+
+        subtrees = {}
+        if (staging / "parts.json").exists():  # only a recipe of parts is staged with one (stage)
+            from composer.parts import PART_FILES, read_manifest
+
+            for name, _ in read_manifest(staging):
+                files = sorted(n for n in os.listdir(staging / name) if n in PART_FILES)
+                subtrees[name] = tree_of(staging / name, files, {})
+        return tree_of(staging, sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES), subtrees)
 
     def push(self, folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
              force: bool = False, allow_empty: bool = False, extra_refs: dict[str, str] | None = None,
@@ -552,11 +625,7 @@ class Store:
 
                 if not (keep_card and (staging / "README.md").exists()):
                     write_card(staging, adapter, previous, ref.repo_id)
-                names = sorted(n for n in os.listdir(staging) if n in ADAPTER_FILES)
-                oids = self._out(path, "hash-object", "-w", "--no-filters", "--stdin-paths",
-                                 input="".join(f"{staging / n}\n" for n in names).encode()).split()
-                tree_in = "".join(f"100644 blob {o}\t{n}\0" for n, o in zip(names, oids))
-                tree = self._out(path, "mktree", "-z", input=tree_in.encode())
+                tree = self._tree(path, staging)
                 if (parent is not None and auto_version and not allow_empty and not extra_refs
                         and tree == self._out(path, "rev-parse", f"{parent}^{{tree}}")):
                     return self._unchanged(path, ref, parent, tags, tag if tag not in (None, next_version(tags))
@@ -653,7 +722,7 @@ def write_card(staging: Path, adapter: composer.Adapter, previous: Callable[[], 
 def _folder_digests(folder: Path) -> dict[str, str]:
     from composer.data import file_sha256
 
-    return {n: file_sha256(folder / n) for n in sorted(os.listdir(folder)) if n in ADAPTER_FILES}
+    return {n: file_sha256(folder / n) for n in listing(folder) if stored(n)}
 
 
 def _write_pull_marker(folder: Path, resolved: Resolved) -> None:

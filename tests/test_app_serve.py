@@ -161,10 +161,13 @@ def test_a_road_mix_with_one_prompt_vector_is_served_on_one_row(served):
     assert expected not in (served.alone("0.7*alice/math@v1 - 0.3*bob/code@v1", "Hello there", max_new_tokens=MAX_NEW),
                             served.alone("0.5*carol/style@v1", "Hello there", max_new_tokens=MAX_NEW))
     assert label_of(out).startswith("0.7\\*alice/math@v1")  # the reply names its mix (Markdown-escaped)
-    # saving the pair is refused with the reason; two prompt vectors beside RoAd are refused too
+    # saving the pair stores a recipe of parts: one PEFT folder per kind, served as the same pair
     w = [0.7, -0.3, 0.5] + [1.0] * (MAX_SLOTS - 3)
-    bad = client.predict("team/pair", False, sel, "task_arithmetic", 0.5, 0.5, *w, api_name="/save")
-    assert "Not saved" in bad[0] and "separately" in bad[0]
+    saved = client.predict("team/pair", False, sel, "task_arithmetic", 0.5, 0.5, *w, api_name="/save")
+    assert "Saved" in saved[0] and "team/pair@v1" in saved[0]
+    pair = served.mixer.load("team/pair@v1")
+    assert pair.label() == "road ; prompt" and pair.recipe.expression.startswith("0.7*alice/math@")
+    assert reply_of(client.predict(*chat_args("Hello there", ["team/pair@v1"], [1.0]), api_name="/chat")) == expected
 
 
 def test_incompatible_choice_is_explained_not_a_traceback(served):

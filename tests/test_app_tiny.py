@@ -237,8 +237,8 @@ def test_mixer_resolves_each_name_once_and_serves_the_pinned_commits(tmp_path, m
 
 
 def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
-    """Every mix the page can build is shown as an expression `hub compose` reads back, except the two forms the
-    box's label names: a fitted mix (`fit(...)`) and adapters of several kinds on one row (`road ; prompt`)."""
+    """Every mix the page can build is shown as an expression `hub compose` reads back, adapters of several kinds on
+    one row (`road ; prompt`) included, except the form the box's label names: a fitted mix (`fit(...)`)."""
     from app.ui.page import EXPRESSION_INFO
     from composer.expr import short_shas
 
@@ -252,7 +252,7 @@ def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
                 expression, adapter, _ = mixer.compose(selected, [0.5, -0.25], method, 0.3, 0.6)
             except MixInputError:
                 continue
-            shown.append((short_shas(expression), isinstance(adapter, list)))
+            shown.append((short_shas(expression), isinstance(adapter, composer.Parts)))
     fitted = composer.fit([mixer.load("alice/math"), mixer.load("bob/code")],
                           [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
                           model=model, tokenizer=tiny_chat_model()[1], steps=1, granularity="adapter")
@@ -264,9 +264,9 @@ def test_what_the_page_shows_as_an_expression_parses_back(tmp_path):
     assert len(plain) >= 8
     for text in plain:
         composer.evaluate(text, resolve=mixer.load)  # parses and resolves, pinned shas included
-    for text in pairs:
-        for side in text.split(" ; "):
-            composer.evaluate(side, resolve=mixer.load)
+    for text in pairs:  # the parts, each side's recipe its own text
+        parts = composer.evaluate(text, resolve=mixer.load)
+        assert [p.kind for p in parts] == ["road", "prompt"] and parts.recipe.expression == text
     with pytest.raises(composer.ExpressionError):
         composer.parse(fit_text)
 

@@ -237,3 +237,12 @@ def test_other_llama_shaped_architectures_serve_bottleneck_rows_as_the_reader_pl
                 with bn.attached(model, ads[n]):
                     want = model(ids[i:i + 1]).logits[0]
         assert (got[i] - want).abs().max() < TOL, (arch, n, float((got[i] - want).abs().max()))
+
+
+def test_a_recipe_of_parts_takes_one_bottleneck_and_says_to_add_two(ads):
+    """``composer.parts.check`` lets a bottleneck be a part and refuses two, pointing at their output sum."""
+    from composer.parts import check
+    a, b = (ads[n] for n in NAMES[:2])
+    check([a])
+    with pytest.raises(composer.NotComposableError, match="both bottleneck adapters.*summed"):
+        check([a, b])

@@ -238,3 +238,13 @@ def test_a_folder_whose_keys_and_values_do_not_fit_its_config_is_refused(folders
     ids, mask = batch(6, lengths=(4, 3))
     got = Engine(base(), None).forward(ids, mask, [None, bare])[1][mask[1].bool()]
     assert (got - reference_logits(folders, "p4", ids[1][mask[1].bool()])).abs().max() < TOL
+
+
+def test_a_recipe_of_parts_takes_one_prompt_learning_adapter_and_the_engine_agrees(folders):
+    """``composer.parts.check`` (what ``hub compose "a ; b"`` asks) lets a prefix beside a LoRA and RoAd, and
+    refuses a prefix beside a prompt vector, as the engine refuses that row (tested above)."""
+    from composer.parts import check
+    p4, pv, lo, rd = (composer.load(folders[n]) for n in ("p4", "pv3", "lora", "road"))
+    check([lo, rd, p4])
+    with pytest.raises(composer.NotComposableError, match="both prompt-learning adapters"):
+        check([p4, pv])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -39,14 +40,15 @@ SECRET = "aws_secret_access_key = DO-NOT-LEAK"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A store with alice/math v1 and v2 (RoAd), alice/lora and alice/dora, served by `hub serve` for the whole
-    module."""
+    """A store with alice/math v1 and v2 (RoAd), alice/lora, alice/dora and alice/parts (a recipe of parts: the LoRA
+    and the RoAd v1), served by `hub serve` for the whole module."""
     tmp = tmp_path_factory.mktemp("corpus")
     root = tmp / "store"
     hub.push(folder(tmp, "a", seed=0), "alice/math", root=root)
     hub.push(folder(tmp, "b", seed=1), "alice/math", root=root)
     hub.push(peft_lora(tmp / "lora", seed=0), "alice/lora", root=root)
     hub.push(peft_lora(tmp / "dora", seed=1, use_dora=True), "alice/dora", root=root)
+    hub.compose("alice/lora ; alice/math@v1", "alice/parts", root=root)  # a recipe of parts
     port = free_port()
     log = open(tmp / "serve.log", "wb")
     # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
@@ -269,6 +271,38 @@ def _newline_folder(tmp, mp):
     return ["push", str(src), "alice/math"]
 
 
+def _parts(change: Callable[[Path, Path], None]):
+    """A recipe of parts (a LoRA and a RoAd part) changed by ``change(folder, scratch)`` before it is pushed."""
+    def case(tmp: Path, mp) -> list[str]:
+        src = tmp / "parts"
+        road, lora = composer.load(folder(tmp, "road")), composer.load(peft_lora(tmp / "lora", seed=0))
+        composer.save(composer.Parts((lora, road)), src)
+        change(src, tmp)
+        return ["push", str(src), "alice/parts"]
+    return case
+
+
+def _part_folder_link(src: Path, tmp: Path) -> None:
+    secret = _secret(tmp).parent
+    shutil.copytree(src / "part-2-road", secret, dirs_exist_ok=True)  # a valid part beside the secret
+    shutil.rmtree(src / "part-2-road")
+    (src / "part-2-road").symlink_to(secret, target_is_directory=True)
+
+
+def _part_file_link(src: Path, tmp: Path) -> None:
+    (src / "part-1-lora" / "recipe.json").symlink_to(_secret(tmp))
+
+
+def _manifest(**changes) -> Callable[[Path, Path], None]:
+    def change(src: Path, tmp: Path) -> None:
+        m = json.loads((src / "parts.json").read_text())
+        m["parts"][1].update(changes)
+        if changes.get("folder") == "../elsewhere":
+            shutil.copytree(src / "part-2-road", tmp / "elsewhere")
+        (src / "parts.json").write_text(json.dumps(m))
+    return change
+
+
 CASES: dict[str, tuple[Callable, int]] = {
     # a push never follows links, never blocks on a pipe
     "card link to a secret": (_linked("README.md"), 1),
@@ -340,6 +374,16 @@ CASES: dict[str, tuple[Callable, int]] = {
     "lora plus dora": (_compose("alice/lora + alice/dora"), 1),
     "compress a road adapter": (_compose("compress(alice/math@v1, 2)"), 1),
     "compress to rank 0": (_compose("compress(alice/lora, 0)"), 1),
+    # recipes of parts: never a link, never a folder outside, only what one row takes
+    "parts: a part folder is a link": (_parts(_part_folder_link), 1),
+    "parts: a part's file is a link to a secret": (_parts(_part_file_link), 1),
+    "parts: the manifest names a folder outside": (_parts(_manifest(folder="../elsewhere")), 1),
+    "parts: the manifest names an absolute path": (_parts(_manifest(folder="/etc")), 1),
+    "parts: the manifest lists another kind": (_parts(_manifest(kind="lora")), 1),
+    "parts: the manifest is not JSON": (_parts(lambda src, tmp: (src / "parts.json").write_text("[")), 1),
+    "parts: a DoRA part": (_compose("alice/lora ; alice/dora"), 1),
+    "parts: arithmetic on a recipe of parts": (_compose("0.5*alice/parts + alice/lora"), 1),
+    "parts: ';' inside parentheses": (_compose("(alice/lora ; alice/math@v1)"), 1),
     # ids, tags, revisions
     "id traversal": (lambda t, mp: ["push", str(folder(t, "src")), "alice/../../etc"], 1),
     "id absolute": (lambda t, mp: ["pull", "/etc/passwd"], 1),

@@ -3,7 +3,8 @@
 A *mix* is what a row carries: ``None`` (the base model), an adapter of a kind the engine serves (RoAd, IA³, LoRA,
 prompt vector, prefix tuning, bottleneck), or a list of them (RoAd/IA³ parts are applied in order, as PEFT stacks
 active adapters; LoRA parts add up, as PEFT with several active; at most one prompt vector or prefix-tuning adapter,
-as PEFT runs one prompt-learning adapter; at most one bottleneck adapter). Each kind's ``engine_role`` says how:
+as PEFT runs one prompt-learning adapter; at most one bottleneck adapter), or a stored recipe of parts
+(:class:`composer.Parts`, ``hub compose "a ; b"``), which is its list of parts. Each kind's ``engine_role`` says how:
 RoAd and LoRA run per row inside the model's own linear layers (:mod:`app.engine.road`, :mod:`app.engine.lora`):
 a layer carrying both adds the LoRA on the weight and rotates the output with RoAd (``y = R(W·x + ΔW·x)``,
 what PEFT gives for the RoAd adapter on a model with the LoRA merged in); prompts become per-row prefix embeddings,
@@ -29,13 +30,14 @@ import torch
 from torch import nn
 
 from composer import PromptVector, kinds
+from composer.parts import items
 
 from ..errors import MixError, UnsupportedModelError
 from . import bottleneck, kernel, lora, prefix, road
 from . import cache as kv_cache
 from .sampling import check_sampling, generator, pick_rows
 
-Mix = Any  # None | an adapter | a sequence of RoadAdapter, LoraAdapter, PromptVector | str (an expression)
+Mix = Any  # None | an adapter | a sequence of adapters | composer.Parts | str (an expression)
 # A row's RoAd tables, LoRA factors and bottleneck part (None: the base model); its prompt vector or prefix-tuning
 # adapter travels beside it (they act on the inputs and the cache, not on layers).
 Row = tuple[road.Tables | None, lora.Factors | None, bottleneck.Part | None]
@@ -120,7 +122,7 @@ class Engine:
         if isinstance(mix, str):
             import composer
             mix = composer.evaluate(mix, resolve=self.resolve)
-        parts = list(mix) if isinstance(mix, (list, tuple)) else [mix]
+        parts = items(mix)  # a recipe of parts (hub compose "a ; b") is its parts
         by_role: dict[str | None, list[Any]] = {}
         for p in parts:
             if p is None:

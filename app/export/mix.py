@@ -2,15 +2,16 @@
 format refuses and why, and the record written beside every export.
 
 A mix is what the engine serves on a row: an adapter (:func:`composer.evaluate`'s result for ``ID|EXPR``) or a
-list of parts (RoAd, LoRA, at most one prompt vector).
+list of parts (RoAd, LoRA, at most one prompt vector), or a stored recipe of parts (:class:`composer.Parts`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from composer import NotComposableError, kinds
+from composer import kinds
 from composer.lora_math import NOT_LOW_RANK
+from composer.parts import items, unserved
 
 from ..errors import ExportError
 
@@ -23,9 +24,8 @@ NOT_MERGEABLE = ("alora_invocation_tokens", "arrow_config", "monteclora_config",
 
 
 def parts(mix: Any) -> list[Any]:
-    """The mix's adapters, in order (``None`` entries dropped)."""
-    items = list(mix) if isinstance(mix, (list, tuple)) else [mix]
-    return [p for p in items if p is not None]
+    """The mix's adapters, in order (``None`` entries dropped; a recipe of parts is its parts)."""
+    return items(mix)
 
 
 def role(part: Any) -> str | None:
@@ -74,17 +74,9 @@ def peft_part(mix: Any, fmt: str) -> Any | None:
 
 
 def _engine_folds(part: Any) -> bool:
-    """Whether the engine's own folding applies: a role it serves, a plain LoRA, and an output kind that equals a
-    RoAd adapter (an IA³ that scales a feedforward module's input does not: PEFT merges it)."""
-    r = role(part)
-    if r is None or (r == "weight" and part.not_low_rank):
-        return False
-    if r == "output":
-        try:
-            kinds.of(part).as_road(part)
-        except NotComposableError:
-            return False
-    return True
+    """Whether the engine's own folding applies: it serves the part per row (a plain LoRA, an output kind that equals
+    a RoAd adapter: an IA³ that scales a feedforward module's input does not, PEFT merges it)."""
+    return unserved(part) is None
 
 
 def record(mix: Any, expression: str | None = None) -> dict[str, Any]:

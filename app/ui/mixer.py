@@ -17,7 +17,7 @@ import composer
 import hub
 from composer.adapters import cosine, task_vector
 from composer.card import describe
-from composer.expr import format_interp, format_merge, format_name, format_sum
+from composer.expr import format_interp, format_merge, format_name, format_parts, format_sum
 from composer.merge_methods import METHODS as MERGE_METHODS
 from composer.mixfit import layer_number
 
@@ -234,12 +234,14 @@ class Mixer:
 
         Adapters of one kind are combined by the method. Adapters of several kinds the engine serves together on
         one row (RoAd or IA³ on a layer's output, LoRA on its weight, one prompt vector as a prefix: PEFT stacks
-        them the same way) are combined kind by kind, each group by the method with its weights, and the mix is the
-        list of parts; its expression is the parts' expressions joined by ``" ; "`` (each side an expression).
+        them the same way) are combined kind by kind, each group by the method with its weights; the expression is
+        the groups' expressions joined by ``" ; "`` (what ``hub compose`` reads) and the mix its
+        :class:`composer.Parts` (saved as a recipe of parts). A stored recipe of parts is served as it is, alone.
 
         Raises:
             MixInputError: as :func:`build_expression` and :meth:`evaluate`; kinds the engine does not serve on one
-                row (two prompt vectors, a kind served by PEFT only), or interpolation across kinds.
+                row (two prompt vectors, a kind served by PEFT only), interpolation across kinds, or a stored recipe
+                of parts chosen with other adapters.
         """
         selected = [s for s in (selected or []) if s]
         try:
@@ -248,6 +250,10 @@ class Mixer:
         except _KNOWN as e:
             raise MixInputError(_explain(e)) from e
         kinds_of = [loaded[n].kind if n in loaded else "?" for n in selected]
+        stored_parts = [n for n in selected if isinstance(loaded.get(n), composer.Parts)]
+        if stored_parts and len(selected) > 1:
+            raise MixInputError(f"{stored_parts[0]} is a recipe of parts ({loaded[stored_parts[0]].label()}), served "
+                                "as it is: choose it alone, or choose its parts' adapters to mix them again.")
         groups = list(dict.fromkeys(kinds_of))
         if len(groups) <= 1 or "?" in groups:
             expression = build_expression(selected, weights, method, t, density)
@@ -266,21 +272,20 @@ class Mixer:
             raise MixInputError(f"One row takes at most one prompt vector beside other kinds; you chose {len(prompts)} "
                                 f"({', '.join(prompts)}). Mix prompt vectors on their own, or keep one.")
         ws = list(weights) + [1.0] * (len(selected) - len(weights))
-        parts, texts, notes = [], [], []
+        texts = []
         # The order the engine applies them in does not matter per role; prompt vectors last, as the page did.
         for kind in sorted(groups, key=lambda k: k == "prompt"):
             names = [n for n, k in zip(selected, kinds_of) if k == kind]
             expr = build_expression(names, [ws[selected.index(n)] for n in names],
                                     "task_arithmetic" if kind == "prompt" else method, t, density)
-            if not expr:  # every weight of this kind is 0
-                continue
-            adapter, more = self.evaluate(expr, pins)
-            parts.append(adapter)
-            texts.append(expr)
-            notes += more
-        if len(parts) <= 1:
-            return (texts[0], parts[0], notes) if parts else ("", None, [])
-        return " ; ".join(texts), parts, list(dict.fromkeys(notes))
+            if expr:  # else every weight of this kind is 0
+                texts.append(expr)
+        if not texts:
+            return "", None, []
+        # One expression, as hub compose reads it: the parts with their recipe (saved as a recipe of parts).
+        expression = format_parts(texts)
+        adapter, notes = self.evaluate(expression, pins)
+        return expression, adapter, notes
 
     def description(self, name: str) -> str:
         """What the adapter's model card says it does (:func:`composer.card.describe`), or ``""``."""
@@ -327,6 +332,7 @@ class Mixer:
         (:func:`composer.advice.notes`); empty for fewer than two adapters."""
         from composer.advice import notes
 
+        named = [(n, a) for n, a in named if not isinstance(a, composer.Parts)]  # composed already
         if len(named) < 2:
             return []
         return notes([(n, a, self.training(n)) for n, a in named])
@@ -362,7 +368,10 @@ def _explain(e: BaseException) -> str:
 # -------------------------------------------------------------------------------------------- analysis
 
 def kind_label(a: composer.Adapter) -> str:
-    """What the adapter list shows as its kind: ``road (road_1, g=64)``, ``lora (r=8)``, ``prompt``."""
+    """What the adapter list shows as its kind: ``road (road_1, g=64)``, ``lora (r=8)``, ``prompt``, ``parts (lora ;
+    road)`` for a recipe of parts."""
+    if isinstance(a, composer.Parts):
+        return f"parts ({a.label()})"
     return composer.kinds.of(a).label(a)
 
 
@@ -371,7 +380,7 @@ def layer_norms(adapter: composer.Adapter | None) -> list[dict[str, Any]]:
     RoAd adapter over its modules, ‖ΔW‖ of a LoRA, or ‖τ‖ per virtual token of a prompt vector."""
     if adapter is None:
         return []
-    if isinstance(adapter, (list, tuple)):  # a RoAd mix with a prompt vector
+    if isinstance(adapter, (list, tuple, composer.Parts)):  # parts of one row
         return [row for part in adapter for row in layer_norms(part)]
     return composer.kinds.of(adapter).layer_rows(adapter, _layer)
 
@@ -382,12 +391,15 @@ def cosine_matrix(named: Sequence[tuple[str, composer.Adapter]], weights: Sequen
     subtracted task shows as opposed); ``None`` where two vectors cannot be compared or one is zero."""
     names = [n for n, _ in named]
     ws = list(weights) if weights is not None else [1.0] * len(named)
-    vecs = [task_vector(a) * (1.0 if w is None else float(w)) for (_, a), w in zip(named, ws)]
+    # A recipe of parts has no one task vector: n/a beside everything.
+    vecs = [None if isinstance(a, composer.Parts) else task_vector(a) * (1.0 if w is None else float(w))
+            for (_, a), w in zip(named, ws)]
     mat: list[list[float | None]] = []
     for i, a in enumerate(vecs):
         row: list[float | None] = []
         for j, b in enumerate(vecs):
-            same = named[i][1].kind == named[j][1].kind and a.shape == b.shape
+            same = (a is not None and b is not None and named[i][1].kind == named[j][1].kind
+                    and a.shape == b.shape)
             row.append(cosine(a, b) if same else None)
         mat.append(row)
     return names, mat
@@ -428,7 +440,7 @@ def overlap_matrix(named: Sequence[tuple[str, composer.Adapter]]
     """
     from composer.subspace import active_share, overlap
 
-    road = [(n, a) for n, a in named if composer.kinds.of(a).subspaces]
+    road = [(n, a) for n, a in named if not isinstance(a, composer.Parts) and composer.kinds.of(a).subspaces]
     names = [n for n, _ in road]
     mat: list[list[Any]] = [[None] * len(road) for _ in road]
     for i, (_, a) in enumerate(road):
@@ -493,7 +505,7 @@ def plain(value: object) -> str:
 
 def deviation_text(adapter: composer.Adapter | None) -> str:
     """A sentence about exactness: exact, or approximate with the relative deviation."""
-    if isinstance(adapter, (list, tuple)):
+    if isinstance(adapter, (list, tuple, composer.Parts)):
         return " ".join(t for t in (deviation_text(a) for a in adapter) if t)
     if adapter is None or adapter.recipe is None:
         return ""

@@ -37,6 +37,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+import composer
 from composer.expr import short_shas
 
 from ..batcher import Batcher
@@ -144,9 +145,10 @@ def _table(mixer: Mixer) -> pd.DataFrame:
 # The expression box shows the mix's expression with pinned commits shortened (they resolve to the same versions);
 # a test walks every mix the page builds and evaluates what the box shows.
 EXPRESSION_LABEL = "Mix, as hub compose writes it"
-EXPRESSION_INFO = ("An expression `hub compose` reads back (pinned commits shortened), except two forms that say what "
-                   "they are: `fit(a, b)`, a fitted mix (per-module coefficients: save it to use it by name), and "
-                   "`lora ; road ; prompt`, adapters of several kinds on one row (each side an expression).")
+EXPRESSION_INFO = ("An expression `hub compose` reads back (pinned commits shortened), `lora ; road ; prompt` included "
+                   "(adapters of several kinds on one row, each side an expression; saved as a recipe of parts), "
+                   "except one form that says what it is: `fit(a, b)`, a fitted mix (per-module coefficients: save it "
+                   "to use it by name).")
 
 
 def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix and chat",
@@ -177,12 +179,14 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             names, mat = cosine_matrix(named, signed)
             status = ("Base model only: choose adapters to mix (or raise a weight above 0)." if not expression
                       else "Mix ready; the next chat message uses it.")
-            if isinstance(adapter, list):
-                sides = [f"the {a.kind} mix {plain(e)}" for a, e in zip(adapter, expression.split(" ; "))]
-                status = (f"Mix ready: {', '.join(sides[:-1])} and {sides[-1]}, applied together on one row (each kind "
-                          "where the engine applies it: LoRA on the weights, RoAd/IA³ on the outputs, a prompt "
-                          "vector as a prefix); the next chat message uses it. (Several adapters: save each "
-                          "separately.)")
+            if isinstance(adapter, composer.Parts):
+                texts = expression.split(" ; ")
+                sides = ([f"the {a.kind} mix {plain(e)}" for a, e in zip(adapter, texts)] if len(texts) == len(adapter)
+                         else [f"{plain(expression)}, a recipe of parts ({plain(adapter.label())})"])
+                both = f"{', '.join(sides[:-1])} and {sides[-1]}" if len(sides) > 1 else sides[0]
+                status = (f"Mix ready: {both}, applied together on one row (each kind where the engine applies it: "
+                          "LoRA on the weights, RoAd/IA³ on the outputs, a prompt vector as a prefix); the next chat "
+                          "message uses it. Saving stores it as a recipe of parts (one PEFT folder per part).")
             is_fit = adapter is not None and adapter is current(fitted, selected, method, weights)
             if is_fit:
                 status = ("**Fitted mix ready** (coefficients fitted to your examples, see *Fit to examples*); the "
@@ -381,9 +385,6 @@ def build_app(mixer: Mixer, batcher: Batcher, *, title: str = "Adapter hub: mix 
             expression, adapter, _ = mix_of(selected, method, t, density, weights, fitted)
             if adapter is None:
                 raise MixInputError("Choose at least one adapter: there is no mix to save.")
-            if isinstance(adapter, list):
-                raise MixInputError("A RoAd mix with a prompt vector is two adapters, and a PEFT folder holds one: "
-                                    "save the RoAd mix and the prompt vector separately (choose one kind at a time).")
             if adapter.recipe is None:
                 raise MixInputError(f"'{expression}' is a stored adapter as it is; change a weight to save a mix.")
             local, remote = mixer.save(adapter, repo_id, expression=expression, to_hf=bool(to_hf))

@@ -54,10 +54,15 @@ def names() -> list[str]:
 
 
 def of(adapter: Any) -> Kind:
-    """The kind of an adapter object; a ``TypeError`` for anything else."""
+    """The kind of an adapter object; for a recipe of parts (:class:`composer.parts.Parts`) the
+    :class:`NotComposableError` saying it is served as it is; a ``TypeError`` for anything else."""
     for k in all_kinds():
         if isinstance(adapter, k.adapter_class):
             return k
+    from ..parts import Parts, refusal
+
+    if isinstance(adapter, Parts):  # where one adapter is needed: the reason, and what to do
+        raise refusal(adapter)
     raise TypeError(f"Expected an adapter ({', '.join(k.adapter_class.__name__ for k in _KINDS.values())}), "
                     f"got {type(adapter).__name__}")
 

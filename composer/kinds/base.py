@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFormatError, IncompatibleAdaptersError, NotComposableError
+from ..errors import AdapterFormatError, IncompatibleAdaptersError, InvalidArgumentError, NotComposableError
 
 
 class Kind:
@@ -145,3 +145,26 @@ def linear_layer(modules: Mapping[str, Any], m: str, adapter: Any, what: str, te
             f"trained on another base model ({adapter.base_model!r})?",
             field="modules", left=m, right=None, tensor=tensor)
     return layer
+
+
+def linear_targets(model: Any, config: Any, why: str) -> None:
+    """Refuse, before PEFT wraps ``model``, a PEFT ``config`` whose ``target_modules`` select a module that is not an
+    ``nn.Linear`` (a convolution block, fused experts): ``why`` says who adapts linear layers only (PEFT's RoAd; this
+    hub's LoRA and IA³), and PEFT's own error would print the module's whole repr over many lines.
+
+    Raises:
+        InvalidArgumentError: naming the first such module, its type, and this model's linear layers to target instead.
+    """
+    if not getattr(config, "target_modules", None):
+        return  # PEFT's own default for the model type: linear projections
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for name, module in model.named_modules():
+        if name and check_target_module_exists(config, name) and not isinstance(module, torch.nn.Linear):
+            linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
+            arch = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+            raise InvalidArgumentError(
+                f"target_modules selects '{name}', of type {type(module).__name__} in this {arch} model, and {why}. "
+                f"Target its linear layers instead: {', '.join(linears[:12])}{', ...' if len(linears) > 12 else ''}.",
+                name="target_modules", value=name)

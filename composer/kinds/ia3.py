@@ -34,7 +34,7 @@ from ..arith import check_result, inputs
 from ..errors import AdapterFormatError, IncompatibleAdaptersError, InvalidValueError, NotComposableError
 from ..folder import CONFIG, PREFIX, WEIGHTS, check_targets, peft_reads
 from ..provenance import Provenance, Recipe, check_finite
-from .base import Kind, linear_layer
+from .base import Kind, linear_layer, linear_targets
 
 SUFFIX = ".ia3_l"
 _LOG_TINY = math.log(1e-30)
@@ -247,8 +247,9 @@ class Ia3Kind(Kind):
         from peft import IA3Config, get_peft_model
 
         targets = options.get("target_modules")
-        return get_peft_model(model, IA3Config(target_modules=list(targets) if targets else None,
-                                               feedforward_modules=[]))
+        cfg = IA3Config(target_modules=list(targets) if targets else None, feedforward_modules=[])
+        linear_targets(model, cfg, "this hub trains and serves IA³ on nn.Linear layers only")
+        return get_peft_model(model, cfg)
 
     def as_road(self, adapter: Ia3Adapter) -> Any:
         """The road_2 adapter with θ = 0 and α = l, one group per layer: its blocks are ``diag(l)``, so its output

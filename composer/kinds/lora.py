@@ -25,7 +25,7 @@ from ..errors import AdapterFormatError, IncompatibleAdaptersError, NotComposabl
 from ..expr import format_compress
 from ..folder import CONFIG, PREFIX, WEIGHTS, check_targets, dimension, number
 from ..provenance import Provenance, Recipe, check_finite
-from .base import Kind, linear_layer
+from .base import Kind, linear_layer, linear_targets
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,6 +325,7 @@ class LoraKind(Kind):
         # PEFT's own initialisation: A random, B = 0, so training starts exactly at the base model.
         cfg = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=0.0,
                          target_modules=list(targets) if targets else None)
+        linear_targets(model, cfg, "this hub trains, composes and serves LoRA on nn.Linear layers only")
         return get_peft_model(model, cfg)
 
     # ------------------------------------------------------------------------------------------ showing

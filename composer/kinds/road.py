@@ -26,7 +26,7 @@ from ..errors import AdapterFormatError, IncompatibleAdaptersError, InvalidValue
 from ..folder import CONFIG, PREFIX, WEIGHTS, check_targets, dimension
 from ..provenance import Provenance, Recipe, check_finite
 from ..road_math import VARIANTS, Variant, generator, layer_width
-from .base import Kind, linear_layer
+from .base import Kind, linear_layer, linear_targets
 
 _LOG_TINY = math.log(1e-30)
 
@@ -277,6 +277,7 @@ class RoadKind(Kind):
         targets = options.get("target_modules")
         cfg = RoadConfig(variant=options.get("variant", "road_1"), group_size=options.get("group_size", 64),
                          target_modules=list(targets) if targets else None)
+        linear_targets(model, cfg, "PEFT's RoAd adapts nn.Linear layers only")
         return get_peft_model(model, cfg)
 
     # ------------------------------------------------------------------------------------------ showing
