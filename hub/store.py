@@ -18,11 +18,12 @@ Layout under ``$ADAPTER_HUB_HOME`` (default ``~/.cache/adapter-hub``)::
     ├── locks/<namespace>/<name>.lock        flock: one writer per repository
     └── serve/                               olah config, cache and logs for `hub serve`
 
-A push is atomic: the folder is copied to a staging dir and validated with :func:`composer.load`, its blobs,
-tree and commit are written as git objects (unreferenced until the end), then ``main`` and the version tag
-move together in one ``git update-ref --stdin`` transaction that checks ``main``'s old value. A push killed
-before that transaction leaves at most unreferenced objects (``git fsck`` stays clean, ``git gc`` drops
-them); after it, the push is complete. The working tree is refreshed last and only for people browsing it.
+A push is atomic: the folder is copied to a staging dir and validated (by :func:`composer.precheck.check`,
+without torch or PEFT, where it can decide, else by :func:`composer.load`), its blobs, tree and commit are
+written as git objects (unreferenced until the end), then ``main`` and the version tag move together in one
+``git update-ref --stdin`` transaction that checks ``main``'s old value. A push killed before that transaction
+leaves at most unreferenced objects (``git fsck`` stays clean, ``git gc`` drops them); after it, the push is
+complete. The working tree is refreshed last and only for people browsing it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from pathlib import Path
 import composer
 from composer.card import build_card, parse_card
 from composer.data import FILE_MODE
+from composer.precheck import Checked
+from composer.precheck import check as quick_check
 
 from .errors import (
     FolderNotEmptyError,
@@ -466,20 +469,25 @@ class Store:
 
     # --- writing ------------------------------------------------------------------------------------
 
-    def stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter, tuple[str, ...]]:
+    def stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter | Checked, tuple[str, ...]]:
         """Copy ``folder``'s adapter files into ``staging`` and validate both (the folder may change under us).
 
+        Each is validated by the quick check (:func:`composer.precheck.check`: no torch, no PEFT) where it can
+        decide, else by :func:`composer.load`, which also says what is wrong.
+
         Returns:
-            The staged adapter and the names of the files left out (not adapter files).
+            What the card needs of the staged adapter (its kind, config and recipe), and the names of the files
+            left out (not adapter files).
         """
         if not folder.is_dir() and not folder.is_symlink():
             raise composer.AdapterFormatError(f"'{shown(folder)}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
         check_folder(folder)  # before anything reads through a link
-        composer.load(folder)  # errors name the user's folder
+        if quick_check(folder) is None:
+            composer.load(folder)  # errors name the user's folder
         skipped = copy_files(folder, staging, ADAPTER_FILES)
         # What is stored is the staged copy, so validate that too (the folder may change under us).
-        adapter = composer.load(staging)
+        adapter = quick_check(staging) or composer.load(staging)
         if (staging / "README.md").exists():
             parse_card((staging / "README.md").read_bytes())  # reject unsafe cards before taking any lock
         return adapter, tuple(skipped)
@@ -641,7 +649,7 @@ def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:
             "or pass --force to take it anyway.", repo_id=repo_id, tag=tag)
 
 
-def write_card(staging: Path, adapter: composer.Adapter, previous: Callable[[], bytes | None],
+def write_card(staging: Path, adapter: composer.Adapter | Checked, previous: Callable[[], bytes | None],
                repo_id: str) -> None:
     """The card a push stores: the folder's own README.md (else the previous version's, from ``previous()``)
     with the required metadata merged in (:func:`composer.card.build_card`). Used by the store and the remote."""
