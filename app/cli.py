@@ -19,8 +19,10 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 from typing import Any
 
 from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error
@@ -257,7 +259,7 @@ def _cmd_push(a) -> int:
     import hub
     from hub.text import shown
     r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, allow_empty=a.allow_empty,
-                 remote=a.remote)
+                 remote=a.remote, **({} if a.remote else {"on_commit": a.on_commit}))
     for name in getattr(r, "skipped", ()):
         _err(f"Left out '{shown(name)}' (not an adapter file).")
     if getattr(r, "unchanged", False):
@@ -455,7 +457,7 @@ def _cmd_tag(a) -> int:
 
 def _cmd_compose(a) -> int:
     import hub
-    r = hub.compose(a.expression, a.output, message=a.message, tag=a.tag)
+    r = hub.compose(a.expression, a.output, message=a.message, tag=a.tag, on_commit=a.on_commit)
     if getattr(r, "unchanged", False):
         _err(f"Unchanged: {r.repo_id} is still {r.tag} ({r.sha[:12]}); the composition equals it.")
     else:
@@ -523,7 +525,8 @@ def _cmd_fit(a) -> int:
     summary = fitting.summary(fitted, a.adapters)
     pushed = None
     if a.push:
-        r = hub.push(path, a.push, message=f"Fit {' + '.join(a.adapters)} to {os.path.basename(a.data)}")
+        r = hub.push(path, a.push, message=f"Fit {' + '.join(a.adapters)} to {os.path.basename(a.data)}",
+                     on_commit=a.on_commit)
         pushed = f"{r.repo_id}@{r.tag or r.sha}"
     if a.json:
         print(json.dumps({"path": str(path), "pushed": pushed, **summary}, default=str))
@@ -594,6 +597,25 @@ HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd
             "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit, "export": _cmd_export}
 READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")  # export: after its first line
 USAGE_CHECKS = {"export": _export_usage}  # command -> (args, parser.error): usage errors argparse cannot see
+RECORDS = ("push", "compose", "fit")  # commands that record a version: Ctrl-C after it must not read as failure
+
+
+class _Interrupts:
+    """Ctrl-C for a command that records a version: ``KeyboardInterrupt`` until the store has recorded it (the
+    store calls :meth:`recorded` while it still holds Ctrl-C, :mod:`hub.interrupts`); from then on only noted,
+    so the command finishes, says what it did and exits 0, and a script reads success for a push that happened."""
+
+    def __init__(self) -> None:
+        self.done: Any = None
+        self.missed = False
+
+    def recorded(self, result: Any) -> None:
+        self.done = result
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.done is None:
+            raise KeyboardInterrupt
+        self.missed = True
 
 
 def _seed_examples() -> None:
@@ -626,15 +648,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in USAGE_CHECKS:
         USAGE_CHECKS[args.command](args, _subparser(parser, args.command).error)
+    interrupts = _Interrupts()
+    args.on_commit = interrupts.recorded
+    previous = None
+    if args.command in RECORDS and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, interrupts)
     try:
         if args.command in READS_STORE:
             _seed_examples()
-        return HANDLERS[args.command](args)
+        code = HANDLERS[args.command](args)
+        if interrupts.missed:
+            _err("(Ctrl-C came after the version was recorded: it is stored, as said above.)")
+        return code
     except KeyboardInterrupt:
-        _err("Interrupted.")
+        _err("Interrupted; no version was recorded." if args.command in RECORDS else "Interrupted.")
         return 130
     except Exception as e:  # noqa: BLE001 - report_error re-raises what it does not know
         return report_error(e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run() -> None:

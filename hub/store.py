@@ -60,6 +60,7 @@ from .errors import (
     UnsafeFolderError,
 )
 from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
+from .interrupts import held
 from .locks import clear_dead_staging, clear_stale_git_locks, owner_tag, repo_lock
 from .staging import check_folder, copy_files
 from .text import shown
@@ -148,7 +149,7 @@ class Store:
     # --- git plumbing -------------------------------------------------------------------------------
 
     def _git(self, repo: Path, *args: str, input: bytes | None = None, check: bool = True,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+             env: dict[str, str] | None = None, detached: bool = False) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         base.update(GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
         base.setdefault("GIT_AUTHOR_NAME", os.environ.get("HUB_AUTHOR", "adapter-hub"))
@@ -157,7 +158,9 @@ class Store:
         base.setdefault("GIT_COMMITTER_EMAIL", base["GIT_AUTHOR_EMAIL"])
         if env:
             base.update(env)
-        p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base)
+        # detached: a session of its own, out of reach of the terminal's Ctrl-C (hub.interrupts)
+        p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base,
+                           start_new_session=detached)
         if check and p.returncode != 0:
             raise StoreError(f"git {args[0]} failed in {repo}: {p.stderr.decode(errors='replace').strip()}")
         return p
@@ -494,7 +497,8 @@ class Store:
 
     def push(self, folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
              force: bool = False, allow_empty: bool = False, extra_refs: dict[str, str] | None = None,
-             extra_tags: tuple[str, ...] = (), auto_version: bool = True, keep_card: bool = False) -> PushResult:
+             extra_tags: tuple[str, ...] = (), auto_version: bool = True, keep_card: bool = False,
+             on_commit: Callable[[PushResult], None] | None = None) -> PushResult:
         """Validate ``folder`` and store it as one new commit on ``main``, tagged ``vN`` (or ``tag``).
 
         Args:
@@ -512,6 +516,9 @@ class Store:
                 unless ``extra_tags`` tag it).
             keep_card: store the folder's README.md byte for byte (after the safety check) instead of
                 updating its front matter; used when recording a pull.
+            on_commit: called with the result as soon as the version is recorded, while Ctrl-C is still held
+                (:mod:`hub.interrupts`): a caller that must not report a recorded push as interrupted (the
+                command line) learns it before any Ctrl-C can reach it.
 
         Returns:
             A :class:`PushResult` with the new commit sha and tag (or, when unchanged, the latest ones).
@@ -588,13 +595,18 @@ class Store:
                 for r, target in (extra_refs or {}).items():
                     lines.append(f"update {r} {target or sha}")
                 lines += ["prepare", "commit", ""]
-                p = self._git(path, "update-ref", "--stdin", input="\n".join(lines).encode(), check=False)
-                if p.returncode != 0:
-                    raise StoreError(f"Could not record the push in {path}: "
-                                     f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
-                _pause("refs")
-                self._refresh_worktree(path)
-        return PushResult(ref.repo_id, sha, tag, parent, skipped)
+                with held():  # recorded whole or not at all, and a recorded push is reported as one
+                    p = self._git(path, "update-ref", "--stdin", input="\n".join(lines).encode(), check=False,
+                                  detached=True)
+                    if p.returncode != 0:
+                        raise StoreError(f"Could not record the push in {path}: "
+                                         f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
+                    result = PushResult(ref.repo_id, sha, tag, parent, skipped)
+                    if on_commit is not None:
+                        on_commit(result)
+                    _pause("refs")
+                    self._refresh_worktree(path)
+        return result
 
     def _unchanged(self, path: Path, ref: RepoRef, head: str, tags: dict[str, str], tag: str | None,
                    force: bool, skipped: tuple[str, ...]) -> PushResult:

@@ -1,0 +1,73 @@
+"""The command line's rough edges, tried as a new user would (issue 19, item 9); each test failed before its
+fix."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import hub
+from app import cli
+from app.cli import main
+from tests.test_hub_helpers import env, folder
+
+
+def _push_interrupted_at(stage: str, tmp_path) -> subprocess.CompletedProcess:
+    """``hub push`` stopped at ``stage`` (hub.store's test hook), sent Ctrl-C's SIGINT there, let run on."""
+    flag = tmp_path / "paused"
+    src = folder(tmp_path, "src")
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "push", str(src), "alice/math"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env(HUB_TEST_PAUSE_AFTER=stage, HUB_TEST_PAUSE_SIGNAL=str(flag),
+                                 HUB_TEST_PAUSE_SECONDS="1"))
+    deadline = time.monotonic() + 240
+    while not flag.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=240)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_ctrl_c_once_the_version_is_recorded_is_not_a_failure(tmp_path):
+    p = _push_interrupted_at("refs", tmp_path)  # just after the ref transaction
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "alice/math@v1\n"
+    assert "Pushed alice/math v1" in p.stderr and "Ctrl-C came after the version was recorded" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert [e["tags"] for e in hub.log("alice/math")] == [["v1"]]
+
+
+def test_ctrl_c_before_the_version_is_recorded_records_nothing_and_says_so(tmp_path):
+    p = _push_interrupted_at("commit", tmp_path)  # the commit object is written, no ref moved yet
+    assert p.returncode == 130
+    assert p.stdout == "" and p.stderr.strip().splitlines()[-1] == "Interrupted; no version was recorded."
+    assert hub.log("alice/math") == []
+
+
+def test_ctrl_c_just_after_the_pushed_line_still_exits_0(tmp_path, monkeypatch, capsys):
+    """The Ctrl-C lands while the "Pushed ..." line is written, in process."""
+    said = cli._err
+
+    def err_then_interrupt(msg: str) -> None:
+        said(msg)
+        if msg.startswith("Pushed"):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(cli, "_err", err_then_interrupt)
+    assert main(["push", str(folder(tmp_path, "src")), "alice/math"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "alice/math@v1\n" and "Ctrl-C came after" in out.err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_ctrl_c_during_a_read_only_command_still_interrupts(monkeypatch, capsys):
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.HANDLERS, "list", interrupted)
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err == "Interrupted.\n"
