@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -194,10 +195,20 @@ class Store:
     def _require(self, ref: RepoRef) -> Path:
         path = self.repo_path(ref)
         if not (path / ".git").is_dir():
+            close = close_ids(ref.repo_id, self.ids())
+            guess = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise RepositoryNotFoundError(
-                f"No adapter '{ref.repo_id}' in the store at {self.root}. Run 'hub list' to see what is there, "
-                f"or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id)
+                f"No adapter '{ref.repo_id}' in the store at {self.root}.{guess} Run 'hub list' to see what is "
+                f"there, or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id,
+                suggestions=close)
         return path
+
+    def ids(self) -> list[str]:
+        """The ``namespace/name`` of every repository in the store (no git call: for suggestions)."""
+        if not self.models.is_dir():
+            return []
+        return sorted(f"{ns.name}/{repo.name}" for ns in self.models.iterdir() if not ns.name.startswith(".")
+                      and ns.is_dir() for repo in ns.iterdir() if (repo / ".git").is_dir())
 
     def _init(self, ref: RepoRef) -> Path:
         """Create the repository (caller holds the lock); built aside and renamed into place."""
@@ -650,6 +661,19 @@ class Store:
         """``git fsck --full --strict`` of one repository (for checks and tests)."""
         return self._git(self._require(parse_id(repo_id, allow_revision=False)), "fsck", "--full", "--strict",
                          check=False)
+
+
+def close_ids(wanted: str, ids: list[str], *, n: int = 3, cutoff: float = 0.7) -> tuple[str, ...]:
+    """The ids in ``ids`` closest to ``wanted`` (a typo in the namespace or the name), best first: the product of
+    the two parts' similarities (difflib), so that a shared namespace alone ('examples/...') suggests nothing."""
+    ns, _, name = wanted.partition("/")
+    scored = []
+    for i in ids:
+        ins, _, iname = i.partition("/")
+        score = difflib.SequenceMatcher(None, ns, ins).ratio() * difflib.SequenceMatcher(None, name, iname).ratio()
+        if score >= cutoff:
+            scored.append((-score, i))
+    return tuple(i for _, i in sorted(scored)[:n])
 
 
 def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:

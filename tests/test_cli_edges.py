@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import hub
 from app import cli
 from app.cli import main
@@ -71,3 +73,36 @@ def test_ctrl_c_during_a_read_only_command_still_interrupts(monkeypatch, capsys)
     monkeypatch.setitem(cli.HANDLERS, "list", interrupted)
     assert main(["list"]) == 130
     assert capsys.readouterr().err == "Interrupted.\n"
+
+
+
+# ------------------------------------------------------------------------------------------- names and ids
+
+def test_a_dash_between_two_ids_suggests_spaces(tmp_path, capsys):
+    for name, seed in (("alice/math", 0), ("alice/code", 1)):
+        assert main(["push", str(folder(tmp_path, name.replace("/", "-"), seed=seed)), name]) == 0
+    capsys.readouterr()
+    assert main(["compose", "alice/math-alice/code", "-o", "team/mix"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: Cannot resolve 'alice/math-alice/code': "
+                          "did you mean 'alice/math - alice/code'?")
+    assert "put spaces around it to subtract" in err
+    assert main(["compose", "alice/math - alice/code", "-o", "team/mix"]) == 0  # what it suggested works
+
+
+@pytest.mark.parametrize("argv, close", [
+    (["log", "alice/mth"], "'alice/math'"),
+    (["show", "alcie/math@v1"], "'alice/math'"),
+    (["pull", "alice/maths"], "'alice/math'"),
+    (["compose", "alice/mth + alice/math", "-o", "team/mix"], "'alice/math'"),
+    (["log", "alice/zzzzzz"], None),
+    (["log", "bob/math-old"], None),  # a shared name in another namespace is no typo
+])
+def test_unknown_ids_suggest_close_ones_from_the_store(argv, close, tmp_path, capsys):
+    assert main(["push", str(folder(tmp_path, "src")), "alice/math"]) == 0
+    assert main(["push", str(folder(tmp_path, "src2", seed=2)), "team/other"]) == 0
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "No adapter '" in err
+    assert (f"Did you mean {close}?" in err) if close else "Did you mean" not in err
