@@ -25,7 +25,7 @@ import textwrap
 import threading
 from typing import Any
 
-from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error
+from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error, warnings_as_lines
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("Validate an adapter folder and store it as a new version (v1, v2, ...).", """
@@ -654,9 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in RECORDS and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, interrupts)
     try:
-        if args.command in READS_STORE:
-            _seed_examples()
-        code = HANDLERS[args.command](args)
+        with warnings_as_lines():
+            if args.command in READS_STORE:
+                _seed_examples()
+            code = HANDLERS[args.command](args)
         if interrupts.missed:
             _err("(Ctrl-C came after the version was recorded: it is stored, as said above.)")
         return code

@@ -106,3 +106,41 @@ def test_unknown_ids_suggest_close_ones_from_the_store(argv, close, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and "No adapter '" in err
     assert (f"Did you mean {close}?" in err) if close else "Did you mean" not in err
+
+
+# ------------------------------------------------------------------------------------------- base models
+
+def _push(adapter, name: str, tmp_path) -> None:
+    assert main(["push", str(folder(tmp_path, name.replace("/", "-"), adapter)), name]) == 0
+
+
+def test_adapters_of_different_base_models_lead_with_the_base_models(tmp_path, capsys):
+    from tests.test_hub_helpers import road
+    from tests.tiny import random_road, tiny_model
+
+    _push(road(0), "alice/small", tmp_path)
+    _push(random_road(tiny_model(hidden=64), group_size=16, targets=("q_proj",), base="org/big"), "bob/big",
+          tmp_path)
+    capsys.readouterr()
+    assert main(["compose", "alice/small + bob/big", "-o", "team/mix"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: Different base models: 'tiny-llama' (alice/small@"), err
+    assert "'org/big' (bob/big@" in err and "do not fit together: group sizes differ" in err
+
+
+def test_same_shapes_of_different_base_models_warn_in_one_line(tmp_path, capsys):
+    import dataclasses
+
+    from tests.test_hub_helpers import road
+
+    other = road(1)
+    _push(road(0), "alice/small", tmp_path)
+    twin = dataclasses.replace(other, config={**other.config, "base_model_name_or_path": "org/twin"})
+    _push(twin, "bob/twin", tmp_path)
+    capsys.readouterr()
+    assert main(["compose", "alice/small + bob/twin", "-o", "team/mix"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "Different base models" in line]
+    assert len(warned) == 1
+    assert warned[0].startswith("warning: Different base models: 'tiny-llama' (alice/small@")
+    assert not any("Warning:" in line or ".py:" in line or line.startswith("  ") for line in err), err
