@@ -513,11 +513,15 @@ def _resolve_input(name: str) -> Any:
 def _cmd_fit(a) -> int:
     import composer
     import hub
+    from composer.mixfit import check_inputs
 
     from . import fitting
     from .engine import load_base  # torch, transformers and PEFT: imported only for this command
 
-    adapters = [_resolve_input(n) for n in a.adapters]  # before loading the model: a typo fails at once
+    # Everything fit checks without the model, before it loads (tens of seconds): the adapters, the settings
+    # and the examples file (a typo in its name, a line of bad JSON, more than 32 examples) fail at once.
+    adapters = [_resolve_input(n) for n in a.adapters]
+    check_inputs(adapters, a.data, steps=a.steps, lr=a.lr, batch_size=a.batch_size)
     model, tok = load_base(a.base)
     fitted = composer.fit(adapters, a.data, model=model, tokenizer=tok, granularity=a.granularity,
                           steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, progress=True)

@@ -144,3 +144,47 @@ def test_same_shapes_of_different_base_models_warn_in_one_line(tmp_path, capsys)
     assert len(warned) == 1
     assert warned[0].startswith("warning: Different base models: 'tiny-llama' (alice/small@")
     assert not any("Warning:" in line or ".py:" in line or line.startswith("  ") for line in err), err
+
+
+# ------------------------------------------------------------------------------------ train and fit inputs
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The base model must not load: each input below is wrong, and saying so must not cost the load."""
+    import app.engine
+
+    def load_base(*args, **kw):
+        raise AssertionError("the base model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(app.engine, "load_base", load_base)
+
+
+@pytest.mark.parametrize("data, said", [
+    (None, "is not a file"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": \n', "data.jsonl:2 is not valid JSON"),
+    ("\n\n", "holds no examples"),
+    ("".join('{"prompt": "a", "completion": "b"}\n' for _ in range(33)), "at most 32"),
+])
+def test_fit_checks_its_inputs_before_loading_the_model(data, said, no_model, tmp_path, capsys):
+    for name, seed in (("alice/a", 0), ("alice/b", 1)):
+        assert main(["push", str(folder(tmp_path, name.replace("/", "-"), seed=seed)), name]) == 0
+    path = tmp_path / "data.jsonl"
+    if data is not None:
+        path.write_text(data)
+    capsys.readouterr()
+    assert main(["fit", "alice/a", "alice/b", "--data", str(path), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and said in err, err
+
+
+@pytest.mark.parametrize("data, extra, said", [
+    ('{"prompt": "a", "completion": \n', [], "data.jsonl:1 is not valid JSON"),
+    ('{"prompt": "a", "completion": "b"}\n', ["--with", "examples/x=missing.jsonl"], "missing.jsonl"),
+    ('{"prompt": "a", "completion": "b"}\n', ["--init", "0.5*a/x + * b/y"], "Error: "),
+])
+def test_train_checks_its_inputs_before_loading_the_model(data, extra, said, no_model, tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_text(data)
+    code = main(["train", str(tmp_path / "data.jsonl"), "-o", str(tmp_path / "out"), *extra])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and said in err, err
