@@ -47,8 +47,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub show alice/math
         hub show alice/math@v1 --modules                  # per-module norms, in layer order
         hub show alice/math@v1 --json"""),
-    "diff": ("Compare two versions or adapters: per-module norm of the difference and cosine similarity.", """
-        hub diff alice/math@v1 alice/math@v2
+    "diff": ("Compare two versions or adapters: norm of the difference and cosine similarity, per module.", """
+        hub diff alice/math@v1 alice/math@v2               # totals and the 10 modules that differ most
+        hub diff alice/math@v1 alice/math@v2 --all         # every module, in layer order
         hub diff alice/math bob/code --json"""),
     "tag": ("Tag a version; existing tags move, and v<digits> names are taken, only with --force.", """
         hub tag alice/math@v2 stable
@@ -158,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(subs, "diff")
     s.add_argument("a", metavar="ID@A")
     s.add_argument("b", metavar="ID@B")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--all", action="store_true",
+                   help="list every module, in layer order (default: the totals and the 10 largest differences)")
+    s.add_argument("--json", action="store_true", help="machine-readable output (always with every module)")
 
     s = _sub(subs, "tag")
     s.add_argument("id", metavar="ID@REV")
@@ -439,12 +442,26 @@ def _cmd_diff(a) -> int:
         o = d["active_pairs"]
         lines.append(f"active pairs: {a.a} {o['active_a']:.1%}, {a.b} {o['active_b']:.1%}, shared {o['shared']} "
                      f"(overlap {o['overlap']:.1%})")
-    width = max((len(m) for m in d["modules"]), default=0)
-    for m in sorted(d["modules"], key=natural_key):
-        v = d["modules"][m]
+    modules = d["modules"]
+    lines.append(f"modules: {len(modules)}, {sum(v['diff_norm'] > 0 for v in modules.values())} of them differ")
+    shown = sorted(modules, key=natural_key) if a.all else _largest(modules, DIFF_TOP)
+    if not a.all:
+        more = f"; --all for all {len(modules)}, in layer order" if len(shown) < len(modules) else ""
+        lines.append(f"largest differences ({len(shown)} of {len(modules)} modules{more}):")
+    width = max((len(m) for m in shown), default=0)
+    for m in shown:
+        v = modules[m]
         lines.append(f"  {m:{width}}  diff_norm={_fmt_float(v['diff_norm'])}  cosine={_fmt_float(v['cosine'])}")
     _out(d, a.json, "\n".join(lines))
     return 0
+
+
+DIFF_TOP = 10  # modules `hub diff` lists without --all: a SmolLM2 adapter has 210
+
+
+def _largest(modules: dict[str, dict], n: int) -> list[str]:
+    """The ``n`` modules whose task vectors differ most (largest ``diff_norm`` first, ties in layer order)."""
+    return sorted(sorted(modules, key=natural_key), key=lambda m: -modules[m]["diff_norm"])[:n]
 
 
 def _cmd_tag(a) -> int:

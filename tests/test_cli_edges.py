@@ -188,3 +188,30 @@ def test_train_checks_its_inputs_before_loading_the_model(data, extra, said, no_
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and said in err, err
+
+
+# -------------------------------------------------------------------------------------------------- diff
+
+def test_diff_summarises_by_default_and_lists_every_module_with_all(tmp_path, capsys):
+    import json
+
+    from tests.tiny import random_road, tiny_model
+
+    model = tiny_model(num_hidden_layers=4)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # 16 modules
+    for seed in (0, 1):
+        _push(random_road(model, seed=seed, targets=targets), "alice/math", tmp_path)
+    capsys.readouterr()
+    assert main(["diff", "alice/math@v1", "alice/math@v2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "modules: 16, 16 of them differ" in out
+    assert "largest differences (10 of 16 modules; --all for all 16, in layer order):" in out
+    rows = [line.split() for line in out if line.startswith("  model.")]
+    norms = [float(r[1].removeprefix("diff_norm=")) for r in rows]
+    assert len(rows) == 10 and norms == sorted(norms, reverse=True)
+    assert main(["diff", "alice/math@v1", "alice/math@v2", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)["modules"]
+    assert len(every) == 16 and f"{max(v['diff_norm'] for v in every.values()):.6g}" == rows[0][1][10:]
+    assert main(["diff", "alice/math@v1", "alice/math@v2", "--all"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  model.")]
+    assert len(rows) == 16 and rows == sorted(rows, key=cli.natural_key)
