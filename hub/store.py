@@ -80,7 +80,8 @@ _SCRUB = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
 
 def default_root() -> Path:
     """The store root, the one place it is decided: ``$ADAPTER_HUB_HOME``, else ``$XDG_CACHE_HOME/adapter-hub``,
-    else ``~/.cache/adapter-hub``. The app keeps its base-model cache under it too."""
+    else ``~/.cache/adapter-hub``. (The converted base model is the app's, shared by every store:
+    ``app.engine.base.cache_root``.)"""
     env = os.environ.get("ADAPTER_HUB_HOME")
     if env:
         return Path(env).expanduser()
