@@ -9,8 +9,10 @@ whole message (an expression's caret included) through one type -> formatter tab
 exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage errors exit 2 with the
 subcommand's own usage.
 
-Only commands that touch tensors import torch (``show``, ``diff``, ``push``, ``compose``, ``pull``, ``train``,
-``fit``, ``export``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
+Only commands that touch tensors import torch (``show``, ``diff``, ``compose``, ``train``, ``fit``, ``export``,
+``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it, and so do ``push``
+and ``pull`` of a RoAd, LoRA or prompt-vector folder, checked by :mod:`composer.precheck` (other kinds, and
+folders it cannot decide, are read in full by :func:`composer.load`).
 """
 
 from __future__ import annotations

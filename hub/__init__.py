@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import composer
+from composer.precheck import check as quick_check
 
 from .errors import (
     FolderNotEmptyError,
@@ -120,7 +121,8 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
     else:
         resolved = store.resolve(repo_id)
         path = store.pull_to(resolved, to, force=force) if to is not None else store.snapshot(resolved)
-    composer.load(path)
+    if quick_check(path) is None:  # a RoAd, LoRA or prompt-vector folder is checked without torch or PEFT
+        composer.load(path)
     return Path(path)
 
 

@@ -292,16 +292,18 @@ def _tree(root: Path) -> str:
 PUSH = """
 import sys
 from app.cli import main
-code = main(["push", sys.argv[1], "alice/shipped"])
+code = main(["push", sys.argv[1], "alice/shipped"]) or main(["pull", "alice/shipped@v1", "--to", sys.argv[2]])
 heavy = sorted(m for m in ("torch", "peft", "transformers", "safetensors.torch") if m in sys.modules)
 print(code, ",".join(heavy) or "light")
 """
 
 
 @pytest.mark.parametrize("name", ["upper", "lora_json", "sent_movie"])
-def test_hub_push_of_a_shipped_adapter_imports_neither_torch_nor_peft(name, tmp_path):
-    p = subprocess.run([sys.executable, "-c", PUSH, str(ROOT / "adapters" / name)], capture_output=True,
-                       text=True, env=env(ADAPTER_HUB_HOME=str(tmp_path / "store")), timeout=120)
+def test_hub_push_and_pull_of_a_shipped_adapter_import_neither_torch_nor_peft(name, tmp_path):
+    p = subprocess.run([sys.executable, "-c", PUSH, str(ROOT / "adapters" / name), str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env(ADAPTER_HUB_HOME=str(tmp_path / "store")),
+                       timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == ["alice/shipped@v1", "0 light"], p.stdout + p.stderr
+    want = ["alice/shipped@v1", str(tmp_path / "out"), "0 light"]
+    assert p.stdout.splitlines() == want, p.stdout + p.stderr
     assert hub.log("alice/shipped", root=tmp_path / "store")[0]["tags"] == ["v1"]
