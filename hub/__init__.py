@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import composer
-from composer.precheck import check as quick_check
 
 from .errors import (
     FolderNotEmptyError,
@@ -121,7 +120,9 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
     else:
         resolved = store.resolve(repo_id)
         path = store.pull_to(resolved, to, force=force) if to is not None else store.snapshot(resolved)
-    if quick_check(path) is None:  # a RoAd, LoRA or prompt-vector folder is checked without torch or PEFT
+    from composer import precheck
+
+    if precheck.check(path) is None:  # a RoAd, LoRA or prompt-vector folder is checked without torch or PEFT
         composer.load(path)
     return Path(path)
 

@@ -42,12 +42,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import composer
 from composer.card import build_card, parse_card
 from composer.data import FILE_MODE
-from composer.precheck import Checked
-from composer.precheck import check as quick_check
 
 from .errors import (
     FolderNotEmptyError,
@@ -65,6 +64,9 @@ from .interrupts import held
 from .locks import clear_dead_staging, clear_stale_git_locks, owner_tag, repo_lock
 from .staging import check_folder, copy_files
 from .text import shown
+
+if TYPE_CHECKING:
+    from composer.precheck import Checked
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
@@ -494,15 +496,17 @@ class Store:
             What the card needs of the staged adapter (its kind, config and recipe), and the names of the files
             left out (not adapter files).
         """
+        from composer import precheck  # here, not above: `hub --help` and `hub log` need none of it
+
         if not folder.is_dir() and not folder.is_symlink():
             raise composer.AdapterFormatError(f"'{shown(folder)}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
         check_folder(folder)  # before anything reads through a link
-        if quick_check(folder) is None:
+        if precheck.check(folder) is None:
             composer.load(folder)  # errors name the user's folder
         skipped = copy_files(folder, staging, ADAPTER_FILES)
         # What is stored is the staged copy, so validate that too (the folder may change under us).
-        adapter = quick_check(staging) or composer.load(staging)
+        adapter = precheck.check(staging) or composer.load(staging)
         if (staging / "README.md").exists():
             parse_card((staging / "README.md").read_bytes())  # reject unsafe cards before taking any lock
         return adapter, tuple(skipped)

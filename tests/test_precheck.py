@@ -273,11 +273,9 @@ def test_other_kinds_always_go_to_the_full_reader(tmp_path):
 
 
 def test_the_quick_path_stores_what_the_full_path_stores(tmp_path, monkeypatch):
-    import hub.store
-
     for i, src in enumerate([ROOT / "adapters" / "upper", ROOT / "adapters" / "sent_movie"]):
         quick = hub.push(src, "alice/x", root=tmp_path / f"quick{i}")
-        monkeypatch.setattr(hub.store, "quick_check", lambda folder: None)
+        monkeypatch.setattr(precheck, "check", lambda folder: None)  # every folder to the full reader
         full = hub.push(src, "alice/x", root=tmp_path / f"full{i}")
         monkeypatch.undo()
         assert quick.tag == full.tag == "v1"
