@@ -9,10 +9,10 @@ whole message (an expression's caret included) through one type -> formatter tab
 exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage errors exit 2 with the
 subcommand's own usage.
 
-Only commands that touch tensors import torch (``show``, ``diff``, ``compose``, ``train``, ``fit``, ``export``,
-``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it, and so do ``push``
-and ``pull`` of a RoAd, LoRA or prompt-vector folder, checked by :mod:`composer.precheck` (other kinds, and
-folders it cannot decide, are read in full by :func:`composer.load`).
+Only commands that touch tensors import torch (``show``, ``diff``, ``compose``, ``train``, ``fit``,
+``export``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it, and
+so do ``push`` and ``pull`` of a RoAd, LoRA or prompt-vector folder, checked by :mod:`composer.precheck`
+(other kinds, and folders it cannot decide, are read in full by :func:`composer.load`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub show alice/math
         hub show alice/math@v1 --modules                  # per-module norms, in layer order
         hub show alice/math@v1 --json"""),
-    "diff": ("Compare two versions or adapters: norm of the difference and cosine similarity, per module.", """
+    "diff": ("Compare two versions or adapters: norm of their difference and cosine, per module.", """
         hub diff alice/math@v1 alice/math@v2               # totals and the 10 modules that differ most
         hub diff alice/math@v1 alice/math@v2 --all         # every module, in layer order
         hub diff alice/math bob/code --json"""),
@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("a", metavar="ID@A")
     s.add_argument("b", metavar="ID@B")
     s.add_argument("--all", action="store_true",
-                   help="list every module, in layer order (default: the totals and the 10 largest differences)")
+                   help="list every module, in layer order (default: the totals and the 10 largest "
+                        "differences)")
     s.add_argument("--json", action="store_true", help="machine-readable output (always with every module)")
 
     s = _sub(subs, "tag")
@@ -445,7 +446,8 @@ def _cmd_diff(a) -> int:
         lines.append(f"active pairs: {a.a} {o['active_a']:.1%}, {a.b} {o['active_b']:.1%}, shared {o['shared']} "
                      f"(overlap {o['overlap']:.1%})")
     modules = d["modules"]
-    lines.append(f"modules: {len(modules)}, {sum(v['diff_norm'] > 0 for v in modules.values())} of them differ")
+    differ = sum(v["diff_norm"] > 0 for v in modules.values())
+    lines.append(f"modules: {len(modules)}, {differ} of them differ")
     shown = sorted(modules, key=natural_key) if a.all else _largest(modules, DIFF_TOP)
     if not a.all:
         more = f"; --all for all {len(modules)}, in layer order" if len(shown) < len(modules) else ""
@@ -620,13 +622,14 @@ HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd
             "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit, "export": _cmd_export}
 READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")  # export: after its first line
 USAGE_CHECKS = {"export": _export_usage}  # command -> (args, parser.error): usage errors argparse cannot see
-RECORDS = ("push", "compose", "fit")  # commands that record a version: Ctrl-C after it must not read as failure
+RECORDS = ("push", "compose", "fit")  # they record a version: a Ctrl-C after it must not read as failure
 
 
 class _Interrupts:
-    """Ctrl-C for a command that records a version: ``KeyboardInterrupt`` until the store has recorded it (the
-    store calls :meth:`recorded` while it still holds Ctrl-C, :mod:`hub.interrupts`); from then on only noted,
-    so the command finishes, says what it did and exits 0, and a script reads success for a push that happened."""
+    """Ctrl-C for a command that records a version: ``KeyboardInterrupt`` until the store has recorded it
+    (the store calls :meth:`recorded` while it still holds Ctrl-C, :mod:`hub.interrupts`); from then on only
+    noted, so the command finishes, says what it did and exits 0: a script reads success for a push that
+    happened."""
 
     def __init__(self) -> None:
         self.done: Any = None

@@ -71,9 +71,9 @@ def debug() -> bool:
 
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
-    """Warnings as one ``warning: ...`` line each on stderr, as errors are (Python's own format names a source
-    file and quotes a line of it, which says nothing to a user); the libraries' deprecation notices are for their
-    developers and show only with ``HUB_DEBUG``, in Python's format."""
+    """Warnings as one ``warning: ...`` line each on stderr, as errors are (Python's own format names a
+    source file and quotes a line of it, which says nothing to a user); the libraries' deprecation notices are
+    for their developers and show only with ``HUB_DEBUG``, in Python's format."""
     if debug():
         yield
         return

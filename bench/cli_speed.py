@@ -8,9 +8,9 @@ depend on what your own store holds::
     python bench/cli_speed.py                 # 7 repeats
     python bench/cli_speed.py --repeats 11
 
-Goals (issue 19): ``hub --help`` < 0.5 s, ``hub log`` and ``hub list`` < 1 s, ``hub push`` of a shipped adapter
-< 1 s (it checks the folder without torch or PEFT: :mod:`composer.precheck`). The machine's load average is
-printed before and after the run: on a shared machine, read the figures with it.
+Goals (issue 19): ``hub --help`` < 0.5 s, ``hub log`` and ``hub list`` < 1 s, ``hub push`` of a shipped
+adapter < 1 s (it checks the folder without torch or PEFT: :mod:`composer.precheck`). The machine's load
+average is printed before and after the run: on a shared machine, read the figures with it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""What every kind's folder reader shares: the PEFT folder's file names and the checked readers of its config,
-recipe and safetensors (bounded sizes, float dtypes, positive dimensions, PEFT's own config class, target modules
-that match the tensors). :mod:`composer.io` reads and writes whole folders; each kind (:mod:`composer.kinds`)
-parses its own tensors with these.
+"""What every kind's folder reader shares: the PEFT folder's file names and the checked readers of its
+config, recipe and safetensors (bounded sizes, float dtypes, positive dimensions, PEFT's own config class,
+target modules that match the tensors). :mod:`composer.io` reads and writes whole folders; each kind
+(:mod:`composer.kinds`) parses its own tensors with these.
 
 Importing it loads neither torch nor PEFT (each reader that needs one imports it), so the push's quick check
 (:mod:`composer.precheck`) shares the same config, recipe and size rules."""

@@ -44,8 +44,9 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
             except (ComposerError, LookupError, OSError, ValueError) as e:
                 if isinstance(e, ExpressionError):
                     raise
-                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {_subtraction_hint(n.name, resolver)}{e}",
-                                      expression=expression, position=n.pos) from e
+                hint = _subtraction_hint(n.name, resolver)
+                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {hint}{e}", expression=expression,
+                                      position=n.pos) from e
             cache[n.name] = replace(a, source=a.source or n.name)
         return cache[n.name]
 
@@ -83,8 +84,8 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
 
 
 def _subtraction_hint(name: str, resolve: Callable[[str], Any]) -> str:
-    """For ``a/x-b/y``, a name that does not resolve while ``a/x`` and ``b/y`` do: the subtraction it likely meant
-    (a ``-`` with no spaces around it is part of a name, as ids may hold one)."""
+    """For ``a/x-b/y``, a name that does not resolve while ``a/x`` and ``b/y`` do: the subtraction it likely
+    meant (a ``-`` with no spaces around it is part of a name, as ids may hold one)."""
     for i, c in enumerate(name):
         if c != "-" or i == 0:
             continue
@@ -94,6 +95,6 @@ def _subtraction_hint(name: str, resolve: Callable[[str], Any]) -> str:
             resolve(right)
         except (ComposerError, LookupError, OSError, ValueError):
             continue
-        return (f"did you mean '{shown(left)} - {shown(right)}'? A '-' with no spaces around it is part of the name; "
-                "put spaces around it to subtract. ")
+        return (f"did you mean '{shown(left)} - {shown(right)}'? A '-' with no spaces around it is part of "
+                "the name; put spaces around it to subtract. ")
     return ""

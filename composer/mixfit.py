@@ -86,11 +86,11 @@ def _check(adapters: Sequence[Adapter]) -> list[RoadAdapter]:
     return list(adapters)  # type: ignore[return-value]
 
 
-def check_inputs(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict], *, steps: int = 30,
-                 lr: float = 0.1, batch_size: int = 8) -> tuple[list[RoadAdapter], list]:
-    """What :func:`fit` checks before it touches a model: the adapters, the settings and the examples (read and
-    counted). A caller about to load a base model for :func:`fit` calls it first, so that a typo in the data
-    file's name costs no model load (``hub fit``).
+def check_inputs(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict], *,
+                 steps: int = 30, lr: float = 0.1, batch_size: int = 8) -> tuple[list[RoadAdapter], list]:
+    """What :func:`fit` checks before it touches a model: the adapters, the settings and the examples (read
+    and counted). A caller about to load a base model for :func:`fit` calls it first, so that a typo in the
+    data file's name costs no model load (``hub fit``).
 
     Returns:
         The adapters (as RoAd adapters) and the examples' conversations.
@@ -102,11 +102,12 @@ def check_inputs(adapters: Sequence[Adapter], examples: str | os.PathLike | Iter
 
     road = _check(adapters)
     if steps < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
-        raise FitError(f"Need steps >= 0, batch_size >= 1 and a finite lr > 0; got {steps}, {batch_size}, {lr}.")
+        raise FitError(f"Need steps >= 0, batch_size >= 1 and a finite lr > 0; got {steps}, {batch_size}, "
+                       f"{lr}.")
     convs = read_examples(examples)
     if len(convs) > MAX_EXAMPLES:
-        raise FitError(f"{len(convs)} examples given; fit takes at most {MAX_EXAMPLES} (a few dozen numbers are "
-                       "fitted, more data is what training is for: hub train --init).")
+        raise FitError(f"{len(convs)} examples given; fit takes at most {MAX_EXAMPLES} (a few dozen numbers "
+                       "are fitted, more data is what training is for: hub train --init).")
     return road, convs
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidValueError
 
-if TYPE_CHECKING:  # torch is imported where a tensor is checked: a recipe is plain JSON (the push's quick check)
+if TYPE_CHECKING:  # torch is imported where a tensor is checked: a recipe is plain JSON (composer.precheck)
     import torch
 
 LIBRARY_VERSION = "0.1.0"

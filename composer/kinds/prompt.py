@@ -124,7 +124,7 @@ class PromptKind(Kind):
             check_finite(name, parts[name])
         init, vector = parts["init"], parts["vector"]
         total = init + vector
-        dtype = torch.promote_types(total.dtype, prompt.dtype)  # allclose takes one dtype (float16 vs float32 raised)
+        dtype = torch.promote_types(total.dtype, prompt.dtype)  # allclose takes one (float16 vs 32 raised)
         if not torch.allclose(total.to(dtype), prompt.to(dtype), rtol=1e-5, atol=1e-6):
             err = float((total.to(dtype) - prompt.to(dtype)).abs().max())
             raise AdapterFormatError(
