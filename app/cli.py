@@ -688,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
             _err("(Ctrl-C came after the version was recorded: it is stored, as said above.)")
         return code
     except KeyboardInterrupt:
-        _err("Interrupted; no version was recorded." if args.command in RECORDS else "Interrupted.")
+        local = args.command in RECORDS and not getattr(args, "remote", None)  # a remote's commit is its own
+        _err("Interrupted; no version was recorded." if local else "Interrupted.")
         return 130
     except Exception as e:  # noqa: BLE001 - report_error re-raises what it does not know
         return report_error(e)
