@@ -9,8 +9,10 @@ whole message (an expression's caret included) through one type -> formatter tab
 exit 1 (set ``HUB_DEBUG=1``, the one debug switch, for the traceback); usage errors exit 2 with the
 subcommand's own usage.
 
-Only commands that touch tensors import torch (``show``, ``diff``, ``push``, ``compose``, ``pull``, ``train``,
-``fit``, ``export``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it.
+Only commands that touch tensors import torch (``show``, ``diff``, ``compose``, ``train``, ``fit``,
+``export``, ``app``, ``api``): ``--help``, ``list``, ``log``, ``tag`` and usage errors answer without it, and
+so do ``push`` and ``pull`` of a RoAd, LoRA or prompt-vector folder, checked by :mod:`composer.precheck`
+(other kinds, and folders it cannot decide, are read in full by :func:`composer.load`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 from typing import Any
 
-from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error
+from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error, warnings_as_lines
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("Validate an adapter folder and store it as a new version (v1, v2, ...).", """
@@ -45,8 +49,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub show alice/math
         hub show alice/math@v1 --modules                  # per-module norms, in layer order
         hub show alice/math@v1 --json"""),
-    "diff": ("Compare two versions or adapters: per-module norm of the difference and cosine similarity.", """
-        hub diff alice/math@v1 alice/math@v2
+    "diff": ("Compare two versions or adapters: norm of their difference and cosine, per module.", """
+        hub diff alice/math@v1 alice/math@v2               # totals and the 10 modules that differ most
+        hub diff alice/math@v1 alice/math@v2 --all         # every module, in layer order
         hub diff alice/math bob/code --json"""),
     "tag": ("Tag a version; existing tags move, and v<digits> names are taken, only with --force.", """
         hub tag alice/math@v2 stable
@@ -157,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(subs, "diff")
     s.add_argument("a", metavar="ID@A")
     s.add_argument("b", metavar="ID@B")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--all", action="store_true",
+                   help="list every module, in layer order (default: the totals and the 10 largest "
+                        "differences)")
+    s.add_argument("--json", action="store_true", help="machine-readable output (always with every module)")
 
     s = _sub(subs, "tag")
     s.add_argument("id", metavar="ID@REV")
@@ -259,7 +267,7 @@ def _cmd_push(a) -> int:
     import hub
     from hub.text import shown
     r = hub.push(a.folder, a.id, tag=a.tag, message=a.message, force=a.force, allow_empty=a.allow_empty,
-                 remote=a.remote)
+                 remote=a.remote, **({} if a.remote else {"on_commit": a.on_commit}))
     for name in getattr(r, "skipped", ()):
         _err(f"Left out '{shown(name)}' (not an adapter file).")
     if getattr(r, "unchanged", False):
@@ -464,12 +472,27 @@ def _cmd_diff(a) -> int:
         o = d["active_pairs"]
         lines.append(f"active pairs: {a.a} {o['active_a']:.1%}, {a.b} {o['active_b']:.1%}, shared {o['shared']} "
                      f"(overlap {o['overlap']:.1%})")
-    width = max((len(m) for m in d["modules"]), default=0)
-    for m in sorted(d["modules"], key=natural_key):
-        v = d["modules"][m]
+    modules = d["modules"]
+    differ = sum(v["diff_norm"] > 0 for v in modules.values())
+    lines.append(f"modules: {len(modules)}, {differ} of them differ")
+    shown = sorted(modules, key=natural_key) if a.all else _largest(modules, DIFF_TOP)
+    if not a.all:
+        more = f"; --all for all {len(modules)}, in layer order" if len(shown) < len(modules) else ""
+        lines.append(f"largest differences ({len(shown)} of {len(modules)} modules{more}):")
+    width = max((len(m) for m in shown), default=0)
+    for m in shown:
+        v = modules[m]
         lines.append(f"  {m:{width}}  diff_norm={_fmt_float(v['diff_norm'])}  cosine={_fmt_float(v['cosine'])}")
     _out(d, a.json, "\n".join(lines))
     return 0
+
+
+DIFF_TOP = 10  # modules `hub diff` lists without --all: a SmolLM2 adapter has 210
+
+
+def _largest(modules: dict[str, dict], n: int) -> list[str]:
+    """The ``n`` modules whose task vectors differ most (largest ``diff_norm`` first, ties in layer order)."""
+    return sorted(sorted(modules, key=natural_key), key=lambda m: -modules[m]["diff_norm"])[:n]
 
 
 def _cmd_tag(a) -> int:
@@ -482,7 +505,7 @@ def _cmd_tag(a) -> int:
 
 def _cmd_compose(a) -> int:
     import hub
-    r = hub.compose(a.expression, a.output, message=a.message, tag=a.tag)
+    r = hub.compose(a.expression, a.output, message=a.message, tag=a.tag, on_commit=a.on_commit)
     if getattr(r, "unchanged", False):
         _err(f"Unchanged: {r.repo_id} is still {r.tag} ({r.sha[:12]}); the composition equals it.")
     else:
@@ -538,11 +561,15 @@ def _resolve_input(name: str) -> Any:
 def _cmd_fit(a) -> int:
     import composer
     import hub
+    from composer.mixfit import check_inputs
 
     from . import fitting
     from .engine import load_base  # torch, transformers and PEFT: imported only for this command
 
-    adapters = [_resolve_input(n) for n in a.adapters]  # before loading the model: a typo fails at once
+    # Everything fit checks without the model, before it loads (tens of seconds): the adapters, the settings
+    # and the examples file (a typo in its name, a line of bad JSON, more than 32 examples) fail at once.
+    adapters = [_resolve_input(n) for n in a.adapters]
+    check_inputs(adapters, a.data, steps=a.steps, lr=a.lr, batch_size=a.batch_size)
     model, tok = load_base(a.base)
     fitted = composer.fit(adapters, a.data, model=model, tokenizer=tok, granularity=a.granularity,
                           steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed, progress=True)
@@ -550,7 +577,8 @@ def _cmd_fit(a) -> int:
     summary = fitting.summary(fitted, a.adapters)
     pushed = None
     if a.push:
-        r = hub.push(path, a.push, message=f"Fit {' + '.join(a.adapters)} to {os.path.basename(a.data)}")
+        r = hub.push(path, a.push, message=f"Fit {' + '.join(a.adapters)} to {os.path.basename(a.data)}",
+                     on_commit=a.on_commit)
         pushed = f"{r.repo_id}@{r.tag or r.sha}"
     if a.json:
         print(json.dumps({"path": str(path), "pushed": pushed, **summary}, default=str))
@@ -621,6 +649,26 @@ HANDLERS = {"push": _cmd_push, "pull": _cmd_pull, "list": _cmd_list, "log": _cmd
             "app": _cmd_app, "api": _cmd_api, "train": _cmd_train, "fit": _cmd_fit, "export": _cmd_export}
 READS_STORE = ("list", "log", "show", "pull", "diff", "compose", "tag", "serve", "fit")  # export: after its first line
 USAGE_CHECKS = {"export": _export_usage}  # command -> (args, parser.error): usage errors argparse cannot see
+RECORDS = ("push", "compose", "fit")  # they record a version: a Ctrl-C after it must not read as failure
+
+
+class _Interrupts:
+    """Ctrl-C for a command that records a version: ``KeyboardInterrupt`` until the store has recorded it
+    (the store calls :meth:`recorded` while it still holds Ctrl-C, :mod:`hub.interrupts`); from then on only
+    noted, so the command finishes, says what it did and exits 0: a script reads success for a push that
+    happened."""
+
+    def __init__(self) -> None:
+        self.done: Any = None
+        self.missed = False
+
+    def recorded(self, result: Any) -> None:
+        self.done = result
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.done is None:
+            raise KeyboardInterrupt
+        self.missed = True
 
 
 def _seed_examples() -> None:
@@ -653,15 +701,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in USAGE_CHECKS:
         USAGE_CHECKS[args.command](args, _subparser(parser, args.command).error)
+    interrupts = _Interrupts()
+    args.on_commit = interrupts.recorded
+    previous = None
+    if args.command in RECORDS and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, interrupts)
     try:
-        if args.command in READS_STORE:
-            _seed_examples()
-        return HANDLERS[args.command](args)
+        with warnings_as_lines():
+            if args.command in READS_STORE:
+                _seed_examples()
+            code = HANDLERS[args.command](args)
+        if interrupts.missed:
+            _err("(Ctrl-C came after the version was recorded: it is stored, as said above.)")
+        return code
     except KeyboardInterrupt:
-        _err("Interrupted.")
+        local = args.command in RECORDS and not getattr(args, "remote", None)  # a remote's commit is its own
+        _err("Interrupted; no version was recorded." if local else "Interrupted.")
         return 130
     except Exception as e:  # noqa: BLE001 - report_error re-raises what it does not know
         return report_error(e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run() -> None:

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 DEBUG_ENV = "HUB_DEBUG"
 
@@ -65,6 +67,21 @@ def debug() -> bool:
     from composer.env import env_flag
 
     return env_flag(DEBUG_ENV)
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Warnings as one ``warning: ...`` line each on stderr, as errors are (Python's own format names a
+    source file and quotes a line of it, which says nothing to a user); the libraries' deprecation notices are
+    for their developers and show only with ``HUB_DEBUG``, in Python's format."""
+    if debug():
+        yield
+        return
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = lambda message, *args, **kw: _err(f"warning: {message}")
+        yield
 
 
 def report_error(e: BaseException) -> int:

@@ -454,22 +454,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``hub train``: returns the exit code (0 ok, 1 known error, 2 usage error from argparse)."""
     args = build_parser().parse_args(argv)
     try:
-        if not Path(args.data).is_file():  # before the model loads: a typo should not cost the load
+        # Every input that can be checked without the model is, before it loads (tens of seconds): a typo in a
+        # file name, a line of bad JSON or an expression that does not parse should not cost the load.
+        if not Path(args.data).is_file():
             raise TrainingDataError(f"Training data '{args.data}' is not a file. Give a JSONL file of "
                                     '{"messages": [...]} or {"prompt": ..., "completion": ...} lines.',
                                     path=args.data)
+        read_examples(args.data)
+        companions = []
+        for spec in args.companions:
+            adapter, sep, data = spec.rpartition("=")
+            if not sep or not adapter or not data:
+                raise ValueError(f"--with {spec!r}: write ADAPTER=DATA, e.g. examples/bullets_anchored=pair.jsonl.")
+            read_examples(data)
+            companions.append((adapter, data))
+        if args.init:
+            composer.parse(args.init)
         from .engine import load_base
         model, tok = load_base(args.base)
         anchor = args.objective == "anchored" and composer.kinds.by_name(args.kind).layered
         targets = args.target_modules
         if targets is None and composer.kinds.by_name(args.kind).layered and not args.init:
             targets = decoder_projections(model, args.group_size if args.kind == "road" else None)
-        companions = []
-        for spec in args.companions:
-            adapter, sep, data = spec.rpartition("=")
-            if not sep or not adapter or not data:
-                raise ValueError(f"--with {spec!r}: write ADAPTER=DATA, e.g. examples/bullets_anchored=pair.jsonl.")
-            companions.append((adapter, data))
         result = train((model, tok), args.data, kind=args.kind, init=args.init, variant=args.variant,
                        group_size=args.group_size, target_modules=targets,
                        num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=args.lr,

@@ -13,6 +13,7 @@ Public surface::
     fit(adapters, examples, model=..., tokenizer=...)            mix coefficients fitted to a few examples
     subspace.Subspace / active_pairs / overlap                   RoAd adapters trained in a share of the pairs
     kinds.of(adapter) / kinds.by_peft_type(t)                    the adapter kinds, one module each (composer/kinds/)
+    precheck.check(folder)                                       a push's quick check, without torch or PEFT
 
 Errors are :class:`ComposerError` subclasses (each also a ``ValueError``), in :mod:`composer.errors`.
 
@@ -68,7 +69,7 @@ _LAZY = {
 }
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
 _SUBMODULES = set(_LAZY) | {"road_math", "lora_math", "card", "errors", "data", "limits", "advice", "env", "kinds",
-                             "provenance", "folder", "arith"}
+                             "provenance", "folder", "arith", "precheck", "road_sizes"}
 
 
 def __getattr__(name: str):

@@ -72,6 +72,9 @@ def read_examples(source: str | os.PathLike | Iterable[dict]) -> list[Conversati
             raise DataError("No examples given; pass at least one {\"messages\": [...]} row.")
         return out
     p = Path(source)
+    if not p.is_file():
+        raise DataError(f"Data file '{p}' is not a file. Give a JSONL file of {{\"messages\": [...]}} or "
+                        '{"prompt": ..., "completion": ...} lines.', path=p)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -1,7 +1,10 @@
-"""What every kind's folder reader shares: the PEFT folder's file names and the checked readers of its config
-and safetensors (bounded sizes, float dtypes, positive dimensions, PEFT's own config class, target modules that
-match the tensors). :mod:`composer.io` reads and writes whole folders; each kind (:mod:`composer.kinds`) parses
-its own tensors with these."""
+"""What every kind's folder reader shares: the PEFT folder's file names and the checked readers of its
+config, recipe and safetensors (bounded sizes, float dtypes, positive dimensions, PEFT's own config class,
+target modules that match the tensors). :mod:`composer.io` reads and writes whole folders; each kind
+(:mod:`composer.kinds`) parses its own tensors with these.
+
+Importing it loads neither torch nor PEFT (each reader that needs one imports it), so the push's quick check
+(:mod:`composer.precheck`) shares the same config, recipe and size rules."""
 
 from __future__ import annotations
 
@@ -10,15 +13,15 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from . import limits
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, ComposerError
+from .provenance import Recipe
 from .text import shown
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -44,11 +47,37 @@ def read_json(path: Path, what: str) -> Any:
     return data
 
 
-# What PEFT and our arithmetic handle; float8 and complex tensors would fail later, deep inside torch.
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+def read_recipe(folder: Path) -> Recipe | None:
+    """The folder's ``recipe.json`` (``None`` when it has none), every field checked.
+
+    Raises:
+        AdapterFormatError: not JSON, or not a recipe; LimitExceededError: too big, too deep, too long.
+    """
+    path = folder / RECIPE
+    if not path.is_file():
+        return None
+    data = read_json(path, "a recipe")
+    try:
+        recipe = Recipe.from_dict(data)
+        limits.check("expression_chars", len(recipe.expression), f"{path}: the expression's length")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ComposerError):
+            raise
+        raise AdapterFormatError(f"{path} is not a valid recipe: {e}", path=path) from e
+    return recipe
+
+
+# What PEFT and our arithmetic handle (safetensors' names; composer.precheck reads the same set from headers);
+# float8 and complex tensors would fail later, deep inside torch.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
@@ -56,7 +85,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a readable safetensors file ({e}). It may be truncated or corrupt; "
             "re-export it with safetensors.torch.save_file.", path=path) from e
     for name, t in tensors.items():
-        if t.dtype not in FLOAT_DTYPES:
+        if t.dtype not in floats:
             raise AdapterFormatError(
                 f"Tensor '{name}' in {path} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64 "
                 "(convert it with tensor.float() before saving).", path=path, tensor=name)

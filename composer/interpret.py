@@ -46,13 +46,11 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
         if n.name not in cache:
             try:
                 a = resolver(n.name)
-            except ComposerError as e:
+            except (ComposerError, LookupError, OSError, ValueError) as e:
                 if isinstance(e, ExpressionError):
                     raise
-                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {e}", expression=expression,
-                                      position=n.pos) from e
-            except (LookupError, OSError, ValueError) as e:
-                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {e}", expression=expression,
+                hint = _subtraction_hint(n.name, resolver)
+                raise ExpressionError(f"Cannot resolve '{shown(n.name)}': {hint}{e}", expression=expression,
                                       position=n.pos) from e
             cache[n.name] = replace(a, source=a.source or n.name)
         return cache[n.name]
@@ -104,3 +102,20 @@ def evaluate(expression: str, resolve: Callable[[str], Adapter] | None = None) -
             raise NotComposableError(f"Cannot serve these sides together on one row: {e}") from e
         return pinned(result, expression, tree)
     return pinned(ev(tree), expression, tree)
+
+
+def _subtraction_hint(name: str, resolve: Callable[[str], Any]) -> str:
+    """For ``a/x-b/y``, a name that does not resolve while ``a/x`` and ``b/y`` do: the subtraction it likely
+    meant (a ``-`` with no spaces around it is part of a name, as ids may hold one)."""
+    for i, c in enumerate(name):
+        if c != "-" or i == 0:
+            continue
+        left, right = name[:i], name[i + 1:]
+        try:
+            resolve(left)
+            resolve(right)
+        except (ComposerError, LookupError, OSError, ValueError):
+            continue
+        return (f"did you mean '{shown(left)} - {shown(right)}'? A '-' with no spaces around it is part of "
+                "the name; put spaces around it to subtract. ")
+    return ""

@@ -30,10 +30,10 @@ import torch
 from safetensors.torch import save_file
 
 from . import kinds, limits
-from .adapters import Adapter, Recipe
+from .adapters import Adapter
 from .card import build_card
 from .data import FILE_MODE
-from .errors import AdapterFormatError, ComposerError, UnsafeFormatError
+from .errors import AdapterFormatError, UnsafeFormatError
 from .folder import (
     CARD,
     CONFIG,
@@ -44,6 +44,7 @@ from .folder import (
     RECIPE,
     WEIGHTS,
     read_json,
+    read_recipe,
     read_safetensors,
 )
 from .text import shown
@@ -189,24 +190,8 @@ def load(path: str | os.PathLike) -> Adapter:
     tensors = read_safetensors(_weights_path(folder, kind))
     _check_patterns(folder, cfg, tensors)
     adapter: Adapter = kind.parse(folder, cfg, tensors)
-    return type(adapter)(**{**adapter.__dict__, "recipe": read_recipe(folder), "source": str(folder)})
-
-
-def read_recipe(folder: Path) -> Recipe | None:
-    """The folder's ``recipe.json``, every field checked, or ``None`` when it has none."""
-    rp = folder / RECIPE
-    if not rp.is_file():
-        return None
-    data = read_json(rp, "a recipe")
-    try:
-        recipe = Recipe.from_dict(data)
-        limits.check("expression_chars", len(recipe.expression), f"{rp}: the expression's length")
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ComposerError):
-            raise
-        raise AdapterFormatError(f"{rp} is not a valid recipe: {e}", path=rp) from e
-    return recipe
-
+    recipe = read_recipe(folder)
+    return type(adapter)(**{**adapter.__dict__, "recipe": recipe, "source": str(folder)})
 
 
 def validate_folder(path: str | os.PathLike) -> Adapter:

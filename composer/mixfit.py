@@ -88,6 +88,31 @@ def _check(adapters: Sequence[Adapter]) -> list[RoadAdapter]:
     return list(adapters)  # type: ignore[return-value]
 
 
+def check_inputs(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict], *,
+                 steps: int = 30, lr: float = 0.1, batch_size: int = 8) -> tuple[list[RoadAdapter], list]:
+    """What :func:`fit` checks before it touches a model: the adapters, the settings and the examples (read
+    and counted). A caller about to load a base model for :func:`fit` calls it first, so that a typo in the
+    data file's name costs no model load (``hub fit``).
+
+    Returns:
+        The adapters (as RoAd adapters) and the examples' conversations.
+
+    Raises:
+        FitError, DataError, IncompatibleAdaptersError.
+    """
+    from .data import read_examples
+
+    road = _check(adapters)
+    if steps < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
+        raise FitError(f"Need steps >= 0, batch_size >= 1 and a finite lr > 0; got {steps}, {batch_size}, "
+                       f"{lr}.")
+    convs = read_examples(examples)
+    if len(convs) > MAX_EXAMPLES:
+        raise FitError(f"{len(convs)} examples given; fit takes at most {MAX_EXAMPLES} (a few dozen numbers "
+                       "are fitted, more data is what training is for: hub train --init).")
+    return road, convs
+
+
 def _mixed(gens: list[tuple[torch.Tensor, torch.Tensor]], weights: list[torch.Tensor]
            ) -> tuple[torch.Tensor, torch.Tensor]:
     theta = sum(w * g[0] for w, g in zip(weights, gens))
@@ -232,17 +257,11 @@ def fit(adapters: Sequence[Adapter], examples: str | os.PathLike | Iterable[dict
     """
     from torch.nn.utils import parametrize
 
-    from .data import collate, encode_all, examples_sha256, read_examples
+    from .data import collate, encode_all, examples_sha256
     from .initialise import init as peft_init
     from .ops import add
 
-    road = _check(adapters)
-    if steps < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
-        raise FitError(f"Need steps >= 0, batch_size >= 1 and a finite lr > 0; got {steps}, {batch_size}, {lr}.")
-    convs = read_examples(examples)
-    if len(convs) > MAX_EXAMPLES:
-        raise FitError(f"{len(convs)} examples given; fit takes at most {MAX_EXAMPLES} (a few dozen numbers are "
-                       "fitted, more data is what training is for: hub train --init).")
+    road, convs = check_inputs(adapters, examples, steps=steps, lr=lr, batch_size=batch_size)
     digest = examples_sha256(examples, convs)
     rows = encode_all(tokenizer, convs, max_length)
     names = groups(road[0], granularity)

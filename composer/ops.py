@@ -66,15 +66,22 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
                 "Kinds the engine serves together on one row (LoRA, RoAd or IA³, one prompt vector) join with ';' as "
                 f"parts instead: '{short_shas(f'{_label(first, 0)!s} ; {_label(other, i)!s}')}'.",
                 field="kind", left=first.kind, right=other.kind)
-        bm_note = ""
-        if first.base_model != other.base_model:
-            bm_note = f" (base models differ: {first.base_model!r} vs {other.base_model!r})"
-        kind.check_pair(first, other, names, bm_note, same_variant=same_variant)
-        if bm_note:
-            warnings.warn(
-                f"{names} were trained on different base models ({first.base_model!r} vs "
-                f"{other.base_model!r}); shapes match, so they are combined anyway.",
-                CompatibilityWarning, stacklevel=3)
+        # Different base models lead whatever else differs: it is the cause, the shapes only its symptom.
+        bases = (f"Different base models: {first.base_model!r} ({_label(first, 0)}) vs {other.base_model!r} "
+                 f"({_label(other, i)})" if first.base_model != other.base_model else "")
+        try:
+            kind.check_pair(first, other, names, "", same_variant=same_variant)
+        except IncompatibleAdaptersError as e:
+            if not bases:
+                raise
+            what = str(e)
+            what = what[:1].lower() + what[1:] if what[1:2].islower() else what  # "Group sizes" but "LoRA"
+            raise IncompatibleAdaptersError(
+                f"{bases}, and they do not fit together: {what}",
+                field=e.field, left=e.left, right=e.right, tensor=e.tensor) from e  # what differs, as found
+        if bases:
+            warnings.warn(f"{bases}; the shapes match, so they are combined anyway.", CompatibilityWarning,
+                          stacklevel=3)
 
 
 def _a(kind: str) -> str:

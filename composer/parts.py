@@ -288,8 +288,8 @@ def load(path: str | os.PathLike) -> Parts:
             listed; whatever :func:`composer.load` raises for a part.
         NotComposableError: parts the engine would not serve together (:func:`check`).
     """
+    from .folder import read_recipe
     from .io import load as load_adapter
-    from .io import read_recipe
 
     folder = Path(path)
     listed = read_manifest(folder)

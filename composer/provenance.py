@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidValueError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is checked: a recipe is plain JSON (composer.precheck)
+    import torch
 
 LIBRARY_VERSION = "0.1.0"
 
@@ -142,6 +143,8 @@ def _finite(value: Any, key: str) -> float:
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise :class:`InvalidValueError` naming ``name`` and the first bad index if ``t`` has NaN/inf."""
+    import torch
+
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])

@@ -10,40 +10,21 @@ PEFT's RoAd splits a layer output of width ``w`` into groups of ``g`` and pairs 
 
 Blocks are returned as a tensor of shape ``(groups, g/2, 2, 2)``.
 
-This module owns two RoAd rules everyone else calls: the size of a variant's tensors for a layer width
-(:func:`num_values`, :func:`layer_width`, as PEFT's RoAd keeps its size rule per variant in one place), and
-the generator ``(θ, log α)`` that the arithmetic, ``hub diff`` and the app's plots all act on
-(:func:`generator`).
+The size of a variant's tensors for a layer width (:func:`num_values`, :func:`layer_width`) is
+:mod:`composer.road_sizes`' (plain integers, re-exported here). This module owns the generator
+``(θ, log α)`` that the arithmetic, ``hub diff`` and the app's plots all act on (:func:`generator`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 
 from .errors import InvalidArgumentError
+from .road_sizes import VARIANTS, Variant, layer_width, num_values  # noqa: F401 - the size rule's owner
 
-Variant = Literal["road_1", "road_2", "road_4"]
-VARIANTS: tuple[str, ...] = get_args(Variant)
-# (θ, α) values per output element of the adapted layer: road_1 one per 2D pair, road_2 one per element,
-# road_4 two per element (one for each column of the element's 2x2 block).
-_PER_ELEMENT: dict[str, tuple[int, int]] = {"road_1": (1, 2), "road_2": (1, 1), "road_4": (2, 1)}
 _ORDER = {"road_1": 1, "road_2": 2, "road_4": 4}
-
-
-def num_values(variant: str, width: int) -> int:
-    """Length of the ``road_theta`` (and ``road_alpha``) tensor of ``variant`` for a layer of ``width`` outputs."""
-    num, den = _PER_ELEMENT[variant]
-    return width * num // den
-
-
-def layer_width(variant: str, n: int) -> int | None:
-    """The layer width whose ``variant`` tensors hold ``n`` values, or ``None`` when no width gives ``n``."""
-    num, den = _PER_ELEMENT[variant]
-    width, rest = divmod(n * den, num)
-    return width if rest == 0 and width > 0 else None
 
 
 def generator(theta: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

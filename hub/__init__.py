@@ -18,6 +18,7 @@ Not to be confused with Activeloop's ``hub`` package on PyPI, which uses the sam
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _remote(remote: str | None, api: Any, store: Store):
 
 def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
          force: bool = False, allow_empty: bool = False, remote: str | None = None, api: Any = None,
-         root: str | os.PathLike | None = None):
+         root: str | os.PathLike | None = None, on_commit: Callable[[PushResult], None] | None = None):
     """Validate ``folder`` and store it as a new version of ``repo_id``.
 
     Args:
@@ -81,6 +82,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, mes
         remote: ``None`` for the local store, ``"hf"`` for the Hugging Face Hub (``HF_ENDPOINT``).
         api: an ``HfApi``-like object for the remote (tests inject one).
         root: store root (default ``$ADAPTER_HUB_HOME``).
+        on_commit: local store only: called with the result the moment the version is recorded, before a
+            Ctrl-C held meanwhile is raised (:mod:`hub.interrupts`).
 
     Returns:
         :class:`PushResult` (local) or ``hub.remote.RemotePushResult``, each with ``sha``, ``tag``, ``pinned``.
@@ -94,7 +97,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, mes
     r = _remote(remote, api, store)
     if r is not None:
         return r.push(folder, repo_id, tag=tag, message=message, force=force)
-    return store.push(folder, repo_id, tag=tag, message=message, force=force, allow_empty=allow_empty)
+    return store.push(folder, repo_id, tag=tag, message=message, force=force, allow_empty=allow_empty,
+                      on_commit=on_commit)
 
 
 def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | None = None, api: Any = None,
@@ -116,7 +120,10 @@ def pull(repo_id: str, *, to: str | os.PathLike | None = None, remote: str | Non
     else:
         resolved = store.resolve(repo_id)
         path = store.pull_to(resolved, to, force=force) if to is not None else store.snapshot(resolved)
-    composer.load_any(path)
+    from composer import precheck
+
+    if precheck.check(path) is None:  # a RoAd, LoRA or prompt-vector folder is checked without torch or PEFT
+        composer.load_any(path)
     return Path(path)
 
 
@@ -182,17 +189,19 @@ def composition_notes(expression: str, *, root: str | os.PathLike | None = None)
 
 
 def compose(expression: str, repo_id: str, *, message: str | None = None, tag: str | None = None,
-            force: bool = False, root: str | os.PathLike | None = None) -> PushResult:
+            force: bool = False, root: str | os.PathLike | None = None,
+            on_commit: Callable[[PushResult], None] | None = None) -> PushResult:
     """Evaluate a :mod:`composer` expression over store ids and push the result with its recipe.
 
     Every input is pinned to the commit it resolved to (``ns/name@<sha>``) in ``recipe.json`` and the card. Sides
     joined by ``;`` (``"a/lora + b/lora ; c/road ; d/prompt"``: adapters of several kinds applied together on one
-    row) are stored as a recipe of parts (:mod:`composer.parts`), one PEFT folder per side.
+    row) are stored as a recipe of parts (:mod:`composer.parts`), one PEFT folder per side. ``on_commit`` as in
+    :func:`push`.
     """
     store = Store(root)
     adapter = composer.evaluate(expression, resolve=store.load)
     store.root.mkdir(parents=True, exist_ok=True)
     with store.staging_dir("compose") as tmp:
         composer.save(adapter, tmp)
-        return store.push(tmp, repo_id, tag=tag, force=force,
+        return store.push(tmp, repo_id, tag=tag, force=force, on_commit=on_commit,
                           message=message or f"Compose {expression.strip()}")

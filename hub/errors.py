@@ -68,9 +68,13 @@ class LockTimeoutError(HubError, TimeoutError):
 
 
 class RepositoryNotFoundError(HubError, LookupError):
-    def __init__(self, message: str, *, repo_id: str | None = None) -> None:
+    """No such adapter. Attributes: ``repo_id``, ``suggestions`` (close ids in the store, best first)."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None,
+                 suggestions: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.repo_id = repo_id
+        self.suggestions = suggestions
 
 
 class RevisionNotFoundError(HubError, LookupError):

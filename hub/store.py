@@ -20,17 +20,19 @@ Layout under ``$ADAPTER_HUB_HOME`` (default ``~/.cache/adapter-hub``)::
     ├── locks/<namespace>/<name>.lock        flock: one writer per repository
     └── serve/                               olah config, cache and logs for `hub serve`
 
-A push is atomic: the folder is copied to a staging dir and validated with :func:`composer.load`, its blobs,
-tree and commit are written as git objects (unreferenced until the end), then ``main`` and the version tag
-move together in one ``git update-ref --stdin`` transaction that checks ``main``'s old value. A push killed
-before that transaction leaves at most unreferenced objects (``git fsck`` stays clean, ``git gc`` drops
-them); after it, the push is complete. The working tree is refreshed last and only for people browsing it.
+A push is atomic: the folder is copied to a staging dir and validated (by :func:`composer.precheck.check`,
+without torch or PEFT, where it can decide, else by :func:`composer.load`), its blobs, tree and commit are
+written as git objects (unreferenced until the end), then ``main`` and the version tag move together in one
+``git update-ref --stdin`` transaction that checks ``main``'s old value. A push killed before that transaction
+leaves at most unreferenced objects (``git fsck`` stays clean, ``git gc`` drops them); after it, the push is
+complete. The working tree is refreshed last and only for people browsing it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -42,6 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import composer
 from composer.card import build_card, parse_card
@@ -59,9 +62,13 @@ from .errors import (
     UnsafeFolderError,
 )
 from .ids import RepoRef, check_tag, next_version, parse_id, sort_tags, version_number
+from .interrupts import held
 from .locks import clear_dead_staging, clear_stale_git_locks, owner_tag, repo_lock
 from .staging import check_folder, copy_files
 from .text import shown
+
+if TYPE_CHECKING:
+    from composer.precheck import Checked
 
 # Only these files enter the store; anything else in a folder (optimizer states, training_args.bin
 # pickles, checkpoints) is left behind and reported.
@@ -104,7 +111,8 @@ def listing(folder: Path) -> list[str]:
 
 def default_root() -> Path:
     """The store root, the one place it is decided: ``$ADAPTER_HUB_HOME``, else ``$XDG_CACHE_HOME/adapter-hub``,
-    else ``~/.cache/adapter-hub``. The app keeps its base-model cache under it too."""
+    else ``~/.cache/adapter-hub``. (The converted base model is the app's, shared by every store:
+    ``app.engine.base.cache_root``.)"""
     env = os.environ.get("ADAPTER_HUB_HOME")
     if env:
         return Path(env).expanduser()
@@ -174,7 +182,7 @@ class Store:
     # --- git plumbing -------------------------------------------------------------------------------
 
     def _git(self, repo: Path, *args: str, input: bytes | None = None, check: bool = True,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+             env: dict[str, str] | None = None, detached: bool = False) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         base.update(GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
         base.setdefault("GIT_AUTHOR_NAME", os.environ.get("HUB_AUTHOR", "adapter-hub"))
@@ -183,7 +191,9 @@ class Store:
         base.setdefault("GIT_COMMITTER_EMAIL", base["GIT_AUTHOR_EMAIL"])
         if env:
             base.update(env)
-        p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base)
+        # detached: a session of its own, out of reach of the terminal's Ctrl-C (hub.interrupts)
+        p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base,
+                           start_new_session=detached)
         if check and p.returncode != 0:
             raise StoreError(f"git {args[0]} failed in {repo}: {p.stderr.decode(errors='replace').strip()}")
         return p
@@ -217,10 +227,20 @@ class Store:
     def _require(self, ref: RepoRef) -> Path:
         path = self.repo_path(ref)
         if not (path / ".git").is_dir():
+            close = close_ids(ref.repo_id, self.ids())
+            guess = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise RepositoryNotFoundError(
-                f"No adapter '{ref.repo_id}' in the store at {self.root}. Run 'hub list' to see what is there, "
-                f"or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id)
+                f"No adapter '{ref.repo_id}' in the store at {self.root}.{guess} Run 'hub list' to see what "
+                f"is there, or 'hub pull {ref.repo_id} --remote hf' to fetch it.", repo_id=ref.repo_id,
+                suggestions=close)
         return path
+
+    def ids(self) -> list[str]:
+        """The ``namespace/name`` of every repository in the store (no git call: for suggestions)."""
+        if not self.models.is_dir():
+            return []
+        return sorted(f"{ns.name}/{repo.name}" for ns in self.models.iterdir() if not ns.name.startswith(".")
+                      and ns.is_dir() for repo in ns.iterdir() if (repo / ".git").is_dir())
 
     def _init(self, ref: RepoRef) -> Path:
         """Create the repository (caller holds the lock); built aside and renamed into place."""
@@ -498,12 +518,18 @@ class Store:
 
     # --- writing ------------------------------------------------------------------------------------
 
-    def stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter, tuple[str, ...]]:
+    def stage(self, folder: Path, staging: Path) -> tuple[composer.Adapter | Checked, tuple[str, ...]]:
         """Copy ``folder``'s adapter files into ``staging`` and validate both (the folder may change under us).
 
+        Each is validated by the quick check (:func:`composer.precheck.check`: no torch, no PEFT) where it can
+        decide, else by :func:`composer.load`, which also says what is wrong.
+
         Returns:
-            The staged adapter and the names of the files left out (not adapter files).
+            What the card needs of the staged adapter (its kind, config and recipe), and the names of the
+            files left out (not adapter files).
         """
+        from composer import precheck  # here, not above: `hub --help` and `hub log` need none of it
+
         if not folder.is_dir() and not folder.is_symlink():
             raise composer.AdapterFormatError(f"'{shown(folder)}' is not a folder. Pass the folder that holds "
                                               "adapter_config.json.", path=folder)
@@ -511,15 +537,18 @@ class Store:
         if composer.parts.is_parts(folder):
             for name, _ in composer.parts.read_manifest(folder):  # each a plain name inside the folder
                 check_folder(folder / name)
-        composer.load_any(folder)  # errors name the user's folder
-        if composer.parts.is_parts(folder):  # the manifest, recipe and card here; each part in its own folder
+            composer.load_any(folder)  # errors name the user's folder
+            # the manifest, recipe and card here; each part in its own folder
             skipped = [n for n in copy_files(folder, staging, ("parts.json", "recipe.json", "README.md"))
                        if not (folder / n).is_dir()]
             skipped += self._stage_parts(folder, staging)
+            # What is stored is the staged copy, so validate that too (the folder may change under us).
+            adapter = composer.load_any(staging)
         else:
+            if precheck.check(folder) is None:  # RoAd, LoRA, prompt vectors: decided without torch or PEFT
+                composer.load(folder)  # errors name the user's folder
             skipped = list(copy_files(folder, staging, tuple(n for n in ADAPTER_FILES if n != "parts.json")))
-        # What is stored is the staged copy, so validate that too (the folder may change under us).
-        adapter = composer.load_any(staging)
+            adapter = precheck.check(staging) or composer.load(staging)  # the staged copy too
         if (staging / "README.md").exists():
             parse_card((staging / "README.md").read_bytes())  # reject unsafe cards before taking any lock
         return adapter, tuple(skipped)
@@ -559,7 +588,8 @@ class Store:
 
     def push(self, folder: str | os.PathLike, repo_id: str, *, tag: str | None = None, message: str | None = None,
              force: bool = False, allow_empty: bool = False, extra_refs: dict[str, str] | None = None,
-             extra_tags: tuple[str, ...] = (), auto_version: bool = True, keep_card: bool = False) -> PushResult:
+             extra_tags: tuple[str, ...] = (), auto_version: bool = True, keep_card: bool = False,
+             on_commit: Callable[[PushResult], None] | None = None) -> PushResult:
         """Validate ``folder`` and store it as one new commit on ``main``, tagged ``vN`` (or ``tag``).
 
         Args:
@@ -577,6 +607,9 @@ class Store:
                 unless ``extra_tags`` tag it).
             keep_card: store the folder's README.md byte for byte (after the safety check) instead of
                 updating its front matter; used when recording a pull.
+            on_commit: called with the result as soon as the version is recorded, while Ctrl-C is still held
+                (:mod:`hub.interrupts`): a caller that must not report a recorded push as interrupted (the
+                command line) learns it before any Ctrl-C can reach it.
 
         Returns:
             A :class:`PushResult` with the new commit sha and tag (or, when unchanged, the latest ones).
@@ -649,13 +682,18 @@ class Store:
                 for r, target in (extra_refs or {}).items():
                     lines.append(f"update {r} {target or sha}")
                 lines += ["prepare", "commit", ""]
-                p = self._git(path, "update-ref", "--stdin", input="\n".join(lines).encode(), check=False)
-                if p.returncode != 0:
-                    raise StoreError(f"Could not record the push in {path}: "
-                                     f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
-                _pause("refs")
-                self._refresh_worktree(path)
-        return PushResult(ref.repo_id, sha, tag, parent, skipped)
+                with held():  # recorded whole or not at all, and a recorded push is reported as one
+                    p = self._git(path, "update-ref", "--stdin", input="\n".join(lines).encode(), check=False,
+                                  detached=True)
+                    if p.returncode != 0:
+                        raise StoreError(f"Could not record the push in {path}: "
+                                         f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
+                    result = PushResult(ref.repo_id, sha, tag, parent, skipped)
+                    if on_commit is not None:
+                        on_commit(result)
+                    _pause("refs")
+                    self._refresh_worktree(path)
+        return result
 
     def _unchanged(self, path: Path, ref: RepoRef, head: str, tags: dict[str, str], tag: str | None,
                    force: bool, skipped: tuple[str, ...]) -> PushResult:
@@ -701,6 +739,21 @@ class Store:
                          check=False)
 
 
+def close_ids(wanted: str, ids: list[str], *, n: int = 3, cutoff: float = 0.7) -> tuple[str, ...]:
+    """The ids in ``ids`` closest to ``wanted`` (a typo in the namespace or the name), best first: the product
+    of the two parts' similarities (difflib), so that a shared namespace alone ('examples/...') suggests
+    nothing."""
+    ns, _, name = wanted.partition("/")
+    scored = []
+    for i in ids:
+        ins, _, iname = i.partition("/")
+        score = (difflib.SequenceMatcher(None, ns, ins).ratio()
+                 * difflib.SequenceMatcher(None, name, iname).ratio())
+        if score >= cutoff:
+            scored.append((-score, i))
+    return tuple(i for _, i in sorted(scored)[:n])
+
+
 def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:
     """Refuse a hand-made tag shaped like an automatic version (``v<digits>``) unless ``force``."""
     if version_number(tag) is not None and not force:
@@ -710,7 +763,7 @@ def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:
             "or pass --force to take it anyway.", repo_id=repo_id, tag=tag)
 
 
-def write_card(staging: Path, adapter: composer.Adapter, previous: Callable[[], bytes | None],
+def write_card(staging: Path, adapter: composer.Adapter | Checked, previous: Callable[[], bytes | None],
                repo_id: str) -> None:
     """The card a push stores: the folder's own README.md (else the previous version's, from ``previous()``)
     with the required metadata merged in (:func:`composer.card.build_card`). Used by the store and the remote."""

