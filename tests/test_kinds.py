@@ -31,9 +31,10 @@ SUPPORTS = {
     # the adapters library's bottleneck adapters: exact sums of outputs; parameter heuristics and products refused
     "bottleneck": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": False,
                    "compose": False, "compress": False, "init": False},
-    # PEFT's prefix tuning: stored as every other PEFT type, served per row by the engine (past keys and values)
-    "prefix_tuning": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False,
-                      "ties": False, "compose": False, "compress": False, "init": False},
+    # PEFT's prefix tuning: served per row by the engine (past keys and values); τ arithmetic on the keys and values
+    # where the origin is recorded (here PEFT's zero start); training starts from one (a plain prefix at its values)
+    "prefix_tuning": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+                      "compose": False, "compress": False, "init": True},
     # every other PEFT type (here LoHa): stored, versioned and served to HF clients, never combined
     "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
                "compose": False, "compress": False, "init": False},
@@ -78,7 +79,8 @@ def _saved(path, seed, kind="ia3"):
     cfg = {"ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                     feedforward_modules=["down_proj"]),
            "loha": lambda: LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]),
-           "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}[kind]()
+           "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                init_weights="zero")}[kind]()
     pm = get_peft_model(tiny_model(), cfg)
     with torch.no_grad():
         for p in pm.parameters():
@@ -99,8 +101,8 @@ def test_the_table_covers_every_registered_kind():
         k = kinds.by_name(name)
         assert k.name == name and kinds.by_peft_type(k.peft_type) is k
     assert kinds.by_peft_type("LOHA").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
-    # prefix tuning has a kind of its own (served per row) that hub train does not offer
-    assert kinds.by_peft_type("PREFIX_TUNING").name == "prefix_tuning" and "prefix_tuning" not in kinds.names()
+    # prefix tuning has a kind of its own (served per row, composed where the origin is recorded)
+    assert kinds.by_peft_type("PREFIX_TUNING").name == "prefix_tuning" and "prefix_tuning" in kinds.names()
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))
