@@ -35,6 +35,10 @@ SUPPORTS = {
     # where the origin is recorded (here PEFT's zero start); training starts from one (a plain prefix at its values)
     "prefix_tuning": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
                       "compose": False, "compress": False, "init": True},
+    # PEFT's p-tuning: served per row as a prompt (PEFT saves the encoder's output); τ arithmetic on that output where
+    # the origin is recorded; no training from one (no encoder can be set to output a given prompt)
+    "p_tuning": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+                 "compose": False, "compress": False, "init": False},
     # every other PEFT type (here LoHa): stored, versioned and served to HF clients, never combined
     "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
                "compose": False, "compress": False, "init": False},
@@ -66,6 +70,9 @@ def _pair(name, tmp_path_factory):
     if name == "prefix_tuning":
         return (_saved(tmp_path_factory.mktemp("prefix") / "a", 1, "prefix"),
                 _saved(tmp_path_factory.mktemp("prefix") / "b", 2, "prefix"))
+    if name == "p_tuning":
+        return (_p_tuning(tmp_path_factory.mktemp("ptuning") / "a", 1),
+                _p_tuning(tmp_path_factory.mktemp("ptuning") / "b", 2))
     if name == "stored":
         return (_saved(tmp_path_factory.mktemp("loha") / "a", 1, "loha"),
                 _saved(tmp_path_factory.mktemp("loha") / "b", 2, "loha"))
@@ -90,6 +97,20 @@ def _saved(path, seed, kind="ia3"):
     return composer.load(path)
 
 
+def _p_tuning(path, seed):
+    """A p-tuning adapter saved with its origin (the encoder's output before training; one start for both)."""
+    from peft import PromptEncoderConfig, get_peft_model
+
+    pm = get_peft_model(tiny_model(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                          encoder_hidden_size=16))
+    init = pm.get_prompt_embedding_to_save("default")
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return composer.load(composer.save(composer.from_peft(pm, init=init), path))
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return {k.name: _pair(k.name, tmp_path_factory) for k in kinds.all_kinds()}
@@ -101,8 +122,9 @@ def test_the_table_covers_every_registered_kind():
         k = kinds.by_name(name)
         assert k.name == name and kinds.by_peft_type(k.peft_type) is k
     assert kinds.by_peft_type("LOHA").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
-    # prefix tuning has a kind of its own (served per row, composed where the origin is recorded)
+    # prefix tuning and p-tuning have kinds of their own (served per row, composed where the origin is recorded)
     assert kinds.by_peft_type("PREFIX_TUNING").name == "prefix_tuning" and "prefix_tuning" in kinds.names()
+    assert kinds.by_peft_type("P_TUNING").name == "p_tuning" and "p_tuning" in kinds.names()
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))

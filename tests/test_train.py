@@ -65,10 +65,10 @@ def test_answer_tokens_only_carry_labels():
     assert len(ids) == len(labels) and labels[0] == -100
 
 
-LR = {"road": 3e-2, "lora": 3e-2, "prompt": 1e-1, "prefix_tuning": 1e-1}
+LR = {"road": 3e-2, "lora": 3e-2, "prompt": 1e-1, "prefix_tuning": 1e-1, "p_tuning": 1e-2}
 
 
-@pytest.mark.parametrize("kind", ["road", "lora", "prompt", "prefix_tuning"])
+@pytest.mark.parametrize("kind", ["road", "lora", "prompt", "prefix_tuning", "p_tuning"])
 def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
     out = tmp_path / "out"
     res = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=30, batch_size=8,

@@ -1,4 +1,4 @@
-"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³, prefix tuning, bottleneck) is one module
+"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³, prefix tuning, p-tuning, bottleneck) is one module
 holding its adapter class and a :class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``,
 ``composer.initialise``, ``describe``, the engine, the mixer, ``hub train``, ``hub diff``) asks the registry instead
 of testing types::
@@ -95,9 +95,9 @@ def adapter_classes() -> tuple[type, ...]:
 
 
 def _register_builtin() -> None:
-    from . import bottleneck, ia3, lora, prefix, prompt, road, stored
+    from . import bottleneck, ia3, lora, prefix, prompt, ptuning, road, stored
 
-    for module in (road, lora, prompt, ia3, prefix, bottleneck):
+    for module in (road, lora, prompt, ia3, prefix, ptuning, bottleneck):
         register(module.KIND)
     _FALLBACK.append(stored.KIND)
 
