@@ -1,5 +1,6 @@
 """The prefix-tuning kind (PEFT ``peft_type: PREFIX_TUNING``): stored as it is, like every other PEFT type
-(:mod:`composer.kinds.stored`), and served per row by the engine as past keys and values.
+(:mod:`composer.kinds.stored`), served per row by the engine as past keys and values, and composed by τ arithmetic
+where its origin is recorded.
 
 Prefix tuning (Li & Liang, 2021) learns, for every attention layer, keys and values of ``num_virtual_tokens``
 virtual tokens that every real token attends to before the prompt. PEFT saves them flat::
