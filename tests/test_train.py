@@ -172,6 +172,24 @@ def test_cli_trains_from_a_base_folder_with_init(tmp_path, data, capsys):
     assert composer.load(out).kind == "road"
 
 
+@pytest.mark.parametrize("kind", ["prefix_tuning", "p_tuning"])
+def test_cli_trains_prompt_learning_kinds_that_compose_when_the_seed_is_shared(tmp_path, data, capsys, kind):
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    outs = []
+    for i, (seed, steps) in enumerate(((4, 2), (4, 3), (5, 2))):
+        outs.append(tmp_path / f"o{i}")
+        assert main([str(data), "-o", str(outs[-1]), "--base", str(base), "--kind", kind, "--virtual-tokens", "3",
+                     "--steps", str(steps), "--seed", str(seed), "--json"]) == 0
+    capsys.readouterr()
+    a, b, c = (composer.load(o) for o in outs)
+    assert a.kind == kind and a.composable and a.num_parameters() == 3 * (32 if kind == "p_tuning" else 64)
+    assert composer.add(a, b).kind == kind  # one seed: one start
+    with pytest.raises(composer.IncompatibleAdaptersError, match="different origins.*--seed"):
+        composer.add(a, c)
+
+
 def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):
     base = tmp_path / "base"  # a loadable base, so the error is the data's (not a missing model's)
     tiny_model().save_pretrained(base)
