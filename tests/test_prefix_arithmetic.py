@@ -211,3 +211,20 @@ def test_weights_that_overflow_the_keys_and_values_are_refused(pairs):
         composer.merge([a, b], [1e38, 1e38])
     with pytest.raises(InvalidValueError, match="not finite"):
         composer.scale(a, float("nan"))
+
+
+def test_a_prefix_with_its_origin_is_pushed_pulled_shown_and_composed_from_the_store(pairs, tmp_path):
+    import hub
+
+    (fa, fb), kv0 = pairs["recorded"]
+    for name, f in (("a", fa), ("b", fb)):
+        assert hub.push(f, f"alice/prefix-{name}").tag == "v1"
+    pulled = hub.pull("alice/prefix-a@v1", to=tmp_path / "p")
+    for name in ("adapter_model.safetensors", "prompt_vector.safetensors"):
+        assert (pulled / name).read_bytes() == (fa / name).read_bytes()
+    a = hub.load("alice/prefix-a@v1")
+    d = composer.describe(a)
+    assert d["composable"] is True and d["served_per_row"] is True and d["num_virtual_tokens"] == 4
+    mix = composer.evaluate("alice/prefix-a@v1 - 0.5*alice/prefix-b@v1", resolve=hub.load)
+    want = kv0 + (stored(fa) - kv0) - 0.5 * (stored(fb) - kv0)
+    assert (mix.tensors[KV].double() - want).abs().max() < 1e-5
