@@ -497,8 +497,14 @@ class _Single:
 
 
 def _prefix_width(mix: Any) -> int:
+    """The context a row's prompt-learning part takes before its tokens: the virtual tokens of a prompt vector or
+    p-tuning adapter (input embeddings) or of a prefix-tuning adapter (keys and values in the cache)."""
+    from composer import kinds
+
     parts = mix if isinstance(mix, (list, tuple)) else [mix]
-    return max((p.shape[0] for p in parts if getattr(p, "kind", None) == "prompt"), default=0)
+    widths = {"prefix": lambda p: p.shape[0], "past_kv": lambda p: p.num_virtual_tokens}
+    return max((widths[kinds.of(p).engine_role](p) for p in parts
+                if isinstance(p, kinds.adapter_classes()) and kinds.of(p).engine_role in widths), default=0)
 
 
 def _template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -4,7 +4,8 @@ Each line of the data file is ``{"messages": [...]}`` (the last message is the a
 ``{"prompt": ..., "completion": ...}``. The loss counts the answer tokens only. Training can start from a
 composition (``init="0.5*a + 0.5*b"`` through :func:`composer.init`). The result is a PEFT folder written by
 :func:`composer.save`, whose card records the data file's sha256, steps, learning rate, seed, init recipe
-and losses; a prompt vector saves its origin P₀ (``prompt_vector.safetensors``) so τ = P − P₀ is known.
+and losses; a prompt vector saves its origin P₀ (``prompt_vector.safetensors``) so τ = P − P₀ is known, and so do
+prefix tuning (the keys and values it started from) and p-tuning (the encoder's output before training).
 """
 
 from __future__ import annotations
@@ -175,13 +176,14 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
         base: ``(model, tokenizer)``, or a model id/path for :func:`app.engine.load_base` (``None``: the default).
             A passed model is given back unchanged (the RoAd or LoRA layers are unloaded after training).
         data_path: JSONL file, one ``{"messages": [...]}`` or ``{"prompt", "completion"}`` per line.
-        kind: ``"road"``, ``"lora"`` or ``"prompt"`` (ignored when ``init`` fixes it).
+        kind: ``"road"``, ``"lora"``, ``"prompt"``, ``"ia3"``, ``"prefix_tuning"`` or ``"p_tuning"`` (ignored when
+            ``init`` fixes it).
         init: an adapter or expression to start from (through :func:`composer.init`); ``None`` for the
             identity RoAd / a prompt sampled from the vocabulary embeddings.
         resolve: maps names in an ``init`` expression to adapters (default: folders, then store ids).
         variant, group_size, target_modules: RoAd settings for a fresh adapter (``target_modules`` for LoRA too).
         rank, lora_alpha: LoRA settings for a fresh LoRA (``lora_alpha`` defaults to ``2·rank``).
-        num_virtual_tokens: prompt length for a fresh prompt vector.
+        num_virtual_tokens: prompt length for a fresh prompt vector, prefix or p-tuning adapter.
         steps, lr, batch_size, seed: optimisation (AdamW; ``lr`` defaults to 3e-3 for RoAd, 1e-3 for LoRA,
             3e-2 for prompts).
         out_dir: where to save the PEFT folder (nothing is saved when ``None``).
@@ -334,6 +336,7 @@ EXAMPLES = """Examples:
   hub train data.jsonl -o my-road                      # RoAd (road_1), composable defaults (below)
   hub train data.jsonl -o my-lora --kind lora --rank 8   # LoRA (lora_alpha 16), anchored, every projection
   hub train data.jsonl -o my-prompt --kind prompt --virtual-tokens 16
+  hub train data.jsonl -o my-prefix --kind prefix_tuning --seed 0   # same --seed: prefixes that compose
   hub train data.jsonl -o slot1 --subspace 1/4          # RoAd in slot 1 of 4 disjoint shares of the pairs
   hub train data.jsonl -o plain --objective plain --subspace none --target-modules q_proj v_proj  # PEFT-like
   hub train data.jsonl -o mix-ft --init "0.5*alice/math + 0.5*./code-adapter" --steps 200
@@ -421,7 +424,8 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
                    "added to it (repeatable)")
     p.add_argument("--with-share", type=float, default=0.5,
                    help="share of the steps that apply one of the --with adapters (default 0.5)")
-    p.add_argument("--virtual-tokens", type=int, default=8, help="prompt length for --kind prompt")
+    p.add_argument("--virtual-tokens", type=int, default=8,
+                   help="prompt length for --kind prompt, prefix_tuning and p_tuning")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: the kind's, " + ", ".join(

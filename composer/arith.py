@@ -1,5 +1,6 @@
-"""Helpers every kind's arithmetic shares: how an input is named in a recipe, the recipe's pinned inputs, and the
-overflow check of a result. :mod:`composer.ops` dispatches; each kind (:mod:`composer.kinds`) computes."""
+"""Helpers every kind's arithmetic shares: how an input is named in a recipe, the recipe's pinned inputs, the
+overflow check of a result, and the check that task vectors share their origin. :mod:`composer.ops` dispatches;
+each kind (:mod:`composer.kinds`) computes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidValueError
+from .errors import IncompatibleAdaptersError, InvalidValueError
 from .expr import format_name
 from .provenance import check_finite
 
@@ -43,3 +44,17 @@ def check_result(name: str, t: torch.Tensor, alpha: torch.Tensor | None, weights
         raise InvalidValueError(
             f"The result overflows ({e.tensor} is {e.value}) with weights {weights}; use smaller weights.",
             tensor=e.tensor, index=e.index, value=e.value) from e
+
+
+def check_same_origin(a: torch.Tensor, b: torch.Tensor, names: str, what: str, fix: str) -> None:
+    """Refuse two task vectors taken from different origins: ``a + b`` would keep one origin and carry the other
+    adapter's τ away from where it was learned, and the result would depend on the order of the inputs."""
+    if a.shape == b.shape and torch.equal(a.double(), b.double()):
+        return
+    diff = (a.double() - b.double()).abs()
+    i = int(diff.argmax())
+    raise IncompatibleAdaptersError(
+        f"{names} were trained from different origins ({what}; they differ by up to {float(diff.max()):.3g}, at "
+        f"index {i}): task vectors from different starting points do not add. To combine them, {fix}.",
+        field="origin", left=float(a.double().flatten()[i]), right=float(b.double().flatten()[i]),
+        tensor="init")

@@ -30,7 +30,10 @@ import composer
 import hub
 from app.cli import main
 from tests.helpers import free_port
+from tests.test_engine_prefix import prefix_folder
 from tests.test_hub_helpers import env, files, folder, git, hub_cmd
+from tests.test_prefix_arithmetic import started
+from tests.test_ptuning import p_tuning
 from tests.tiny import peft_lora
 
 SECRET = "aws_secret_access_key = DO-NOT-LEAK"
@@ -40,8 +43,9 @@ SECRET = "aws_secret_access_key = DO-NOT-LEAK"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A store with alice/math v1 and v2 (RoAd), alice/lora, alice/dora and alice/parts (a recipe of parts: the LoRA
-    and the RoAd v1), served by `hub serve` for the whole module."""
+    """A store with alice/math v1 and v2 (RoAd), alice/lora, alice/dora, alice/parts (a recipe of parts: the LoRA
+    and the RoAd v1), alice/ptuning and alice/prefix (no recorded origin), served by `hub serve` for the whole
+    module."""
     tmp = tmp_path_factory.mktemp("corpus")
     root = tmp / "store"
     hub.push(folder(tmp, "a", seed=0), "alice/math", root=root)
@@ -49,6 +53,9 @@ def served(tmp_path_factory):
     hub.push(peft_lora(tmp / "lora", seed=0), "alice/lora", root=root)
     hub.push(peft_lora(tmp / "dora", seed=1, use_dora=True), "alice/dora", root=root)
     hub.compose("alice/lora ; alice/math@v1", "alice/parts", root=root)  # a recipe of parts
+    # prompt-learning adapters as PEFT saves them: served, but with no recorded origin to compose from
+    hub.push(p_tuning(tmp / "ptuning", seed=1)[0], "alice/ptuning", root=root)
+    hub.push(prefix_folder(tmp / "prefix", 1), "alice/prefix", root=root)
     port = free_port()
     log = open(tmp / "serve.log", "wb")
     # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
@@ -258,6 +265,21 @@ def _add_key(name: str, shape: tuple):
     return lambda ts: {**ts, f"base_model.model.model.layers.0.self_attn.q_proj.{name}": torch.zeros(shape)}
 
 
+def _prompt_learning(kind: str, origin: Callable[[dict], dict] | None = None,
+                     weights: Callable[[dict], dict] | None = None, **changes):
+    """A prefix-tuning or p-tuning folder saved with its recorded origin, its origin file (``init``, ``vector``) and
+    weights passed through ``origin`` and ``weights`` and its config changed, pushed as alice/prompt2."""
+    def case(tmp, mp):
+        from safetensors.torch import load_file
+
+        src = (started(tmp / "src", 7, 1) if kind == "prefix" else p_tuning(tmp / "src", 1, origin=True))[0]
+        for name, fn in (("prompt_vector.safetensors", origin), ("adapter_model.safetensors", weights)):
+            if fn is not None:
+                save_file({k: v.contiguous() for k, v in fn(load_file(str(src / name))).items()}, src / name)
+        return ["push", str(_cfg(src, **changes) if changes else src), "alice/prompt2"]
+    return case
+
+
 def _card_folder(tmp, mp):
     src = folder(tmp, "src")
     (src / "README.md").unlink(missing_ok=True)
@@ -384,6 +406,18 @@ CASES: dict[str, tuple[Callable, int]] = {
     "parts: a DoRA part": (_compose("alice/lora ; alice/dora"), 1),
     "parts: arithmetic on a recipe of parts": (_compose("0.5*alice/parts + alice/lora"), 1),
     "parts: ';' inside parentheses": (_compose("(alice/lora ; alice/math@v1)"), 1),
+    # prefix tuning and p-tuning: their recorded origins, and arithmetic without one
+    "prefix origin NaN": (_prompt_learning("prefix", _edit("init", lambda t: t.clone().fill_(float("nan")))), 1),
+    "prefix origin of another shape": (_prompt_learning("prefix", lambda ts: {k: v[:2] for k, v in ts.items()}), 1),
+    "prefix origin without its vector": (_prompt_learning("prefix", lambda ts: {"init": ts["init"]}), 1),
+    "prefix zero start with another origin": (_prompt_learning("prefix", init_weights="zero"), 1),
+    "prefix keys and values of another width": (_prompt_learning("prefix", weights=_edit(
+        "prompt_embeddings", lambda t: t[:, :-1].contiguous())), 1),
+    "p-tuning origin of another adapter": (_prompt_learning("ptuning", _edit("init", lambda t: t + 1)), 1),
+    "p-tuning prompt NaN": (_prompt_learning("ptuning", weights=_nan), 1),
+    "p-tuning origin float8": (_prompt_learning("ptuning", _f8), 1),
+    "p-tuning without its origin composed": (_compose("alice/ptuning + alice/ptuning"), 1),
+    "prefix without its origin composed": (_compose("0.5*alice/prefix"), 1),
     # ids, tags, revisions
     "id traversal": (lambda t, mp: ["push", str(folder(t, "src")), "alice/../../etc"], 1),
     "id absolute": (lambda t, mp: ["pull", "/etc/passwd"], 1),

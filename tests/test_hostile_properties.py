@@ -175,6 +175,39 @@ def test_recipe_reader_raises_only_its_own_errors(tmp_path_factory, valid, recip
     assert isinstance(r.expression, str) and all(isinstance(w, float) for w in r.weights)
 
 
+_PROMPT_KEYS = st.sampled_from(["peft_type", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+                                "num_transformer_submodules", "init_weights", "prefix_projection",
+                                "encoder_hidden_size", "encoder_reparameterization_type", "base_model_name_or_path"])
+
+
+@pytest.fixture(scope="module")
+def valid_prompt_learning(tmp_path_factory):
+    """A prefix-tuning and a p-tuning folder, each with its recorded origin (prompt_vector.safetensors)."""
+    from tests.test_prefix_arithmetic import started
+    from tests.test_ptuning import p_tuning
+
+    root = tmp_path_factory.mktemp("valid-prompt-learning")
+    return [started(root / "prefix", 7, 1)[0], p_tuning(root / "ptuning", 1, origin=True)[0]]
+
+
+@SETTINGS
+@given(which=st.integers(0, 1), changes=st.dictionaries(_PROMPT_KEYS, _JSON | st.integers(0, 256) |
+                                                         st.just("zero") | st.just("P_TUNING"), max_size=4))
+@example(which=0, changes={"init_weights": "zero"})  # the config says zero, the file another origin
+@example(which=0, changes={"num_layers": 1, "num_attention_heads": 4})  # equal columns, another layout
+def test_prompt_learning_config_reader_raises_only_its_own_errors(tmp_path_factory, valid_prompt_learning, which,
+                                                                   changes):
+    path = _with_config(tmp_path_factory.mktemp("pl-cfg"), valid_prompt_learning[which], changes)
+    try:
+        a = composer.load(path)
+    except composer.ComposerError:
+        return
+    try:  # what loads combines with itself, or says why not
+        composer.add(a, a)
+    except composer.ComposerError:
+        pass
+
+
 _YAML_BITS = st.sampled_from(["---\n", "!", "!!", "&a", "*a", "[", "{", "- ", ": ", "x", "\n", "  ", "'", '"',
                               "%YAML 1.1\n", "#"])
 

@@ -31,9 +31,14 @@ SUPPORTS = {
     # the adapters library's bottleneck adapters: exact sums of outputs; parameter heuristics and products refused
     "bottleneck": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": False,
                    "compose": False, "compress": False, "init": False},
-    # PEFT's prefix tuning: stored as every other PEFT type, served per row by the engine (past keys and values)
-    "prefix_tuning": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False,
-                      "ties": False, "compose": False, "compress": False, "init": False},
+    # PEFT's prefix tuning: served per row by the engine (past keys and values); τ arithmetic on the keys and values
+    # where the origin is recorded (here PEFT's zero start); training starts from one (a plain prefix at its values)
+    "prefix_tuning": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+                      "compose": False, "compress": False, "init": True},
+    # PEFT's p-tuning: served per row as a prompt (PEFT saves the encoder's output); τ arithmetic on that output where
+    # the origin is recorded; no training from one (no encoder can be set to output a given prompt)
+    "p_tuning": {"add": True, "sub": True, "negate": True, "scale": True, "interpolate": True, "ties": True,
+                 "compose": False, "compress": False, "init": False},
     # every other PEFT type (here LoHa): stored, versioned and served to HF clients, never combined
     "stored": {"add": False, "sub": False, "negate": False, "scale": False, "interpolate": False, "ties": False,
                "compose": False, "compress": False, "init": False},
@@ -65,6 +70,9 @@ def _pair(name, tmp_path_factory):
     if name == "prefix_tuning":
         return (_saved(tmp_path_factory.mktemp("prefix") / "a", 1, "prefix"),
                 _saved(tmp_path_factory.mktemp("prefix") / "b", 2, "prefix"))
+    if name == "p_tuning":
+        return (_p_tuning(tmp_path_factory.mktemp("ptuning") / "a", 1),
+                _p_tuning(tmp_path_factory.mktemp("ptuning") / "b", 2))
     if name == "stored":
         return (_saved(tmp_path_factory.mktemp("loha") / "a", 1, "loha"),
                 _saved(tmp_path_factory.mktemp("loha") / "b", 2, "loha"))
@@ -78,7 +86,8 @@ def _saved(path, seed, kind="ia3"):
     cfg = {"ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                     feedforward_modules=["down_proj"]),
            "loha": lambda: LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]),
-           "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}[kind]()
+           "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                init_weights="zero")}[kind]()
     pm = get_peft_model(tiny_model(), cfg)
     with torch.no_grad():
         for p in pm.parameters():
@@ -86,6 +95,20 @@ def _saved(path, seed, kind="ia3"):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
     pm.save_pretrained(str(path))
     return composer.load(path)
+
+
+def _p_tuning(path, seed):
+    """A p-tuning adapter saved with its origin (the encoder's output before training; one start for both)."""
+    from peft import PromptEncoderConfig, get_peft_model
+
+    pm = get_peft_model(tiny_model(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                          encoder_hidden_size=16))
+    init = pm.get_prompt_embedding_to_save("default")
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return composer.load(composer.save(composer.from_peft(pm, init=init), path))
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +122,9 @@ def test_the_table_covers_every_registered_kind():
         k = kinds.by_name(name)
         assert k.name == name and kinds.by_peft_type(k.peft_type) is k
     assert kinds.by_peft_type("LOHA").name == "stored" and kinds.by_peft_type("NOT_A_TYPE") is None
-    # prefix tuning has a kind of its own (served per row) that hub train does not offer
-    assert kinds.by_peft_type("PREFIX_TUNING").name == "prefix_tuning" and "prefix_tuning" not in kinds.names()
+    # prefix tuning and p-tuning have kinds of their own (served per row, composed where the origin is recorded)
+    assert kinds.by_peft_type("PREFIX_TUNING").name == "prefix_tuning" and "prefix_tuning" in kinds.names()
+    assert kinds.by_peft_type("P_TUNING").name == "p_tuning" and "p_tuning" in kinds.names()
 
 
 @pytest.mark.parametrize("op", sorted(OPERATIONS))

@@ -65,10 +65,10 @@ def test_answer_tokens_only_carry_labels():
     assert len(ids) == len(labels) and labels[0] == -100
 
 
-LR = {"road": 3e-2, "lora": 3e-2, "prompt": 1e-1}
+LR = {"road": 3e-2, "lora": 3e-2, "prompt": 1e-1, "prefix_tuning": 1e-1, "p_tuning": 1e-2}
 
 
-@pytest.mark.parametrize("kind", ["road", "lora", "prompt"])
+@pytest.mark.parametrize("kind", ["road", "lora", "prompt", "prefix_tuning", "p_tuning"])
 def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
     out = tmp_path / "out"
     res = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=30, batch_size=8,
@@ -86,6 +86,12 @@ def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
         assert loaded.composable  # P0 saved: tau = P - P0 is known
         assert torch.allclose(loaded.init, res.first_step["prompt_encoder.default.embedding.weight"])
         assert not torch.allclose(loaded.vector, torch.zeros_like(loaded.vector))
+    if kind in ("prefix_tuning", "p_tuning"):  # the start is recorded: τ = what training moved
+        assert loaded.composable and (out / "prompt_vector.safetensors").is_file()
+        start = res.first_step.get("prompt_encoder.default.embedding.weight")
+        if kind == "prefix_tuning":  # no projection: the start is the embedding itself
+            assert torch.equal(loaded.init, start)
+        assert not torch.allclose(loaded.vector, torch.zeros_like(loaded.vector))
     # the same seed gives the same run
     if kind == "lora":
         assert loaded.config["r"] == 4 and loaded.config["lora_alpha"] == 8 and loaded.not_low_rank is None
@@ -93,6 +99,9 @@ def test_training_lowers_the_loss_and_saves_a_peft_folder(tmp_path, data, kind):
     again = train((learner(), char_tokenizer()), data, kind=kind, group_size=8, steps=3, batch_size=8,
                   lr=LR[kind], seed=0, progress=False, num_virtual_tokens=4, rank=4)
     assert again.losses == res.losses[:3]
+    if kind in ("prefix_tuning", "p_tuning"):  # ... from the same start, so the two compose
+        assert torch.equal(again.adapter.init, loaded.init)
+        assert composer.add(loaded, again.adapter).kind == kind
 
 
 def test_init_starts_from_the_composition(tmp_path, data):
@@ -137,6 +146,18 @@ def test_prompt_init_from_a_composition_keeps_the_origin(tmp_path, data):
     assert torch.equal(res.adapter.init, a.init)
 
 
+def test_prefix_init_from_a_composition_starts_there_and_keeps_the_origin(tmp_path, data):
+    from tests.test_prefix_arithmetic import started
+
+    (fa, kv0), (fb, _) = (started(tmp_path / n, 7, s) for n, s in (("a", 1), ("b", 2)))
+    a, b = composer.load(fa), composer.load(fb)
+    start = composer.add(a, composer.scale(b, 0.5))
+    res = train((tiny_model(), char_tokenizer()), data, init=start, steps=2, batch_size=4, progress=False)
+    assert torch.equal(res.first_step["prompt_encoder.default.embedding.weight"], start.tensors["prompt_embeddings"])
+    assert res.adapter.kind == "prefix_tuning" and torch.equal(res.adapter.init, kv0)
+    assert not torch.equal(res.adapter.vector, start.vector)  # trained on from there
+
+
 def test_cli_trains_from_a_base_folder_with_init(tmp_path, data, capsys):
     base = tmp_path / "base"
     tiny_model().save_pretrained(base)
@@ -149,6 +170,24 @@ def test_cli_trains_from_a_base_folder_with_init(tmp_path, data, capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["steps"] == 3 and record["seed"] == 1 and record["path"] == str(out)
     assert composer.load(out).kind == "road"
+
+
+@pytest.mark.parametrize("kind", ["prefix_tuning", "p_tuning"])
+def test_cli_trains_prompt_learning_kinds_that_compose_when_the_seed_is_shared(tmp_path, data, capsys, kind):
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    char_tokenizer().save_pretrained(base)
+    outs = []
+    for i, (seed, steps) in enumerate(((4, 2), (4, 3), (5, 2))):
+        outs.append(tmp_path / f"o{i}")
+        assert main([str(data), "-o", str(outs[-1]), "--base", str(base), "--kind", kind, "--virtual-tokens", "3",
+                     "--steps", str(steps), "--seed", str(seed), "--json"]) == 0
+    capsys.readouterr()
+    a, b, c = (composer.load(o) for o in outs)
+    assert a.kind == kind and a.composable and a.num_parameters() == 3 * (32 if kind == "p_tuning" else 64)
+    assert composer.add(a, b).kind == kind  # one seed: one start
+    with pytest.raises(composer.IncompatibleAdaptersError, match="different origins.*--seed"):
+        composer.add(a, c)
 
 
 def test_cli_reports_bad_data_on_one_line(tmp_path, capsys):

@@ -29,8 +29,8 @@ def parts(mix: Any) -> list[Any]:
 
 
 def role(part: Any) -> str | None:
-    """How the engine serves ``part``: ``"output"`` (RoAd, IA³), ``"weight"`` (LoRA), ``"prefix"`` (prompt vector),
-    ``"past_kv"`` (prefix tuning), ``"stream"`` (bottleneck), or ``None`` (a PEFT type only PEFT runs)."""
+    """How the engine serves ``part``: ``"output"`` (RoAd, IA³), ``"weight"`` (LoRA), ``"prefix"`` (prompt vector,
+    p-tuning), ``"past_kv"`` (prefix tuning), ``"stream"`` (bottleneck), or ``None`` (a PEFT type only PEFT runs)."""
     return kinds.of(part).engine_role
 
 
@@ -39,7 +39,7 @@ def refuse_prefix(mix: Any, fmt: str) -> None:
     bottleneck adapter (a network added to the stream: no weight file holds it either)."""
     for p in parts(mix):
         if role(p) in ("prefix", "past_kv") or (role(p) is None and not getattr(p, "modules", ())):
-            what = "a prompt vector" if role(p) == "prefix" else f"a {p.kind} adapter (prompt learning)"
+            what = "a prompt vector" if p.kind == "prompt" else f"a {p.kind} adapter (prompt learning)"
             raise ExportError(f"Cannot export {what} as '{fmt}': {PREFIX}. {PREFIX_NEXT}", format=fmt,
                               reason="prefix")
         if role(p) == "stream":

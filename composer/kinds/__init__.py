@@ -1,5 +1,5 @@
-"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³, prefix tuning, bottleneck) is one module holding its
-adapter class and a :class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``,
+"""Adapter kinds: each kind (RoAd, LoRA, prompt vector, IA³, prefix tuning, p-tuning, bottleneck) is one module
+holding its adapter class and a :class:`Kind` object, and the rest of the house (``composer.ops``, ``composer.io``,
 ``composer.initialise``, ``describe``, the engine, the mixer, ``hub train``, ``hub diff``) asks the registry instead
 of testing types::
 
@@ -14,7 +14,7 @@ Adding a kind is one new module here that defines the adapter class (a frozen da
 ``recipe``, ``source``, ``validate``, ``num_parameters``, ``task_vectors`` and ``norms``) and a :class:`Kind`
 subclass, registered at the bottom of this file. A kind whose folders are not PEFT's (``peft_type = None``, as the
 ``adapters`` library's bottleneck adapters) recognises them itself (``Kind.claims``); it is not trained by
-``hub train`` (not in :func:`names`), nor is a PEFT kind with ``trains = False`` (prefix tuning). What a kind does
+``hub train`` (not in :func:`names`), nor would be a PEFT kind with ``trains = False``. What a kind does
 not support raises with the reason (the defaults below), so a new kind is stored and described before it can be
 combined or served.
 """
@@ -56,9 +56,10 @@ def names() -> list[str]:
 def of(adapter: Any) -> Kind:
     """The kind of an adapter object; for a recipe of parts (:class:`composer.parts.Parts`) the
     :class:`NotComposableError` saying it is served as it is; a ``TypeError`` for anything else."""
-    for k in all_kinds():
-        if isinstance(adapter, k.adapter_class):
-            return k
+    found = next((k for k in all_kinds() if type(adapter) is k.adapter_class), None)  # a subclass is its own kind
+    found = found or next((k for k in all_kinds() if isinstance(adapter, k.adapter_class)), None)
+    if found is not None:
+        return found
     from ..parts import Parts, refusal
 
     if isinstance(adapter, Parts):  # where one adapter is needed: the reason, and what to do
@@ -99,9 +100,9 @@ def adapter_classes() -> tuple[type, ...]:
 
 
 def _register_builtin() -> None:
-    from . import bottleneck, ia3, lora, prefix, prompt, road, stored
+    from . import bottleneck, ia3, lora, prefix, prompt, ptuning, road, stored
 
-    for module in (road, lora, prompt, ia3, prefix, bottleneck):
+    for module in (road, lora, prompt, ia3, prefix, ptuning, bottleneck):
         register(module.KIND)
     _FALLBACK.append(stored.KIND)
 

@@ -97,7 +97,7 @@ class PromptKind(Kind):
         if set(tensors) != {"prompt_embeddings"}:
             extra = sorted(set(tensors) - {"prompt_embeddings"})
             raise AdapterFormatError(
-                f"A PROMPT_TUNING adapter holds exactly 'prompt_embeddings'; found {sorted(tensors)}.",
+                f"A {self.peft_type} adapter holds exactly 'prompt_embeddings'; found {sorted(tensors)}.",
                 path=folder, tensor=extra[0] if extra else "prompt_embeddings")
         prompt = tensors["prompt_embeddings"]
         n = dimension(cfg, "num_virtual_tokens", None, folder) * dimension(cfg, "num_transformer_submodules", 1,
@@ -109,28 +109,8 @@ class PromptKind(Kind):
                 f"num_virtual_tokens x token_dim = {expected}.", path=folder, tensor="prompt_embeddings")
         check_finite("prompt_embeddings", prompt)
         peft_reads(folder, cfg)
-        pv = folder / PROMPT_VECTOR
-        if not pv.is_file():
-            return PromptVector(prompt=prompt, init=None, vector=None, config=cfg)
-        parts = read_safetensors(pv)
-        for name in ("init", "vector"):
-            if name not in parts:
-                raise AdapterFormatError(f"{pv} has no '{name}' tensor (it needs 'init' and 'vector').",
-                                         path=pv, tensor=name)
-            if parts[name].shape != prompt.shape:
-                raise AdapterFormatError(
-                    f"Tensor '{name}' in {PROMPT_VECTOR} has shape {tuple(parts[name].shape)}, "
-                    f"'prompt_embeddings' has {tuple(prompt.shape)}.", path=pv, tensor=name)
-            check_finite(name, parts[name])
-        init, vector = parts["init"], parts["vector"]
-        total = init + vector
-        dtype = torch.promote_types(total.dtype, prompt.dtype)  # allclose takes one (float16 vs 32 raised)
-        if not torch.allclose(total.to(dtype), prompt.to(dtype), rtol=1e-5, atol=1e-6):
-            err = float((total.to(dtype) - prompt.to(dtype)).abs().max())
-            raise AdapterFormatError(
-                f"'prompt_embeddings' differs from init + vector by up to {err:.3g}: {PROMPT_VECTOR} does not belong "
-                "to this prompt.", path=pv, tensor="prompt_embeddings")
-        return PromptVector(prompt=prompt, init=init, vector=vector, config=cfg)
+        init, vector = read_origin(folder, prompt)
+        return self.adapter_class(prompt=prompt, init=init, vector=vector, config=cfg)
 
     def peft_config(self, adapter: PromptVector, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.setdefault("task_type", "CAUSAL_LM")
@@ -148,11 +128,11 @@ class PromptKind(Kind):
         if init is None:
             init = getattr(model, "composer_prompt_init", None)
         if init is None:
-            return PromptVector(prompt=prompt, init=None, vector=None, config=cfg, source=source)
+            return self.adapter_class(prompt=prompt, init=None, vector=None, config=cfg, source=source)
         init = init.detach().float().cpu().clone()
         if init.shape != prompt.shape:
             raise NotComposableError(f"init has shape {tuple(init.shape)}, the prompt {tuple(prompt.shape)}.")
-        return PromptVector(prompt=prompt, init=init, vector=prompt - init, config=cfg, source=source)
+        return self.adapter_class(prompt=prompt, init=init, vector=prompt - init, config=cfg, source=source)
 
     # ----------------------------------------------------------------------------------------- arithmetic
     def check_usable(self, adapter: PromptVector, name: str) -> None:
@@ -176,12 +156,12 @@ class PromptKind(Kind):
         check_result("vector", vector, None, weights)
         recipe = Recipe(expression=expr, inputs=inputs(adapters), weights=tuple(weights), method=op or method,
                         params=params, exact=method == "task_arithmetic")
-        return PromptVector.from_parts(first.init, vector, dict(first.config), recipe=recipe)
+        return type(first).from_parts(first.init, vector, dict(first.config), recipe=recipe)
 
     def interpolated(self, a: PromptVector, b: PromptVector, t: float, result: PromptVector) -> PromptVector:
         """Both the origin and τ are interpolated, so the endpoints are the inputs themselves."""
         init = ((1.0 - t) * a.init.double() + t * b.init.double()).to(a.init.dtype)
-        return PromptVector.from_parts(init, result.vector, result.config, recipe=result.recipe)
+        return type(a).from_parts(init, result.vector, result.config, recipe=result.recipe)
 
     def compose(self, a: Any, b: Any, expr: str) -> Any:
         raise NotComposableError("compose() is the exact product of RoAd blocks; prompt vectors have none. "
@@ -232,6 +212,38 @@ class PromptKind(Kind):
     def layer_rows(self, adapter: PromptVector, layer_of: Any) -> list[dict[str, Any]]:
         return [{"layer": i, "norm": n["vector"], "series": "prompt ‖τ‖ per virtual token"}
                 for i, (_, n) in enumerate(adapter.norms().items())]
+
+
+def read_origin(folder: Path, embeddings: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(init, vector)`` from ``prompt_vector.safetensors`` beside a prompt-learning adapter's ``prompt_embeddings``
+    (the origin it was trained from and τ = embeddings − origin), each checked: present, of the embeddings' shape,
+    finite, and ``init + vector`` equal to the embeddings; ``(None, None)`` when the folder has no such file.
+
+    The one reader of that file: prompt vectors, p-tuning (:mod:`composer.kinds.ptuning`) and prefix tuning
+    (:mod:`composer.kinds.prefix`) record their origin in it alike.
+    """
+    pv = folder / PROMPT_VECTOR
+    if not pv.is_file():
+        return None, None
+    parts = read_safetensors(pv)
+    for name in ("init", "vector"):
+        if name not in parts:
+            raise AdapterFormatError(f"{pv} has no '{name}' tensor (it needs 'init' and 'vector').",
+                                     path=pv, tensor=name)
+        if parts[name].shape != embeddings.shape:
+            raise AdapterFormatError(
+                f"Tensor '{name}' in {PROMPT_VECTOR} has shape {tuple(parts[name].shape)}, "
+                f"'prompt_embeddings' has {tuple(embeddings.shape)}.", path=pv, tensor=name)
+        check_finite(name, parts[name])
+    init, vector = parts["init"], parts["vector"]
+    total = init + vector
+    dtype = torch.promote_types(total.dtype, embeddings.dtype)  # allclose takes one (float16 vs 32 raised)
+    if not torch.allclose(total.to(dtype), embeddings.to(dtype), rtol=1e-5, atol=1e-6):
+        err = float((total.to(dtype) - embeddings.to(dtype)).abs().max())
+        raise AdapterFormatError(
+            f"'prompt_embeddings' differs from init + vector by up to {err:.3g}: {PROMPT_VECTOR} does not belong "
+            "to this adapter.", path=pv, tensor="prompt_embeddings")
+    return init, vector
 
 
 KIND = PromptKind()
