@@ -77,3 +77,28 @@ def test_the_page_mixes_kinds_the_engine_serves_on_one_row(store):
     assert tiny_prompt.kind == "prompt"
     with pytest.raises(MixInputError, match="at most one prompt vector"):
         mixer.compose(["alice/math", "carol/style", "dan/p2"], [1.0, 1.0, 1.0])
+
+
+def test_a_p_tuning_adapter_is_a_prompt_on_the_page(store, tmp_path):
+    """The mixer asks each kind's engine role: a p-tuning adapter (served as a prompt) goes last as the row's
+    prompt beside a RoAd adapter, and beside a prompt vector it is refused as a second prompt-learning adapter."""
+    import json
+
+    from tests.helpers import rewrite_folder
+
+    root, model, tok = store
+    mixer = Mixer(root)
+    src = composer.save(mixer.load("carol/style"), tmp_path / "style")
+    keep = ("base_model_name_or_path", "inference_mode", "num_transformer_submodules", "num_virtual_tokens",
+            "task_type", "token_dim")
+    pt = rewrite_folder(src, tmp_path / "pt", config=lambda c: {
+        **{k: c[k] for k in keep if k in c}, "peft_type": "P_TUNING", "encoder_hidden_size": 16,
+        "encoder_reparameterization_type": "MLP"})
+    (pt / "prompt_vector.safetensors").unlink(missing_ok=True)
+    assert json.loads((pt / "adapter_config.json").read_text())["peft_type"] == "P_TUNING"
+    hub.push(pt, "erin/pt", root=root)
+    expression, mix, _ = mixer.compose(["erin/pt", "alice/math"], [1.0, 0.5])
+    assert expression == "0.5*alice/math ; erin/pt"
+    assert [p.kind for p in mix] == ["road", "p_tuning"]
+    with pytest.raises(MixInputError, match="at most one prompt vector \\(or p-tuning.*erin/pt, carol/style"):
+        mixer.compose(["alice/math", "erin/pt", "carol/style"], [1.0, 1.0, 1.0])

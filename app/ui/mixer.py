@@ -262,22 +262,25 @@ class Mixer:
         if method == "interp":
             raise MixInputError("Interpolation goes between two adapters of one kind; with adapters of several kinds "
                                 "on one row, use task arithmetic, TIES or DARE (each kind is mixed on its own).")
-        for kind in groups:
-            role = composer.kinds.of(next(loaded[n] for n in selected if loaded[n].kind == kind)).engine_role
+        roles = {kind: composer.kinds.of(next(loaded[n] for n in selected if loaded[n].kind == kind)).engine_role
+                 for kind in groups}
+        for kind, role in roles.items():
             if role is None:
                 raise MixInputError(f"{kind} adapters are not served per row beside other kinds; choose them alone "
                                     "(the engine refuses them with the reason), or export a merged model.")
-        prompts = [n for n, k in zip(selected, kinds_of) if k == "prompt"]
+        # prompt vectors, p-tuning, prefix tuning: one per row, as PEFT runs one prompt-learning adapter
+        prompts = [n for n, k in zip(selected, kinds_of) if roles[k] in ("prefix", "past_kv")]
         if len(prompts) > 1:
-            raise MixInputError(f"One row takes at most one prompt vector beside other kinds; you chose {len(prompts)} "
-                                f"({', '.join(prompts)}). Mix prompt vectors on their own, or keep one.")
+            raise MixInputError(
+                f"One row takes at most one prompt vector (or p-tuning or prefix-tuning adapter) beside other kinds; "
+                f"you chose {len(prompts)} ({', '.join(prompts)}). Mix prompt vectors on their own, or keep one.")
         ws = list(weights) + [1.0] * (len(selected) - len(weights))
         texts = []
-        # The order the engine applies them in does not matter per role; prompt vectors last, as the page did.
-        for kind in sorted(groups, key=lambda k: k == "prompt"):
+        # The order the engine applies them in does not matter per role; prompt-learning kinds last, as the page did.
+        for kind in sorted(groups, key=lambda k: roles[k] in ("prefix", "past_kv")):
             names = [n for n, k in zip(selected, kinds_of) if k == kind]
             expr = build_expression(names, [ws[selected.index(n)] for n in names],
-                                    "task_arithmetic" if kind == "prompt" else method, t, density)
+                                    "task_arithmetic" if roles[kind] in ("prefix", "past_kv") else method, t, density)
             if expr:  # else every weight of this kind is 0
                 texts.append(expr)
         if not texts:
