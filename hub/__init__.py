@@ -36,6 +36,7 @@ from .errors import (
     RepositoryNotFoundError,
     ReservedTagError,
     RevisionNotFoundError,
+    StoreAccessError,
     StoreError,
     TagExistsError,
     UnsafeFolderError,
@@ -49,7 +50,8 @@ __all__ = [
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
     "TagExistsError", "ReservedTagError", "UnsafeFolderError", "PushConflictError", "IntegrityError",
-    "RemoteAccessError", "RemoteUnavailableError", "StoreError", "FolderNotEmptyError", "LockTimeoutError",
+    "RemoteAccessError", "RemoteUnavailableError", "StoreError", "StoreAccessError", "FolderNotEmptyError",
+    "LockTimeoutError",
 ]
 
 REMOTES = ("hf",)

@@ -52,6 +52,7 @@ from .errors import (
     RepositoryNotFoundError,
     ReservedTagError,
     RevisionNotFoundError,
+    StoreAccessError,
     StoreError,
     TagExistsError,
     UnsafeFolderError,
@@ -155,17 +156,27 @@ class Store:
         if env:
             base.update(env)
         p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base)
-        if check and p.returncode != 0:
-            raise StoreError(f"git {args[0]} failed in {repo}: {p.stderr.decode(errors='replace').strip()}")
+        if p.returncode != 0:
+            err = p.stderr.decode(errors="replace")
+            if "dubious ownership" in err:  # whatever the caller expects: never read as "nothing there"
+                raise StoreAccessError(_ownership_message(repo, self.root), path=repo)
+            if check:
+                raise StoreError(git_failure(args[0], repo, err))
         return p
 
     def _out(self, repo: Path, *args: str, **kw) -> str:
         return self._git(repo, *args, **kw).stdout.decode().strip()
 
     def _rev(self, repo: Path, rev: str) -> str | None:
+        """The commit ``rev`` names, ``None`` when there is none; a git that fails otherwise (an unreadable
+        repository) raises, so a failing read is never taken for "no versions"."""
         p = self._git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}",
                       check=False)
-        return p.stdout.decode().strip() if p.returncode == 0 else None
+        if p.returncode == 0:
+            return p.stdout.decode().strip()
+        if p.returncode == 1 and not p.stderr.strip():  # --verify --quiet: no such revision, and nothing else
+            return None
+        raise StoreError(git_failure("rev-parse", repo, p.stderr.decode(errors="replace")))
 
     # --- paths and locks ----------------------------------------------------------------------------
 
@@ -548,7 +559,11 @@ class Store:
                     if parent is None:
                         return None
                     p = self._git(path, "cat-file", "blob", f"{parent}:README.md", check=False)
-                    return p.stdout if p.returncode == 0 else None
+                    if p.returncode == 0:
+                        return p.stdout
+                    if b"does not exist" in p.stderr:  # that version had no card
+                        return None
+                    raise StoreError(git_failure("cat-file", path, p.stderr.decode(errors="replace")))
 
                 if not (keep_card and (staging / "README.md").exists()):
                     write_card(staging, adapter, previous, ref.repo_id)
@@ -583,7 +598,7 @@ class Store:
                 p = self._git(path, "update-ref", "--stdin", input="\n".join(lines).encode(), check=False)
                 if p.returncode != 0:
                     raise StoreError(f"Could not record the push in {path}: "
-                                     f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
+                                     f"{_one_line(p.stderr.decode(errors='replace'))}. Nothing was changed.")
                 _pause("refs")
                 self._refresh_worktree(path)
         return PushResult(ref.repo_id, sha, tag, parent, skipped)
@@ -630,6 +645,47 @@ class Store:
         """``git fsck --full --strict`` of one repository (for checks and tests)."""
         return self._git(self._require(parse_id(repo_id, allow_revision=False)), "fsck", "--full", "--strict",
                          check=False)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """git's stderr as one line (its hints span several), shortened to ``limit`` characters."""
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip()).rstrip(".")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def git_failure(command: str, repo: Path, stderr: str) -> str:
+    """The message for a git command that failed in ``repo``: what git said, on one line, and what to check."""
+    return (f"git {command} failed in {repo}: {_one_line(stderr) or 'no message'}. Check that you can read the "
+            f"store (ls -l {repo}) and that the repository is sound (git -C {repo} fsck).")
+
+
+def _ownership_message(repo: Path, root: Path) -> str:
+    """git refuses a repository that another user owns (since 2.35.2, "dubious ownership"): say whose it is and
+    the three ways out, instead of git's three lines (and never an empty answer)."""
+    import pwd
+
+    def name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+
+    def user(uid: int) -> str:
+        return f"{name(uid)} (uid {uid})" if name(uid) != str(uid) else f"uid {uid}"
+
+    me = os.geteuid()
+    owner = None
+    for p in (repo, repo / ".git"):
+        with contextlib.suppress(OSError):
+            if p.stat().st_uid != me:
+                owner = p.stat().st_uid
+                break
+    whose = f"is owned by {user(owner)}, not by you ({name(me)})" if owner is not None else \
+        "is owned by another user (git says so of it or of a folder above it)"
+    return (f"The store's repository {repo} {whose}, and git refuses to read another user's repository "
+            f"(\"dubious ownership\"). Run hub as its owner, take the store over with 'chown -R "
+            f"{name(me)} {root}', or trust this repository with "
+            f"'git config --global --add safe.directory {repo}'.")
 
 
 def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:

@@ -269,6 +269,28 @@ def _newline_folder(tmp, mp):
     return ["push", str(src), "alice/math"]
 
 
+def foreign_store(tmp: Path, mp) -> Path:
+    """A store of three versions of alice/math that another user owns: git refuses it ("dubious ownership").
+    As root the store is really given to ``nobody``; otherwise git's own switch for that check makes it see
+    another owner (``GIT_TEST_ASSUME_DIFFERENT_OWNER``, the hook git's test suite uses)."""
+    root = tmp / "foreign"
+    for seed in range(3):
+        hub.push(folder(tmp, f"v{seed}", seed=seed), "alice/math", root=root)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "nobody", str(root)], check=True)
+    else:
+        mp.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    mp.setenv("ADAPTER_HUB_HOME", str(root))
+    return root
+
+
+def _foreign(*argv: str):
+    def case(tmp, mp):
+        foreign_store(tmp, mp)
+        return [a.replace("{tmp}", str(tmp)) for a in argv]
+    return case
+
+
 CASES: dict[str, tuple[Callable, int]] = {
     # a push never follows links, never blocks on a pipe
     "card link to a secret": (_linked("README.md"), 1),
@@ -377,6 +399,12 @@ CASES: dict[str, tuple[Callable, int]] = {
     "existing folder name with a newline": (_newline_folder, 1),
     "expression name with a newline": (_compose("alice/math + `x\nError: forged`"), 1),
     "expression id with a newline": (_compose("`alice/no\nError: forged`"), 1),
+    # a store git refuses (another user's): an error that says what to do, never an empty success
+    "foreign store: log": (_foreign("log", "alice/math"), 1),
+    "foreign store: list": (_foreign("list"), 1),
+    "foreign store: show": (_foreign("show", "alice/math"), 1),
+    "foreign store: pull": (_foreign("pull", "alice/math@v1", "--to", "{tmp}/out"), 1),
+    "foreign store: tag": (_foreign("tag", "alice/math@v1", "stable"), 1),
     # usage
     "unknown flag": (lambda t, mp: ["push", "--frobnicate"], 2),
 }
@@ -429,6 +457,51 @@ def test_hostile_names_are_escaped_when_left_out(served, tmp_path, monkeypatch, 
     assert code == 0, err
     assert "\x1b" not in err and "\\x1b[2K" in err and "\\n" in err
     assert not any(line.startswith("Error: forged") for line in err.splitlines())
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``root`` (mode, owner, bytes): what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_uid, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("argv", [["log", "alice/math"], ["list"], ["show", "alice/math"], ["diff", "alice/math@v1",
+                                  "alice/math@v3"], ["pull", "alice/math@v2"], ["tag", "alice/math@v1", "stable"],
+                                  ["push", "{src}", "alice/math"], ["compose", "-o", "bob/mix", "alice/math"]])
+def test_a_store_owned_by_another_user_is_an_error_not_an_empty_answer(tmp_path, monkeypatch, capsys, argv):
+    """`hub log` on a store owned by another user printed nothing and exited 0, hiding 7 versions: git refused
+    the repository ("dubious ownership") and its failing `rev-parse` was read as "no commits". Every command
+    now says so on one line, with the ways out, and leaves the store as it was."""
+    root = foreign_store(tmp_path, monkeypatch)
+    src = folder(tmp_path, "new", seed=9)
+    before = _tree(root)
+    code, out, err = _run([a.replace("{src}", str(src)) for a in argv], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and out == "", (code, out, err)
+    assert lines[0].startswith("Error: ") and "Traceback" not in err, err
+    # one line; an expression error adds the expression and a caret under the name
+    assert len(lines) == 1 or (argv[0] == "compose" and len(lines) <= 4), err
+    assert sum(line.startswith("Error: ") for line in lines) == 1
+    assert "dubious ownership" in err and "safe.directory" in err and str(root / "models/alice/math") in err
+    if os.geteuid() == 0:
+        assert "owned by nobody" in err
+    assert _tree(root) == before
+    # and once trusted (the way the message names), the same store answers in full
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    git(tmp_path, "config", "--global", "--add", "safe.directory", str(root / "models/alice/math"))
+    monkeypatch.delenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", raising=False)
+    assert [e["tags"] for e in hub.log("alice/math", root=root)] == [["v3"], ["v2"], ["v1"]]
+
+
+def test_hub_serve_refuses_a_store_it_cannot_read(tmp_path, monkeypatch, capsys):
+    """olah reads the repositories with git too: a store git refuses would be served as "repository not found".
+    `hub serve` refuses to start instead, with the reason."""
+    root = foreign_store(tmp_path, monkeypatch)
+    before = _tree(root)
+    code, out, err = _run(["serve", "--port", str(free_port())], capsys)
+    assert code == 1 and out == "" and err.startswith("Error: ") and "safe.directory" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert _tree(root) == before
 
 
 @pytest.mark.parametrize("path, method", [
