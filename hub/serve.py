@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import HubError, StoreError
+from .ids import parse_id
 from .store import Store
 
 
@@ -114,7 +115,8 @@ def serve(*, host: str = "127.0.0.1", port: int = 8090, root: str | os.PathLike 
     private = _free_port()
     cmd = command(store, "127.0.0.1", private, public=f"{host}:{port}")
     try:
-        gateway = Gateway(host, port, ("127.0.0.1", private))
+        gateway = Gateway(host, port, ("127.0.0.1", private), canonical=lambda repo_id: store.canonical(
+            parse_id(repo_id, allow_revision=False)).repo_id)
     except OSError as e:
         raise StoreError(f"Cannot listen on {host}:{port}: {e.strerror or e}. Pick another port with --port."
                          ) from e

@@ -183,10 +183,43 @@ class Store:
     def repo_path(self, ref: RepoRef) -> Path:
         return self.models / ref.namespace / ref.name
 
+    def _spellings(self, ref: RepoRef) -> list[RepoRef]:
+        """The stored repositories whose id equals ``ref``'s but for case (the stored spelling, ``ref``'s
+        revision kept)."""
+        found = []
+        with contextlib.suppress(OSError):
+            for ns in sorted(os.listdir(self.models)):
+                if ns.lower() != ref.namespace.lower():
+                    continue
+                with contextlib.suppress(OSError):
+                    for name in sorted(os.listdir(self.models / ns)):
+                        if name.lower() == ref.name.lower() and (self.models / ns / name / ".git").is_dir():
+                            found.append(RepoRef(ns, name, ref.revision))
+        return found
+
+    def canonical(self, ref: RepoRef) -> RepoRef:
+        """The stored repository ``ref`` names, spelled as stored: ids are case-insensitive, as on the Hugging Face
+        Hub (``Alice/Math`` is ``alice/math``); ``ref`` itself when nothing is stored under it.
+
+        Raises:
+            InvalidIdError: several stored ids differ from ``ref`` only in case (made before this rule) and none
+                is spelled exactly as ``ref``.
+        """
+        found = self._spellings(ref)
+        if not found or any((f.namespace, f.name) == (ref.namespace, ref.name) for f in found):
+            return ref
+        if len(found) == 1:
+            return found[0]
+        raise InvalidIdError(
+            f"'{ref.repo_id}' names no stored repository exactly, and {', '.join(repr(f.repo_id) for f in found)} "
+            "differ from it only in case (one id on the Hugging Face Hub, which ignores case). Spell the one you "
+            "mean exactly.", value=ref.repo_id)
+
     def lock(self, ref: RepoRef, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Exclusive lock on one repository (see :mod:`hub.locks`): released by the kernel if the process dies,
-        announced after a second of waiting, given up with :class:`LockTimeoutError` after ``timeout``."""
-        path = self.root / "locks" / ref.namespace / f"{ref.name}.lock"
+        announced after a second of waiting, given up with :class:`LockTimeoutError` after ``timeout``. One lock
+        for every spelling of an id (ids are case-insensitive), so two pushes of ``a/x`` and ``A/X`` take turns."""
+        path = self.root / "locks" / ref.namespace.lower() / f"{ref.name.lower()}.lock"
         return repo_lock(path, f"'{ref.repo_id}'", timeout)
 
     def staging_dir(self, kind: str = "stage") -> tempfile.TemporaryDirectory:
@@ -197,7 +230,7 @@ class Store:
         return tempfile.TemporaryDirectory(dir=self.root, prefix=f".{kind}-{owner_tag()}-")
 
     def _require(self, ref: RepoRef) -> Path:
-        path = self.repo_path(ref)
+        path = self.repo_path(self.canonical(ref))
         if not (path / ".git").is_dir():
             raise RepositoryNotFoundError(
                 f"No adapter '{ref.repo_id}' in the store at {self.root}. Run 'hub list' to see what is there, "
@@ -226,7 +259,8 @@ class Store:
     # --- reading ------------------------------------------------------------------------------------
 
     def exists(self, repo_id: str) -> bool:
-        return (self.repo_path(parse_id(repo_id, allow_revision=False)) / ".git").is_dir()
+        """Whether ``repo_id`` (any spelling of its case) is stored."""
+        return bool(self._spellings(parse_id(repo_id, allow_revision=False)))
 
     def tags(self, ref: RepoRef) -> dict[str, str]:
         """Tag name -> commit sha."""
@@ -249,7 +283,7 @@ class Store:
         Raises:
             InvalidIdError, RepositoryNotFoundError, RevisionNotFoundError.
         """
-        ref = parse_id(repo_id)
+        ref = self.canonical(parse_id(repo_id))
         path = self._require(ref)
         rev = ref.revision
         candidates = [f"refs/heads/{BRANCH}"] if rev is None else [f"refs/tags/{rev}", f"refs/heads/{rev}"]
@@ -276,7 +310,7 @@ class Store:
 
     def log(self, repo_id: str) -> list[dict]:
         """Commits on ``main``, newest first: ``sha``, ``tags``, ``message``, ``date``, ``author``."""
-        ref = parse_id(repo_id, allow_revision=False)
+        ref = self.canonical(parse_id(repo_id, allow_revision=False))
         path = self._require(ref)
         if self._rev(path, f"refs/heads/{BRANCH}") is None:
             return []
@@ -533,7 +567,14 @@ class Store:
             _pause("validate")
             with self.lock(ref):
                 _pause("lock")
-                new = not (self.repo_path(ref) / ".git").is_dir()
+                spellings = [f.repo_id for f in self._spellings(ref)]
+                new = not spellings
+                taken = [f for f in spellings if f != ref.repo_id]
+                if taken and ref.repo_id not in spellings:
+                    raise InvalidIdError(
+                        f"'{ref.repo_id}' is taken: the store holds '{taken[0]}', and ids that differ only in case "
+                        "are one repository on the Hugging Face Hub. Push to "
+                        f"'{taken[0]}' for a new version of it, or pick another name.", value=ref.repo_id)
                 path = self._init(ref)
                 clear_stale_git_locks(path)  # we hold the lock: git lock files here are a dead writer's
                 parent = self._rev(path, f"refs/heads/{BRANCH}")

@@ -374,6 +374,9 @@ CASES: dict[str, tuple[Callable, int]] = {
     "tag HEAD": (lambda t, mp: ["tag", "alice/math@v1", "HEAD"], 1),
     "tag a sha": (lambda t, mp: ["tag", "alice/math@v1", "a" * 40], 1),
     "tag traversal": (lambda t, mp: ["tag", "alice/math@v1", "../x"], 1),
+    # ids differing only in case are one repository (the Hub ignores case): a second spelling is not created
+    "id differs only in case": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "Alice/MATH"], 1),
+    "namespace differs only in case": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "ALICE/math"], 1),
     "push tag main": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "alice/math", "--tag", "main"], 1),
     # pulls
     "pull into a foreign folder": (_pull_to_foreign, 1),
@@ -546,6 +549,66 @@ def test_pull_remote_hf_from_hub_serve_through_its_gateway(served, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+def test_ids_differing_only_in_case_name_one_repository(served, tmp_path, monkeypatch, capsys):
+    """`Alice/X` and `alice/x` were two repositories (and olah served both) where the Hub has one: a push of a second
+    spelling is refused naming the stored one (a corpus case above), and every lookup, local or through `hub serve`,
+    finds the stored spelling."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    root, base = served
+    monkeypatch.setenv("ADAPTER_HUB_HOME", str(root))
+    store = hub.Store(root)
+    want = store.resolve("alice/math@v1")
+    for spelling in ("Alice/Math", "ALICE/MATH", "alice/MATH"):
+        got = store.resolve(f"{spelling}@v1")
+        assert got.pinned == want.pinned  # pinned under the stored spelling
+        assert [e["sha"] for e in store.log(spelling)] == [e["sha"] for e in store.log("alice/math")]
+        assert store.exists(spelling)
+    code, out, err = _run(["pull", "Alice/Math@v1", "--to", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert files(tmp_path / "out") == files(store.snapshot(want))
+    code, out, err = _run(["push", str(folder(tmp_path, "src", seed=5)), "Alice/Math"], capsys)
+    assert code == 1 and "'alice/math'" in err and "case" in err, err
+
+    # through the server, as on the Hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    api = HfApi(endpoint=base, token=False)
+    assert api.model_info("ALICE/Math", revision="v1").sha == want.sha
+    kw = dict(endpoint=base, cache_dir=str(tmp_path / "hf"), token=False, revision="v1")
+    assert Path(hf_hub_download("Alice/MATH", "README.md", **kw)).read_bytes() == store.read(want, "README.md")
+
+    # `--remote hf` pulls of two spellings record one repository
+    before = state(root)
+    cenv = dict(ADAPTER_HUB_HOME=str(tmp_path / "client"), HF_HOME=str(tmp_path / "client-hf"), HF_ENDPOINT=base,
+                HF_HUB_OFFLINE="0", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+                HF_HUB_DISABLE_PROGRESS_BARS="1")
+    for spelling in ("Alice/Math@v1", "alice/math@v2"):
+        p = hub_cmd("pull", "--remote", "hf", spelling, **cenv)
+        assert p.returncode == 0, p.stderr
+    client = hub.Store(tmp_path / "client")
+    assert [r["id"] for r in client.list()] == ["alice/math"]  # the server's spelling
+    assert len(client.log("alice/math")) == 2
+    assert state(root) == before
+
+
+def test_a_store_holding_two_spellings_finds_each_and_refuses_a_third(tmp_path):
+    """A store made before the rule may hold `bob/x` and `Bob/X`: each exact spelling is its own repository still,
+    and a third spelling, which could mean either, is one error naming both."""
+    import shutil
+
+    root = tmp_path / "store"
+    hub.push(folder(tmp_path, "a", seed=0), "bob/x", root=root)
+    hub.push(folder(tmp_path, "b", seed=1), "zed/y", root=root)
+    (root / "models" / "Bob").mkdir()
+    shutil.copytree(root / "models" / "zed" / "y", root / "models" / "Bob" / "X")
+    store = hub.Store(root)
+    assert store.resolve("bob/x").sha != store.resolve("Bob/X").sha
+    assert store.resolve("Bob/X").sha == store.resolve("zed/y").sha
+    with pytest.raises(hub.InvalidIdError, match="'Bob/X', 'bob/x'|'bob/x', 'Bob/X'"):
+        store.resolve("BOB/x")
 
 
 def test_hub_serve_answers_clients_as_the_hub_would(served, tmp_path, monkeypatch):
