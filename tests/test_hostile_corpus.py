@@ -674,3 +674,58 @@ def test_deeply_nested_examples_are_one_error(tmp_path, line):
     with pytest.raises(composer.ComposerError) as e:
         parse_jsonl('{"prompt": "a", "completion": "b"}\n' + line, name="data.jsonl")
     assert "data.jsonl:2" in str(e.value)
+
+
+def test_a_lora_with_enormous_factors_is_refused_not_an_empty_reply(tmp_path):
+    """A LoRA whose B (or scaling) is enormous but finite is stored (every value is finite) and gave an empty or
+    garbled reply with no message. The engine refuses it when it builds the mix, naming the layer and the ratio
+    ‖s·B·A‖/‖W‖, just above the bound; just below it the mix still runs."""
+    from dataclasses import replace
+
+    from app.engine import Engine
+    from app.engine.bounds import MAX_SCALE, lora_ratio
+    from app.errors import MixError
+    from tests.test_app_tiny import tiny_chat_model
+
+    model, tok = tiny_chat_model()
+    a = composer.load(peft_lora(tmp_path / "lora", seed=3, scale=0.05, model=tiny_chat_model()[0]))
+    linears = dict(model.named_modules())
+    worst = max(lora_ratio(a.lora_a[m], a.lora_b[m], a.scaling[m], linears[m].weight) for m in a.lora_a)
+    assert 0 < worst < 10
+    engine = Engine(model, tok)
+    msg = [{"role": "user", "content": "hi"}]
+    for k in (2 * MAX_SCALE / worst, 1e30):
+        big = replace(a, lora_b={m: v * k for m, v in a.lora_b.items()})
+        with pytest.raises(MixError, match="times its own weight") as e:
+            engine.generate([{"messages": msg, "mix": big}], max_new_tokens=4)
+        assert e.value.module in a.lora_a
+    with pytest.raises(MixError, match="times its own weight"):  # the scaling, not the factors
+        engine.generate([{"messages": msg, "mix": replace(a, scaling={m: 1e12 for m in a.scaling})}],
+                        max_new_tokens=4)
+    # the same refusal for a LoRA read from the store
+    src = peft_lora(tmp_path / "huge", seed=3, model=tiny_chat_model()[0])
+    from safetensors.torch import load_file
+    path = src / "adapter_model.safetensors"
+    save_file({k: v * 1e15 if "lora_B" in k else v for k, v in load_file(str(path)).items()}, path)
+    hub.push(src, "alice/huge")
+    with pytest.raises(MixError, match="times its own weight"):
+        engine.generate([{"messages": msg, "mix": hub.load("alice/huge")}], max_new_tokens=4)
+    half = replace(a, lora_b={m: v * (MAX_SCALE / worst / 2) for m, v in a.lora_b.items()})
+    assert len(engine.generate([{"messages": msg, "mix": half}], max_new_tokens=4)) == 1  # served, not refused
+    assert engine.generate([{"messages": msg, "mix": a}], max_new_tokens=4) != [""]
+
+
+def test_shipped_loras_are_far_inside_the_bound(smol_home):
+    """The bound leaves trained LoRAs a wide margin: the shipped ones change a SmolLM2 layer by at most a few
+    hundredths of its weight (measured 0.059 and 0.048), at least a thousand times inside MAX_SCALE."""
+    from app.engine import load_base
+    from app.engine.bounds import MAX_SCALE, lora_ratio
+    from tests.test_hub_helpers import ROOT
+
+    os.environ["ADAPTER_HUB_HOME"] = str(smol_home)  # the per-test store root; conftest restores it
+    model, _ = load_base()
+    linears = dict(model.named_modules())
+    for name in ("lora_signoff", "lora_json"):
+        a = composer.load(ROOT / "adapters" / name)
+        worst = max(lora_ratio(a.lora_a[m], a.lora_b[m], a.scaling[m], linears[m].weight) for m in a.lora_a)
+        assert 0 < worst * 1000 < MAX_SCALE, (name, worst)
