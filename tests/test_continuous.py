@@ -187,3 +187,47 @@ def test_lora_rows_joining_mid_flight_get_the_tokens_they_get_alone(engine, tmp_
         rb.step()
     for i, r in enumerate(rows):
         assert r.tokens == alone[i], (i, r.tokens, alone[i])
+
+
+def long_prompt(i: int) -> list[int]:
+    return torch.randint(3, 97, (30 + 4 * i,), generator=torch.Generator().manual_seed(100 + i)).tolist()
+
+
+def test_long_prompts_prefilled_in_chunks_get_the_tokens_of_one_pass(engine, mixes, tmp_path):
+    """A long prompt is prefilled a few columns per step (start, then advance between the running rows' steps):
+    newcomers of every mix (prompt-vector prefixes, RoAd variants, LoRA, two rows of different lengths padded in
+    one group) get the tokens they get alone, and so do the rows that kept decoding meanwhile."""
+    import composer
+    from tests.tiny import peft_lora
+
+    la = composer.load(peft_lora(tmp_path / "la", seed=1, r=4, lora_alpha=8))
+    news = [(i, mixes[i]) for i in (0, 1, 2, 3, 4, 7)] + [(6, la)]
+
+    def alone(ids, mix, n):
+        return list(engine.generate_tokens(torch.tensor([ids]), None, [mix], max_new_tokens=n))[-1][0]
+
+    rb = RunningBatch(engine)
+    running = [Row(prompt(i), mixes[i], max_new_tokens=40) for i in (1, 5)]
+    rb.join(running)
+    passes = 0
+    for k, (i, mix) in enumerate(news):
+        rows = [Row(long_prompt(i), mix, max_new_tokens=6)]
+        if k == len(news) - 1:  # a group of two rows of different lengths, prefilled together
+            rows.append(Row(long_prompt(i + 3), mix, max_new_tokens=6))
+        prefill = rb.start(rows)
+        assert prefill.width >= 30
+        before = [len(r.tokens) for r in running]
+        while not rb.advance(prefill, 7):
+            passes += 1
+            assert all(r not in rb.rows for r in rows) and not any(r.tokens for r in rows)
+            rb.step()
+        assert [len(r.tokens) for r in running] > before or any(r.done for r in running)  # they went on
+        while any(not r.done for r in rows):
+            rb.step()
+        for r in rows:
+            assert r.tokens == alone(list(r.input_ids), mix, 6), (i, mix)
+    assert passes >= 4 * len(news)
+    while rb.rows:
+        rb.step()
+    for i, r in zip((1, 5), running):
+        assert r.tokens == alone(prompt(i), mixes[i], 40)

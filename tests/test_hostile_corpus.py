@@ -729,3 +729,44 @@ def test_shipped_loras_are_far_inside_the_bound(smol_home):
         a = composer.load(ROOT / "adapters" / name)
         worst = max(lora_ratio(a.lora_a[m], a.lora_b[m], a.scaling[m], linears[m].weight) for m in a.lora_a)
         assert 0 < worst * 1000 < MAX_SCALE, (name, worst)
+
+
+def test_a_short_reply_is_not_held_behind_a_message_at_the_context_length(tmp_path):
+    """One message of 195,000 characters (cut to the model's context) held every other session's short reply until
+    its whole prompt was prefilled, in one forward pass of the worker that serves everyone (over a minute on one CPU
+    thread, and gigabytes of attention scores). Now a long prompt is prefilled a chunk per decode step: here the big
+    message arrives first and the worker is taking it when a short one comes in from another session, and the short
+    reply is complete, and has left the batch, before the big message's first token (the batch records each join's
+    size: the short one joined alone, and the big one joined after it had left)."""
+    from gradio_client import Client
+
+    from app.batcher import fit_messages
+    from app.engine import Engine
+    from app.ui import MAX_SLOTS
+    from app.ui.page import reply_text
+    from tests.test_app_tiny import CONTEXT, Served
+
+    s = Served(tmp_path / "store", prefill_chunk=24)
+    try:
+        def args(message, n):
+            return (message, [], [], "task_arithmetic", 0.5, 0.5, n, 0.0, *([1.0] * MAX_SLOTS))
+
+        big_client, small_client = Client(s.url, verbose=False), Client(s.url, verbose=False)
+        with s.batcher.engine.exclusive():
+            big = big_client.submit(*args("x" * 195_000, 4), api_name="/chat")
+            while s.batcher.admitted < 1:  # the worker took the big one and waits for the engine
+                time.sleep(0.01)
+            small = small_client.submit(*args("hi", 4), api_name="/chat")
+            while s.batcher.waiting < 1:  # the short one waits behind it
+                time.sleep(0.01)
+        small_out, big_out = small.result(timeout=300), big.result(timeout=300)
+        assert s.batcher.batches == [1, 1]  # the big one joined when the short one had left: it was not held
+        assert s.batcher.running.stats["prefill_passes"] >= (CONTEXT - 4) // 24  # prefilled in chunks
+        assert reply_text(small_out[0][-1]["content"]) == s.alone("", "hi", max_new_tokens=4)
+        assert "kept the first" in big_out[2]  # the note: the message was cut to the context
+        cut, _ = fit_messages(s.tok, [{"role": "user", "content": "x" * 195_000}], CONTEXT - 4)
+        solo = Engine(s.model, s.tok).generate([{"messages": cut, "mix": None}], max_new_tokens=4)[0]
+        # prefilled in chunks, answered as in one pass
+        assert reply_text(big_out[0][-1]["content"]).strip() == solo.strip()
+    finally:
+        s.close()
