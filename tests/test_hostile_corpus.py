@@ -770,3 +770,67 @@ def test_a_short_reply_is_not_held_behind_a_message_at_the_context_length(tmp_pa
         assert reply_text(big_out[0][-1]["content"]).strip() == solo.strip()
     finally:
         s.close()
+
+
+# ------------------------------------------------------------- promises of README's Security section, checked
+
+def test_every_limit_is_the_readme_table_and_each_error_names_its_variable(monkeypatch):
+    """The Limits table lists every limit with its default, and every limit's error names the variable that
+    raises it; setting the variable raises the bound."""
+    import re
+
+    from composer import limits
+    from tests.test_hub_helpers import ROOT
+
+    section = (ROOT / "README.md").read_text().split("## Security", 1)[1].split("\n## ", 1)[0]
+    table = dict(re.findall(r"^\| `(ADAPTER_HUB_\w+)` \| (\d+)", section, re.M))
+    assert table == {lim.env: str(int(lim.default)) for lim in limits.LIMITS.values()}
+    for name, lim in limits.LIMITS.items():
+        monkeypatch.delenv(lim.env, raising=False)
+        with pytest.raises(composer.LimitExceededError, match=lim.env):
+            limits.check(name, lim.default * 2)
+        monkeypatch.setenv(lim.env, str(int(lim.default * 4)))
+        limits.check(name, lim.default * 2)
+
+
+def test_a_name_that_is_a_folder_and_a_store_id_is_refused_in_init(tmp_path, monkeypatch):
+    """`hub train --init alice/math` with a folder alice/math here and alice/math in the store (in any case) picks
+    neither: one error saying how to name each; './alice/math' is the folder."""
+    from app.train import default_resolve
+
+    hub.push(folder(tmp_path, "stored", seed=1), "alice/math")
+    monkeypatch.chdir(tmp_path)
+    folder(tmp_path, "alice/math", seed=2)
+    folder(tmp_path, "Alice/Math", seed=3)
+    for name in ("alice/math", "Alice/Math"):
+        with pytest.raises(LookupError, match=f"'{name}' is both a folder here and an adapter in the store"):
+            default_resolve(name)
+    assert default_resolve("./alice/math").source.startswith(str(tmp_path / "alice" / "math"))
+    assert default_resolve("alice/math@v1").source == hub.resolve("alice/math@v1").pinned
+
+
+def test_heat_map_and_overlap_labels_are_text():
+    from app.ui.mixer import heatmap_html, overlap_html
+
+    names = ["<img src=x onerror=alert(1)>", "a/b'><script>alert(1)</script>"]
+    pair = {"shared": 3, "overlap": 0.5}
+    for out in (heatmap_html(names, [[1.0, 0.5], [0.5, 1.0]]), overlap_html(names, [[0.25, pair], [pair, 0.5]])):
+        assert "<img" not in out and "<script" not in out and "&lt;img" in out
+
+
+def test_app_errors_and_toasts_are_html_escaped(tmp_path):
+    """An adapter name with markup sent to the chat through the API comes back in the error as text."""
+    from gradio_client import Client
+
+    from app.ui import MAX_SLOTS
+    from tests.test_app_tiny import Served
+
+    s = Served(tmp_path / "store")
+    try:
+        client = Client(s.url, verbose=False)
+        with pytest.raises(Exception) as e:
+            client.predict("hi", [], ["<img src=x onerror=alert(1)>"], "task_arithmetic", 0.5, 0.5, 4, 0.0,
+                           *([1.0] * MAX_SLOTS), api_name="/chat")
+        assert "&lt;img" in str(e.value) and "<img" not in str(e.value)
+    finally:
+        s.close()
