@@ -6,16 +6,10 @@ Gradio's own batching does not take streaming functions, so the app queues its r
     ───────────────                          ──────────────────────────────────────────────────
     batcher.submit(messages, mix) ──┐        loop:
     batcher.submit(messages, mix) ──┼──► waiting queue ─► admit jobs while the batch has room (max_batch)
-    batcher.submit_many(rows)     ──┘   (at most          ─► short prompts: prefill, first token (RunningBatch.join)
-          ▲                              max_queue rows;     long prompts: prefill_chunk more tokens (.advance)
-          │                              past it: BusyError)─► one decode step for every running row
-          │                                                   finished or cancelled rows leave at once
+    batcher.submit_many(rows)     ──┘   (at most          ─► prefill them, first token  (RunningBatch.join)
+          ▲                              max_queue rows;  ─► one decode step for every running row
+          │                              past it: BusyError)   finished or cancelled rows leave at once
           └──── per-request queue ◄── each row's text after every step (a session only reads its own rows)
-
-A prompt longer than ``prefill_chunk`` tokens is prefilled ``prefill_chunk`` tokens per loop, between the decode
-steps of the running rows, so a conversation at the context's length (one 195,000-character message cut to the
-model's 8,192 tokens) delays each other session's tokens by one chunk instead of holding them all until its whole
-prefill is done (over a minute on one CPU thread, with gigabytes of attention scores).
 
 A job (one ``submit`` or one ``submit_many`` group) joins the batch as a whole, so a compare request (base,
 each adapter, the mix) is prefilled together. Every row keeps its own sampling settings and seeded generator,
@@ -43,15 +37,12 @@ from typing import Any
 from composer import limits
 
 from .engine import Engine, Request
-from .engine.continuous import ConflictError, Prefill, Row, RunningBatch
+from .engine.continuous import ConflictError, Row, RunningBatch
 from .engine.sampling import check_sampling
 from .errors import BusyError, RequestError
 
 _DONE = object()
 SCHEDULERS = ("continuous", "gather")
-PREFILL_CHUNK = 128
-"""Prompt tokens prefilled per loop for a long prompt (SmolLM2-135M on one loaded CPU thread: about 1-2 s each;
-64 tokens made the whole prefill 30% slower, 256 held the other sessions twice as long per token)."""
 
 
 @dataclass(eq=False)
@@ -155,8 +146,6 @@ class Batcher:
             (gather for ``wait_ms``, then run the batch to its end; kept for comparison).
         max_queue: at most this many rows wait for a place; past it :meth:`submit_many` raises
             :class:`~app.errors.BusyError` ("busy, try again").
-        prefill_chunk: ``continuous`` only: a job whose prompt is longer than this many tokens is prefilled this
-            many tokens per decode step of the running rows (one chunk per loop, jobs in turn), not in one pass.
 
     Attributes:
         batches: ``continuous``: rows running right after each admission; ``gather``: rows per batch run
@@ -166,12 +155,9 @@ class Batcher:
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, wait_ms: float = 15.0,
-                 context: int | None = None, scheduler: str = "continuous", max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 context: int | None = None, scheduler: str = "continuous", max_queue: int = 64) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}.")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}.")
         if scheduler not in SCHEDULERS:
@@ -180,7 +166,6 @@ class Batcher:
         self.scheduler = scheduler
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
-        self.prefill_chunk = int(prefill_chunk)
         self.wait = float(wait_ms) / 1000.0
         cfg = getattr(engine.model, "config", None)
         self.context = int(context or getattr(cfg, "max_position_embeddings", 0) or 2048)
@@ -189,7 +174,6 @@ class Batcher:
         self.admitted = 0
         self.running: RunningBatch | None = None
         self._waiting: deque[_Job] = deque()
-        self._prefilling: list[tuple[_Job, Prefill]] = []  # admitted long prompts, prefilled a chunk per loop
         self._waiting_rows = 0
         self._cv = threading.Condition()
         self._closed = False
@@ -310,11 +294,11 @@ class Batcher:
         jobs: list[_Job] = []  # jobs with rows in the running batch
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not running.rows and not self._prefilling:
+                while not self._closed and not self._waiting and not running.rows:
                     self._cv.wait()
                 if self._closed:
                     break
-                admit, n = [], len(running.rows) + sum(len(j.requests) for j, _ in self._prefilling)
+                admit, n = [], len(running.rows)
                 while self._waiting:
                     k = len(self._waiting[0].requests)
                     if n and n + k > self.max_batch:
@@ -324,15 +308,13 @@ class Batcher:
             try:
                 jobs = self._iteration(running, jobs, admit)
             except Exception as e:  # noqa: BLE001 - the worker must survive: fail the rows in flight, go on
-                for job in jobs + admit + [j for j, _ in self._prefilling]:
+                for job in jobs + admit:
                     if not job.closed:
                         job.closed = True
                         job.out.put(e)
-                self._prefilling = []
                 running = self.running = RunningBatch(self.engine)
                 jobs = []
-        self._shut(jobs + [j for j, _ in self._prefilling])
-        self._prefilling = []
+        self._shut(jobs)
 
     def _iteration(self, running: RunningBatch, jobs: list[_Job], admit: list[_Job]) -> list[_Job]:
         """Cancelled rows leave, admitted jobs join, one step for all; returns the jobs still running."""
@@ -341,23 +323,11 @@ class Batcher:
             self.cancelled += sum(r.finish == "cancelled" for r in job.rows)
             self._finish(job)
         jobs = [j for j in jobs if not j.closed]
-        for job, prefill in [(j, p) for j, p in self._prefilling if j.cancelled.is_set()]:
-            self._prefilling.remove((job, prefill))
-            prefill.release()
-            for r in job.rows:
-                r.finish = "cancelled"
-            self.cancelled += len(job.rows)
-            self._finish(job)
         if admit:
-            long = [j for j in admit if max(map(len, j.ids)) > self.prefill_chunk]
-            joined = self._join(running, [j for j in admit if j not in long])
+            joined = self._join(running, admit)
             for job in joined:  # the first token goes out before the next step
                 self._emit(job)
             jobs += [j for j in joined if not j.closed]
-            for job in long:
-                self._start(running, job)
-        if self._prefilling:
-            jobs += self._advance(running)
         if running.rows:
             running.step()
         for job in jobs:
@@ -366,9 +336,17 @@ class Batcher:
 
     def _join(self, running: RunningBatch, admit: list[_Job]) -> list[_Job]:
         """Join the admitted jobs (together, or one by one to isolate a bad mix); returns the jobs that joined."""
-        admit = [job for job in admit if self._rows(job)]
-        if not admit:
-            return []
+        ok = []
+        for job in admit:
+            temperature, top_p, seed = job.sampling
+            try:
+                job.rows = [Row(ids, r.mix, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+                                owner=job) for ids, r, n in zip(job.ids, job.requests, job.limits)]
+                ok.append(job)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                job.closed = True
+                job.out.put(e)
+        admit = ok
         joined = []
         groups = [admit] if len(admit) == 1 else [admit, *([j] for j in admit)]
         for group in groups:
@@ -393,52 +371,6 @@ class Batcher:
             if len(group) == len(admit):
                 break
         return joined
-
-    def _rows(self, job: _Job) -> bool:
-        """Make ``job``'s rows; a request they refuse fails alone (False)."""
-        temperature, top_p, seed = job.sampling
-        try:
-            job.rows = [Row(ids, r.mix, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
-                            owner=job) for ids, r, n in zip(job.ids, job.requests, job.limits)]
-            return True
-        except Exception as e:  # noqa: BLE001 - a bad request fails alone
-            job.closed = True
-            job.out.put(e)
-            return False
-
-    def _start(self, running: RunningBatch, job: _Job) -> None:
-        """Admit a job with a long prompt: its mixes are checked now, its prompt prefilled a chunk per loop."""
-        if not self._rows(job):
-            return
-        try:
-            self._prefilling.append((job, running.start(job.rows)))
-        except ConflictError:  # fine alone: wait at the head of the queue until the batch changes
-            with self._cv:
-                self._waiting.appendleft(job)
-                self._waiting_rows += len(job.requests)
-        except Exception as e:  # noqa: BLE001 - one bad mix must not take other sessions down
-            job.closed = True
-            job.out.put(e)
-
-    def _advance(self, running: RunningBatch) -> list[_Job]:
-        """One chunk of the oldest long prompt; returns its job once its rows joined (first token out)."""
-        job, prefill = self._prefilling[0]
-        try:
-            if not running.advance(prefill, self.prefill_chunk):
-                return []
-        except ConflictError:  # a row that joined meanwhile is in the way: try again once the batch changes
-            self._prefilling.append(self._prefilling.pop(0))
-            return []
-        except Exception as e:  # noqa: BLE001 - one bad request must not take other sessions down
-            self._prefilling.pop(0)
-            prefill.release()
-            job.closed = True
-            job.out.put(e)
-            return []
-        self._prefilling.pop(0)
-        self.batches = (self.batches + [len(running.rows)])[-1000:]
-        self._emit(job)  # the first token
-        return [job] if not job.closed else []
 
     def _emit(self, job: _Job) -> None:
         tok = self.engine.tokenizer

@@ -92,27 +92,6 @@ def test_a_closed_stream_leaves_the_batch_and_the_others_go_on(setup):
         batcher.close()
 
 
-def test_a_long_prompt_closed_while_it_is_prefilled_leaves_and_the_others_go_on(setup):
-    """A prompt longer than prefill_chunk is prefilled a chunk per loop; closing its stream then drops it (and its
-    cache) at the next loop, before it ever joins, and a request behind it is answered as alone."""
-    engine, a, b = setup
-    ref = alone(engine, "keep going", b, max_new_tokens=20)
-    batcher = Batcher(engine, max_batch=8, prefill_chunk=8)
-    try:
-        with engine.exclusive():  # the worker takes the long request and waits for the engine in its start
-            victim = batcher.submit(conv("x" * 220), a, max_new_tokens=20)
-            while batcher.admitted < 1:
-                threading.Event().wait(0.01)
-            victim.close()
-        other = batcher.submit(conv("keep going"), b, max_new_tokens=20)
-        assert list(other)[-1] == ref
-        assert list(victim) == []  # never got a token
-        assert batcher.cancelled == 1
-        assert batcher.running.stats["prefill_passes"] < 220 // 8  # dropped long before its prompt was in
-    finally:
-        batcher.close()
-
-
 def test_the_queue_bound_answers_busy(setup):
     engine, a, _ = setup
     batcher = Batcher(engine, max_batch=2, max_queue=3)

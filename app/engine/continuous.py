@@ -16,21 +16,8 @@ The shared KV cache holds one row per running request, right-aligned (every row 
 
 A newcomer is prefilled in its own forward pass (with the other newcomers of that step), then its keys and
 values are left-padded to the batch's width and stacked on the batch, or the batch is left-padded to the
-newcomer's. A long prompt can be prefilled a chunk at a time instead (:meth:`RunningBatch.start`, then
-:meth:`RunningBatch.advance` between decode steps), so the running rows keep getting a token per step while
-it fills its own cache::
-
-    prefill = running.start(rows)                 # mixes checked, inputs built; no forward pass yet
-    while not running.advance(prefill, 256):      # 256 more prompt tokens into the newcomer's own cache
-        running.step()                            # the running rows go on meanwhile
-                                                  # advance returned True: first tokens picked, rows joined
-
-One forward pass over a whole 8,000-token prompt held every other session for its whole length (over a minute
-on one CPU thread), and its attention scores (heads × prompt²) grew the process by gigabytes; a chunk's cost
-and memory are those of ``chunk × prompt``.
-
-Positions count each row's real tokens only, so every row's logits are those it would get alone, up to float
-rounding. Each row keeps its own mix (its RoAd tables are gathered per batch membership,
+newcomer's. Positions count each row's real tokens only, so every row's logits are those it would get
+alone, up to float rounding. Each row keeps its own mix (its RoAd tables are gathered per batch membership,
 not per step), its own temperature/top_p/max_new_tokens and its own seeded ``torch.Generator``
 (:func:`~app.engine.sampling.pick_rows`), so its tokens depend only on its own request.
 
@@ -107,46 +94,6 @@ class Row:
         return self.finish is not None
 
 
-@dataclass(eq=False)
-class Prefill:
-    """Rows on their way into a :class:`RunningBatch`: their inputs and their own cache, filled by
-    :meth:`RunningBatch.advance` a chunk of prompt columns at a time.
-
-    Attributes:
-        rows: the rows, which join together.
-        done: prompt columns (prompt-vector prefix included) already in ``cache``.
-    """
-
-    rows: list[Row]
-    tables: list[Any]
-    loras: list[Any]
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    shared: Any
-    emb: torch.Tensor
-    mask: torch.Tensor
-    pos: torch.Tensor
-    cache: Any
-    done: int = 0
-    logits: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        """Prompt columns in all (the longest row's, prompt-vector prefix included)."""
-        return int(self.emb.shape[1])
-
-    @property
-    def left(self) -> int:
-        """Prompt columns still to prefill."""
-        return self.width - self.done
-
-    def release(self) -> None:
-        """Drop the inputs and the cache (after joining, or when the rows are cancelled)."""
-        self.emb = self.emb[:, :0]
-        self.cache = None
-        self.layers, self.lora_layers = {}, {}
-
-
 class RunningBatch:
     """The rows decoding together on one engine; rows join and leave between steps.
 
@@ -202,19 +149,8 @@ class RunningBatch:
                 :class:`MixError`; they can join once those rows have left).
         """
         rows = list(rows)
-        if rows:
-            self.advance(self.start(rows))
-        return rows
-
-    def start(self, rows: Sequence[Row]) -> Prefill:
-        """Check ``rows``' mixes and build their inputs, to be prefilled by :meth:`advance` (no forward pass yet).
-
-        Raises:
-            MixError, ConflictError: as :meth:`join`.
-        """
-        rows = list(rows)
         if not rows:
-            raise ValueError("start() needs at least one row.")
+            return rows
         eng = self.engine
         t0 = time.perf_counter()
         with eng._lock, torch.no_grad():
@@ -222,65 +158,34 @@ class RunningBatch:
             tables = [s[0][0] if s[0] is not None else None for s in split]
             loras = [s[0][1] if s[0] is not None else None for s in split]
             packed = self._packed.rows(tables, self._row_tables)  # raises MixError / ConflictError
+            new_layers = self._packed.views(packed)
             n = max(len(r.input_ids) for r in rows)
             pad = eng._pad_id()
             ids = torch.tensor([[pad] * (n - len(r.input_ids)) + list(r.input_ids) for r in rows])
             mask = torch.tensor([[0] * (n - len(r.input_ids)) + [1] * len(r.input_ids) for r in rows])
             emb, mask, pos, _ = eng._inputs(ids, mask, [s[1] for s in split])
-            prefill = Prefill(rows, tables, loras, eng._placed(self._packed.views(packed)),
-                              eng._placed(lora.batch_factors(loras)), eng.shared([s[0] for s in split]),
-                              emb, mask, pos, kv_cache.new(eng.model.config))
-        self.stats["bookkeeping"] += time.perf_counter() - t0
-        return prefill
-
-    def advance(self, prefill: Prefill, tokens: int | None = None) -> bool:
-        """Prefill the next ``tokens`` prompt columns of ``prefill`` (all that are left when ``None``) into its own
-        cache; once the whole prompt is in, pick each row's first token and add the rows to the batch.
-
-        Returns:
-            ``True`` when the rows joined (each with its first token), ``False`` while prompt columns are left.
-
-        Raises:
-            ConflictError: the prompt is in, but a row joined meanwhile adapts a layer with another group size; the
-                prefill is kept, so call again once that row has left.
-        """
-        eng = self.engine
-        t0 = time.perf_counter()
-        with eng._lock, torch.no_grad():
-            if prefill.left:
-                start = prefill.done
-                end = prefill.width if tokens is None else min(prefill.width, start + max(1, int(tokens)))
-                shared = prefill.shared  # folded for the prefill only if it already is
-                applied = eng._folded(shared) if shared is not None and eng.is_folded(shared) else \
-                    eng._layers_applied(prefill.layers, prefill.lora_layers)
-                with applied:
-                    out = eng.model(inputs_embeds=prefill.emb[:, start:end], attention_mask=prefill.mask[:, :end],
-                                    position_ids=prefill.pos[:, start:end], past_key_values=prefill.cache,
-                                    use_cache=True, logits_to_keep=1)
-                prefill.done = end
-                self.stats["prefill"] += time.perf_counter() - t0
-                self.stats["prefill_passes"] += 1
-                if prefill.left:
-                    return False
-                prefill.logits = out.logits[:, -1].cpu()
+            cache = kv_cache.new(eng.model.config)
+            shared = eng.shared([s[0] for s in split])  # folded for the prefill only if it already is
+            applied = eng._folded(shared) if shared is not None and eng.is_folded(shared) else \
+                eng._layers_applied(eng._placed(new_layers), eng._placed(lora.batch_factors(loras)))
             t1 = time.perf_counter()
-            rows = prefill.rows
-            # The batch may have changed since start(): the rows' tables are packed in its layout as it is now.
-            packed = self._packed.rows(prefill.tables, self._row_tables)  # raises ConflictError
+            with applied:
+                logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                   use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
+            t2 = time.perf_counter()
             gens = [generator(r.seed) if r.temperature > 0 else None for r in rows]
             temp = torch.tensor([r.temperature for r in rows])
             top_p = torch.tensor([r.top_p for r in rows])
-            nxt = pick_rows(prefill.logits, temp, top_p, gens)
-            t2 = time.perf_counter()
-            self._merge(prefill.cache, prefill.mask.cpu(), prefill.pos[:, -1].cpu(), nxt, temp, top_p, gens,
-                        prefill.tables, prefill.loras, packed)
+            nxt = pick_rows(logits, temp, top_p, gens)
+            t3 = time.perf_counter()
+            self._merge(cache, mask.cpu(), pos[:, -1].cpu(), nxt, temp, top_p, gens, tables, loras, packed)
             self.rows.extend(rows)
-            prefill.release()
-        self.stats["sample"] += t2 - t1
+        self.stats["prefill"] += t2 - t1
+        self.stats["sample"] += t3 - t2
         self.stats["joined"] += len(rows)
         self._record(rows, nxt.tolist())
-        self.stats["bookkeeping"] += time.perf_counter() - t2
-        return True
+        self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
+        return rows
 
     def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, packed) -> None:
         if self._cache is None or not self.rows:

@@ -54,19 +54,17 @@ def seed_store(mixer: Mixer, folder: Path | None = None) -> list[str]:
 
 def build(model: Any, tokenizer: Any, *, root: str | os.PathLike | None = None, max_batch: int = 8,
           wait_ms: float = 15.0, concurrency: int = 16, base_name: str = "", scheduler: str = "continuous",
-          max_queue: int = 64, prefill_chunk: int | None = None):
+          max_queue: int = 64):
     """Engine, batcher, mixer and page for ``model``: returns ``(demo, mixer, batcher)`` (queue enabled).
 
-    ``max_batch``, ``wait_ms``, ``scheduler``, ``max_queue`` and ``prefill_chunk`` go to
-    :class:`~app.batcher.Batcher`.
+    ``max_batch``, ``wait_ms``, ``scheduler`` and ``max_queue`` go to :class:`~app.batcher.Batcher`.
     """
-    from ..batcher import PREFILL_CHUNK, Batcher
+    from ..batcher import Batcher
     from ..engine import Engine
 
     mixer = Mixer(root)
     engine = Engine(model, tokenizer, resolve=mixer.load)
-    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms, scheduler=scheduler, max_queue=max_queue,
-                      prefill_chunk=prefill_chunk or PREFILL_CHUNK)
+    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms, scheduler=scheduler, max_queue=max_queue)
     demo = build_app(mixer, batcher, base_name=base_name or getattr(model, "name_or_path", ""),
                      concurrency=concurrency)
     demo.queue(default_concurrency_limit=concurrency)
