@@ -37,6 +37,7 @@ from .errors import (
     RepositoryNotFoundError,
     ReservedTagError,
     RevisionNotFoundError,
+    StoreAccessError,
     StoreError,
     TagExistsError,
     UnsafeFolderError,
@@ -50,7 +51,8 @@ __all__ = [
     "Store", "Resolved", "PushResult", "RepoRef", "parse_id", "default_root",
     "HubError", "InvalidIdError", "InvalidCardError", "RepositoryNotFoundError", "RevisionNotFoundError",
     "TagExistsError", "ReservedTagError", "UnsafeFolderError", "PushConflictError", "IntegrityError",
-    "RemoteAccessError", "RemoteUnavailableError", "StoreError", "FolderNotEmptyError", "LockTimeoutError",
+    "RemoteAccessError", "RemoteUnavailableError", "StoreError", "StoreAccessError", "FolderNotEmptyError",
+    "LockTimeoutError",
 ]
 
 REMOTES = ("hf",)

@@ -18,6 +18,7 @@ in an adapter folder and unsafe model cards come from :mod:`composer` unchanged
     ├── RemoteAccessError(PermissionError)    unauthorised or gated on the remote
     ├── RemoteUnavailableError(ConnectionError) the remote cannot be reached
     └── StoreError(OSError)                   git failed underneath the store
+        └── StoreAccessError                  git refuses the store's repository (another user owns it)
 """
 
 from __future__ import annotations
@@ -132,3 +133,14 @@ class RemoteUnavailableError(HubError, ConnectionError):
 
 class StoreError(HubError, OSError):
     """A git command under the store failed unexpectedly."""
+
+
+class StoreAccessError(StoreError):
+    """git refuses to read a repository of the store: another user owns it ("dubious ownership").
+
+    Attributes: ``path`` (the repository).
+    """
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -15,6 +15,9 @@ It exists for what olah answers badly, and to keep the server read-only whatever
 - a missing revision of an existing repository is ``404 RevisionNotFound`` and a missing file of an existing
   revision ``404 EntryNotFound``, as on the Hub (olah answers ``401 RepoNotFound`` and ``500``, so clients said
   "repository not found ... make sure you are authenticated");
+- a repository id is looked up without regard to case, as on the Hub (``Alice/Math`` is ``alice/math``): the
+  gateway asks olah for the store's spelling of it (olah looks a path up, exact on most filesystems, so it
+  served ``Alice/Math`` and ``alice/math`` as two repositories);
 - a redirect to olah's private address is rewritten to the public one;
 - only ``GET`` and ``HEAD`` pass, and ``POST`` to ``/api/models/<ns>/<name>/paths-info/<rev>`` (a read that
   huggingface_hub sends as a form: ``get_paths_info``, which ``hub pull --remote hf`` needs for sizes and
@@ -29,8 +32,9 @@ import http.client
 import json
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 _MODEL_INFO = re.compile(r"/api/models/([^/?#]+)/([^/?#]+)/?(\?.*)?\Z")
 _SEG = r"[^/?#]+"
@@ -71,7 +75,8 @@ def _ask(upstream: tuple[str, int], path: str) -> tuple[int, object]:
         conn.close()
 
 
-def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> type[BaseHTTPRequestHandler]:
+def _handler(upstream: tuple[str, int], public: str, read_timeout: float,
+             canonical: Callable[[str], str] | None) -> type[BaseHTTPRequestHandler]:
     private = f"http://{upstream[0]}:{upstream[1]}"
 
     class Handler(BaseHTTPRequestHandler):
@@ -108,6 +113,15 @@ def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> typ
                 self._hub_error(404, "NotFound", f"Not found: {path.split('?')[0][:200]}. This server answers "
                                 "the Hub API for models only; see GET /.")
                 return
+            if canonical is not None and route.groupdict().get("repo"):
+                asked = unquote(route.group("repo"))
+                try:
+                    stored = canonical(asked)
+                except ValueError:  # not an id of ours: olah answers it as it is
+                    stored = asked
+                if stored != asked:
+                    path = path[:route.start("repo")] + quote(stored) + path[route.end("repo"):]
+                    route = next(r.match(path) for r in _ROUTES if r.match(path))
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
             conn = http.client.HTTPConnection(*upstream, timeout=300)
             try:
@@ -220,10 +234,11 @@ def _handler(upstream: tuple[str, int], public: str, read_timeout: float) -> typ
 class Gateway:
     """The proxy, serving in a background thread until :meth:`close`."""
 
-    def __init__(self, host: str, port: int, upstream: tuple[str, int], *, read_timeout: float = READ_TIMEOUT
-                 ) -> None:
+    def __init__(self, host: str, port: int, upstream: tuple[str, int], *, read_timeout: float = READ_TIMEOUT,
+                 canonical: Callable[[str], str] | None = None) -> None:
+        """``canonical``: maps a repository id as asked to its stored spelling (ids are case-insensitive)."""
         public = f"http://{host}:{port}"
-        self.httpd = ThreadingHTTPServer((host, port), _handler(upstream, public, read_timeout))
+        self.httpd = ThreadingHTTPServer((host, port), _handler(upstream, public, read_timeout, canonical))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="hub-gateway", daemon=True)
 

@@ -12,8 +12,8 @@ _REV = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
 _VERSION = re.compile(r"v(\d+)\Z")
 ID_HELP = ("ids look like 'namespace/name' (e.g. 'alice/math'): two parts of 1-96 letters, digits, '_', '-' or "
-           "'.', not starting or ending with '.' or '-', no '..' or '--', not ending in '.git' (the Hugging Face "
-           "Hub's rules); add '@v2', '@main' or '@<commit sha>' to pick a version")
+           "'.', not starting or ending with '.' or '-', no '..' or '--', not ending in '.git', case ignored (the "
+           "Hugging Face Hub's rules); add '@v2', '@main' or '@<commit sha>' to pick a version")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ validated with :mod:`composer` and recorded in the local store
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -39,6 +40,7 @@ from composer.folder import PICKLE_SUFFIXES
 from .errors import (
     HubError,
     IntegrityError,
+    InvalidIdError,
     PushConflictError,
     RemoteAccessError,
     RemoteUnavailableError,
@@ -327,7 +329,13 @@ class HfRemote:
         if not isinstance(sha, str) or not _SHA40.match(sha):
             raise IntegrityError(f"{self._where()} gave no commit sha for '{repo_id}@{shown(rev)}'; it is not "
                                  "a Hugging Face Hub server, or a broken one. Check HF_ENDPOINT.")
-        ref = parse_id(repo_id)
+        # Recorded under the stored spelling when there is one, else the remote's own: the Hub's ids ignore case
+        # (Alice/X is alice/x), so one repository there is one here.
+        ref = self.store.canonical(parse_id(repo_id, allow_revision=False))
+        spelled = getattr(info, "id", None)
+        if not self.store.exists(repo_id) and isinstance(spelled, str) and spelled.lower() == repo_id.lower():
+            with contextlib.suppress(InvalidIdError):
+                ref = parse_id(spelled, allow_revision=False)
         if self.store.exists(repo_id):
             try:
                 return self.store.resolve(f"{repo_id}@{sha}")  # already recorded: refs/hf/<sha>
@@ -352,7 +360,7 @@ class HfRemote:
             if rev not in remote_tags and rev != BRANCH and not _SHA40.match(rev) and not rev.startswith(sha[:4]):
                 remote_tags = remote_tags + (rev,)
             result: PushResult = self.store.push(
-                local, repo_id, message=f"Pull {repo_id}@{sha} from {self._where()}",
+                local, ref.repo_id, message=f"Pull {repo_id}@{sha} from {self._where()}",
                 extra_refs={f"refs/hf/{sha}": ""}, extra_tags=remote_tags, auto_version=False,
                 keep_card=True)
         return Resolved(ref, result.sha)

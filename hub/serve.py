@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import HubError, StoreError
+from .ids import parse_id
 from .store import Store
 
 
@@ -102,15 +103,20 @@ def serve(*, host: str = "127.0.0.1", port: int = 8090, root: str | os.PathLike 
 
     Raises:
         ServeUnavailableError: olah is not installed.
-        StoreError: ``host:port`` cannot be bound (e.g. another server holds it).
+        StoreError: ``host:port`` cannot be bound (e.g. another server holds it), or git cannot read a repository
+            of the store (:class:`StoreAccessError`: another user owns it).
     """
     from .gateway import Gateway
 
     store = Store(root)
+    # olah reads the repositories with git too, and a repository git refuses (another user's) would be served as
+    # "not found": refuse to start instead, with the reason (StoreAccessError) and what to do.
+    store.list()
     private = _free_port()
     cmd = command(store, "127.0.0.1", private, public=f"{host}:{port}")
     try:
-        gateway = Gateway(host, port, ("127.0.0.1", private))
+        gateway = Gateway(host, port, ("127.0.0.1", private), canonical=lambda repo_id: store.canonical(
+            parse_id(repo_id, allow_revision=False)).repo_id)
     except OSError as e:
         raise StoreError(f"Cannot listen on {host}:{port}: {e.strerror or e}. Pick another port with --port."
                          ) from e

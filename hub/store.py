@@ -57,6 +57,7 @@ from .errors import (
     RepositoryNotFoundError,
     ReservedTagError,
     RevisionNotFoundError,
+    StoreAccessError,
     StoreError,
     TagExistsError,
     UnsafeFolderError,
@@ -194,27 +195,70 @@ class Store:
         # detached: a session of its own, out of reach of the terminal's Ctrl-C (hub.interrupts)
         p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=base,
                            start_new_session=detached)
-        if check and p.returncode != 0:
-            raise StoreError(f"git {args[0]} failed in {repo}: {p.stderr.decode(errors='replace').strip()}")
+        if p.returncode != 0:
+            err = p.stderr.decode(errors="replace")
+            if "dubious ownership" in err:  # whatever the caller expects: never read as "nothing there"
+                raise StoreAccessError(_ownership_message(repo, self.root), path=repo)
+            if check:
+                raise StoreError(git_failure(args[0], repo, err))
         return p
 
     def _out(self, repo: Path, *args: str, **kw) -> str:
         return self._git(repo, *args, **kw).stdout.decode().strip()
 
     def _rev(self, repo: Path, rev: str) -> str | None:
+        """The commit ``rev`` names, ``None`` when there is none; a git that fails otherwise (an unreadable
+        repository) raises, so a failing read is never taken for "no versions"."""
         p = self._git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}",
                       check=False)
-        return p.stdout.decode().strip() if p.returncode == 0 else None
+        if p.returncode == 0:
+            return p.stdout.decode().strip()
+        if p.returncode == 1 and not p.stderr.strip():  # --verify --quiet: no such revision, and nothing else
+            return None
+        raise StoreError(git_failure("rev-parse", repo, p.stderr.decode(errors="replace")))
 
     # --- paths and locks ----------------------------------------------------------------------------
 
     def repo_path(self, ref: RepoRef) -> Path:
         return self.models / ref.namespace / ref.name
 
+    def _spellings(self, ref: RepoRef) -> list[RepoRef]:
+        """The stored repositories whose id equals ``ref``'s but for case (the stored spelling, ``ref``'s
+        revision kept)."""
+        found = []
+        with contextlib.suppress(OSError):
+            for ns in sorted(os.listdir(self.models)):
+                if ns.lower() != ref.namespace.lower():
+                    continue
+                with contextlib.suppress(OSError):
+                    for name in sorted(os.listdir(self.models / ns)):
+                        if name.lower() == ref.name.lower() and (self.models / ns / name / ".git").is_dir():
+                            found.append(RepoRef(ns, name, ref.revision))
+        return found
+
+    def canonical(self, ref: RepoRef) -> RepoRef:
+        """The stored repository ``ref`` names, spelled as stored: ids are case-insensitive, as on the Hugging Face
+        Hub (``Alice/Math`` is ``alice/math``); ``ref`` itself when nothing is stored under it.
+
+        Raises:
+            InvalidIdError: several stored ids differ from ``ref`` only in case (made before this rule) and none
+                is spelled exactly as ``ref``.
+        """
+        found = self._spellings(ref)
+        if not found or any((f.namespace, f.name) == (ref.namespace, ref.name) for f in found):
+            return ref
+        if len(found) == 1:
+            return found[0]
+        raise InvalidIdError(
+            f"'{ref.repo_id}' names no stored repository exactly, and {', '.join(repr(f.repo_id) for f in found)} "
+            "differ from it only in case (one id on the Hugging Face Hub, which ignores case). Spell the one you "
+            "mean exactly.", value=ref.repo_id)
+
     def lock(self, ref: RepoRef, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Exclusive lock on one repository (see :mod:`hub.locks`): released by the kernel if the process dies,
-        announced after a second of waiting, given up with :class:`LockTimeoutError` after ``timeout``."""
-        path = self.root / "locks" / ref.namespace / f"{ref.name}.lock"
+        announced after a second of waiting, given up with :class:`LockTimeoutError` after ``timeout``. One lock
+        for every spelling of an id (ids are case-insensitive), so two pushes of ``a/x`` and ``A/X`` take turns."""
+        path = self.root / "locks" / ref.namespace.lower() / f"{ref.name.lower()}.lock"
         return repo_lock(path, f"'{ref.repo_id}'", timeout)
 
     def staging_dir(self, kind: str = "stage") -> tempfile.TemporaryDirectory:
@@ -225,7 +269,7 @@ class Store:
         return tempfile.TemporaryDirectory(dir=self.root, prefix=f".{kind}-{owner_tag()}-")
 
     def _require(self, ref: RepoRef) -> Path:
-        path = self.repo_path(ref)
+        path = self.repo_path(self.canonical(ref))
         if not (path / ".git").is_dir():
             close = close_ids(ref.repo_id, self.ids())
             guess = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -264,7 +308,8 @@ class Store:
     # --- reading ------------------------------------------------------------------------------------
 
     def exists(self, repo_id: str) -> bool:
-        return (self.repo_path(parse_id(repo_id, allow_revision=False)) / ".git").is_dir()
+        """Whether ``repo_id`` (any spelling of its case) is stored."""
+        return bool(self._spellings(parse_id(repo_id, allow_revision=False)))
 
     def tags(self, ref: RepoRef) -> dict[str, str]:
         """Tag name -> commit sha."""
@@ -287,7 +332,7 @@ class Store:
         Raises:
             InvalidIdError, RepositoryNotFoundError, RevisionNotFoundError.
         """
-        ref = parse_id(repo_id)
+        ref = self.canonical(parse_id(repo_id))
         path = self._require(ref)
         rev = ref.revision
         candidates = [f"refs/heads/{BRANCH}"] if rev is None else [f"refs/tags/{rev}", f"refs/heads/{rev}"]
@@ -314,7 +359,7 @@ class Store:
 
     def log(self, repo_id: str) -> list[dict]:
         """Commits on ``main``, newest first: ``sha``, ``tags``, ``message``, ``date``, ``author``."""
-        ref = parse_id(repo_id, allow_revision=False)
+        ref = self.canonical(parse_id(repo_id, allow_revision=False))
         path = self._require(ref)
         if self._rev(path, f"refs/heads/{BRANCH}") is None:
             return []
@@ -628,7 +673,14 @@ class Store:
             _pause("validate")
             with self.lock(ref):
                 _pause("lock")
-                new = not (self.repo_path(ref) / ".git").is_dir()
+                spellings = [f.repo_id for f in self._spellings(ref)]
+                new = not spellings
+                taken = [f for f in spellings if f != ref.repo_id]
+                if taken and ref.repo_id not in spellings:
+                    raise InvalidIdError(
+                        f"'{ref.repo_id}' is taken: the store holds '{taken[0]}', and ids that differ only in case "
+                        "are one repository on the Hugging Face Hub. Push to "
+                        f"'{taken[0]}' for a new version of it, or pick another name.", value=ref.repo_id)
                 path = self._init(ref)
                 clear_stale_git_locks(path)  # we hold the lock: git lock files here are a dead writer's
                 parent = self._rev(path, f"refs/heads/{BRANCH}")
@@ -654,7 +706,11 @@ class Store:
                     if parent is None:
                         return None
                     p = self._git(path, "cat-file", "blob", f"{parent}:README.md", check=False)
-                    return p.stdout if p.returncode == 0 else None
+                    if p.returncode == 0:
+                        return p.stdout
+                    if b"does not exist" in p.stderr:  # that version had no card
+                        return None
+                    raise StoreError(git_failure("cat-file", path, p.stderr.decode(errors="replace")))
 
                 if not (keep_card and (staging / "README.md").exists()):
                     write_card(staging, adapter, previous, ref.repo_id)
@@ -687,7 +743,7 @@ class Store:
                                   detached=True)
                     if p.returncode != 0:
                         raise StoreError(f"Could not record the push in {path}: "
-                                         f"{p.stderr.decode(errors='replace').strip()}. Nothing was changed.")
+                                         f"{_one_line(p.stderr.decode(errors='replace'))}. Nothing was changed.")
                     result = PushResult(ref.repo_id, sha, tag, parent, skipped)
                     if on_commit is not None:
                         on_commit(result)
@@ -752,6 +808,47 @@ def close_ids(wanted: str, ids: list[str], *, n: int = 3, cutoff: float = 0.7) -
         if score >= cutoff:
             scored.append((-score, i))
     return tuple(i for _, i in sorted(scored)[:n])
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """git's stderr as one line (its hints span several), shortened to ``limit`` characters."""
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip()).rstrip(".")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def git_failure(command: str, repo: Path, stderr: str) -> str:
+    """The message for a git command that failed in ``repo``: what git said, on one line, and what to check."""
+    return (f"git {command} failed in {repo}: {_one_line(stderr) or 'no message'}. Check that you can read the "
+            f"store (ls -l {repo}) and that the repository is sound (git -C {repo} fsck).")
+
+
+def _ownership_message(repo: Path, root: Path) -> str:
+    """git refuses a repository that another user owns (since 2.35.2, "dubious ownership"): say whose it is and
+    the three ways out, instead of git's three lines (and never an empty answer)."""
+    import pwd
+
+    def name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+
+    def user(uid: int) -> str:
+        return f"{name(uid)} (uid {uid})" if name(uid) != str(uid) else f"uid {uid}"
+
+    me = os.geteuid()
+    owner = None
+    for p in (repo, repo / ".git"):
+        with contextlib.suppress(OSError):
+            if p.stat().st_uid != me:
+                owner = p.stat().st_uid
+                break
+    whose = f"is owned by {user(owner)}, not by you ({name(me)})" if owner is not None else \
+        "is owned by another user (git says so of it or of a folder above it)"
+    return (f"The store's repository {repo} {whose}, and git refuses to read another user's repository "
+            f"(\"dubious ownership\"). Run hub as its owner, take the store over with 'chown -R "
+            f"{name(me)} {root}', or trust this repository with "
+            f"'git config --global --add safe.directory {repo}'.")
 
 
 def check_reserved(repo_id: str, tag: str, *, force: bool) -> None:

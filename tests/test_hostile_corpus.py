@@ -325,6 +325,28 @@ def _manifest(**changes) -> Callable[[Path, Path], None]:
     return change
 
 
+def foreign_store(tmp: Path, mp) -> Path:
+    """A store of three versions of alice/math that another user owns: git refuses it ("dubious ownership").
+    As root the store is really given to ``nobody``; otherwise git's own switch for that check makes it see
+    another owner (``GIT_TEST_ASSUME_DIFFERENT_OWNER``, the hook git's test suite uses)."""
+    root = tmp / "foreign"
+    for seed in range(3):
+        hub.push(folder(tmp, f"v{seed}", seed=seed), "alice/math", root=root)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "nobody", str(root)], check=True)
+    else:
+        mp.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    mp.setenv("ADAPTER_HUB_HOME", str(root))
+    return root
+
+
+def _foreign(*argv: str):
+    def case(tmp, mp):
+        foreign_store(tmp, mp)
+        return [a.replace("{tmp}", str(tmp)) for a in argv]
+    return case
+
+
 CASES: dict[str, tuple[Callable, int]] = {
     # a push never follows links, never blocks on a pipe
     "card link to a secret": (_linked("README.md"), 1),
@@ -430,6 +452,9 @@ CASES: dict[str, tuple[Callable, int]] = {
     "tag HEAD": (lambda t, mp: ["tag", "alice/math@v1", "HEAD"], 1),
     "tag a sha": (lambda t, mp: ["tag", "alice/math@v1", "a" * 40], 1),
     "tag traversal": (lambda t, mp: ["tag", "alice/math@v1", "../x"], 1),
+    # ids differing only in case are one repository (the Hub ignores case): a second spelling is not created
+    "id differs only in case": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "Alice/MATH"], 1),
+    "namespace differs only in case": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "ALICE/math"], 1),
     "push tag main": (lambda t, mp: ["push", str(folder(t, "src", seed=5)), "alice/math", "--tag", "main"], 1),
     # pulls
     "pull into a foreign folder": (_pull_to_foreign, 1),
@@ -455,6 +480,12 @@ CASES: dict[str, tuple[Callable, int]] = {
     "existing folder name with a newline": (_newline_folder, 1),
     "expression name with a newline": (_compose("alice/math + `x\nError: forged`"), 1),
     "expression id with a newline": (_compose("`alice/no\nError: forged`"), 1),
+    # a store git refuses (another user's): an error that says what to do, never an empty success
+    "foreign store: log": (_foreign("log", "alice/math"), 1),
+    "foreign store: list": (_foreign("list"), 1),
+    "foreign store: show": (_foreign("show", "alice/math"), 1),
+    "foreign store: pull": (_foreign("pull", "alice/math@v1", "--to", "{tmp}/out"), 1),
+    "foreign store: tag": (_foreign("tag", "alice/math@v1", "stable"), 1),
     # usage
     "unknown flag": (lambda t, mp: ["push", "--frobnicate"], 2),
 }
@@ -509,6 +540,51 @@ def test_hostile_names_are_escaped_when_left_out(served, tmp_path, monkeypatch, 
     assert not any(line.startswith("Error: forged") for line in err.splitlines())
 
 
+def _tree(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``root`` (mode, owner, bytes): what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_uid, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("argv", [["log", "alice/math"], ["list"], ["show", "alice/math"], ["diff", "alice/math@v1",
+                                  "alice/math@v3"], ["pull", "alice/math@v2"], ["tag", "alice/math@v1", "stable"],
+                                  ["push", "{src}", "alice/math"], ["compose", "-o", "bob/mix", "alice/math"]])
+def test_a_store_owned_by_another_user_is_an_error_not_an_empty_answer(tmp_path, monkeypatch, capsys, argv):
+    """`hub log` on a store owned by another user printed nothing and exited 0, hiding 7 versions: git refused
+    the repository ("dubious ownership") and its failing `rev-parse` was read as "no commits". Every command
+    now says so on one line, with the ways out, and leaves the store as it was."""
+    root = foreign_store(tmp_path, monkeypatch)
+    src = folder(tmp_path, "new", seed=9)
+    before = _tree(root)
+    code, out, err = _run([a.replace("{src}", str(src)) for a in argv], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and out == "", (code, out, err)
+    assert lines[0].startswith("Error: ") and "Traceback" not in err, err
+    # one line; an expression error adds the expression and a caret under the name
+    assert len(lines) == 1 or (argv[0] == "compose" and len(lines) <= 4), err
+    assert sum(line.startswith("Error: ") for line in lines) == 1
+    assert "dubious ownership" in err and "safe.directory" in err and str(root / "models/alice/math") in err
+    if os.geteuid() == 0:
+        assert "owned by nobody" in err
+    assert _tree(root) == before
+    # and once trusted (the way the message names), the same store answers in full
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    git(tmp_path, "config", "--global", "--add", "safe.directory", str(root / "models/alice/math"))
+    monkeypatch.delenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", raising=False)
+    assert [e["tags"] for e in hub.log("alice/math", root=root)] == [["v3"], ["v2"], ["v1"]]
+
+
+def test_hub_serve_refuses_a_store_it_cannot_read(tmp_path, monkeypatch, capsys):
+    """olah reads the repositories with git too: a store git refuses would be served as "repository not found".
+    `hub serve` refuses to start instead, with the reason."""
+    root = foreign_store(tmp_path, monkeypatch)
+    before = _tree(root)
+    code, out, err = _run(["serve", "--port", str(free_port())], capsys)
+    assert code == 1 and out == "" and err.startswith("Error: ") and "safe.directory" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert _tree(root) == before
+
+
 @pytest.mark.parametrize("path, method", [
     ("/api/models/../../../../etc/passwd", "GET"),
     ("/api/models/alice/math/resolve/v1/..%2f..%2f..%2fetc%2fpasswd", "GET"),
@@ -551,6 +627,66 @@ def test_pull_remote_hf_from_hub_serve_through_its_gateway(served, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+def test_ids_differing_only_in_case_name_one_repository(served, tmp_path, monkeypatch, capsys):
+    """`Alice/X` and `alice/x` were two repositories (and olah served both) where the Hub has one: a push of a second
+    spelling is refused naming the stored one (a corpus case above), and every lookup, local or through `hub serve`,
+    finds the stored spelling."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    root, base = served
+    monkeypatch.setenv("ADAPTER_HUB_HOME", str(root))
+    store = hub.Store(root)
+    want = store.resolve("alice/math@v1")
+    for spelling in ("Alice/Math", "ALICE/MATH", "alice/MATH"):
+        got = store.resolve(f"{spelling}@v1")
+        assert got.pinned == want.pinned  # pinned under the stored spelling
+        assert [e["sha"] for e in store.log(spelling)] == [e["sha"] for e in store.log("alice/math")]
+        assert store.exists(spelling)
+    code, out, err = _run(["pull", "Alice/Math@v1", "--to", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert files(tmp_path / "out") == files(store.snapshot(want))
+    code, out, err = _run(["push", str(folder(tmp_path, "src", seed=5)), "Alice/Math"], capsys)
+    assert code == 1 and "'alice/math'" in err and "case" in err, err
+
+    # through the server, as on the Hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    api = HfApi(endpoint=base, token=False)
+    assert api.model_info("ALICE/Math", revision="v1").sha == want.sha
+    kw = dict(endpoint=base, cache_dir=str(tmp_path / "hf"), token=False, revision="v1")
+    assert Path(hf_hub_download("Alice/MATH", "README.md", **kw)).read_bytes() == store.read(want, "README.md")
+
+    # `--remote hf` pulls of two spellings record one repository
+    before = state(root)
+    cenv = dict(ADAPTER_HUB_HOME=str(tmp_path / "client"), HF_HOME=str(tmp_path / "client-hf"), HF_ENDPOINT=base,
+                HF_HUB_OFFLINE="0", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+                HF_HUB_DISABLE_PROGRESS_BARS="1")
+    for spelling in ("Alice/Math@v1", "alice/math@v2"):
+        p = hub_cmd("pull", "--remote", "hf", spelling, **cenv)
+        assert p.returncode == 0, p.stderr
+    client = hub.Store(tmp_path / "client")
+    assert [r["id"] for r in client.list()] == ["alice/math"]  # the server's spelling
+    assert len(client.log("alice/math")) == 2
+    assert state(root) == before
+
+
+def test_a_store_holding_two_spellings_finds_each_and_refuses_a_third(tmp_path):
+    """A store made before the rule may hold `bob/x` and `Bob/X`: each exact spelling is its own repository still,
+    and a third spelling, which could mean either, is one error naming both."""
+    import shutil
+
+    root = tmp_path / "store"
+    hub.push(folder(tmp_path, "a", seed=0), "bob/x", root=root)
+    hub.push(folder(tmp_path, "b", seed=1), "zed/y", root=root)
+    (root / "models" / "Bob").mkdir()
+    shutil.copytree(root / "models" / "zed" / "y", root / "models" / "Bob" / "X")
+    store = hub.Store(root)
+    assert store.resolve("bob/x").sha != store.resolve("Bob/X").sha
+    assert store.resolve("Bob/X").sha == store.resolve("zed/y").sha
+    with pytest.raises(hub.InvalidIdError, match="'Bob/X', 'bob/x'|'bob/x', 'Bob/X'"):
+        store.resolve("BOB/x")
 
 
 def test_hub_serve_answers_clients_as_the_hub_would(served, tmp_path, monkeypatch):
@@ -616,3 +752,163 @@ def test_deeply_nested_examples_are_one_error(tmp_path, line):
     with pytest.raises(composer.ComposerError) as e:
         parse_jsonl('{"prompt": "a", "completion": "b"}\n' + line, name="data.jsonl")
     assert "data.jsonl:2" in str(e.value)
+
+
+def test_a_lora_with_enormous_factors_is_refused_not_an_empty_reply(tmp_path):
+    """A LoRA whose B (or scaling) is enormous but finite is stored (every value is finite) and gave an empty or
+    garbled reply with no message. The engine refuses it when it builds the mix, naming the layer and the ratio
+    ‖s·B·A‖/‖W‖, just above the bound; just below it the mix still runs."""
+    from dataclasses import replace
+
+    from app.engine import Engine
+    from app.engine.bounds import MAX_SCALE, lora_ratio
+    from app.errors import MixError
+    from tests.test_app_tiny import tiny_chat_model
+
+    model, tok = tiny_chat_model()
+    a = composer.load(peft_lora(tmp_path / "lora", seed=3, scale=0.05, model=tiny_chat_model()[0]))
+    linears = dict(model.named_modules())
+    worst = max(lora_ratio(a.lora_a[m], a.lora_b[m], a.scaling[m], linears[m].weight) for m in a.lora_a)
+    assert 0 < worst < 10
+    engine = Engine(model, tok)
+    msg = [{"role": "user", "content": "hi"}]
+    for k in (2 * MAX_SCALE / worst, 1e30):
+        big = replace(a, lora_b={m: v * k for m, v in a.lora_b.items()})
+        with pytest.raises(MixError, match="times its own weight") as e:
+            engine.generate([{"messages": msg, "mix": big}], max_new_tokens=4)
+        assert e.value.module in a.lora_a
+    with pytest.raises(MixError, match="times its own weight"):  # the scaling, not the factors
+        engine.generate([{"messages": msg, "mix": replace(a, scaling={m: 1e12 for m in a.scaling})}],
+                        max_new_tokens=4)
+    # the same refusal for a LoRA read from the store
+    src = peft_lora(tmp_path / "huge", seed=3, model=tiny_chat_model()[0])
+    from safetensors.torch import load_file
+    path = src / "adapter_model.safetensors"
+    save_file({k: v * 1e15 if "lora_B" in k else v for k, v in load_file(str(path)).items()}, path)
+    hub.push(src, "alice/huge")
+    with pytest.raises(MixError, match="times its own weight"):
+        engine.generate([{"messages": msg, "mix": hub.load("alice/huge")}], max_new_tokens=4)
+    half = replace(a, lora_b={m: v * (MAX_SCALE / worst / 2) for m, v in a.lora_b.items()})
+    assert len(engine.generate([{"messages": msg, "mix": half}], max_new_tokens=4)) == 1  # served, not refused
+    assert engine.generate([{"messages": msg, "mix": a}], max_new_tokens=4) != [""]
+
+
+def test_shipped_loras_are_far_inside_the_bound(smol_home):
+    """The bound leaves trained LoRAs a wide margin: the shipped ones change a SmolLM2 layer by at most a few
+    hundredths of its weight (measured 0.059 and 0.048), at least a thousand times inside MAX_SCALE."""
+    from app.engine import load_base
+    from app.engine.bounds import MAX_SCALE, lora_ratio
+    from tests.test_hub_helpers import ROOT
+
+    os.environ["ADAPTER_HUB_HOME"] = str(smol_home)  # the per-test store root; conftest restores it
+    model, _ = load_base()
+    linears = dict(model.named_modules())
+    for name in ("lora_signoff", "lora_json"):
+        a = composer.load(ROOT / "adapters" / name)
+        worst = max(lora_ratio(a.lora_a[m], a.lora_b[m], a.scaling[m], linears[m].weight) for m in a.lora_a)
+        assert 0 < worst * 1000 < MAX_SCALE, (name, worst)
+
+
+def test_a_short_reply_is_not_held_behind_a_message_at_the_context_length(tmp_path):
+    """One message of 195,000 characters (cut to the model's context) held every other session's short reply until
+    its whole prompt was prefilled, in one forward pass of the worker that serves everyone (over a minute on one CPU
+    thread, and gigabytes of attention scores). Now a long prompt is prefilled a chunk per decode step: here the big
+    message arrives first and the worker is taking it when a short one comes in from another session, and the short
+    reply is complete, and has left the batch, before the big message's first token (the batch records each join's
+    size: the short one joined alone, and the big one joined after it had left)."""
+    from gradio_client import Client
+
+    from app.batcher import fit_messages
+    from app.engine import Engine
+    from app.ui import MAX_SLOTS
+    from app.ui.page import reply_text
+    from tests.test_app_tiny import CONTEXT, Served
+
+    s = Served(tmp_path / "store", prefill_chunk=24)
+    try:
+        def args(message, n):
+            return (message, [], [], "task_arithmetic", 0.5, 0.5, n, 0.0, *([1.0] * MAX_SLOTS))
+
+        big_client, small_client = Client(s.url, verbose=False), Client(s.url, verbose=False)
+        with s.batcher.engine.exclusive():
+            big = big_client.submit(*args("x" * 195_000, 4), api_name="/chat")
+            while s.batcher.admitted < 1:  # the worker took the big one and waits for the engine
+                time.sleep(0.01)
+            small = small_client.submit(*args("hi", 4), api_name="/chat")
+            while s.batcher.waiting < 1:  # the short one waits behind it
+                time.sleep(0.01)
+        small_out, big_out = small.result(timeout=300), big.result(timeout=300)
+        assert s.batcher.batches == [1, 1]  # the big one joined when the short one had left: it was not held
+        assert s.batcher.running.stats["prefill_passes"] >= (CONTEXT - 4) // 24  # prefilled in chunks
+        assert reply_text(small_out[0][-1]["content"]) == s.alone("", "hi", max_new_tokens=4)
+        assert "kept the first" in big_out[2]  # the note: the message was cut to the context
+        cut, _ = fit_messages(s.tok, [{"role": "user", "content": "x" * 195_000}], CONTEXT - 4)
+        solo = Engine(s.model, s.tok).generate([{"messages": cut, "mix": None}], max_new_tokens=4)[0]
+        # prefilled in chunks, answered as in one pass
+        assert reply_text(big_out[0][-1]["content"]).strip() == solo.strip()
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------- promises of README's Security section, checked
+
+def test_every_limit_is_the_readme_table_and_each_error_names_its_variable(monkeypatch):
+    """The Limits table lists every limit with its default, and every limit's error names the variable that
+    raises it; setting the variable raises the bound."""
+    import re
+
+    from composer import limits
+    from tests.test_hub_helpers import ROOT
+
+    section = (ROOT / "README.md").read_text().split("## Security", 1)[1].split("\n## ", 1)[0]
+    table = dict(re.findall(r"^\| `(ADAPTER_HUB_\w+)` \| (\d+)", section, re.M))
+    assert table == {lim.env: str(int(lim.default)) for lim in limits.LIMITS.values()}
+    for name, lim in limits.LIMITS.items():
+        monkeypatch.delenv(lim.env, raising=False)
+        with pytest.raises(composer.LimitExceededError, match=lim.env):
+            limits.check(name, lim.default * 2)
+        monkeypatch.setenv(lim.env, str(int(lim.default * 4)))
+        limits.check(name, lim.default * 2)
+
+
+def test_a_name_that_is_a_folder_and_a_store_id_is_refused_in_init(tmp_path, monkeypatch):
+    """`hub train --init alice/math` with a folder alice/math here and alice/math in the store (in any case) picks
+    neither: one error saying how to name each; './alice/math' is the folder."""
+    from app.train import default_resolve
+
+    hub.push(folder(tmp_path, "stored", seed=1), "alice/math")
+    monkeypatch.chdir(tmp_path)
+    folder(tmp_path, "alice/math", seed=2)
+    folder(tmp_path, "Alice/Math", seed=3)
+    for name in ("alice/math", "Alice/Math"):
+        with pytest.raises(LookupError, match=f"'{name}' is both a folder here and an adapter in the store"):
+            default_resolve(name)
+    assert default_resolve("./alice/math").source.startswith(str(tmp_path / "alice" / "math"))
+    assert default_resolve("alice/math@v1").source == hub.resolve("alice/math@v1").pinned
+
+
+def test_heat_map_and_overlap_labels_are_text():
+    from app.ui.mixer import heatmap_html, overlap_html
+
+    names = ["<img src=x onerror=alert(1)>", "a/b'><script>alert(1)</script>"]
+    pair = {"shared": 3, "overlap": 0.5}
+    for out in (heatmap_html(names, [[1.0, 0.5], [0.5, 1.0]]), overlap_html(names, [[0.25, pair], [pair, 0.5]])):
+        assert "<img" not in out and "<script" not in out and "&lt;img" in out
+
+
+def test_app_errors_and_toasts_are_html_escaped(tmp_path):
+    """An adapter name with markup sent to the chat through the API comes back in the error as text."""
+    from gradio_client import Client
+
+    from app.ui import MAX_SLOTS
+    from tests.test_app_tiny import Served
+
+    s = Served(tmp_path / "store")
+    try:
+        client = Client(s.url, verbose=False)
+        with pytest.raises(Exception) as e:
+            client.predict("hi", [], ["<img src=x onerror=alert(1)>"], "task_arithmetic", 0.5, 0.5, 4, 0.0,
+                           *([1.0] * MAX_SLOTS), api_name="/chat")
+        assert "&lt;img" in str(e.value) and "<img" not in str(e.value)
+    finally:
+        s.close()

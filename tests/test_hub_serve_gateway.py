@@ -43,7 +43,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path, sig):
+    """SIGTERM stops `hub serve` and its olah child; SIGKILL, which `hub serve` cannot catch, too: the child dies
+    with its parent (PR_SET_PDEATHSIG)."""
     root = tmp_path / "server"
     sha = hub.push(folder(tmp_path, "a"), "alice/math", root=root).sha
     port = free_port()
@@ -71,8 +74,8 @@ def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path):
         assert e.value.code == 405
         children = _children(proc.pid)
         assert children, "olah child not found"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
         deadline = time.monotonic() + 15
         while any(_alive(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -26,6 +26,7 @@ from torch import nn
 from composer import LoraAdapter
 
 from ..errors import MixError
+from .bounds import MAX_SCALE, lora_ratio
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (Aᵀ: in × r, (s·B)ᵀ: r × out), float32
 
@@ -34,8 +35,9 @@ def adapter_factors(adapter: LoraAdapter, linears: dict[str, nn.Linear]) -> Fact
     """Check ``adapter`` against the model's layers and return its per-layer ``(Aᵀ, (s·B)ᵀ)``.
 
     Raises:
-        MixError: a module is missing or has another shape, or the LoRA is not a plain ``ΔW = s·B·A`` (DoRA,
-            LoRA bias ...), which the engine does not run per row.
+        MixError: a module is missing or has another shape, the LoRA is not a plain ``ΔW = s·B·A`` (DoRA,
+            LoRA bias ...), which the engine does not run per row, or it changes a layer by more than
+            :data:`~app.engine.bounds.MAX_SCALE` times the layer's weight.
     """
     from composer import IncompatibleAdaptersError, check_fits
 
@@ -47,6 +49,13 @@ def adapter_factors(adapter: LoraAdapter, linears: dict[str, nn.Linear]) -> Fact
         check_fits(adapter, None, modules=linears)
     except IncompatibleAdaptersError as e:
         raise MixError(str(e), module=e.tensor.rsplit(".", 1)[0] if e.tensor else None) from e
+    ratio, worst = max((lora_ratio(adapter.lora_a[m], adapter.lora_b[m], adapter.scaling[m], linears[m].weight), m)
+                       for m in adapter.lora_a) if adapter.lora_a else (0.0, None)
+    if not ratio <= MAX_SCALE:
+        raise MixError(f"The mix changes layer '{worst}' by {ratio:.3g} times its own weight (LoRA ‖s·B·A‖/‖W‖; above "
+                       f"{MAX_SCALE:g} the model's activations overflow and the reply comes out empty or garbled). "
+                       "Lower the weights, or check the adapter: trained LoRAs change a layer by well under 1.",
+                       module=worst)
     return {m: (adapter.lora_a[m].float().t().contiguous(),
                 (adapter.lora_b[m].float() * adapter.scaling[m]).t().contiguous()) for m in adapter.lora_a}
 

@@ -34,6 +34,7 @@ from composer.road_math import columns
 
 from ..errors import MixError
 from . import kernel
+from .bounds import MAX_SCALE
 from .lora import distinct_rows, row_update
 
 Tables = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -109,10 +110,6 @@ def adapter_tables(adapter: Any, linears: dict[str, nn.Linear]) -> Tables:
                        "the adapter: trained scales stay near 1.")
     return {name: signed_tables(adapter.variant, adapter.group_size, adapter.theta[name], adapter.alpha[name])
             for name in adapter.theta}
-
-
-MAX_SCALE = 1e4
-"""The largest output scale (|α|) the engine serves; trained and composed adapters stay within a few units."""
 
 
 def scale_only(cs: tuple[torch.Tensor, torch.Tensor]) -> bool:
