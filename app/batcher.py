@@ -6,14 +6,20 @@ Gradio's own batching does not take streaming functions, so the app queues its r
     ───────────────                          ──────────────────────────────────────────────────
     batcher.submit(messages, mix) ──┐        loop:
     batcher.submit(messages, mix) ──┼──► waiting queue ─► admit jobs while the batch has room (max_batch)
-    batcher.submit_many(rows)     ──┘   (at most          ─► prefill them, first token  (RunningBatch.join)
-          ▲                              max_queue rows;  ─► one decode step for every running row
-          │                              past it: BusyError)   finished or cancelled rows leave at once
+    batcher.submit_many(rows)     ──┘   (at most          ─► prefill passes: first tokens  (RunningBatch.admit,
+          ▲                              max_queue rows;       from cached prefixes, in chunks   .prefill)
+          │                              past it: BusyError)─► one decode step for every running row
+          │                                                    finished or cancelled rows leave at once
           └──── per-request queue ◄── each row's text after every step (a session only reads its own rows)
 
-A job (one ``submit`` or one ``submit_many`` group) joins the batch as a whole, so a compare request (base,
-each adapter, the mix) is prefilled together. Every row keeps its own sampling settings and seeded generator,
-so jobs with different temperatures share the batch and a row's answer never depends on its batch mates.
+A job (one ``submit`` or one ``submit_many`` group) is admitted as a whole and its rows are prefilled together
+when they fit one pass (a compare request: base, each adapter, the mix); its texts go out once every row has
+its first token. A prompt starts from the longest prefix already prefilled under its mix (the chat template's
+system prompt, an earlier turn of the conversation), and prompts go in passes of at most ``prefill_chunk``
+token slots between decode steps, so a long prompt does not stall the running rows for its whole length;
+newcomers that arrive during a pass get a pass of their own before the step while that budget lasts.
+Every row keeps its own sampling settings and seeded generator, so jobs with different temperatures share the
+batch and a row's answer never depends on its batch mates.
 Closing a stream (a closed tab, a stop button) cancels its rows before the next step.
 
 ``scheduler="gather"`` keeps the earlier path for comparison (``bench/serve_load.py``): gather jobs with the
@@ -37,7 +43,7 @@ from typing import Any
 from composer import limits
 
 from .engine import Engine, Request
-from .engine.continuous import ConflictError, Row, RunningBatch
+from .engine.continuous import ConflictError, PrefillError, Row, RunningBatch
 from .engine.sampling import check_sampling
 from .errors import BusyError, RequestError
 
@@ -146,6 +152,10 @@ class Batcher:
             (gather for ``wait_ms``, then run the batch to its end; kept for comparison).
         max_queue: at most this many rows wait for a place; past it :meth:`submit_many` raises
             :class:`~app.errors.BusyError` ("busy, try again").
+        prefix_cache: ``continuous`` only: start each prompt from the longest prefix already prefilled under its
+            mix (:mod:`app.engine.prefix_cache`; exact, the keys and values were computed under that mix).
+        prefill_chunk: ``continuous`` only: token slots one prefill pass computes at most (a long prompt goes in
+            chunks between decode steps); ``None``: every waiting prompt whole in one pass.
 
     Attributes:
         batches: ``continuous``: rows running right after each admission; ``gather``: rows per batch run
@@ -155,7 +165,8 @@ class Batcher:
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, wait_ms: float = 15.0,
-                 context: int | None = None, scheduler: str = "continuous", max_queue: int = 64) -> None:
+                 context: int | None = None, scheduler: str = "continuous", max_queue: int = 64,
+                 prefix_cache: bool = True, prefill_chunk: int | None = RunningBatch.PREFILL_CHUNK) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
         if max_queue < 1:
@@ -167,6 +178,9 @@ class Batcher:
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.wait = float(wait_ms) / 1000.0
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}.")
+        self._running_options = dict(prefix_cache=bool(prefix_cache), prefill_chunk=prefill_chunk)
         cfg = getattr(engine.model, "config", None)
         self.context = int(context or getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.batches: list[int] = []
@@ -290,21 +304,15 @@ class Batcher:
 
     # ------------------------------------------------------------------------------- continuous worker
     def _loop_continuous(self) -> None:
-        running = self.running = RunningBatch(self.engine)
+        running = self.running = RunningBatch(self.engine, **self._running_options)
         jobs: list[_Job] = []  # jobs with rows in the running batch
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not running.rows:
+                while not self._closed and not self._waiting and not running.rows and not running.pending:
                     self._cv.wait()
                 if self._closed:
                     break
-                admit, n = [], len(running.rows)
-                while self._waiting:
-                    k = len(self._waiting[0].requests)
-                    if n and n + k > self.max_batch:
-                        break
-                    admit.append(self._take())
-                    n += k
+                admit = self._take_room(running)
             try:
                 jobs = self._iteration(running, jobs, admit)
             except Exception as e:  # noqa: BLE001 - the worker must survive: fail the rows in flight, go on
@@ -312,65 +320,84 @@ class Batcher:
                     if not job.closed:
                         job.closed = True
                         job.out.put(e)
-                running = self.running = RunningBatch(self.engine)
+                running = self.running = RunningBatch(self.engine, **self._running_options)
                 jobs = []
         self._shut(jobs)
 
+    def _take_room(self, running: RunningBatch) -> list[_Job]:
+        """Waiting jobs, oldest first, while the batch has room for their rows (call with ``_cv`` held)."""
+        admit, n = [], len(running.rows) + len(running.pending)
+        while self._waiting:
+            k = len(self._waiting[0].requests)
+            if n and n + k > self.max_batch:
+                break
+            admit.append(self._take())
+            n += k
+        return admit
+
     def _iteration(self, running: RunningBatch, jobs: list[_Job], admit: list[_Job]) -> list[_Job]:
-        """Cancelled rows leave, admitted jobs join, one step for all; returns the jobs still running."""
+        """Cancelled rows leave, admitted jobs queue for their prefill, prefill passes, one step for all; returns
+        the jobs still running or waiting for their prefill.
+
+        Jobs that arrive during a prefill pass get one of their own before the step while the prefill budget
+        between two steps lasts (:meth:`RunningBatch.can_prefill`): their first token need not wait for a step.
+        They are added to ``admit``, so that the worker fails them too if the iteration fails.
+        """
         for job in [j for j in jobs if j.cancelled.is_set()]:
             running.leave(job.rows)
             self.cancelled += sum(r.finish == "cancelled" for r in job.rows)
             self._finish(job)
         jobs = [j for j in jobs if not j.closed]
         if admit:
-            joined = self._join(running, admit)
-            for job in joined:  # the first token goes out before the next step
-                self._emit(job)
-            jobs += [j for j in joined if not j.closed]
+            jobs += self._admit(running, admit)
+        while running.pending and running.can_prefill():
+            try:
+                joined = running.prefill()
+            except PrefillError as e:  # that pass's rows fail; the running rows go on
+                for job in {id(r.owner): r.owner for r in e.rows}.values():
+                    running.leave(job.rows)
+                    job.closed = True
+                    job.out.put(e.__cause__ or e)
+                joined = []
+            if joined:
+                self.batches = (self.batches + [len(running.rows)])[-1000:]
+            for job in {id(r.owner): r.owner for r in joined}.values():  # first tokens go out before the step
+                if _started(job):
+                    self._emit(job)
+            with self._cv:
+                more = self._take_room(running)
+            if more:
+                admit.extend(more)
+                jobs += self._admit(running, more)
+            jobs = [j for j in jobs if not j.closed]
         if running.rows:
             running.step()
         for job in jobs:
-            self._emit(job)
+            if _started(job):
+                self._emit(job)
         return [j for j in jobs if not j.closed]
 
-    def _join(self, running: RunningBatch, admit: list[_Job]) -> list[_Job]:
-        """Join the admitted jobs (together, or one by one to isolate a bad mix); returns the jobs that joined."""
+    def _admit(self, running: RunningBatch, admit: list[_Job]) -> list[_Job]:
+        """Queue each admitted job's rows for their prefill (a bad mix fails its own job; a job whose rows
+        conflict with running ones waits at the head of the queue); returns the jobs queued."""
         ok = []
         for job in admit:
             temperature, top_p, seed = job.sampling
             try:
                 job.rows = [Row(ids, r.mix, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
                                 owner=job) for ids, r, n in zip(job.ids, job.requests, job.limits)]
-                ok.append(job)
-            except Exception as e:  # noqa: BLE001 - a bad request fails alone
-                job.closed = True
-                job.out.put(e)
-        admit = ok
-        joined = []
-        groups = [admit] if len(admit) == 1 else [admit, *([j] for j in admit)]
-        for group in groups:
-            group = [j for j in group if not j.closed and j not in joined]
-            if not group:
-                continue
-            try:
-                running.join([r for j in group for r in j.rows])
-            except ConflictError:
-                if len(group) == 1:  # fine alone: wait at the head of the queue until the batch changes
-                    with self._cv:
-                        self._waiting.appendleft(group[0])
-                        self._waiting_rows += len(group[0].requests)
+                running.admit(job.rows)
+            except ConflictError:  # fine alone: wait at the head of the queue until the batch changes
+                with self._cv:
+                    self._waiting.appendleft(job)
+                    self._waiting_rows += len(job.requests)
                 continue
             except Exception as e:  # noqa: BLE001 - one bad mix must not take other sessions down
-                if len(group) == 1:
-                    group[0].closed = True
-                    group[0].out.put(e)
+                job.closed = True
+                job.out.put(e)
                 continue
-            joined += group
-            self.batches = (self.batches + [len(running.rows)])[-1000:]
-            if len(group) == len(admit):
-                break
-        return joined
+            ok.append(job)
+        return ok
 
     def _emit(self, job: _Job) -> None:
         tok = self.engine.tokenizer
@@ -479,6 +506,11 @@ class Batcher:
             steps.close()
         for b in open_jobs:
             batch[b].out.put(_DONE)
+
+
+def _started(job: _Job) -> bool:
+    """Every row of the job has its first token (or ended): its texts can go out."""
+    return all(r.tokens or r.done for r in job.rows)
 
 
 class _Single:

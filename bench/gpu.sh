@@ -104,7 +104,7 @@ if [ "$MODE" = gpu ]; then
   par=(); "$PY" -c 'import xdist' 2>/dev/null && par=(-n 8)
   ADAPTER_HUB_TEST_DEVICE=cuda step tests "$T_TESTS" "$OUT/tests.log" "$OUT/tests.log" \
     "$PY" -m pytest -q -rfE -p no:cacheprovider "${par[@]}" tests/test_engine.py tests/test_engine_lora.py \
-    tests/test_continuous.py tests/test_architectures.py || failed=1
+    tests/test_continuous.py tests/test_prefill.py tests/test_architectures.py || failed=1
   for shape in smollm2 llama3-8b; do
     limit=$T_SMOL; [ "$shape" = llama3-8b ] && limit=$T_LLAMA
     step "bench $shape" "$limit" "$OUT/bench-$shape.txt" "$OUT/bench-$shape.log" \

@@ -110,3 +110,56 @@ def test_shipped_anchored_adapters_load_in_peft_with_the_engines_logits(smol, na
     assert (got - want).abs().max() < 1e-3
     with torch.no_grad():
         assert (model(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter changes the logits
+
+
+@pytest.mark.parametrize("mix", ["road", "lora_json", "sent_movie", "road+sent_movie", "upper+lora_signoff"])
+def test_chat_rows_from_the_cached_system_prompt_and_in_chunks_get_their_tokens_alone(smol, mix):
+    """The real chat template: a second conversation of one mix starts from the first one's system prompt (its
+    keys and values cached under that mix) and is prefilled in chunks; tokens and every pass's logits are those of
+    the row prefilled whole and alone. A mix's cache never serves another mix with the same text."""
+    from pathlib import Path
+
+    from app.engine.continuous import Row, RunningBatch
+
+    _, model, tok = smol
+    shipped = Path(__file__).resolve().parents[1] / "adapters"
+    parts = {"road": road_for(model, 1)}
+    parts.update({n: composer.load(shipped / n) for n in ("lora_json", "lora_signoff", "sent_movie", "upper")})
+    rows_mix = [parts[n] for n in mix.split("+")]
+    engine = Engine(model, tok)
+
+    def ids(q):
+        out = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if not isinstance(out, list) else out)
+
+    def run(q, m, **options):
+        rb = RunningBatch(engine, **options)
+        row = Row(ids(q), m, max_new_tokens=12)
+        logits = []
+        handle = model.register_forward_hook(lambda _m, _a, o: logits.append(o.logits[:, -1].clone()))
+        try:
+            rb.join([row])
+            while rb.rows:
+                rb.step()
+        finally:
+            handle.remove()
+        return row.tokens, logits, rb.stats
+
+    first, second = ids("What is the capital of France?"), ids("Name three rivers in Europe.")
+    common = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)  # the system prompt and more
+    virtual = sum(p.shape[0] for p in rows_mix if isinstance(p, composer.PromptVector))
+    assert common > 20
+    try:
+        want = run("Name three rivers in Europe.", rows_mix, prefix_cache=False, prefill_chunk=None)
+        other = run("Name three rivers in Europe.", parts["road"] if mix != "road" else None, prefix_cache=False,
+                    prefill_chunk=None)
+        run("What is the capital of France?", rows_mix)  # caches this mix's system prompt
+        got = run("Name three rivers in Europe.", rows_mix, prefill_chunk=8)
+        assert got[2]["cached_columns"] == virtual + common and got[2]["prefill_passes"] > 1
+        assert got[0] == want[0]
+        torch.testing.assert_close(torch.cat(got[1][-len(want[1]):]), torch.cat(want[1]), atol=1e-4, rtol=0)
+        # The other mix asks the same text: nothing of this mix's cache serves it.
+        again = run("Name three rivers in Europe.", parts["road"] if mix != "road" else None)
+        assert again[2]["cached_columns"] == 0 and again[0] == other[0]
+    finally:
+        engine.close()

@@ -1,8 +1,9 @@
 """Tiny models and adapters built from a config (no network): the one tiny-model builder of the tests.
 
 ``ADAPTER_HUB_TEST_DEVICE=cuda`` builds the models on that device (default the CPU), so that the engine's tests
-(``tests/test_engine.py``, ``test_engine_lora.py``, ``test_continuous.py``, ``test_architectures.py``) run there
-as written: ``bench/gpu.sh`` does this on a GPU. Adapters stay on the CPU, as ``composer.load`` gives them.
+(``tests/test_engine.py``, ``test_engine_lora.py``, ``test_continuous.py``, ``test_prefill.py``,
+``test_architectures.py``) run there as written: ``bench/gpu.sh`` does this on a GPU. Adapters stay on the
+CPU, as ``composer.load`` gives them.
 """
 
 from __future__ import annotations

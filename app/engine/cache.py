@@ -15,6 +15,11 @@ Sliding-window layers are built as full ones: transformers' sliding layers keep 
 which no longer lines up with the batch's mask once rows of other lengths join (the model still masks by its
 window, so the answers are the same; the cost is memory). Other layer types (indexed sparse attention as in
 DeepSeek-V3.2, hybrid sliding layers) are refused by :func:`check` when the engine is made.
+
+A model whose every layer holds keys and values alone (:func:`sliceable`) can also start a row from the first
+columns of another row's keys and values (attention is causal: a prefix's keys and values do not depend on
+what follows), which the prefix cache and chunked prefill use; a convolution or recurrent state cannot be cut
+back to an earlier column, so those models prefill every prompt whole.
 """
 
 from __future__ import annotations
@@ -44,6 +49,21 @@ def new(config: Any) -> DynamicCache:
     """An empty cache for ``config``'s model, every sliding-window layer built as a full one."""
     cache = DynamicCache(config=config)
     cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    return cache
+
+
+def sliceable(config: Any) -> bool:
+    """Whether every cache layer of ``config``'s model (as :func:`new` builds it) holds keys and values alone, so
+    a row's first columns are a cache of their own."""
+    return all(type(layer) is DynamicLayer for layer in new(config).layers)
+
+
+def filled(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache for ``config``'s model holding ``kv`` (per layer keys and values ``(batch, heads, T, dim)``)."""
+    cache = new(config)
+    for layer, (k, v) in zip(cache.layers, kv, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
     return cache
 
 

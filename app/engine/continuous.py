@@ -7,6 +7,10 @@
         running.join([...])         # newcomers are prefilled and decode with the others from the next step
     running.leave([row])            # cancel: the row is gone before the next step
 
+    running.admit([...])            # what the batcher does instead of join: queue newcomers, then per iteration
+    running.prefill()               #   one prefill pass (a chunk's worth), the rows it completes join
+    running.step()                  #   and one decode step for every running row
+
 The shared KV cache holds one row per running request, right-aligned (every row appends at the end)::
 
     row 0   . . . . p p p p g g g g        p: prompt (and a prompt vector or prefix-tuning prefix)   g: generated
@@ -16,13 +20,19 @@ The shared KV cache holds one row per running request, right-aligned (every row 
 
 A newcomer is prefilled in its own forward pass (with the other newcomers of that step), then its keys and
 values are left-padded to the batch's width and stacked on the batch, or the batch is left-padded to the
-newcomer's. Positions count each row's real tokens only, so every row's logits are those it would get
-alone, up to float rounding. Each row keeps its own mix (its RoAd tables are gathered per batch membership,
+newcomer's. The prefill starts from the longest prefix of the prompt cached under the row's mix
+(:mod:`app.engine.prefix_cache`: the chat template's system prompt, an earlier turn of the conversation) and runs in
+passes of at most ``prefill_chunk`` token slots (:mod:`app.engine.prefill`), so a long prompt shares the time
+between decode steps with other newcomers instead of stalling the running rows for its whole length.
+Positions count each row's real tokens only, so every row's logits are those it would get alone, up to float
+rounding. Each row keeps its own mix (its RoAd tables are gathered per batch membership,
 not per step), its own temperature/top_p/max_new_tokens and its own seeded ``torch.Generator``
 (:func:`~app.engine.sampling.pick_rows`), so its tokens depend only on its own request.
 
 ``stats`` keeps wall seconds per phase (``prefill``, ``decode`` forward passes, ``sample`` and ``bookkeeping``:
-joining, leaving and table gathers) for ``bench/serve_load.py``.
+joining, leaving and table gathers) and prefill counts (``prefill_passes``, ``prefill_slots`` = rows × columns
+computed, ``prefill_columns`` real ones, ``prompt_columns`` of the prompts joined, ``cached_columns`` of them
+served from the prefix cache) for ``bench/serve_load.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ import torch.nn.functional as F
 from ..errors import MixError, RequestError
 from . import bottleneck, lora, road
 from . import cache as kv_cache
+from .prefill import Pending, compact, row_kv
+from .prefill import inputs as prefill_inputs
+from .prefill import plan as prefill_plan
+from .prefix_cache import mix_parts
 from .sampling import check_sampling, generator, pick_rows
 
 if TYPE_CHECKING:
@@ -48,6 +62,15 @@ if TYPE_CHECKING:
 class ConflictError(MixError):
     """Rows that are fine alone but cannot share the running batch (they adapt a layer with another group size
     than a running row): join them once those rows have left."""
+
+
+class PrefillError(RuntimeError):
+    """A prefill pass failed (its cause is the model's error): its ``rows`` left the pending queue, the running
+    rows are untouched."""
+
+    def __init__(self, message: str, rows: list[Row]) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 @dataclass(eq=False)
@@ -106,11 +129,32 @@ class RunningBatch:
     waits for a fold (30 ms with every projection of SmolLM2 adapted), and only replies long enough to win it
     back pay for it (folding saves about 2% of a step)."""
 
-    def __init__(self, engine: Engine) -> None:
+    PREFILL_CHUNK = 512
+    """Token slots (rows × columns) of prefill that running rows wait for between two decode steps, by default: a
+    long prompt is prefilled in chunks between decode steps (SmolLM2-135M on 2 idle CPU threads: about 0.8 s at
+    most), while a burst of chat prompts (about 50 tokens each) still goes in few passes."""
+
+    SHORT_PART = 4
+    """A prompt with at most ``prefill_chunk // SHORT_PART`` columns to go is prefilled whole in the next pass, even
+    past the budget (a chat turn of a burst need not wait for the long prompts' chunks and the steps between)."""
+
+    def __init__(self, engine: Engine, *, prefix_cache: bool = True, prefill_chunk: int | None = PREFILL_CHUNK
+                 ) -> None:
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}.")
         self.engine = engine
         self.rows: list[Row] = []
         self.stats: Counter = Counter()
         self._eos_set = frozenset(engine.eos_token_ids)
+        # Prefixes and chunks start a row from the first columns of a cache: models with a convolution or
+        # recurrent state (LFM2, Qwen3-Next) cannot, and prefill every prompt whole.
+        self._sliceable = kv_cache.sliceable(engine.model.config)
+        self.prefix = engine.prefix_cache if prefix_cache and self._sliceable else None
+        self.prefill_chunk = prefill_chunk
+        self._pending: list[Pending] = []
+        self._seq = 0
+        self._since_step = 0  # prefill slots computed since the last decode step while rows waited for them
+        self._passes_since_step = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -124,6 +168,7 @@ class RunningBatch:
         self._row_tables: list[road.Tables | None] = []
         self._row_lora: list[lora.Factors | None] = []
         self._row_bn: list[bottleneck.Part | None] = []
+        self._keys: list[tuple[Any, list[int], int]] = []  # per row: mix parts, prompt ids, virtual columns
         self._packed = _Packed()
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lora_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -138,7 +183,8 @@ class RunningBatch:
 
     # ------------------------------------------------------------------------------------------- join
     def join(self, rows: Sequence[Row]) -> list[Row]:
-        """Prefill ``rows`` in one forward pass, pick each one's first token and add them to the batch.
+        """Prefill ``rows`` now (in one forward pass, or in chunks of ``prefill_chunk``), pick each one's first
+        token and add them to the batch; no decode step runs meanwhile.
 
         Rows that end with that first token (an end token, or ``max_new_tokens=1``) leave at once.
 
@@ -150,47 +196,163 @@ class RunningBatch:
             ConflictError: the rows adapt a layer with another group size than a running row (a
                 :class:`MixError`; they can join once those rows have left).
         """
+        rows = self.admit(rows)
+        while any(r in self.pending for r in rows):
+            self._since_step = 0  # now, whatever the budget between steps
+            self.prefill()
+        return rows
+
+    def admit(self, rows: Sequence[Row]) -> list[Row]:
+        """Check ``rows`` and queue them for :meth:`prefill`; each starts from the longest prefix of its prompt
+        cached under its mix.
+
+        Raises:
+            MixError, ConflictError: as :meth:`join` (nothing is queued).
+        """
         rows = list(rows)
         if not rows:
             return rows
         eng = self.engine
         t0 = time.perf_counter()
-        with eng._lock, torch.no_grad():
+        with eng._lock:
             split = [eng._split(r.mix, i) for i, r in enumerate(rows)]
             tables = [s[0][0] if s[0] is not None else None for s in split]
-            loras = [s[0][1] if s[0] is not None else None for s in split]
-            bns = [s[0][2] if s[0] is not None else None for s in split]
-            packed = self._packed.rows(tables, self._row_tables)  # raises MixError / ConflictError
-            new_layers = self._packed.views(packed)
-            n = max(len(r.input_ids) for r in rows)
-            pad = eng._pad_id()
-            ids = torch.tensor([[pad] * (n - len(r.input_ids)) + list(r.input_ids) for r in rows])
-            mask = torch.tensor([[0] * (n - len(r.input_ids)) + [1] * len(r.input_ids) for r in rows])
-            emb, mask, pos, _ = eng._inputs(ids, mask, [s[1] for s in split])
-            cache = kv_cache.new(eng.model.config)
-            mask, pos = eng.past([s[1] for s in split], mask, pos, cache)  # prefix-tuning rows' keys and values
-            shared = eng.shared([s[0] for s in split])  # folded for the prefill only if it already is
-            applied = eng._folded(shared) if shared is not None and eng.is_folded(shared) else \
-                eng._layers_applied(eng._placed(new_layers), eng._placed(lora.batch_factors(loras)),
-                                    eng._placed_bn(bottleneck.batch(bns)))
-            t1 = time.perf_counter()
-            with applied:
-                logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                   use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
-            t2 = time.perf_counter()
-            gens = [generator(r.seed) if r.temperature > 0 else None for r in rows]
-            temp = torch.tensor([r.temperature for r in rows])
-            top_p = torch.tensor([r.top_p for r in rows])
-            nxt = pick_rows(logits, temp, top_p, gens)
-            t3 = time.perf_counter()
-            self._merge(cache, mask.cpu(), pos[:, -1].cpu(), nxt, temp, top_p, gens, tables, loras, bns, packed)
-            self.rows.extend(rows)
-        self.stats["prefill"] += t2 - t1
-        self.stats["sample"] += t3 - t2
-        self.stats["joined"] += len(rows)
-        self._record(rows, nxt.tolist())
-        self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
+            self._packed.rows(tables, self._row_tables)  # raises MixError / ConflictError
+            if self._pending and not _Packed().fits([p.tables for p in self._pending] + tables):
+                raise ConflictError("These rows adapt a layer with other group sizes than rows being prefilled; "
+                                    "they wait until those rows have joined and left.")
+            for r, (row, prompt) in zip(rows, split):
+                p = Pending(r, list(r.input_ids), prompt, tables=row[0] if row else None,
+                            lora=row[1] if row else None, bn=row[2] if row else None, seq=self._seq)
+                if p.past_kv:  # a prefix-tuning row: its virtual columns' keys and values are the adapter's
+                    like = eng._embed.weight
+                    kv = eng.tables(prompt)
+                    p.kv = [(kv[str(i)][0][None].to(like), kv[str(i)][1][None].to(like))
+                            for i in range(len(kv))]
+                    p.done = p.virtual
+                self._seq += 1
+                if self.prefix is not None:
+                    p.parts = mix_parts(r.mix)
+                self._pending.append(p)
+        self.stats["bookkeeping"] += time.perf_counter() - t0
         return rows
+
+    @property
+    def pending(self) -> list[Row]:
+        """Rows admitted and not yet prefilled (they have no token yet)."""
+        return [p.row for p in self._pending]
+
+    def _budget(self) -> int | None:
+        """Token slots for the next prefill pass: what is left of ``prefill_chunk`` since the last decode step
+        (all of it while no row decodes: a newcomer arriving meanwhile waits for one chunk, not a whole long
+        prompt); ``None`` (whole prompts) without chunks, or for a model whose cache cannot be cut
+        (:func:`app.engine.cache.sliceable`)."""
+        if self.prefill_chunk is None or not self._sliceable:
+            return None
+        if not self.rows:
+            return self.prefill_chunk
+        return max(0, self.prefill_chunk - self._since_step)
+
+    def can_prefill(self) -> bool:
+        """Whether a prefill pass may run before the next decode step: rows are pending, and no pass ran since
+        the last step, or no row decodes, or at least half of ``prefill_chunk`` is left (a second pass serves
+        rows that came during the first sooner than after a step; a sliver of budget would cost a pass for
+        little). Without chunks, one pass between two steps, as whole prompts always had."""
+        if not self._pending:
+            return False
+        if not self.rows or not self._passes_since_step:
+            return True
+        budget = self._budget()
+        return budget is not None and (self._since_step == 0 or budget * 2 >= self.prefill_chunk)
+
+    def prefill(self) -> list[Row]:
+        """One forward pass over the pending rows (those ``prefill_chunk`` token slots take, shortest first);
+        rows whose prompt is done get their first token and join the batch.
+
+        Returns:
+            The rows that joined (each with its first token).
+        """
+        if not self._pending:
+            return []
+        eng = self.engine
+        t0, sampled = time.perf_counter(), self.stats["sample"]
+        with eng._lock, torch.no_grad():
+            if self.prefix is not None:
+                # Rows that have computed nothing yet look again: a row of their mix may have been prefilled
+                # since they came (newcomers of one mix arriving together share the first one's prefix).
+                for p in self._pending:
+                    if not p.started:
+                        hit = self.prefix.lookup(p.parts, p.ids)
+                        if hit is not None and hit.columns > p.done:
+                            p.kv, p.done, p.cached = hit.kv, hit.columns, hit.columns
+            chunk = self.prefill_chunk or 0
+            group, targets = prefill_plan(self._pending, self._budget(), short=chunk // self.SHORT_PART)
+            if not group:  # no budget left before the next decode step
+                return []
+            t1 = time.perf_counter()
+            try:
+                tables, loras, bns = [p.tables for p in group], [p.lora for p in group], [p.bn for p in group]
+                packed = self._packed.rows(tables, self._row_tables)
+                emb, mask, pos, cache = prefill_inputs(eng, group, targets)
+                shared = eng.shared([None if p.tables is None and p.lora is None and p.bn is None
+                                     else (p.tables, p.lora, p.bn) for p in group])
+                applied = eng._folded(shared) if shared is not None and eng.is_folded(shared) else \
+                    eng._layers_applied(eng._placed(self._packed.views(packed)),
+                                        eng._placed(lora.batch_factors(loras)), eng._placed_bn(bottleneck.batch(bns)))
+                t1 = time.perf_counter()
+                with applied:
+                    logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
+            except Exception as e:
+                self._pending = [p for p in self._pending if p not in group]
+                raise PrefillError(f"Prefilling {len(group)} row(s) failed: {e}", [p.row for p in group]) from e
+            t2 = time.perf_counter()
+            mask = compact(cache, mask)  # a prefix-tuning row's prefix and tokens side by side
+            width = emb.shape[1]
+            self.stats["prefill_passes"] += 1
+            self.stats["prefill_slots"] += len(group) * width
+            # What running rows have waited for since their last step (rows joining now have not waited yet).
+            self._since_step = self._since_step + len(group) * width if self.rows else 0
+            self._passes_since_step += 1
+            done = []
+            for i, (p, t) in enumerate(zip(group, targets)):
+                p.started = True
+                self.stats["prefill_columns"] += t - p.done
+                if t < p.columns:
+                    p.kv, p.done = row_kv(cache, i, t), t
+                    continue
+                done.append(i)
+                self.stats["cached_columns"] += p.cached
+                self.stats["prompt_columns"] += p.columns
+                if self.prefix is not None:
+                    self.prefix.store(p.parts, p.ids, row_kv(cache, i, t), p.virtual)
+            joined: list[Row] = []
+            if done:
+                idx = torch.tensor(done)
+                kept = [group[i] for i in done]
+                joined = [p.row for p in kept]
+                mask = mask.cpu().index_select(0, idx)
+                cut = int(mask.any(0).to(torch.int8).argmax())
+                for layer in cache.layers:
+                    kv_cache.keep(layer, idx, cut)
+                gens = [generator(r.seed) if r.temperature > 0 else None for r in joined]
+                temp = torch.tensor([r.temperature for r in joined])
+                top_p = torch.tensor([r.top_p for r in joined])
+                t3 = time.perf_counter()
+                nxt = pick_rows(logits.index_select(0, idx), temp, top_p, gens)
+                self.stats["sample"] += time.perf_counter() - t3
+                self._merge(cache, mask[:, cut:], torch.tensor([p.columns - 1 for p in kept]), nxt, temp, top_p,
+                            gens, [p.tables for p in kept], [p.lora for p in kept], [p.bn for p in kept],
+                            packed.index_select(0, idx))
+                self._keys.extend((p.parts, p.ids, p.virtual) for p in kept)
+                self.rows.extend(joined)
+                self._pending = [p for p in self._pending if p not in kept]
+        self.stats["prefill"] += t2 - t1
+        self.stats["joined"] += len(joined)
+        if joined:
+            self._record(joined, nxt.tolist())
+        self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t2) - (self.stats["sample"] - sampled)
+        return joined
 
     def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, bns, packed) -> None:
         if self._cache is None or not self.rows:
@@ -235,6 +397,7 @@ class RunningBatch:
         if not self.rows:
             return []
         eng = self.engine
+        self._since_step = self._passes_since_step = 0
         with eng._lock, torch.no_grad():
             t0 = time.perf_counter()
             self._mask = torch.cat((self._mask, self._mask.new_ones(len(self.rows), 1)), 1)
@@ -280,7 +443,12 @@ class RunningBatch:
 
     # ------------------------------------------------------------------------------------------ leave
     def leave(self, rows: Sequence[Row]) -> None:
-        """Cancel ``rows`` (those still running): they leave before the next step and free their cache."""
+        """Cancel ``rows`` (those still running or waiting for their prefill): they leave before the next step and
+        free their cache."""
+        waiting = [p for p in self._pending if p.row in rows]
+        for p in waiting:
+            p.row.finish = "cancelled"
+        self._pending = [p for p in self._pending if p not in waiting]
         gone = [r for r in rows if r in self.rows]
         for r in gone:
             r.finish = "cancelled"
@@ -293,6 +461,8 @@ class RunningBatch:
         gone = set(map(id, rows))
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         self.stats["left"] += len(self.rows) - len(keep)
+        if self.prefix is not None:
+            self._remember([i for i, r in enumerate(self.rows) if id(r) in gone])
         if not keep:
             self.rows = []
             self._reset()
@@ -312,9 +482,23 @@ class RunningBatch:
         self._row_tables = [self._row_tables[i] for i in keep]
         self._row_lora = [self._row_lora[i] for i in keep]
         self._row_bn = [self._row_bn[i] for i in keep]
+        self._keys = [self._keys[i] for i in keep]
         self._packed.keep(idx, self._row_tables)
         self._gathered()
         self.rows = [self.rows[i] for i in keep]
+
+
+    def _remember(self, leaving: list[int]) -> None:
+        """Keep each leaving row's prompt and reply in the prefix cache: a conversation's next turn starts with
+        them (the last token has no keys and values yet: it was never an input)."""
+        for i in leaving:
+            parts, ids, virtual = self._keys[i]
+            made = self.rows[i].tokens[:-1]
+            if parts is None or not made:
+                continue
+            cols = virtual + len(ids) + len(made)
+            kv = [(layer.keys[i:i + 1, :, -cols:], layer.values[i:i + 1, :, -cols:]) for layer in self._cache.layers]
+            self.prefix.store(parts, ids + made, kv, virtual)
 
 
 class _Packed:
@@ -412,6 +596,10 @@ class _Packed:
                 raise ConflictError("These rows adapt a layer with other group sizes than running rows; they "
                                     "wait until those rows have left.")
         return torch.stack([self._vector(t) for t in tables]) if tables else torch.zeros(0, self.width)
+
+    def fits(self, tables: list[road.Tables | None]) -> bool:
+        """Whether rows with ``tables`` can share one layout (checked on this empty one)."""
+        return all(self._extend(t) for t in tables if t is not None)
 
     def append(self, rows: torch.Tensor) -> None:
         self.data = torch.cat((self.data, rows)) if self.data.numel() or self.data.shape[0] else rows

@@ -35,6 +35,7 @@ from composer.parts import items
 from ..errors import MixError, UnsupportedModelError
 from . import bottleneck, kernel, lora, prefix, road
 from . import cache as kv_cache
+from .prefix_cache import PrefixCache
 from .sampling import check_sampling, generator, pick_rows
 
 Mix = Any  # None | an adapter | a sequence of adapters | composer.Parts | str (an expression)
@@ -77,6 +78,10 @@ class Engine:
             sparse attention as in DeepSeek-V3.2 ...).
 
     Calls are serialised by a lock: one batch runs at a time (batch concurrent users' requests together).
+
+    Attributes:
+        prefix_cache: keys and values of prompts the running batch prefilled, per mix
+            (:class:`~app.engine.prefix.PrefixCache`, 256 MiB at most by default).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, resolve: Callable[[str], Any] | None = None,
@@ -99,6 +104,7 @@ class Engine:
         self._lock = threading.RLock()
         self._embed = model.get_input_embeddings()
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.prefix_cache = PrefixCache()  # prompts' keys and values per mix (the running batch's prefills)
 
     # ----------------------------------------------------------------------------------------------- mixes
     def tables(self, adapter: Any) -> road.Tables | lora.Factors | prefix.Kv | bottleneck.Part:
@@ -366,7 +372,8 @@ class Engine:
         No batch runs inside this block (a batch in flight finishes first; the next waits), so the caller may
         change the model in place and undo it before leaving, as :func:`composer.fit` does (it wraps the model
         in PEFT for the fit and unloads it again). The model's train/eval mode and every parameter's
-        ``requires_grad`` are restored on exit.
+        ``requires_grad`` are restored on exit, and the prefix cache (keys and values of earlier prompts) is
+        cleared.
         """
         with self._lock:
             training = self.model.training
@@ -377,6 +384,7 @@ class Engine:
                 self.model.train(training)
                 for p, flag in grads:
                     p.requires_grad_(flag)
+                self.prefix_cache.clear()  # keys and values computed before may not be the model's any more
 
     def close(self) -> None:
         """Give the model back as it was (plain ``nn.Linear`` layers)."""
@@ -385,6 +393,7 @@ class Engine:
             self._installed.clear()
             self._fold_cache = None
             self._bn_fold = (None, {})
+            self.prefix_cache.clear()
 
     # -------------------------------------------------------------------------------------------- batches
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

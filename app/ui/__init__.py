@@ -54,17 +54,19 @@ def seed_store(mixer: Mixer, folder: Path | None = None) -> list[str]:
 
 def build(model: Any, tokenizer: Any, *, root: str | os.PathLike | None = None, max_batch: int = 8,
           wait_ms: float = 15.0, concurrency: int = 16, base_name: str = "", scheduler: str = "continuous",
-          max_queue: int = 64):
+          max_queue: int = 64, **prefill: Any):
     """Engine, batcher, mixer and page for ``model``: returns ``(demo, mixer, batcher)`` (queue enabled).
 
-    ``max_batch``, ``wait_ms``, ``scheduler`` and ``max_queue`` go to :class:`~app.batcher.Batcher`.
+    ``max_batch``, ``wait_ms``, ``scheduler``, ``max_queue`` and ``prefix_cache`` / ``prefill_chunk`` go to
+    :class:`~app.batcher.Batcher`.
     """
     from ..batcher import Batcher
     from ..engine import Engine
 
     mixer = Mixer(root)
     engine = Engine(model, tokenizer, resolve=mixer.load)
-    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms, scheduler=scheduler, max_queue=max_queue)
+    batcher = Batcher(engine, max_batch=max_batch, wait_ms=wait_ms, scheduler=scheduler, max_queue=max_queue,
+                      **prefill)
     demo = build_app(mixer, batcher, base_name=base_name or getattr(model, "name_or_path", ""),
                      concurrency=concurrency)
     demo.queue(default_concurrency_limit=concurrency)
