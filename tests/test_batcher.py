@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from app.batcher import Batcher
 from app.engine import Engine
 from app.errors import BusyError
-from tests.test_app_tiny import tiny_chat_model
-from tests.tiny import random_road
+from tests.helpers import wait_for
+from tests.tiny import random_road, tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,20 @@ def test_a_closed_stream_leaves_the_batch_and_the_others_go_on(setup):
         it = iter(victim)
         next(it)
         victim.close()
+        # Between two steps, once the worker has counted the cancellation: the victim's row has left the batch
+        # and the other one is still in it, running (its reply runs to all 60 tokens; the victim leaves at the
+        # next step).
+        deadline = time.monotonic() + 30
+        while True:
+            with engine.exclusive():
+                if batcher.cancelled:
+                    rows = [r.finish for r in batcher.running.rows]
+                    break
+            assert time.monotonic() < deadline, "the cancellation was never counted"
+            time.sleep(0.005)
+        assert rows == [None], rows
         assert list(other)[-1] == ref
         assert batcher.cancelled == 1
-        assert all(r.owner is not None and r.finish is None for r in batcher.running.rows) or not batcher.running.rows
     finally:
         batcher.close()
 
@@ -97,12 +109,17 @@ def test_the_queue_bound_answers_busy(setup):
     batcher = Batcher(engine, max_batch=2, max_queue=3)
     try:
         streams = []
-        with engine.exclusive():  # the worker cannot finish anything meanwhile
+        with engine.exclusive():  # the worker's next step waits for the engine
+            # Let the worker take a request first and block on the engine: a batch it took after the queue was
+            # filled would make room again, and how many fit would depend on when it woke up.
+            streams.append(batcher.submit(conv("first"), a, max_new_tokens=3))
+            wait_for(lambda: not batcher.waiting, "the worker to take the first request")
             with pytest.raises(BusyError, match="busy.*Try again in a few seconds") as e:
-                for i in range(2 + 3 + 1):  # at most max_batch rows leave the queue for the batch
+                for i in range(3 + 1):  # nothing leaves the queue now: the fourth is one too many
                     streams.append(batcher.submit(conv(f"q{i}"), a, max_new_tokens=3))
-            assert e.value.limit == 3 and e.value.waiting <= 3
-            assert batcher.waiting <= 3
+            assert len(streams) == 1 + 3
+            assert e.value.limit == 3 and e.value.waiting == 3
+            assert batcher.waiting == 3
             # a cancelled waiting request frees its place at once
             streams[-1].close()
             streams.append(batcher.submit(conv("again"), a, max_new_tokens=3))

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -28,8 +25,7 @@ from safetensors.torch import save_file
 import composer
 import hub
 from app.cli import main
-from tests.helpers import free_port
-from tests.test_hub_helpers import env, files, folder, git, hub_cmd
+from tests.helpers import answers, env, files, folder, free_port, git, hub_cmd, running
 from tests.tiny import peft_lora
 
 SECRET = "aws_secret_access_key = DO-NOT-LEAK"
@@ -48,35 +44,21 @@ def served(tmp_path_factory):
     hub.push(peft_lora(tmp / "lora", seed=0), "alice/lora", root=root)
     hub.push(peft_lora(tmp / "dora", seed=1, use_dora=True), "alice/dora", root=root)
     port = free_port()
-    log = open(tmp / "serve.log", "wb")
+    base = f"http://127.0.0.1:{port}"
     # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
     server_env = env(ADAPTER_HUB_HOME=str(root), ADAPTER_HUB_NO_EXAMPLES="1", HF_HUB_OFFLINE="1",
                      HF_HOME=str(tmp / "hf-home"), XDG_CACHE_HOME=str(tmp / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=server_env, cwd=tmp)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while not _answers(base):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()
-            time.sleep(0.3)
+    with running([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], *_probe(base),
+                 log=tmp / "serve.log", env=server_env, cwd=tmp):
         yield root, base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+
+def _probe(base: str):
+    return f"{base}/api/models/alice/math/revision/v1", lambda body: "sha" in json.loads(body)
 
 
 def _answers(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/api/models/alice/math/revision/v1", timeout=5) as r:
-            return r.status == 200 and "sha" in json.loads(r.read())
-    except (OSError, ValueError):
-        return False
+    return answers(*_probe(base))
 
 
 def state(root: Path) -> dict:

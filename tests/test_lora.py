@@ -13,8 +13,8 @@ from peft import PeftModel
 
 import composer
 import hub
-from tests.test_composer_peft import IDS, no_key_warnings
-from tests.tiny import peft_lora, random_road, tiny_model
+from tests.helpers import no_key_warnings
+from tests.tiny import IDS, peft_lora, random_road, tiny_model
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
