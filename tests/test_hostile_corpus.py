@@ -48,7 +48,8 @@ def served(tmp_path_factory):
     # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
     server_env = env(ADAPTER_HUB_HOME=str(root), ADAPTER_HUB_NO_EXAMPLES="1", HF_HUB_OFFLINE="1",
                      HF_HOME=str(tmp / "hf-home"), XDG_CACHE_HOME=str(tmp / "cache"))
-    with running([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], *_probe(base),
+    url, ready = _probe(base)
+    with running([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], url, ready=ready,
                  log=tmp / "serve.log", env=server_env, cwd=tmp):
         yield root, base
 
