@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -75,32 +74,63 @@ def test_sampled_rows_do_not_depend_on_their_batch_mates(setup):
         batcher.close()
 
 
+class StepGate:
+    """A hand on the worker: while holding, each forward pass of the model waits inside its step (the engine
+    held, the batch as it is) until the test lets one more through."""
+
+    def __init__(self, model) -> None:
+        self.holding = False
+        self.blocked = threading.Event()
+        self._permits = threading.Semaphore(0)
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        if self.holding:
+            self.blocked.set()
+            self._permits.acquire(timeout=60)
+
+    def hold(self) -> None:
+        """The worker's next forward pass waits; returns once it does."""
+        self.blocked.clear()
+        self.holding = True
+        wait_for(self.blocked.is_set, "the worker to reach a forward pass")
+
+    def one_more(self) -> None:
+        """Let the waiting pass go; returns once the worker waits in the next one."""
+        self.blocked.clear()
+        self._permits.release()
+        wait_for(self.blocked.is_set, "the worker to reach its next forward pass")
+
+    def open(self) -> None:
+        if self.holding:
+            self.holding = False
+            self._permits.release()
+        self._handle.remove()
+
+
 def test_a_closed_stream_leaves_the_batch_and_the_others_go_on(setup):
     engine, a, b = setup
     ref = alone(engine, "keep going", b, max_new_tokens=60)
+    assert len(ref) == 60  # the other reply runs to its limit: it is still going when the victim leaves
     batcher = Batcher(engine, max_batch=8)
+    gate = StepGate(engine.model)
     try:
-        with engine.exclusive():  # hold the worker so both requests join in one admission
-            victim = batcher.submit(conv("tell me a long story"), a, max_new_tokens=200)
-            other = batcher.submit(conv("keep going"), b, max_new_tokens=60)
+        victim = batcher.submit(conv("tell me a long story"), a, max_new_tokens=200)
+        other = batcher.submit(conv("keep going"), b, max_new_tokens=60)
         it = iter(victim)
         next(it)
+        wait_for(lambda: 2 in batcher.batches, "both rows in the batch")  # the victim has 200 tokens to go
+        gate.hold()  # the worker waits inside a step, both rows in the batch
         victim.close()
-        # Between two steps, once the worker has counted the cancellation: the victim's row has left the batch
-        # and the other one is still in it, running (its reply runs to all 60 tokens; the victim leaves at the
-        # next step).
-        deadline = time.monotonic() + 30
-        while True:
-            with engine.exclusive():
-                if batcher.cancelled:
-                    rows = [r.finish for r in batcher.running.rows]
-                    break
-            assert time.monotonic() < deadline, "the cancellation was never counted"
-            time.sleep(0.005)
-        assert rows == [None], rows
+        while not batcher.cancelled:  # one pass at a time until the worker has taken the close into account
+            gate.one_more()
+        # the worker now waits in the next step: the victim's row has left the batch, the other one runs on
+        assert [r.finish for r in batcher.running.rows] == [None]
+        gate.open()
         assert list(other)[-1] == ref
         assert batcher.cancelled == 1
     finally:
+        gate.open()
         batcher.close()
 
 
