@@ -17,6 +17,15 @@ def pytest_report_header(config):
     return f"tiny models on {device} ({DEVICE_ENV}, tests/tiny.py)" if device else None
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with a test that loads the real model or drives the browser run first (whole modules, in
+    their order otherwise): on pytest-xdist's two workers the long ones start early instead of keeping one
+    worker busy at the end while the other waits."""
+    heavy = {item.nodeid.split("::")[0] for item in items
+             if item.get_closest_marker("slow") or item.get_closest_marker("browser")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTER_HUB_HOME", str(tmp_path / "hub-home"))

@@ -15,7 +15,8 @@ def test_the_readme_has_python_examples():
     assert len(BLOCKS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize("index", [pytest.param(i, marks=[pytest.mark.slow] if "load_base(" in b else [])
+                                   for i, b in enumerate(BLOCKS)])
 def test_readme_python_block_runs(index, tmp_path, monkeypatch, request):
     code = BLOCKS[index]
     if "load_base(" in code:  # the default model: converted once per session (see conftest.smol_home)
