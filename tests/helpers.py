@@ -4,9 +4,9 @@ other; ``tests/test_layers.py`` checks it). Tiny models, random adapters and PEF
 
     skips and env      missing (skip, or fail under ADAPTER_HUB_TEST_STRICT=1), env, ROOT
     tokenizers         char_tokenizer (letters, digits: the 97-token tiny vocab), chat_tokenizer (printable)
-    adapters, folders  road, prompt, folder, files, rewrite_folder, front_matter
+    adapters, folders  road, prompt, folder, files, rewrite_folder, front_matter, no_key_warnings (PEFT loads)
     processes          hub_cmd (the CLI in a subprocess), git, refs, assert_fsck_clean
-    servers            free_port, running(cmd, url) for a server process, wait_for(check)
+    servers            free_port, running(cmd, url) for a server process, answers(url), wait_for(check)
     the app            populate_store, Served (the app in this process), chat_args, reply_of
 
 Heavy libraries (torch, transformers, the app) are imported inside the functions that need them: conftest

@@ -90,8 +90,8 @@ def test_no_import_circles_between_modules():
 
 
 def test_test_modules_share_helpers_only_through_the_helper_modules():
-    """A test module imports what it shares from tests/helpers.py and tests/tiny.py, never from another test
-    module (which ran that module's fixtures and imports wherever it was borrowed, and broke when it moved)."""
+    """A test module imports what it shares from tests/helpers.py and tests/tiny.py, never from another
+    test module (which brought that module's imports and fixtures along, and broke when it moved)."""
     bad = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -17,8 +17,8 @@ from tests.tiny import learner, random_road
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two adapters trained in complementary slots (0/2 and 1/2, seed 3) and one trained on every pair: trained
-    once for the module (training is pure: same data, seeds and model give the same folders)."""
+    """Two adapters trained in complementary slots (0/2 and 1/2, seed 3) and one trained on every pair:
+    trained once for the module (training is pure: same data, seeds and model give the same folders)."""
     tmp = tmp_path_factory.mktemp("slots")
     data = tmp / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": c, "completion": c.upper()}) + "\n" for c in "abcdef"))

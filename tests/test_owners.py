@@ -218,8 +218,8 @@ def test_a_file_digest_is_its_plain_sha256_wherever_it_is_recorded(tmp_path):
 
 
 def test_one_card_writer(tmp_path):
-    """composer.save, a push of a folder without a card, and hub train all write the card build_card writes for
-    what they hold (and the hub keeps no card module of its own)."""
+    """composer.save, a push of a folder without a card, and hub train all write the card build_card writes
+    for what they hold (and the hub keeps no card module of its own)."""
     from app.train import train
     from composer.card import build_card, parse_card
     from tests.helpers import char_tokenizer
