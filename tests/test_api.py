@@ -27,9 +27,8 @@ from app.api.models import StoreResolver
 from app.batcher import Batcher
 from app.engine import Engine
 from app.errors import BusyError
-from tests.helpers import free_port
-from tests.test_app_tiny import populate_store, tiny_chat_model
-from tests.tiny import random_road, tiny_model
+from tests.helpers import free_port, populate_store, wait_for
+from tests.tiny import random_road, tiny_chat_model, tiny_model
 
 BASE = "tiny-llama"
 KEYS = ("key-one", "key-two")
@@ -106,13 +105,6 @@ class Api:
 
 def conv(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
-
-
-def wait_for(check, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 import hub
-from tests.helpers import missing
-from tests.test_app_tiny import Served
+from tests.helpers import Served, missing
 
 pytestmark = pytest.mark.browser
 

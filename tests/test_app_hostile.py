@@ -11,7 +11,7 @@ from app.batcher import check_history, fit_messages
 from app.engine.sampling import check_sampling
 from app.errors import RequestError
 from app.ui.mixer import deviation_text, plain
-from tests.test_app_tiny import char_tokenizer
+from tests.helpers import chat_tokenizer
 
 
 def _tokens(tok, messages) -> int:
@@ -23,7 +23,7 @@ class CountingTokenizer:
     """Wraps the character tokenizer and counts whole-conversation renders."""
 
     def __init__(self) -> None:
-        self.tok = char_tokenizer()
+        self.tok = chat_tokenizer()
         self.renders = 0
 
     def apply_chat_template(self, messages, **kw):
@@ -81,7 +81,7 @@ def test_recipe_fields_render_as_text(tmp_path):
     import dataclasses
 
     import composer
-    from tests.test_hub_helpers import road
+    from tests.helpers import road
 
     mixed = composer.scale(road(0), 0.5)
     evil = dataclasses.replace(mixed, recipe=dataclasses.replace(mixed.recipe, method="<img src=http://x/y>"))
@@ -114,8 +114,7 @@ def test_an_enormous_scale_is_refused_not_an_empty_reply():
     from app.engine import Engine
     from app.engine.road import MAX_SCALE
     from app.errors import MixError
-    from tests.test_app_tiny import tiny_chat_model
-    from tests.tiny import random_road
+    from tests.tiny import random_road, tiny_chat_model
 
     model, tok = tiny_chat_model()
     a = random_road(model, seed=1)

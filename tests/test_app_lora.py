@@ -11,8 +11,8 @@ import hub
 from app.engine import Engine
 from app.ui import Mixer, MixInputError
 from app.ui.mixer import layer_norms
-from tests.test_app_tiny import populate_store, tiny_chat_model
-from tests.tiny import peft_lora
+from tests.helpers import populate_store
+from tests.tiny import peft_lora, tiny_chat_model
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ from gradio_client import Client
 import composer
 import hub
 from app.ui import MAX_SLOTS
-from tests.test_app_tiny import Served
+from tests.helpers import MAX_NEW, Served, chat_args, reply_of
 from tests.tiny import random_road
-
-MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +22,6 @@ def served(tmp_path_factory):
     s = Served(tmp_path_factory.mktemp("store"), max_batch=8)
     yield s
     s.close()
-
-
-def chat_args(message, selected=(), weights=(), method="task_arithmetic", t=0.5, density=0.5, history=None):
-    w = list(weights) + [1.0] * (MAX_SLOTS - len(weights))
-    return (message, history or [], list(selected), method, t, density, MAX_NEW, 0.0, *w)
-
-
-def reply_of(result) -> str:
-    """The last reply's text, without the line naming its mix."""
-    from app.ui.page import reply_text
-
-    return reply_text(result[0][-1]["content"])
 
 
 def label_of(result) -> str:

@@ -1,100 +1,21 @@
-"""Helpers for the app tests (a tiny Llama with a character-level chat tokenizer, a store with two small
-adapters, a served app), and unit tests of the app's pure parts: expressions, truncation, the batcher."""
+"""Unit tests of the app's pure parts: expressions, truncation, the batcher (the tiny chat model, the store
+with two small adapters and the served app they use are in tests/tiny.py and tests/helpers.py)."""
 
 from __future__ import annotations
 
-import string
 import threading
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import composer
 import hub
 from app.batcher import Batcher, fit_messages
 from app.engine import Engine
-from app.ui import Mixer, MixInputError, build, build_expression
-from tests.helpers import free_port
-from tests.tiny import random_prompt, random_road, tiny_model
+from app.ui import Mixer, MixInputError, build_expression
+from tests.helpers import chat_tokenizer, populate_store
+from tests.tiny import random_prompt, random_road, tiny_chat_model
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CONTEXT = 256
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with a ChatML template (no files, no network)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {t: i for i, t in enumerate(SPECIALS + ["<unk>"] + chars)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", additional_special_tokens=SPECIALS[3:])
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
-
-
-def tiny_chat_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    tok = char_tokenizer()
-    model = tiny_model(seed, 32, vocab_size=len(tok), max_position_embeddings=CONTEXT,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    # Make greedy answers depend clearly on the adapters: spread the output logits.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.name_or_path = "tiny-llama"
-    return model, tok
-
-
-def populate_store(root, model) -> list[str]:
-    """Push two RoAd adapters (and a prompt vector) for ``model`` into the store at ``root``."""
-    import tempfile
-
-    ids = []
-    for name, adapter in (("alice/math", random_road(model, seed=1, scale=0.8)),
-                          ("bob/code", random_road(model, seed=2, scale=0.8)),
-                          ("carol/style", random_prompt(n=4, dim=32, seed=3))):
-        with tempfile.TemporaryDirectory() as tmp:
-            composer.save(adapter, tmp)
-            hub.Store(root).push(tmp, name)
-        ids.append(name)
-    return ids
-
-
-class Served:
-    """The app served on 127.0.0.1 in this process, over a fresh store with the tiny adapters."""
-
-    def __init__(self, root, *, max_batch: int = 8, concurrency: int = 16, **batcher) -> None:
-        self.root = root
-        self.model, self.tok = tiny_chat_model()
-        self.ids = populate_store(root, self.model)
-        self.demo, self.mixer, self.batcher = build(self.model, self.tok, root=root, max_batch=max_batch,
-                                                    wait_ms=30, concurrency=concurrency, base_name="tiny-llama",
-                                                    **batcher)
-        self.port = free_port()
-        self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True,
-                         quiet=True, share=False)
-        self.url = f"http://127.0.0.1:{self.port}/"
-
-    def alone(self, expression: str, message: str, **sampling) -> str:
-        """What the engine alone answers for ``expression`` (a fresh engine: no batching, no app)."""
-        adapter, _ = Mixer(self.root).evaluate(expression)
-        engine = Engine(self.model, self.tok)
-        return engine.generate([{"messages": [{"role": "user", "content": message}], "mix": adapter}],
-                               **sampling)[0]
-
-    def close(self) -> None:
-        self.demo.close()
-        self.batcher.close()
-
-
-# ------------------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("selected,weights,method,expected", [
     ([], [], "task_arithmetic", ""),
@@ -130,7 +51,7 @@ def test_interpolation_needs_two_adapters():
 
 
 def test_fit_messages_cuts_old_turns_then_the_last_message():
-    tok = char_tokenizer()
+    tok = chat_tokenizer()
     msgs = [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
             {"role": "user", "content": "c" * 500}]
     fitted, note = fit_messages(tok, msgs, 100)

@@ -19,8 +19,7 @@ import composer
 from app.engine import Engine, kernel
 from app.engine.continuous import Row, RunningBatch
 from app.errors import UnsupportedModelError
-from tests.test_engine import batch
-from tests.tiny import ARCHS, DEVICE, REFUSED, arch_model, peft_lora, random_prompt, random_road
+from tests.tiny import ARCHS, DEVICE, REFUSED, arch_model, batch, peft_lora, random_prompt, random_road
 
 TOL = 1e-5
 EOS = 2

@@ -9,8 +9,8 @@ import pytest
 from app.batcher import Batcher
 from app.engine import Engine
 from app.errors import BusyError
-from tests.test_app_tiny import tiny_chat_model
-from tests.tiny import random_road
+from tests.helpers import wait_for
+from tests.tiny import random_road, tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +74,63 @@ def test_sampled_rows_do_not_depend_on_their_batch_mates(setup):
         batcher.close()
 
 
+class StepGate:
+    """A hand on the worker: while holding, each forward pass of the model waits inside its step (the engine
+    held, the batch as it is) until the test lets one more through."""
+
+    def __init__(self, model) -> None:
+        self.holding = False
+        self.blocked = threading.Event()
+        self._permits = threading.Semaphore(0)
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        if self.holding:
+            self.blocked.set()
+            self._permits.acquire(timeout=60)
+
+    def hold(self) -> None:
+        """The worker's next forward pass waits; returns once it does."""
+        self.blocked.clear()
+        self.holding = True
+        wait_for(self.blocked.is_set, "the worker to reach a forward pass")
+
+    def one_more(self) -> None:
+        """Let the waiting pass go; returns once the worker waits in the next one."""
+        self.blocked.clear()
+        self._permits.release()
+        wait_for(self.blocked.is_set, "the worker to reach its next forward pass")
+
+    def open(self) -> None:
+        if self.holding:
+            self.holding = False
+            self._permits.release()
+        self._handle.remove()
+
+
 def test_a_closed_stream_leaves_the_batch_and_the_others_go_on(setup):
     engine, a, b = setup
     ref = alone(engine, "keep going", b, max_new_tokens=60)
+    assert len(ref) == 60  # the other reply runs to its limit: it is still going when the victim leaves
     batcher = Batcher(engine, max_batch=8)
+    gate = StepGate(engine.model)
     try:
-        with engine.exclusive():  # hold the worker so both requests join in one admission
-            victim = batcher.submit(conv("tell me a long story"), a, max_new_tokens=200)
-            other = batcher.submit(conv("keep going"), b, max_new_tokens=60)
+        victim = batcher.submit(conv("tell me a long story"), a, max_new_tokens=200)
+        other = batcher.submit(conv("keep going"), b, max_new_tokens=60)
         it = iter(victim)
         next(it)
+        wait_for(lambda: 2 in batcher.batches, "both rows in the batch")  # the victim has 200 tokens to go
+        gate.hold()  # the worker waits inside a step, both rows in the batch
         victim.close()
+        while not batcher.cancelled:  # one pass at a time until the worker has taken the close into account
+            gate.one_more()
+        # the worker now waits in the next step: the victim's row has left the batch, the other one runs on
+        assert [r.finish for r in batcher.running.rows] == [None]
+        gate.open()
         assert list(other)[-1] == ref
         assert batcher.cancelled == 1
-        assert all(r.owner is not None and r.finish is None for r in batcher.running.rows) or not batcher.running.rows
     finally:
+        gate.open()
         batcher.close()
 
 
@@ -97,12 +139,17 @@ def test_the_queue_bound_answers_busy(setup):
     batcher = Batcher(engine, max_batch=2, max_queue=3)
     try:
         streams = []
-        with engine.exclusive():  # the worker cannot finish anything meanwhile
+        with engine.exclusive():  # the worker's next step waits for the engine
+            # Let the worker take a request first and block on the engine: a batch it took after the queue was
+            # filled would make room again, and how many fit would depend on when it woke up.
+            streams.append(batcher.submit(conv("first"), a, max_new_tokens=3))
+            wait_for(lambda: not batcher.waiting, "the worker to take the first request")
             with pytest.raises(BusyError, match="busy.*Try again in a few seconds") as e:
-                for i in range(2 + 3 + 1):  # at most max_batch rows leave the queue for the batch
+                for i in range(3 + 1):  # nothing leaves the queue now: the fourth is one too many
                     streams.append(batcher.submit(conv(f"q{i}"), a, max_new_tokens=3))
-            assert e.value.limit == 3 and e.value.waiting <= 3
-            assert batcher.waiting <= 3
+            assert len(streams) == 1 + 3
+            assert e.value.limit == 3 and e.value.waiting == 3
+            assert batcher.waiting == 3
             # a cancelled waiting request frees its place at once
             streams[-1].close()
             streams.append(batcher.submit(conv("again"), a, max_new_tokens=3))

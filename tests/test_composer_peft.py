@@ -2,48 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.road.layer import _get_delta_weight
 
 import composer
-from tests.tiny import random_prompt, random_road, tiny_model
-
-IDS = torch.tensor([[5, 17, 33, 2, 71, 9, 40, 11], [3, 3, 8, 90, 12, 6, 1, 77]])
-
-
-class no_key_warnings(warnings.catch_warnings):
-    """Fail if PEFT warns about missing or unexpected keys while loading."""
-
-    def __init__(self):
-        super().__init__(record=True)
-
-    def __enter__(self):
-        self.log = super().__enter__()
-        warnings.simplefilter("always")
-        return self.log
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        bad = [str(w.message) for w in self.log if "key" in str(w.message).lower()]
-        assert not bad, bad
-
-
-def peft_logits(folders, ids=IDS, names=None):
-    """Logits of a fresh tiny model with the given PEFT folders all active (stacked, in order)."""
-    base = tiny_model()
-    names = names or [f"a{i}" for i in range(len(folders))]
-    with no_key_warnings():
-        model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name=names[0])
-        for f, n in zip(folders[1:], names[1:]):
-            model.load_adapter(str(f), adapter_name=n)
-    model.base_model.set_adapter(names)
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+from tests.helpers import no_key_warnings
+from tests.tiny import IDS, peft_logits, random_prompt, random_road, tiny_model
 
 
 @pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])

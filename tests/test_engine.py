@@ -11,7 +11,7 @@ import composer
 from app.engine import Engine
 from app.engine.road import RowRoadLinear
 from app.errors import MixError
-from tests.tiny import DEVICE, peft_greedy, random_prompt, random_road, tiny_model
+from tests.tiny import batch, peft_greedy, random_prompt, random_road, tiny_model
 
 TOL = 1e-4
 
@@ -61,17 +61,6 @@ def peft_logits_alone(folders, names, ids):
 
 
 ROWS = [(), ("road_1",), ("road_2",), ("road_4",), ("pv3",), ("pv5",), ("road_1",), ()]
-
-
-def batch(seed=0, lengths=(7, 5, 7, 6, 4, 7, 3, 2)):
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.randint(3, 97, (len(lengths), n), generator=g)
-    mask = torch.zeros_like(ids)
-    for i, length in enumerate(lengths):
-        mask[i, n - length:] = 1
-        ids[i, : n - length] = 0
-    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def test_mixed_batch_logits_match_peft_alone(folders):

@@ -13,10 +13,8 @@ from torch import nn
 import composer
 from app.engine import Engine, kernel, load_base, road
 from app.engine.continuous import Row, RunningBatch
-from tests.test_engine import batch
-from tests.test_engine_lora import folders as lora_folders  # noqa: F401 - the LoRA/RoAd/prompt folders fixture
-from tests.test_engine_lora import reference as lora_reference
-from tests.tiny import random_road, tiny_model
+from tests.tiny import batch, random_road, tiny_model
+from tests.tiny import peft_mixed_logits as lora_reference
 
 TOL = 1e-4
 
@@ -198,7 +196,7 @@ def test_a_bfloat16_model_runs_mixed_rows_with_tables_in_its_dtype():
 
 
 def test_load_base_leaves_no_weight_unaligned(tmp_path):
-    from tests.test_app_tiny import tiny_chat_model
+    from tests.tiny import tiny_chat_model
 
     model, tok = tiny_chat_model()
     model.save_pretrained(tmp_path / "m")

@@ -10,46 +10,15 @@ from peft import PeftModel
 import composer
 from app.engine import Engine
 from app.errors import MixError
-from tests.test_engine import batch
-from tests.tiny import DEVICE, peft_lora, random_prompt, random_road, tiny_model
+from tests.tiny import DEVICE, batch, peft_lora, tiny_model
+from tests.tiny import peft_mixed_logits as reference
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-adapters")
-    out = {
-        "la": peft_lora(root / "la", seed=1, r=4, lora_alpha=8),
-        "lb": peft_lora(root / "lb", seed=2, r=2, lora_alpha=3, use_rslora=True),
-        "lc": peft_lora(root / "lc", seed=3, r=8, lora_alpha=16, targets=("q_proj", "v_proj", "up_proj", "o_proj")),
-    }
-    for name, a in {"road": random_road(tiny_model(), "road_1", seed=4, scale=0.5), "pv3": random_prompt(n=3)}.items():
-        out[name] = composer.save(a, root / name)
-    return out
-
-
-def reference(folders, names, ids):
-    """PEFT's logits for one unpadded row: the LoRAs all active; a RoAd adapter on the model with the LoRAs merged
-    in (LoRA on the weight, RoAd on the output); a prompt as PEFT's prefix embeddings."""
-    loras = [n for n in names if n.startswith("l")]
-    model = tiny_model()
-    if loras:
-        model = PeftModel.from_pretrained(model, str(folders[loras[0]]), adapter_name=loras[0])
-        for n in loras[1:]:
-            model.load_adapter(str(folders[n]), adapter_name=n)
-        model.base_model.set_adapter(loras)
-    if "road" in names:
-        if loras:
-            model = model.merge_and_unload()
-        model = PeftModel.from_pretrained(model, str(folders["road"]))
-    model.eval()
-    with torch.no_grad():
-        if "pv3" in names:
-            emb = model.get_input_embeddings()(ids[None])
-            p = composer.load(folders["pv3"]).prompt.to(emb)
-            return model(inputs_embeds=torch.cat((p[None], emb), 1)).logits[0, p.shape[0]:]
-        return model(input_ids=ids[None]).logits[0]
+def folders(lora_folders):
+    return lora_folders
 
 
 ROWS = [(), ("la",), ("lb",), ("la", "lb"), ("la", "road"), ("lc", "pv3"), ("road",), ("lc",), ()]

@@ -20,8 +20,7 @@ from app import export
 from app.cli import _export_usage, build_parser, main
 from app.engine import Engine
 from app.errors import ExportError
-from tests.test_app_tiny import tiny_chat_model
-from tests.tiny import peft_lora, random_prompt, random_road, tiny_model
+from tests.tiny import peft_lora, peft_type_configs, random_prompt, random_road, tiny_chat_model, tiny_model
 
 TOL = 1e-4
 
@@ -136,9 +135,8 @@ def test_merged_greedy_tokens_equal_the_engines(chat, ads, tmp_path):
 
 
 def _peft_types():
-    from tests.test_peft_types import _configs
 
-    configs = _configs()
+    configs = peft_type_configs()
     return {t: configs[t] for t in ("IA3", "LOHA", "LOKR", "OFT", "ADALORA")}
 
 

@@ -11,8 +11,8 @@ import torch
 import composer
 import hub
 from app.cli import build_parser, main
-from tests.test_train import char_tokenizer, learner
-from tests.tiny import random_prompt, random_road
+from tests.helpers import char_tokenizer
+from tests.tiny import learner, random_prompt, random_road
 
 
 def next_letter_rows(n: int = 12) -> list[dict]:
@@ -151,7 +151,8 @@ from app.batcher import Batcher  # noqa: E402
 from app.engine import Engine  # noqa: E402
 from app.ui import MAX_SLOTS, MixInputError  # noqa: E402
 from app.ui.fitpanel import Fitted, current, examples_from, fit_steps  # noqa: E402
-from tests.test_app_tiny import Served, tiny_chat_model  # noqa: E402
+from tests.helpers import Served, chat_args, reply_of, wait_for  # noqa: E402
+from tests.tiny import tiny_chat_model  # noqa: E402
 
 PASTED = "\n".join(json.dumps(r) for r in next_letter_rows(10)) + "\n"
 PAIR = ["alice/math@v1", "bob/code@v1"]
@@ -228,8 +229,10 @@ def test_chats_wait_for_a_fit_and_the_model_comes_back_unchanged():
         chats = [threading.Thread(target=chat, args=(i,)) for i in range(len(mixes))]
         for th in chats:
             th.start()
-        time.sleep(0.5)
-        assert results == {}  # every chat waits while the fit holds the model
+        # every chat reaches the batcher, whose worker takes them and waits for the model the fit holds
+        wait_for(lambda: batcher.admitted + batcher.waiting == len(mixes) and batcher.admitted,
+                 "the chats to reach the worker")
+        assert results == {} and batcher.batches == []  # no batch ran while the fit holds the model
         released = time.monotonic()
         gate.release.set()
         fitter.join(120)
@@ -270,7 +273,6 @@ def fit_call(client, text=PASTED, file=None, selected=PAIR, steps=6, granularity
 def test_fit_through_the_api_moves_the_sliders_and_becomes_the_mix(served, tmp_path):
     from gradio_client import Client, handle_file
 
-    from tests.test_app_serve import chat_args, reply_of
 
     client = Client(served.url, verbose=False)
     job = fit_call(client)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -29,9 +28,8 @@ from safetensors.torch import save_file
 import composer
 import hub
 from app.cli import main
-from tests.helpers import free_port
+from tests.helpers import answers, env, files, folder, free_port, git, hub_cmd, running
 from tests.test_engine_prefix import prefix_folder
-from tests.test_hub_helpers import env, files, folder, git, hub_cmd
 from tests.test_prefix_arithmetic import started
 from tests.test_ptuning import p_tuning
 from tests.tiny import peft_lora
@@ -57,35 +55,22 @@ def served(tmp_path_factory):
     hub.push(p_tuning(tmp / "ptuning", seed=1)[0], "alice/ptuning", root=root)
     hub.push(prefix_folder(tmp / "prefix", 1), "alice/prefix", root=root)
     port = free_port()
-    log = open(tmp / "serve.log", "wb")
+    base = f"http://127.0.0.1:{port}"
     # A module fixture is set up before the per-test isolation (conftest), so isolate the server here.
     server_env = env(ADAPTER_HUB_HOME=str(root), ADAPTER_HUB_NO_EXAMPLES="1", HF_HUB_OFFLINE="1",
                      HF_HOME=str(tmp / "hf-home"), XDG_CACHE_HOME=str(tmp / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=server_env, cwd=tmp)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while not _answers(base):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()
-            time.sleep(0.3)
+    url, ready = _probe(base)
+    with running([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], url, ready=ready,
+                 log=tmp / "serve.log", env=server_env, cwd=tmp):
         yield root, base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+
+def _probe(base: str):
+    return f"{base}/api/models/alice/math/revision/v1", lambda body: "sha" in json.loads(body)
 
 
 def _answers(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/api/models/alice/math/revision/v1", timeout=5) as r:
-            return r.status == 200 and "sha" in json.loads(r.read())
-    except (OSError, ValueError):
-        return False
+    return answers(*_probe(base))
 
 
 def state(root: Path) -> dict:

@@ -15,7 +15,7 @@ import composer
 import hub
 from composer.card import parse_card
 from hub.ids import check_tag, parse_id, revision_reason
-from tests.test_hub_helpers import folder
+from tests.helpers import folder
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.cli import COMMANDS, build_parser, main
-from tests.test_hub_helpers import folder, hub_cmd
+from tests.helpers import folder, hub_cmd
 
 
 def test_every_subcommand_is_registered():
@@ -144,7 +144,7 @@ def test_read_only_commands_and_usage_errors_import_no_heavy_library(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_hub_helpers import env
+    from tests.helpers import env
 
     assert main(["push", str(folder(tmp_path, "a")), "alice/math"]) == 0  # something to log and tag
     p = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, env=env(), timeout=120)

@@ -12,7 +12,7 @@ import composer
 import hub
 from hub.locks import _host, clear_dead_staging
 from hub.store import Store
-from tests.test_hub_helpers import folder, git
+from tests.helpers import folder, git
 
 
 def test_push_behind_a_stalled_writer_says_so_and_gives_up(tmp_path, monkeypatch, caplog):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import composer
 import hub
-from tests.test_hub_helpers import folder, prompt
+from tests.helpers import folder, prompt
 
 
 def _edit_config(path, **changes):
@@ -152,7 +152,7 @@ def test_tags_never_take_a_branch_or_sha_name(tmp_path, name):
 
 
 def test_tag_may_not_shadow_another_branch(tmp_path):
-    from tests.test_hub_helpers import git
+    from tests.helpers import git
 
     hub.push(folder(tmp_path, "a"), "alice/math")
     repo = hub.Store().models / "alice" / "math"
@@ -162,7 +162,7 @@ def test_tag_may_not_shadow_another_branch(tmp_path):
 
 
 def test_merge_density_zero_and_bad_seed_are_clean_errors():
-    from tests.test_hub_helpers import road
+    from tests.helpers import road
     with pytest.raises(composer.InvalidArgumentError, match="density"):
         composer.merge([road(0), road(1)], method="ties", density=0)
     with pytest.raises(composer.InvalidArgumentError, match="seed"):

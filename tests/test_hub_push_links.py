@@ -12,7 +12,7 @@ import pytest
 
 import hub
 from hub.store import Store
-from tests.test_hub_helpers import folder, road
+from tests.helpers import folder, road
 
 SECRET = b"aws_secret_access_key = AKIA-DO-NOT-LEAK\n"
 

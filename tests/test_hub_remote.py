@@ -20,7 +20,7 @@ from huggingface_hub.hf_api import RepoFile
 import hub
 from hub.remote import HfRemote, git_blob_sha1
 from hub.store import Store
-from tests.test_hub_helpers import files, folder
+from tests.helpers import files, folder
 
 
 def _http_error(status: int) -> HfHubHTTPError:
@@ -288,7 +288,7 @@ def test_live_push_and_pull(tmp_path, monkeypatch):
     api = HfApi(token=os.environ["HF_TOKEN"])
     user = api.whoami()["name"]
     repo_id = f"{user}/adapter-hub-test-{uuid.uuid4().hex[:8]}"
-    from tests.test_hub_helpers import road
+    from tests.helpers import road
     a = road(0)
     # the Hub checks base_model in the card against existing repos
     a = type(a)(**{**a.__dict__,

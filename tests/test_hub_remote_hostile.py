@@ -22,8 +22,7 @@ import composer
 import hub
 from hub.remote import git_blob_sha1
 from hub.store import Store
-from tests.helpers import free_port
-from tests.test_hub_helpers import files, folder
+from tests.helpers import files, folder, free_port
 
 SHA = "a" * 40
 GiB = 2**30

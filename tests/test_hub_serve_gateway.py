@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,8 +16,7 @@ import urllib.request
 import pytest
 
 import hub
-from tests.helpers import free_port
-from tests.test_hub_helpers import env, folder
+from tests.helpers import env, folder, free_port, running, wait_for
 
 pytest.importorskip("olah")
 
@@ -50,21 +48,12 @@ def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path, sig):
     root = tmp_path / "server"
     sha = hub.push(folder(tmp_path, "a"), "alice/math", root=root).sha
     port = free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env(ADAPTER_HUB_HOME=str(root)), cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/api/models/alice/math", timeout=2) as r:
-                    info = json.loads(r.read())
-                    break
-            except (OSError, ValueError):
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.3)
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    with running(cmd, f"{base}/api/models/alice/math", log=tmp_path / "serve.log", timeout=120,
+                 env=env(ADAPTER_HUB_HOME=str(root)), cwd=tmp_path) as proc:
+        with urllib.request.urlopen(f"{base}/api/models/alice/math", timeout=5) as r:
+            info = json.loads(r.read())
         assert info["sha"] == sha  # model info without a revision: main
         with urllib.request.urlopen(f"{base}/", timeout=5) as r:
             assert r.status == 200 and b"HF_ENDPOINT" in r.read()
@@ -83,11 +72,6 @@ def test_serve_gateway_answers_and_sigterm_stops_olah(tmp_path, sig):
         with socket.socket() as s:  # the port is free again (as a restart binds it: SO_REUSEADDR)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_a_silent_client_is_dropped_after_the_read_timeout():
@@ -98,10 +82,9 @@ def test_a_silent_client_is_dropped_after_the_read_timeout():
     gw = Gateway("127.0.0.1", port, ("127.0.0.1", free_port()), read_timeout=0.5).start()
     try:
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
-        time.sleep(1.5)
         for s in idle:
             assert s.recv(1) == b""  # the server closed it (an empty read, not a timeout on our side)
             s.close()
-        assert threading.active_count() < 20  # no thread is left waiting on them
+        wait_for(lambda: threading.active_count() < 20, "no gateway thread left waiting on them")
     finally:
         gw.close()

@@ -19,18 +19,8 @@ import composer
 import hub
 from app.cli import main as cli_main
 from hub.store import Store
-from tests.test_hub_helpers import (
-    assert_fsck_clean,
-    env,
-    files,
-    folder,
-    git,
-    hub_cmd,
-    prompt,
-    refs,
-    road,
-    tiny_base,
-)
+from tests.helpers import assert_fsck_clean, env, files, folder, git, prompt, refs, road
+from tests.tiny import tiny_model
 
 
 @pytest.fixture
@@ -62,7 +52,7 @@ def test_round_trip_push_log_pull_bit_for_bit_and_peft_loads(tmp_path, pushed, s
         assert got[name] == want[name]
     assert got["README.md"] == store.read(store.resolve("alice/math@v1"), "README.md")
     assert files(hub.pull("alice/math@v2")) != got
-    model = PeftModel.from_pretrained(tiny_base(), str(out))
+    model = PeftModel.from_pretrained(tiny_model(), str(out))
     theta = model.base_model.model.model.layers[0].self_attn.q_proj.road_theta["default"]
     assert torch.equal(theta.detach(), composer.load(src["v1"]).theta["model.layers.0.self_attn.q_proj"])
     assert_fsck_clean(repo)
@@ -73,16 +63,17 @@ def test_round_trip_push_log_pull_bit_for_bit_and_peft_loads(tmp_path, pushed, s
     assert git(repo, "status", "--porcelain").stdout == ""
 
 
-def test_cli_round_trip(tmp_path):
+def test_cli_round_trip(tmp_path, capsys):
+    # In this process: `python -m app.cli` as a real process is in test_hub_cli.py and test_hub_serve.py.
     a, b = folder(tmp_path, "a", seed=0), folder(tmp_path, "b", seed=1)
-    p = hub_cmd("push", str(a), "alice/math")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "alice/math@v1"
-    assert hub_cmd("push", str(b), "alice/math").stdout.strip() == "alice/math@v2"
-    log = json.loads(hub_cmd("log", "alice/math", "--json").stdout)
-    assert [e["tags"] for e in log] == [["v2"], ["v1"]]
-    p = hub_cmd("pull", "alice/math@v1", "--to", str(tmp_path / "out"))
-    assert p.returncode == 0 and p.stdout.strip() == str(tmp_path / "out")
+    assert cli_main(["push", str(a), "alice/math"]) == 0
+    assert capsys.readouterr().out.strip() == "alice/math@v1"
+    assert cli_main(["push", str(b), "alice/math"]) == 0
+    assert capsys.readouterr().out.strip() == "alice/math@v2"
+    assert cli_main(["log", "alice/math", "--json"]) == 0
+    assert [e["tags"] for e in json.loads(capsys.readouterr().out)] == [["v2"], ["v1"]]
+    assert cli_main(["pull", "alice/math@v1", "--to", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     assert files(tmp_path / "out")["adapter_model.safetensors"] == files(a)["adapter_model.safetensors"]
 
 
@@ -358,7 +349,7 @@ def test_ids_follow_the_hugging_face_hub_rules(repo_id):
 def test_bad_id_from_cli_non_utf8(tmp_path, pushed):
     repo, src = pushed
     p = subprocess.run([sys.executable, "-m", "app.cli", "push", str(src["v1"]), b"al\xffice/math"],
-                       capture_output=True, env=env(), timeout=120)
+                       capture_output=True, env=env(), timeout=120)  # a real process: argv bytes
     assert p.returncode == 1 and b"not UTF-8" in p.stderr
 
 
@@ -375,19 +366,31 @@ def test_pickles_and_extras_are_left_out(tmp_path, store):
 # --- concurrency and crashes ---------------------------------------------------------------------
 
 
+def _pushers():
+    """Real processes forked from a server that imported the push path once (torch, transformers, PEFT's
+    config check: about 5 s of CPU for each fresh interpreter, more than the tests themselves). The server
+    keeps the environment it started with: children are given the store root or their environment."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["peft", "app.cli", "tests.test_hub_store"])
+    return ctx
+
+
 def _push_child(src: str, i: int, root: str, out) -> None:
     r = hub.push(src, "team/busy", message=f"push {i}", root=root)
     out.put(f"{r.repo_id}@{r.tag}")
 
 
-def test_eight_concurrent_pushes_make_eight_versions(tmp_path, store):
-    import multiprocessing
+def _cli_child(argv: list[str], environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.exit(cli_main(argv))
 
+
+def test_eight_concurrent_pushes_make_eight_versions(tmp_path, store):
     srcs = [folder(tmp_path, f"a{i}", seed=i) for i in range(8)]
-    # Eight real processes contending for the repository's lock. A fork server imports torch once and forks
-    # the pushers from it (eight interpreters importing torch would cost more than the test itself).
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["hub", "composer.io", "tests.test_hub_store"])
+    ctx = _pushers()  # eight real processes contending for the repository's lock
     out = ctx.Queue()
     procs = [ctx.Process(target=_push_child, args=(str(s), i, str(store.root), out)) for i, s in enumerate(srcs)]
     for p in procs:
@@ -420,16 +423,18 @@ def test_push_killed_mid_way_leaves_repo_usable(tmp_path, pushed, store, stage):
     v1 = files(hub.pull("alice/math@v1", to=tmp_path / "v1"))
     new = folder(tmp_path, "new", seed=9)
     signal_file = tmp_path / "paused"
-    p = subprocess.Popen([sys.executable, "-m", "app.cli", "push", str(new), "alice/math"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE,
-                         env=env(HUB_TEST_PAUSE_AFTER=stage, HUB_TEST_PAUSE_SIGNAL=str(signal_file)))
+    # `hub push` in a real process, killed with SIGKILL where the test hook pauses it
+    environ = {**os.environ, "HUB_TEST_PAUSE_AFTER": stage, "HUB_TEST_PAUSE_SIGNAL": str(signal_file)}
+    p = _pushers().Process(target=_cli_child, args=(["push", str(new), "alice/math"], environ))
+    p.start()
     deadline = time.monotonic() + 240
     while not signal_file.exists():
-        assert p.poll() is None, p.communicate()
+        assert p.exitcode is None, f"the push exited ({p.exitcode}) before its pause"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    p.join()
+    assert p.exitcode == -signal.SIGKILL
     assert_fsck_clean(repo)
     if stage == "refs":  # killed after the ref transaction: the push is complete
         assert hub.resolve("alice/math@v3").sha == hub.resolve("alice/math").sha

@@ -315,7 +315,7 @@ def test_init_starts_exactly_at_the_adapter_and_from_peft_reads_it_back(folders,
 
 def test_hub_train_kind_ia3_trains_an_adapter_the_engine_serves(tmp_path, capsys):
     from app.train import main
-    from tests.test_train import char_tokenizer
+    from tests.helpers import char_tokenizer
 
     base = tmp_path / "base"
     tiny_model().save_pretrained(base)

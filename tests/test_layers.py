@@ -87,3 +87,17 @@ def test_no_import_circles_between_modules():
         walk(m, m, (m,))
     assert not circles, sorted(circles)
     assert "composer.ops" in graph["composer.interpret"] and "composer.interpret" not in graph["composer.ops"]
+
+
+def test_test_modules_share_helpers_only_through_the_helper_modules():
+    """A test module imports what it shares from tests/helpers.py and tests/tiny.py, never from another
+    test module (which brought that module's imports and fixtures along, and broke when it moved)."""
+    bad = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):  # relative too: `from .test_x import y`
+                names = ["tests." * bool(node.level) + (node.module or "")]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            bad += [(path.name, n) for n in names if n.startswith("tests.test_")]
+    assert not bad, bad

@@ -13,8 +13,8 @@ from peft import PeftModel
 
 import composer
 import hub
-from tests.test_composer_peft import IDS, no_key_warnings
-from tests.tiny import peft_lora, random_road, tiny_model
+from tests.helpers import no_key_warnings
+from tests.tiny import IDS, peft_lora, random_road, tiny_model
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -42,11 +42,13 @@ def logits(pm):
         return pm(input_ids=IDS).logits
 
 
-@pytest.fixture
-def pair(tmp_path):
-    """Two LoRAs of different rank and scale, one rsLoRA, one with a rank/alpha pattern."""
-    a = peft_lora(tmp_path / "a", seed=1, r=4, lora_alpha=8)
-    b = peft_lora(tmp_path / "b", seed=2, r=2, lora_alpha=3, use_rslora=True)
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two LoRAs of different rank and scale, one rsLoRA, one with a rank/alpha pattern (written once for the
+    module: the tests only read them)."""
+    tmp = tmp_path_factory.mktemp("pair")
+    a = peft_lora(tmp / "a", seed=1, r=4, lora_alpha=8)
+    b = peft_lora(tmp / "b", seed=2, r=2, lora_alpha=3, use_rslora=True)
     return a, b
 
 

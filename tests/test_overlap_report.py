@@ -11,21 +11,35 @@ import hub
 from app.cli import main
 from app.train import train
 from app.ui.mixer import overlap_html, overlap_matrix
-from tests.test_train import char_tokenizer, learner
-from tests.tiny import random_road
+from tests.helpers import char_tokenizer
+from tests.tiny import learner, random_road
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two adapters trained in complementary slots (0/2 and 1/2, seed 3) and one trained on every pair:
+    trained once for the module (training is pure: same data, seeds and model give the same folders)."""
+    tmp = tmp_path_factory.mktemp("slots")
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": c, "completion": c.upper()}) + "\n" for c in "abcdef"))
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:  # before the per-test isolation (conftest): a store of its own
+        mp.setenv("ADAPTER_HUB_HOME", str(tmp / "hub-home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        for name, sub in (("s0", "0/2"), ("s1", "1/2"), ("full", None)):
+            subspace = composer.Subspace.parse(sub, seed=3) if sub else None
+            train((learner(), char_tokenizer()), data, group_size=8, steps=2, batch_size=4, lr=3e-2,
+                  progress=False, subspace=subspace, out_dir=tmp / name)
+            out[name] = tmp / name
+    return out
 
 
 @pytest.fixture
-def slots(tmp_path):
-    """Two adapters trained in complementary slots (0/2 and 1/2, seed 3) and one trained on every pair."""
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": c, "completion": c.upper()}) + "\n" for c in "abcdef"))
+def slots(trained):
+    """The three trained folders pushed to this test's store as t/s0, t/s1, t/full, loaded back."""
     out = {}
-    for name, sub in (("s0", "0/2"), ("s1", "1/2"), ("full", None)):
-        subspace = composer.Subspace.parse(sub, seed=3) if sub else None
-        train((learner(), char_tokenizer()), data, group_size=8, steps=2, batch_size=4, lr=3e-2, progress=False,
-              subspace=subspace, out_dir=tmp_path / name)
-        hub.push(tmp_path / name, f"t/{name}")
+    for name, path in trained.items():
+        hub.push(path, f"t/{name}")
         out[name] = hub.load(f"t/{name}")
     return out
 

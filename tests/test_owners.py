@@ -169,9 +169,9 @@ def test_one_fits_check_for_init_and_the_engine():
     with pytest.raises(composer.IncompatibleAdaptersError) as e_init:
         composer.init(tiny_model(), wrong)
     assert str(e_init.value) == str(e.value)
-    from tests.test_app_tiny import char_tokenizer
+    from tests.helpers import chat_tokenizer
 
-    engine = Engine(small, char_tokenizer())
+    engine = Engine(small, chat_tokenizer())
     try:
         with pytest.raises(MixError) as e_engine:
             engine.forward(torch.tensor([[5, 6, 7]]), None, [wrong])
@@ -200,25 +200,50 @@ def test_next_version_and_natural_tag_order():
     assert sort_tags(["v10", "stable", "v2", "v1"]) == ["v1", "v2", "v10", "stable"]
 
 
-def test_sha256_of_a_file_has_one_owner(tmp_path):
+def test_a_file_digest_is_its_plain_sha256_wherever_it_is_recorded(tmp_path):
+    """One digest rule (composer.data.file_sha256): the store's pull marker records each pulled file's plain
+    sha256 (the training record's data_sha256 is checked in tests/test_train.py)."""
     import hashlib
+    import json
 
     from composer.data import file_sha256
+    from hub.store import PULL_MARKER
 
     p = tmp_path / "x"
     p.write_bytes(b"abc" * 1000)
     assert file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
-    import app.train
+    composer.save(random_road(tiny_model(), seed=1), tmp_path / "a")
+    hub.push(tmp_path / "a", "alice/math")
+    out = hub.pull("alice/math", to=tmp_path / "out")
+    recorded = json.loads((out / PULL_MARKER).read_text())["files"]
+    assert "adapter_model.safetensors" in recorded
+    assert recorded == {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in recorded}
 
-    assert app.train.file_sha256 is file_sha256
 
+def test_one_card_writer(tmp_path):
+    """composer.save, a push of a folder without a card, and hub train all write the card build_card writes
+    for what they hold (and the hub keeps no card module of its own)."""
+    from app.train import train
+    from composer.card import build_card, parse_card
+    from tests.helpers import char_tokenizer
+    from tests.tiny import learner
 
-def test_one_card_writer():
-    import app.train
-    import composer.io
-    import hub.store
-    from composer.card import build_card
+    a = random_road(tiny_model(), seed=1)
+    saved = composer.save(a, tmp_path / "a")
+    assert (saved / "README.md").read_text() == build_card(a)
+    (saved / "README.md").unlink()
+    hub.push(saved, "alice/math")
+    stored = hub.Store().read(hub.resolve("alice/math@v1"), "README.md").decode()
+    assert stored == build_card(a, repo_id="alice/math")
 
-    assert hub.store.build_card is build_card and composer.io.build_card is build_card
-    assert app.train.build_card is build_card
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
+    model = learner()
+    model.name_or_path = "tiny-llama"
+    train((model, char_tokenizer()), data, group_size=8, steps=1, batch_size=1, progress=False,
+          out_dir=tmp_path / "t")
+    card = (tmp_path / "t" / "README.md").read_text()
+    training = parse_card(card)[0]["training"]
+    assert training["data_sha256"] and training["steps"] == 1
+    assert card == build_card(composer.load(tmp_path / "t"), training=training, base_model="tiny-llama")
     assert not Path(hub.__file__).with_name("card.py").exists()

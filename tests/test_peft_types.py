@@ -16,27 +16,7 @@ import hub
 from composer import kinds
 from composer.errors import AdapterFormatError, NotComposableError
 from tests.helpers import rewrite_folder
-from tests.tiny import tiny_model
-
-
-def _configs():
-    import peft
-
-    return {
-        "IA3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                      feedforward_modules=["down_proj"]),
-        "LOHA": lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
-        "LOKR": lambda: peft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]),
-        "OFT": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]),
-        "BOFT": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"]),
-        "VERA": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "k_proj"]),
-        "FOURIERFT": lambda: peft.FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"]),
-        "ADALORA": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]),
-        "PREFIX_TUNING": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-        "P_TUNING": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                     encoder_hidden_size=16),
-    }
-
+from tests.tiny import peft_type_configs, tiny_model
 
 TYPES = ["IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "FOURIERFT", "ADALORA", "PREFIX_TUNING", "P_TUNING"]
 IDS = torch.tensor([[5, 9, 17, 3, 44, 8]])
@@ -58,7 +38,7 @@ def saved(tmp_path_factory):
     for t in TYPES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pm = get_peft_model(tiny_model(), _configs()[t]())
+            pm = get_peft_model(tiny_model(), peft_type_configs()[t]())
             g = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for p in pm.parameters():

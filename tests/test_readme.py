@@ -15,7 +15,8 @@ def test_the_readme_has_python_examples():
     assert len(BLOCKS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize("index", [pytest.param(i, marks=[pytest.mark.slow] if "load_base(" in b else [])
+                                   for i, b in enumerate(BLOCKS)])
 def test_readme_python_block_runs(index, tmp_path, monkeypatch, request):
     code = BLOCKS[index]
     if "load_base(" in code:  # the default model: converted once per session (see conftest.smol_home)
@@ -23,3 +24,17 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters").symlink_to(ROOT / "adapters")
     exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+
+
+def test_the_test_command_runs_with_what_a_fresh_install_brings():
+    """The README's test command is `.ci/run`; where it runs pytest on workers, pytest-xdist is in the test
+    extra and pinned in constraints.txt, so a fresh machine has it."""
+    first_block = (ROOT / "README.md").read_text(encoding="utf-8").split("```")[1]
+    assert "bash .ci/run" in first_block
+    pytest_line = next(line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                       if "python -m pytest" in line and not line.lstrip().startswith("#"))
+    assert "ADAPTER_HUB_TEST_STRICT=1" in pytest_line and "-p no:cacheprovider" in pytest_line
+    if re.search(r"\s-n\s", pytest_line):
+        test_extra = re.search(r"^test = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), flags=re.S | re.M)
+        assert test_extra and '"pytest-xdist>=' in test_extra.group(1)
+        assert re.search(r"^pytest-xdist==", (ROOT / "constraints.txt").read_text(), flags=re.M)

@@ -14,9 +14,8 @@ import torch
 import composer
 from app.train import train
 from composer.subspace import Subspace, SubspaceError, active_pairs, overlap, param_mask
-from tests.test_composer_peft import peft_logits
-from tests.test_train import char_tokenizer, front_matter, learner
-from tests.tiny import random_road, tiny_model
+from tests.helpers import char_tokenizer, front_matter
+from tests.tiny import learner, peft_logits, random_road, tiny_model
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 

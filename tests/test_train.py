@@ -7,39 +7,13 @@ import json
 
 import pytest
 import torch
-import yaml
 
 import composer
 from app.errors import TrainingDataError
 from app.train import encode_example, main, read_examples, train
 from composer.data import IGNORE as IGNORE_ID
-from tests.tiny import random_prompt, random_road, tiny_model
-
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :+=?.,\n")
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def char_tokenizer():
-    """A character-level tokenizer with a ChatML template, built offline (ids fit the tiny model's vocab)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<pad>": 1, "<|im_end|>": 2, "<|im_start|>": 3}
-    vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHAT
-    return fast
-
-
-def learner(seed: int = 0):
-    """The tiny Llama with larger random weights: at the default init (0.02) its logits are nearly uniform
-    whatever a small adapter does, so a few steps could not show learning."""
-    return tiny_model(seed, initializer_range=0.2)
+from tests.helpers import char_tokenizer, front_matter
+from tests.tiny import learner, random_prompt, random_road, tiny_model
 
 
 @pytest.fixture
@@ -51,10 +25,6 @@ def data(tmp_path):
     rows.append({"messages": [{"role": "user", "content": "m"}, {"role": "assistant", "content": "n"}]})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
-
-
-def front_matter(card: str) -> dict:
-    return yaml.safe_load(card.split("---")[1])
 
 
 def test_answer_tokens_only_carry_labels():

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from composer import PromptVector, RoadAdapter
 from composer.road_math import num_values
-from tests.helpers import DEVICE_ENV
+from tests.helpers import DEVICE_ENV, chat_tokenizer, no_key_warnings
 
 HIDDEN = 32
 TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -36,6 +36,41 @@ def tiny_model(seed: int = 0, hidden: int = HIDDEN, **overrides) -> LlamaForCaus
     device); ``overrides`` go to :func:`tiny_config` (e.g. ``vocab_size``, ``initializer_range``)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_config(hidden, **overrides)).eval().to(DEVICE)
+
+
+def learner(seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama with larger random weights: at the default init (0.02) its logits are nearly uniform
+    whatever a small adapter does, so a few training steps could not show learning."""
+    return tiny_model(seed, initializer_range=0.2)
+
+
+CHAT_CONTEXT = 256
+
+
+def tiny_chat_model(seed: int = 0):
+    """The tiny Llama sized to :func:`tests.helpers.chat_tokenizer` (ids, pad/bos/end tokens), named
+    ``tiny-llama``, with spread output logits; returns ``(model, tokenizer)``."""
+    tok = chat_tokenizer()
+    model = tiny_model(seed, 32, vocab_size=len(tok), max_position_embeddings=CHAT_CONTEXT,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    # Make greedy answers depend clearly on the adapters: spread the output logits.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.name_or_path = "tiny-llama"
+    return model, tok
+
+
+def batch(seed=0, lengths=(7, 5, 7, 6, 4, 7, 3, 2)):
+    """Random ids for the tiny model, left-padded to the longest of ``lengths``: ``(ids, mask)`` on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.randint(3, 97, (len(lengths), n), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(lengths):
+        mask[i, n - length:] = 1
+        ids[i, : n - length] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def module_widths(model, targets=TARGETS) -> dict[str, int]:
@@ -87,6 +122,91 @@ def peft_lora(path, seed: int = 0, r: int = 4, lora_alpha: float = 8, targets=LO
                 p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "magnitude" in name else 0.0))
     pm.save_pretrained(str(path))
     return path
+
+
+def mixed_folders(root) -> dict:
+    """PEFT folders of every kind the engine mixes on one row, for the tiny model: three LoRAs (``la``;
+    ``lb`` rsLoRA of rank 2; ``lc`` on four projections), a RoAd adapter (``road``) and a 3-token prompt
+    (``pv3``)."""
+    import composer
+
+    out = {
+        "la": peft_lora(root / "la", seed=1, r=4, lora_alpha=8),
+        "lb": peft_lora(root / "lb", seed=2, r=2, lora_alpha=3, use_rslora=True),
+        "lc": peft_lora(root / "lc", seed=3, r=8, lora_alpha=16,
+                        targets=("q_proj", "v_proj", "up_proj", "o_proj")),
+    }
+    out["road"] = composer.save(random_road(tiny_model(), "road_1", seed=4, scale=0.5), root / "road")
+    out["pv3"] = composer.save(random_prompt(n=3), root / "pv3")
+    return out
+
+
+def peft_mixed_logits(folders, names, ids):
+    """PEFT's logits for one unpadded row of :func:`mixed_folders` ``names``: the LoRAs all active; a RoAd
+    adapter on the model with the LoRAs merged in (LoRA on the weight, RoAd on the output); a prompt as
+    PEFT's prefix embeddings."""
+    from peft import PeftModel
+
+    import composer
+
+    loras = [n for n in names if n.startswith("l")]
+    model = tiny_model()
+    if loras:
+        model = PeftModel.from_pretrained(model, str(folders[loras[0]]), adapter_name=loras[0])
+        for n in loras[1:]:
+            model.load_adapter(str(folders[n]), adapter_name=n)
+        model.base_model.set_adapter(loras)
+    if "road" in names:
+        if loras:
+            model = model.merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(folders["road"]))
+    model.eval()
+    with torch.no_grad():
+        if "pv3" in names:
+            emb = model.get_input_embeddings()(ids[None])
+            p = composer.load(folders["pv3"]).prompt.to(emb)
+            return model(inputs_embeds=torch.cat((p[None], emb), 1)).logits[0, p.shape[0]:]
+        return model(input_ids=ids[None]).logits[0]
+
+
+IDS = torch.tensor([[5, 17, 33, 2, 71, 9, 40, 11], [3, 3, 8, 90, 12, 6, 1, 77]])
+
+
+def peft_logits(folders, ids=IDS, names=None):
+    """Logits of a fresh tiny model with the given PEFT folders all active (stacked, in order)."""
+    from peft import PeftModel
+
+    base = tiny_model()
+    names = names or [f"a{i}" for i in range(len(folders))]
+    with no_key_warnings():
+        model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name=names[0])
+        for f, n in zip(folders[1:], names[1:]):
+            model.load_adapter(str(f), adapter_name=n)
+    model.base_model.set_adapter(names)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def peft_type_configs() -> dict:
+    """A config factory for each PEFT type the hub stores as it is, on the tiny model's projections."""
+    import peft
+
+    return {
+        "IA3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"]),
+        "LOHA": lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        "LOKR": lambda: peft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        "OFT": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]),
+        "BOFT": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"]),
+        "VERA": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "k_proj"]),
+        "FOURIERFT": lambda: peft.FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"]),
+        "ADALORA": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                              target_modules=["q_proj", "v_proj"]),
+        "PREFIX_TUNING": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "P_TUNING": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                     encoder_hidden_size=16),
+    }
 
 
 def peft_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
