@@ -83,3 +83,18 @@ def smol_home(tmp_path_factory, shared_cache):
             else:
                 os.environ[k] = v
     return root
+
+
+@pytest.fixture
+def fake():
+    """The fake API, and its files served through huggingface_hub's own client hook (the network boundary)."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    from tests.fake_hub import FakeHub
+
+    hub_ = FakeHub()
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub_.serve)))
+    yield hub_
+    set_client_factory(default_client_factory)

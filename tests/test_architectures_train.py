@@ -22,7 +22,7 @@ import composer
 from app.engine import Engine
 from app.train import train
 from composer.mixfit import layer_number
-from tests.test_train import char_tokenizer
+from tests.helpers import char_tokenizer
 from tests.tiny import ARCHS, arch_model, peft_lora, random_prompt, random_road
 
 TRAINED = tuple(ARCHS)

@@ -13,7 +13,7 @@ import pytest
 import hub
 from app import cli
 from app.cli import main
-from tests.test_hub_helpers import env, folder
+from tests.helpers import env, folder
 
 
 def _push_interrupted_at(stage: str, tmp_path) -> subprocess.CompletedProcess:
@@ -115,7 +115,7 @@ def _push(adapter, name: str, tmp_path) -> None:
 
 
 def test_adapters_of_different_base_models_lead_with_the_base_models(tmp_path, capsys):
-    from tests.test_hub_helpers import road
+    from tests.helpers import road
     from tests.tiny import random_road, tiny_model
 
     _push(road(0), "alice/small", tmp_path)
@@ -131,7 +131,7 @@ def test_adapters_of_different_base_models_lead_with_the_base_models(tmp_path, c
 def test_same_shapes_of_different_base_models_warn_in_one_line(tmp_path, capsys):
     import dataclasses
 
-    from tests.test_hub_helpers import road
+    from tests.helpers import road
 
     other = road(1)
     _push(road(0), "alice/small", tmp_path)

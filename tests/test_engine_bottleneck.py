@@ -134,7 +134,7 @@ def test_greedy_generation_of_bottleneck_rows_matches_the_exact_reader(engine, a
 
 
 def test_bottleneck_rows_join_and_leave_the_running_batch_beside_other_kinds(ads, tmp_path):
-    from tests.test_engine_prefix import prefix_folder
+    from tests.prompt_learning import prefix_folder
 
     model = base()
     lora = composer.load(peft_lora(tmp_path / "lora", seed=3, r=4, lora_alpha=8))
@@ -205,7 +205,7 @@ def test_a_bottleneck_and_a_prefix_on_one_row_match_peft_s_prefix_on_the_model_c
                                                                                                        tmp_path):
     """The prefix's keys and values are stored, not computed by the layers, so a row carrying both is PEFT's prefix
     tuning on the model with the bottleneck attached."""
-    from tests.test_engine_prefix import peft_alone, prefix_folder
+    from tests.prompt_learning import peft_alone, prefix_folder
 
     folder = prefix_folder(tmp_path / "prefix", 11, n=3)
     ids = outputs["input_ids"]

@@ -6,43 +6,18 @@ running batch, rows joining and leaving."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft import PeftModel
 
 import composer
 from app.engine import Engine
 from app.engine.continuous import Row, RunningBatch
 from app.errors import MixError
-from tests.test_engine import batch
-from tests.tiny import DEVICE, arch_model, peft_greedy, peft_lora, random_prompt, random_road, tiny_model
+from tests.prompt_learning import SHARP, base, peft_alone, prefix_folder
+from tests.tiny import DEVICE, arch_model, batch, peft_greedy, peft_lora, random_prompt, random_road, tiny_model
 
 TOL = 1e-4
-SHARP = 0.1  # initializer_range: weights large enough that greedy tokens follow positions and prefixes closely
-
-
-def base():
-    """The tiny Llama with sharper weights than tests/tiny.py's default (whose tokens hardly move when a position
-    is off by a few: this file checks that prefixes sit where PEFT puts them)."""
-    return tiny_model(initializer_range=SHARP)
-
-
-def prefix_folder(path, seed: int, n: int = 4, model=None, **config):
-    """A prefix-tuning folder PEFT itself saved (``get_peft_model`` + ``save_pretrained``) on the tiny model (or
-    ``model``), every value random and large enough to change the tokens."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(tiny_model() if model is None else model,
-                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, **config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g).to(p))
-    pm.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +30,6 @@ def folders(tmp_path_factory):
     for name, a in {"road": random_road(tiny_model(), "road_1", seed=5, scale=0.5), "pv3": random_prompt(n=3)}.items():
         out[name] = composer.save(a, root / name)
     return out
-
-
-def peft_alone(folder, model=None):
-    """PEFT's model with one adapter (the plain model for ``None``)."""
-    model = base() if model is None else model
-    if folder is None:
-        return model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
 def reference_logits(folders, name, ids):

@@ -202,7 +202,7 @@ def test_prompt_learning_types_are_refused_too(tmp_path):
         str(tmp_path / "prefix"))
     with pytest.raises(ExportError, match="prompt learning"):
         export.write_merged(composer.load(tmp_path / "prefix"), tmp_path / "o", model=tiny_model(), tokenizer=None)
-    from tests.test_ptuning import p_tuning  # served as a prompt, and named for what it is
+    from tests.prompt_learning import p_tuning  # served as a prompt, and named for what it is
 
     with pytest.raises(ExportError, match="Cannot export a p_tuning adapter \\(prompt learning\\)"):
         export.write_merged(composer.load(p_tuning(tmp_path / "pt", 1)[0]), tmp_path / "o", model=tiny_model(),

@@ -29,9 +29,7 @@ import composer
 import hub
 from app.cli import main
 from tests.helpers import answers, env, files, folder, free_port, git, hub_cmd, running
-from tests.test_engine_prefix import prefix_folder
-from tests.test_prefix_arithmetic import started
-from tests.test_ptuning import p_tuning
+from tests.prompt_learning import p_tuning, prefix_folder, started
 from tests.tiny import peft_lora
 
 SECRET = "aws_secret_access_key = DO-NOT-LEAK"
@@ -748,7 +746,7 @@ def test_a_lora_with_enormous_factors_is_refused_not_an_empty_reply(tmp_path):
     from app.engine import Engine
     from app.engine.bounds import MAX_SCALE, lora_ratio
     from app.errors import MixError
-    from tests.test_app_tiny import tiny_chat_model
+    from tests.tiny import tiny_chat_model
 
     model, tok = tiny_chat_model()
     a = composer.load(peft_lora(tmp_path / "lora", seed=3, scale=0.05, model=tiny_chat_model()[0]))
@@ -783,7 +781,7 @@ def test_shipped_loras_are_far_inside_the_bound(smol_home):
     hundredths of its weight (measured 0.059 and 0.048), at least a thousand times inside MAX_SCALE."""
     from app.engine import load_base
     from app.engine.bounds import MAX_SCALE, lora_ratio
-    from tests.test_hub_helpers import ROOT
+    from tests.helpers import ROOT
 
     os.environ["ADAPTER_HUB_HOME"] = str(smol_home)  # the per-test store root; conftest restores it
     model, _ = load_base()
@@ -807,7 +805,8 @@ def test_a_short_reply_is_not_held_behind_a_message_at_the_context_length(tmp_pa
     from app.engine import Engine
     from app.ui import MAX_SLOTS
     from app.ui.page import reply_text
-    from tests.test_app_tiny import CONTEXT, Served
+    from tests.helpers import Served
+    from tests.tiny import CHAT_CONTEXT as CONTEXT
 
     s = Served(tmp_path / "store", prefill_chunk=24)
     try:
@@ -843,7 +842,7 @@ def test_every_limit_is_the_readme_table_and_each_error_names_its_variable(monke
     import re
 
     from composer import limits
-    from tests.test_hub_helpers import ROOT
+    from tests.helpers import ROOT
 
     section = (ROOT / "README.md").read_text().split("## Security", 1)[1].split("\n## ", 1)[0]
     table = dict(re.findall(r"^\| `(ADAPTER_HUB_\w+)` \| (\d+)", section, re.M))
@@ -886,7 +885,7 @@ def test_app_errors_and_toasts_are_html_escaped(tmp_path):
     from gradio_client import Client
 
     from app.ui import MAX_SLOTS
-    from tests.test_app_tiny import Served
+    from tests.helpers import Served
 
     s = Served(tmp_path / "store")
     try:

@@ -183,8 +183,7 @@ _PROMPT_KEYS = st.sampled_from(["peft_type", "num_virtual_tokens", "token_dim", 
 @pytest.fixture(scope="module")
 def valid_prompt_learning(tmp_path_factory):
     """A prefix-tuning and a p-tuning folder, each with its recorded origin (prompt_vector.safetensors)."""
-    from tests.test_prefix_arithmetic import started
-    from tests.test_ptuning import p_tuning
+    from tests.prompt_learning import p_tuning, started
 
     root = tmp_path_factory.mktemp("valid-prompt-learning")
     return [started(root / "prefix", 7, 1)[0], p_tuning(root / "ptuning", 1, origin=True)[0]]

@@ -19,9 +19,7 @@ from app.cli import main
 from app.engine import Engine
 from app.ui import Mixer, MixInputError
 from composer.parts import Parts
-from tests.test_app_tiny import tiny_chat_model
-from tests.test_hub_remote import fake  # noqa: F401 (the fixture: an HfApi-like object, files served at the boundary)
-from tests.tiny import peft_lora, random_prompt, random_road, tiny_model
+from tests.tiny import peft_lora, random_prompt, random_road, tiny_chat_model, tiny_model
 
 LORAS = "alice/la + 0.5*bob/lb"
 EXPR = f"{LORAS} ; carol/road ; dan/pv"

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import composer
 import hub
 from composer import kinds, precheck
-from tests.test_hub_helpers import ROOT, env, folder, prompt, road
+from tests.helpers import ROOT, env, folder, prompt, road
 from tests.tiny import peft_lora, tiny_model
 
 SHIPPED = sorted(p.parent for p in (ROOT / "adapters").glob("*/adapter_config.json"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,8 +38,8 @@ def adapters(engine, tmp_path_factory):
 
     m = engine.model
     root = tmp_path_factory.mktemp("prefill")
-    from tests.test_engine_bottleneck import REF
-    from tests.test_engine_prefix import prefix_folder
+    REF = Path(__file__).resolve().parent / "reference" / "bottleneck"
+    from tests.prompt_learning import prefix_folder
 
     return {
         "prefix": composer.load(prefix_folder(root / "prefix", seed=7, n=4)),
@@ -350,7 +351,7 @@ def test_cached_and_chunked_prefill_on_other_architectures(arch):
 def test_the_batcher_answers_like_the_engine_alone_from_cached_prefixes_and_chunks():
     import threading
 
-    from tests.test_app_tiny import tiny_chat_model
+    from tests.tiny import tiny_chat_model
 
     model, tok = tiny_chat_model()
     a, b = random_road(model, seed=1, scale=0.8), random_road(model, seed=2, scale=0.8)
@@ -388,7 +389,7 @@ def test_a_request_arriving_during_a_prefill_pass_gets_its_own_before_the_next_s
     import threading
     import time
 
-    from tests.test_app_tiny import tiny_chat_model
+    from tests.tiny import tiny_chat_model
 
     model, tok = tiny_chat_model()
     engine = Engine(model, tok)

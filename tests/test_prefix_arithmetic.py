@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import composer
@@ -24,29 +24,10 @@ from composer.errors import (
     NotComposableError,
 )
 from tests.helpers import rewrite_folder
-from tests.test_engine import batch
-from tests.test_engine_prefix import base, peft_alone, prefix_folder
-from tests.tiny import tiny_model
+from tests.prompt_learning import base, peft_alone, prefix_folder, started
+from tests.tiny import batch, tiny_model
 
 KV = "prompt_embeddings"
-
-
-def started(path, start: int, seed: int, n: int = 4, model=None, **config):
-    """A prefix trained (randomly moved) from PEFT's random start drawn with ``start``, saved by
-    ``composer.from_peft(model, init=KV₀)``; returns ``(folder, KV₀)`` with KV₀ as PEFT computed it."""
-    model = tiny_model() if model is None else model
-    torch.manual_seed(start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, **config))
-    kv0 = pm.get_prompt_embedding_to_save("default").clone()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    composer.save(composer.from_peft(pm, init=kv0), path)
-    return path, kv0
 
 
 @pytest.fixture(scope="module")

@@ -25,34 +25,10 @@ from composer.errors import (
     NotComposableError,
 )
 from tests.helpers import rewrite_folder
-from tests.test_engine import batch
-from tests.test_engine_prefix import base, prefix_folder
-from tests.tiny import peft_greedy, random_prompt, random_road, tiny_model
+from tests.prompt_learning import base, p_tuning, prefix_folder
+from tests.tiny import batch, peft_greedy, random_prompt, random_road, tiny_model
 
 TOL = 1e-4
-
-
-def p_tuning(path, seed: int, start: int = 0, n: int = 4, encoder: str = "MLP", origin: bool = False):
-    """A p-tuning folder PEFT itself saved after moving every encoder weight at random (``seed``) from the start drawn
-    with ``start``; with ``origin``, saved by ``composer.from_peft(model, init=E₀)`` instead, so that it records the
-    encoder's output before training. Returns ``(folder, E₀)``."""
-    model = tiny_model()
-    torch.manual_seed(start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
-                                                       encoder_hidden_size=16, encoder_reparameterization_type=encoder))
-    e0 = pm.get_prompt_embedding_to_save("default").clone()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    if origin:
-        composer.save(composer.from_peft(pm, init=e0), path)
-    else:
-        pm.save_pretrained(str(path))
-    return path, e0
 
 
 @pytest.fixture(scope="module")

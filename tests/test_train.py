@@ -117,7 +117,7 @@ def test_prompt_init_from_a_composition_keeps_the_origin(tmp_path, data):
 
 
 def test_prefix_init_from_a_composition_starts_there_and_keeps_the_origin(tmp_path, data):
-    from tests.test_prefix_arithmetic import started
+    from tests.prompt_learning import started
 
     (fa, kv0), (fb, _) = (started(tmp_path / n, 7, s) for n, s in (("a", 1), ("b", 2)))
     a, b = composer.load(fa), composer.load(fb)
