@@ -170,22 +170,11 @@ def applied(model: nn.Module, per_place: dict[Place, Batched]) -> Iterator[None]
     if not per_place:
         yield
         return
-    from composer.kinds.bottleneck import decoder_layers, places
+    from composer.kinds.bottleneck import decoder_layers, hook_place
 
     layers = decoder_layers(model)
     with ExitStack() as stack:
         for (i, place), rows in per_place.items():
-            norm, sub = places(layers[i])[place]
-            seen: dict[str, torch.Tensor] = {}
-
-            def keep(_mod, args, kwargs, seen=seen):
-                seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-            def adapt(_mod, _args, _kwargs, output, seen=seen, rows=rows):
-                h = output[0] if isinstance(output, tuple) else output
-                new = update(seen.pop("x"), h, rows)
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-
-            stack.callback(norm.register_forward_pre_hook(keep, with_kwargs=True).remove)
-            stack.callback(sub.register_forward_hook(adapt, with_kwargs=True).remove)
+            for handle in hook_place(layers[i], place, lambda x, h, rows=rows: update(x, h, rows)):
+                stack.callback(handle.remove)
         yield

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,24 +236,32 @@ def attached(model: Any, adapter: BottleneckAdapter) -> Iterator[Any]:
     bn = adapter.bn
     handles = []
     for (i, place), block in adapter.blocks().items():
-        norm, sub = places(layers[i])[place]
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep(_mod, args, kwargs, seen=seen):
-            seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-        def adapt(_mod, _args, _kwargs, output, seen=seen, block=block):
-            h = output[0] if isinstance(output, tuple) else output
-            new = sublayer_output(seen.pop("x"), h, block, bn)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        handles.append(norm.register_forward_pre_hook(keep, with_kwargs=True))
-        handles.append(sub.register_forward_hook(adapt, with_kwargs=True))
+        handles += hook_place(layers[i], place, lambda x, h, block=block: sublayer_output(x, h, block, bn))
     try:
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+def hook_place(layer: Any, place: str, change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Any]:
+    """Hooks that replace the output ``h`` of ``layer``'s sublayer at ``place`` (:func:`places`) by
+    ``change(x, h)``, ``x`` the stream entering that sublayer's norm; returns their handles (``.remove()`` each).
+    The one placement of a bottleneck: this reader and the engine's batched rows
+    (:func:`app.engine.bottleneck.applied`) both hook through it."""
+    norm, sub = places(layer)[place]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_mod, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def adapt(_mod, _args, _kwargs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        new = change(seen.pop("x"), h)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return [norm.register_forward_pre_hook(keep, with_kwargs=True),
+            sub.register_forward_hook(adapt, with_kwargs=True)]
 
 
 def decoder_layers(model: Any) -> Any:
