@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,17 +26,15 @@ from composer.errors import (
     UnsafeFormatError,
 )
 from composer.kinds import bottleneck as bn
-from tests.tiny import tiny_model
+from tests.tiny import BOTTLENECK_REF, bottleneck_base, tiny_model
 
-REF = Path(__file__).resolve().parent / "reference" / "bottleneck"
+REF = BOTTLENECK_REF
 FOLDERS = ("seq_bn", "double_seq_bn", "par_bn", "seq_bn_gelu", "seq_bn_b", "avg_params")
 
 
 @pytest.fixture(scope="module")
 def base():
-    model = tiny_model()
-    model.load_state_dict(load_file(str(REF / "base.safetensors")))
-    return model
+    return bottleneck_base()
 
 
 @pytest.fixture(scope="module")

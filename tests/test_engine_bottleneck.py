@@ -6,8 +6,6 @@ greedy tokens; the running batch; a shared mix folded."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from peft import PeftModel
@@ -19,18 +17,21 @@ from app.engine import Engine
 from app.engine.continuous import Row, RunningBatch
 from app.errors import ExportError, MixError
 from composer.kinds import bottleneck as bn
-from tests.tiny import DEVICE, arch_model, peft_greedy, peft_lora, random_prompt, random_road, tiny_model
+from tests.tiny import (
+    BOTTLENECK_REF,
+    DEVICE,
+    arch_model,
+    bottleneck_base,
+    peft_greedy,
+    peft_lora,
+    random_prompt,
+    random_road,
+)
 
-REF = Path(__file__).resolve().parent / "reference" / "bottleneck"
+REF = BOTTLENECK_REF
 NAMES = ("seq_bn", "double_seq_bn", "par_bn", "seq_bn_gelu", "seq_bn_b", "avg_params")
 TOL = 1e-4
-
-
-def base():
-    """The tiny Llama the library's reference outputs were made on."""
-    model = tiny_model()
-    model.load_state_dict(load_file(str(REF / "base.safetensors")))
-    return model
+base = bottleneck_base  # the tiny Llama the library's reference outputs were made on
 
 
 @pytest.fixture(scope="module")

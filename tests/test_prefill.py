@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,8 +37,8 @@ def adapters(engine, tmp_path_factory):
 
     m = engine.model
     root = tmp_path_factory.mktemp("prefill")
-    REF = Path(__file__).resolve().parent / "reference" / "bottleneck"
     from tests.prompt_learning import prefix_folder
+    from tests.tiny import BOTTLENECK_REF as REF
 
     return {
         "prefix": composer.load(prefix_folder(root / "prefix", seed=7, n=4)),

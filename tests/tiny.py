@@ -9,6 +9,7 @@ CPU, as ``composer.load`` gives them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,6 +46,19 @@ def learner(seed: int = 0) -> LlamaForCausalLM:
 
 
 CHAT_CONTEXT = 256
+
+
+BOTTLENECK_REF = Path(__file__).resolve().parent / "reference" / "bottleneck"
+"""The adapters library's reference folders and outputs (tests/reference/make_bottleneck.py)."""
+
+
+def bottleneck_base():
+    """The tiny Llama the library's reference outputs were made on (its weights in ``BOTTLENECK_REF``)."""
+    from safetensors.torch import load_file
+
+    model = tiny_model()
+    model.load_state_dict(load_file(str(BOTTLENECK_REF / "base.safetensors")))
+    return model
 
 
 def tiny_chat_model(seed: int = 0):
