@@ -55,11 +55,7 @@ def started(path, start: int, seed: int, n: int = 4, model=None, **config):
         warnings.simplefilter("ignore")
         pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, **config))
     kv0 = pm.get_prompt_embedding_to_save("default").clone()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    _move(pm, seed)
     composer.save(composer.from_peft(pm, init=kv0), path)
     return path, kv0
 
@@ -75,13 +71,18 @@ def p_tuning(path, seed: int, start: int = 0, n: int = 4, encoder: str = "MLP", 
         pm = get_peft_model(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
                                                        encoder_hidden_size=16, encoder_reparameterization_type=encoder))
     e0 = pm.get_prompt_embedding_to_save("default").clone()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    _move(pm, seed)
     if origin:
         composer.save(composer.from_peft(pm, init=e0), path)
     else:
         pm.save_pretrained(str(path))
     return path, e0
+
+
+def _move(pm, seed: int) -> None:
+    """"Train" ``pm``: move every trainable weight by N(0, 0.5²) noise drawn with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
