@@ -28,6 +28,7 @@ import threading
 from typing import Any
 
 from .cli_errors import DEBUG_ENV, UsageError, _err, _safe, report_error, warnings_as_lines
+from .options import add_serving, batcher_options, positive
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("Validate an adapter folder and store it as a new version (v1, v2, ...).", """
@@ -99,17 +100,6 @@ def _fmt_help(name: str) -> str:
     summary, examples = COMMANDS[name]
     body = textwrap.indent(textwrap.dedent(examples).strip(chr(10)), "  ")
     return f"{summary}\n\nExamples:\n{body}"
-
-
-def _positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a usage error, exit 2, otherwise)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def _sub(subs, name: str, **kw) -> argparse.ArgumentParser:
@@ -211,10 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", metavar="MODEL", help="base model id or folder (default: offline SmolLM2-135M-Instruct)")
     s.add_argument("--root", metavar="DIR", help="store root (default $ADAPTER_HUB_HOME)")
     s.add_argument("--no-seed", action="store_true", help="do not add the shipped adapters to the store")
-    s.add_argument("--max-batch", type=_positive, default=8, help="rows decoding together (default 8)")
-    s.add_argument("--max-queue", type=_positive, default=64,
-                   help="rows that may wait for a place; past it a request gets 429 with Retry-After (default 64)")
-    s.add_argument("--max-tokens", type=_positive, default=256,
+    add_serving(s, busy="a request gets 429 with Retry-After")
+    s.add_argument("--max-tokens", type=positive, default=256,
                    help="a reply's length in tokens when a request sets no max_tokens (default 256)")
 
     s = _sub(subs, "export")
@@ -225,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["merged", "lora", "gguf"], default="merged",
                    help="merged: a transformers model folder with the mix folded into the weights (default); lora: a "
                         "plain PEFT LoRA folder of a LoRA mix; gguf: the merged model as one GGUF file")
-    s.add_argument("--rank", type=_positive, metavar="N",
+    s.add_argument("--rank", type=positive, metavar="N",
                    help="--format lora: compress to at most rank N first (truncated SVD; the error is reported)")
     s.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "source"], default=None,
                    help="--format gguf: the type of the tensors the mix changes: f32 (default, exact), f16, q8_0, "
@@ -523,8 +511,8 @@ def _cmd_serve(a) -> int:
 
 def _cmd_api(a) -> int:
     from .api import serve  # FastAPI, torch and the engine: imported only for this command
-    return serve(base=a.base, root=a.root, host=a.host, port=a.port, api_keys=a.api_key, max_batch=a.max_batch,
-                 max_queue=a.max_queue, seed_examples=not a.no_seed, default_max_tokens=a.max_tokens, announce=_err)
+    return serve(base=a.base, root=a.root, host=a.host, port=a.port, api_keys=a.api_key,
+                 seed_examples=not a.no_seed, default_max_tokens=a.max_tokens, announce=_err, **batcher_options(a))
 
 
 def _passthrough(a) -> list[str]:

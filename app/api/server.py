@@ -307,8 +307,8 @@ def create_app(batcher: Batcher, resolver: StoreResolver, *, api_keys: Iterable[
 
 
 def serve(*, base: str | None = None, root: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_keys: Iterable[str] = (), max_batch: int = 8, max_queue: int = 64, seed_examples: bool = True,
-          default_max_tokens: int = DEFAULT_MAX_TOKENS, announce: Callable[[str], None] = lambda _: None) -> int:
+          api_keys: Iterable[str] = (), seed_examples: bool = True, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+          announce: Callable[[str], None] = lambda _: None, **batcher: Any) -> int:
     """Load the base model, then serve the API until interrupted (``hub api``); returns the exit code.
 
     Args:
@@ -317,6 +317,8 @@ def serve(*, base: str | None = None, root: str | None = None, host: str = "127.
         api_keys: bearer keys from the command line; ``ADAPTER_HUB_API_KEY`` adds to them.
         seed_examples: import the shipped example adapters into the store first (as ``hub app`` does).
         announce: where progress lines go (the CLI passes its stderr printer).
+        batcher: options of :class:`~app.batcher.Batcher` (``max_batch``, ``max_queue``, ``prefix_cache``,
+            ``prefill_chunk``; :func:`app.options.batcher_options`).
     """
     import uvicorn
 
@@ -332,7 +334,7 @@ def serve(*, base: str | None = None, root: str | None = None, host: str = "127.
         if added:
             announce(f"Added shipped adapters to the store: {', '.join(added)}")
     resolver = StoreResolver(store, base_name=getattr(model, "name_or_path", "") or str(base))
-    batcher = Batcher(Engine(model, tok), max_batch=max_batch, max_queue=max_queue)
+    batcher = Batcher(Engine(model, tok), **batcher)
     app = create_app(batcher, resolver, api_keys=keys, default_max_tokens=default_max_tokens)
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         announce(f"Warning: listening on {host} without a key: anyone who reaches this port can use the model. "

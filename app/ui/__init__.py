@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..options import add_serving, batcher_options, positive
 from .mixer import METHODS, Mixer, MixInputError, build_expression
 from .page import CSS, MAX_SLOTS, build_app
 
@@ -31,15 +32,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login")
     p.add_argument("--base", metavar="MODEL", help="base model id or folder (default: offline SmolLM2-135M-Instruct)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoding together (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="rows that may wait for a place; past it a request is told the app is busy (default 64)")
+    add_serving(p, busy="a request is told the app is busy")
     p.add_argument("--scheduler", choices=("continuous", "gather"), default="continuous",
                    help="continuous: requests join and leave the running batch at every step (default); "
                         "gather: gather for --wait-ms, then run the batch to its end (the earlier path)")
     p.add_argument("--wait-ms", type=float, default=15.0,
                    help="gather only: how long to gather a batch (default 15 ms)")
-    p.add_argument("--concurrency", type=int, default=16, help="chat events running at once (default 16)")
+    p.add_argument("--concurrency", type=positive, default=16, help="chat events running at once (default 16)")
     p.add_argument("--root", metavar="DIR", help="store root (default $ADAPTER_HUB_HOME)")
     p.add_argument("--no-seed", action="store_true", help="do not add the shipped adapters to an empty store")
     return p
@@ -87,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     auth = _auth(args.auth)
-    for name in ("max_batch", "max_queue", "concurrency"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     from ..engine import load_base
 
     print(f"Loading base model {args.base or 'SmolLM2-135M-Instruct (offline default)'} ...", file=sys.stderr)
@@ -98,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         added = seed_store(Mixer(args.root))
         if added:
             print(f"Added shipped adapters to the store: {', '.join(added)}", file=sys.stderr)
-    demo, _, batcher = build(model, tok, root=args.root, max_batch=args.max_batch, wait_ms=args.wait_ms,
-                             concurrency=args.concurrency, scheduler=args.scheduler, max_queue=args.max_queue)
+    demo, _, batcher = build(model, tok, root=args.root, wait_ms=args.wait_ms, concurrency=args.concurrency,
+                             scheduler=args.scheduler, **batcher_options(args))
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS)
     finally:
