@@ -70,7 +70,7 @@ def check_compatible(adapters: Sequence[Adapter], *, same_variant: bool = True) 
         bases = (f"Different base models: {first.base_model!r} ({_label(first, 0)}) vs {other.base_model!r} "
                  f"({_label(other, i)})" if first.base_model != other.base_model else "")
         try:
-            kind.check_pair(first, other, names, "", same_variant=same_variant)
+            kind.check_pair(first, other, names, same_variant=same_variant)
         except IncompatibleAdaptersError as e:
             if not bases:
                 raise

@@ -77,7 +77,7 @@ class Kind:
     def check_usable(self, adapter: Any, label: str) -> None:
         """Raise :class:`NotComposableError` when this adapter cannot enter arithmetic at all."""
 
-    def check_pair(self, first: Any, other: Any, names: str, bm_note: str, *, same_variant: bool) -> None:
+    def check_pair(self, first: Any, other: Any, names: str, *, same_variant: bool) -> None:
         """Raise :class:`IncompatibleAdaptersError` when ``other`` cannot be combined with ``first`` (same kind)."""
 
     def linear(self, adapters: Sequence[Any], weights: list[float], method: str, params: dict, expr: str,

@@ -438,11 +438,11 @@ class BottleneckKind(Kind):
         return {WEIGHTS_FILE: adapter.tensors}
 
     # ----------------------------------------------------------------------------------------- arithmetic
-    def check_pair(self, first: BottleneckAdapter, other: BottleneckAdapter, names: str, bm_note: str, *,
+    def check_pair(self, first: BottleneckAdapter, other: BottleneckAdapter, names: str, *,
                    same_variant: bool) -> None:
         if first.hidden_size != other.hidden_size:
             raise IncompatibleAdaptersError(
-                f"{names} have hidden_size {first.hidden_size} vs {other.hidden_size}{bm_note}: they belong to "
+                f"{names} have hidden_size {first.hidden_size} vs {other.hidden_size}: they belong to "
                 "different models.", field="hidden_size", left=first.hidden_size, right=other.hidden_size)
         for what, get in (("non_linearity", lambda a: a.bn["non_linearity"].lower()),
                           ("input (is_parallel, original_ln_before)", _reads),

@@ -168,7 +168,7 @@ class Ia3Kind(Kind):
         return Ia3Adapter(l=vectors, feedforward=feedforward, config=cfg, source=source)
 
     # ----------------------------------------------------------------------------------------- arithmetic
-    def check_pair(self, first: Ia3Adapter, other: Ia3Adapter, names: str, bm_note: str, *,
+    def check_pair(self, first: Ia3Adapter, other: Ia3Adapter, names: str, *,
                    same_variant: bool) -> None:
         for m in [m for m in first.l if m in other.l]:  # a module only one adapts: the identity in the other
             if (m in first.feedforward) != (m in other.feedforward):
@@ -180,11 +180,9 @@ class Ia3Kind(Kind):
                     field="feedforward", left=m in first.feedforward, right=m in other.feedforward,
                     tensor=f"{m}{SUFFIX}")
             if first.width(m) != other.width(m):
-                lead = (f"{names} were trained on different base models ({first.base_model!r} vs "
-                        f"{other.base_model!r}) and do not fit together: " if bm_note else "")
                 raise IncompatibleAdaptersError(
-                    f"{lead}Tensor '{m}{SUFFIX}' has {first.width(m)} values vs {other.width(m)}"
-                    f"{'' if lead else bm_note}.", field="shape", left=first.width(m), right=other.width(m),
+                    f"Tensor '{m}{SUFFIX}' has {first.width(m)} values vs {other.width(m)} ({names}).",
+                    field="shape", left=first.width(m), right=other.width(m),
                     tensor=f"{m}{SUFFIX}")
 
     def linear(self, adapters: Sequence[Ia3Adapter], weights: list[float], method: str, params: dict, expr: str,

@@ -224,13 +224,13 @@ class LoraKind(Kind):
                 "it is (hub pull, hub serve, PeftModel.from_pretrained); only plain LoRAs (ΔW = s·B·A) are combined, "
                 "exactly.")
 
-    def check_pair(self, first: LoraAdapter, other: LoraAdapter, names: str, bm_note: str, *,
+    def check_pair(self, first: LoraAdapter, other: LoraAdapter, names: str, *,
                    same_variant: bool) -> None:
         for m in first.lora_a:
             if m in other.lora_a and first.shape(m) != other.shape(m):
                 raise IncompatibleAdaptersError(
                     f"Layer '{m}' is {first.shape(m)[0]} x {first.shape(m)[1]} (out x in) in the first adapter and "
-                    f"{other.shape(m)[0]} x {other.shape(m)[1]} in the second ({names}){bm_note}: tensor "
+                    f"{other.shape(m)[0]} x {other.shape(m)[1]} in the second ({names}): tensor "
                     f"'{m}.lora_B.weight' has shape {tuple(first.lora_b[m].shape)} vs "
                     f"{tuple(other.lora_b[m].shape)}.", field="shape", left=first.shape(m),
                     right=other.shape(m), tensor=f"{m}.lora_B.weight")

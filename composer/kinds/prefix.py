@@ -211,19 +211,19 @@ class PrefixKind(StoredKind):
                 "prefix_tuning`, or with PEFT's PrefixTuningConfig(init_weights=\"zero\"), or save it with "
                 "composer.from_peft(model, init=KV0), KV0 = model.get_prompt_embedding_to_save(name) before training.")
 
-    def check_pair(self, first: PrefixAdapter, other: PrefixAdapter, names: str, bm_note: str, *,
+    def check_pair(self, first: PrefixAdapter, other: PrefixAdapter, names: str, *,
                    same_variant: bool) -> None:
         a, b = first.tensors[EMBEDDINGS], other.tensors[EMBEDDINGS]
         if a.shape != b.shape:
             raise IncompatibleAdaptersError(
                 f"Tensor '{EMBEDDINGS}' has shape {tuple(a.shape)} vs {tuple(b.shape)} (virtual tokens x "
-                f"layers·2·token_dim){bm_note}.", field="shape", left=tuple(a.shape), right=tuple(b.shape),
+                f"layers·2·token_dim).", field="shape", left=tuple(a.shape), right=tuple(b.shape),
                 tensor=EMBEDDINGS)
         la, lb = first.layout, other.layout
         if any(x is not None and y is not None and x != y for x, y in zip(la, lb)):
             raise IncompatibleAdaptersError(
                 f"{names} lay out their keys and values differently: {la} vs {lb} (layers, key/value heads, head "
-                f"width){bm_note}; equal shapes, but the columns hold different layers and heads.", field="layout",
+                f"width); equal shapes, but the columns hold different layers and heads.", field="layout",
                 left=la, right=lb, tensor=EMBEDDINGS)
         check_same_origin(first.init, other.init, names, "the keys and values training started from",
                           "train them with the same --seed on the same base model (hub train --kind prefix_tuning), "

@@ -141,12 +141,12 @@ class PromptKind(Kind):
                 f"Prompt {name} has no prompt_vector.safetensors (its init P₀ and τ), so it can be chatted "
                 "with but not composed. Retrain it with `hub train --kind prompt`, which records the init.")
 
-    def check_pair(self, first: PromptVector, other: PromptVector, names: str, bm_note: str, *,
+    def check_pair(self, first: PromptVector, other: PromptVector, names: str, *,
                    same_variant: bool) -> None:
         if other.shape != first.shape:
             raise IncompatibleAdaptersError(
                 f"Tensor 'prompt_embeddings' has shape {first.shape} vs {other.shape} "
-                f"(virtual tokens x token_dim){bm_note}.",
+                f"(virtual tokens x token_dim).",
                 field="shape", left=first.shape, right=other.shape, tensor="prompt_embeddings")
 
     def linear(self, adapters: Sequence[PromptVector], weights: list[float], method: str, params: dict, expr: str,

@@ -62,9 +62,9 @@ class PTuningKind(PromptKind):
                 "served as it is. Train it with `hub train --kind p_tuning`, or save it with composer.from_peft(model, "
                 "init=E0), E0 = model.get_prompt_embedding_to_save(name) taken before training.")
 
-    def check_pair(self, first: PTuningVector, other: PTuningVector, names: str, bm_note: str, *,
+    def check_pair(self, first: PTuningVector, other: PTuningVector, names: str, *,
                    same_variant: bool) -> None:
-        super().check_pair(first, other, names, bm_note, same_variant=same_variant)
+        super().check_pair(first, other, names, same_variant=same_variant)
         check_same_origin(first.init, other.init, names, "the encoder's output before training",
                           "train them with the same --seed on the same base model (hub train --kind p_tuning)")
 

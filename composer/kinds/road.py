@@ -182,7 +182,7 @@ class RoadKind(Kind):
                            config=cfg, source=source)
 
     # ----------------------------------------------------------------------------------------- arithmetic
-    def check_pair(self, first: RoadAdapter, other: RoadAdapter, names: str, bm_note: str, *,
+    def check_pair(self, first: RoadAdapter, other: RoadAdapter, names: str, *,
                    same_variant: bool) -> None:
         if same_variant and other.variant != first.variant:
             raise IncompatibleAdaptersError(
@@ -197,11 +197,9 @@ class RoadKind(Kind):
         for m in [m for m in first.theta if m in other.theta]:  # a module only one adapts: identity in the other
             wa, wb = first.width(m), other.width(m)
             if wa != wb or (same_variant and first.theta[m].shape != other.theta[m].shape):
-                lead = (f"{names} were trained on different base models ({first.base_model!r} vs "
-                        f"{other.base_model!r}) and do not fit together: " if bm_note else "")
                 raise IncompatibleAdaptersError(
-                    f"{lead}Tensor '{m}.road_theta' has shape {tuple(first.theta[m].shape)} vs "
-                    f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}){'' if lead else bm_note}.",
+                    f"Tensor '{m}.road_theta' has shape {tuple(first.theta[m].shape)} vs "
+                    f"{tuple(other.theta[m].shape)} (layer width {wa} vs {wb}).",
                     field="shape", left=tuple(first.theta[m].shape), right=tuple(other.theta[m].shape),
                     tensor=f"{m}.road_theta")
 
