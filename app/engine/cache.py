@@ -67,14 +67,18 @@ def filled(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicC
     return cache
 
 
+def other_layers(config: Any, allowed: tuple[type, ...]) -> list[str]:
+    """The names of the cache layer types of ``config``'s model outside ``allowed``, sorted."""
+    return sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) not in allowed})
+
+
 def check(config: Any) -> None:
     """Refuse a model whose cache layers the running batch cannot stack and cut row by row.
 
     Raises:
         UnsupportedModelError: names the layer types and what still works.
     """
-    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers
-                    if type(layer) not in SERVED})
+    kinds = other_layers(config, SERVED)
     if kinds:
         name = getattr(config, "model_type", type(config).__name__)
         raise UnsupportedModelError(

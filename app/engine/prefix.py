@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import MixError
+from .cache import other_layers
 
 Kv = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer index -> (keys, values), each (kv_heads, n, head_dim)
 
@@ -38,8 +39,7 @@ def check(config: Any) -> None:
     Raises:
         MixError: names the layer types and what to do instead.
     """
-    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers
-                    if type(layer) is not DynamicLayer})
+    kinds = other_layers(config, (DynamicLayer,))
     if kinds:
         name = getattr(config, "model_type", type(config).__name__)
         raise MixError(
