@@ -475,8 +475,19 @@ def section_init(engine, styles, alt, prompts, args, results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fresh_like(A, B) -> dict:
+    """``train`` settings for a fresh adapter (the identity start) of the pair's kind and shape: RoAd's variant
+    and group size, or LoRA's rank and alpha, on the modules either adapts."""
+    if A.kind == "lora":
+        mods = set(A.lora_a) | set(B.lora_a)
+        return {"rank": int(A.config["r"]), "lora_alpha": float(A.config.get("lora_alpha") or 2 * A.config["r"]),
+                "target_modules": sorted({m.rsplit(".", 1)[-1] for m in mods})}
+    return {"variant": A.variant, "group_size": A.group_size,
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in set(A.theta) | set(B.theta)})}
+
+
 def section_reason(engine, args, results) -> str:
-    """The reason to compose (the task prompt vectors protocol, on RoAd): few-shot training of a combined
+    """The reason to compose (the task prompt vectors protocol, on RoAd or LoRA): few-shot training of a combined
     behaviour from K examples, starting from the identity, from zero-training ``add`` of two style adapters and
     (with ``fit`` in ``--methods``) from the fitted mix; headline rate (both styles and the content) on prompts of
     unseen forms, per K and start, over seeds."""
@@ -493,8 +504,7 @@ def section_reason(engine, args, results) -> str:
         starts["fitted mix"] = composer.fit([A, B], data, model=engine.model, tokenizer=engine.tokenizer,
                                             granularity=args.fit_granularity, steps=args.fit_steps, lr=args.fit_lr,
                                             batch_size=args.fit_batch, seed=args.seed)
-    base_cfg = {"variant": A.variant, "group_size": A.group_size,
-                "target_modules": sorted({m.rsplit(".", 1)[-1] for m in set(A.theta) | set(B.theta)})}
+    base_cfg = fresh_like(A, B)
     rates: dict[tuple[int, str], list[int]] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -505,7 +515,7 @@ def section_reason(engine, args, results) -> str:
                     path = Path(tmp) / f"shots_{k}_{s}.jsonl"
                     tasks.write_jsonl(path, tasks.combined_examples(pair, Path(args.data), k, seed=100 + s))
                     for name, start in starts.items():
-                        r = train((engine.model, engine.tokenizer), path, kind="road", init=start,
+                        r = train((engine.model, engine.tokenizer), path, kind=A.kind, init=start,
                                   steps=args.reason_steps, lr=args.init_lr, batch_size=min(4, k), seed=s,
                                   progress=False, **(base_cfg if start is None else {}))
                         trained[name] = r.adapter
