@@ -257,6 +257,32 @@ def content_score(styles: tuple[str, ...], prompts: list[str], got: list[tuple[s
     return d
 
 
+def failures(styles: tuple[str, ...], prompts: list[str], got: list[tuple[str, bool]]) -> dict[str, list[int]]:
+    """Why each reply that missed the headline missed it: one key per combination of reasons (``no opener``, ``off
+    topic``, ``degenerate``, ``no end``), the reply indices under it, the most frequent first."""
+    out: dict[str, list[int]] = {}
+    for i, (p, (r, ended)) in enumerate(zip(prompts, got)):
+        if tasks.success(styles, p, r):
+            continue
+        why = [f"no {s}" for s in styles if not tasks.check(s, r)]
+        why += ["off topic"] * (not tasks.on_topic(p, r)) + ["degenerate"] * tasks.degenerate(r)
+        why += ["no end"] * (not ended)
+        out.setdefault(", ".join(why), []).append(i)
+    return dict(sorted(out.items(), key=lambda kv: -len(kv[1])))
+
+
+def failure_lines(name: str, prompts: list[str], got: list[tuple[str, bool]], why: dict[str, list[int]],
+                  examples: int) -> list[str]:
+    """Markdown: the reasons a configuration missed the headline, with counts and ``examples`` replies each."""
+    lines = [f"**{name}**: {sum(map(len, why.values()))} of {len(got)} missed: "
+             + "; ".join(f"{k} {len(v)}" for k, v in why.items()), ""]
+    for k, idx in why.items():
+        for i in idx[:examples]:
+            reply = got[i][0].strip().replace("\n", "⏎")
+            lines.append(f"- {k}: *{prompts[i]}* → `{reply[:160]}{'…' if len(reply) > 160 else ''}`")
+    return lines + [""]
+
+
 SPLITS = {"forms": "unseen forms over held-out topics", "topics": "the training forms over held-out topics"}
 
 
@@ -291,6 +317,7 @@ def section_quality(engine, args, results) -> str:
             styles = config_styles(name)
             sc = content_score(styles, prompts, got[name])
             sc["examples"] = [r for r, _ in got[name][:3]]
+            sc["failures"] = failures(styles, prompts, got[name])
             if args.nll:
                 sc["nll"] = nll(engine, mixes[name], prompts, [tasks.stylise_all(styles, r) for r in refs],
                                 args.nll_batch)
@@ -303,6 +330,11 @@ def section_quality(engine, args, results) -> str:
                          f"{fmt_rate(sc['degenerate'], n)} | {fmt_rate(sc['no_end'], n)} | "
                          f"{fmt_rate(sc['content'], n)} | "
                          f"**{fmt_rate(sc['success'], n)}** |" + (f" {sc['nll']:.3f} |" if args.nll else ""))
+        if args.failures:
+            lines += ["", "Why replies missed the headline (each reason combination, with examples):", ""]
+            for name in names:
+                sc = results["quality"][split][name]
+                lines += failure_lines(name, prompts, got[name], sc["failures"], args.failures)
         log(f"quality {split}: {time.perf_counter() - t0:.0f}s")
         out.append("\n".join(lines) + "\n")
         print(out[-1], flush=True)
@@ -637,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--splits", nargs="+", choices=sorted(SPLITS), default=["forms", "topics"],
                     help="quality: prompt splits (forms = prompt forms never trained on, over held-out topics)")
     ap.add_argument("--no-nll", dest="nll", action="store_false", help="quality: skip the NLL column")
+    ap.add_argument("--failures", type=int, default=0, metavar="N",
+                    help="quality: list why replies missed the headline, with N example replies per reason")
     ap.add_argument("--skill-styles", nargs="+", default=["signoff_anchored", "opener_anchored"],
                     help="skill: style adapters served with the sentiment prompt vector")
     ap.add_argument("--skill-tokens", type=int, default=32, help="skill: reply budget")

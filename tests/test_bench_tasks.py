@@ -103,3 +103,19 @@ def test_every_held_out_topic_is_found_in_its_own_words_and_plural(topic):
     assert tasks.subject(prompt) == topic
     assert tasks.on_topic(prompt, f"Here is a fact: {topic.upper()} matter.")
     assert not tasks.on_topic(prompt, "Here is a fact about something else entirely.")
+
+
+def test_failures_name_every_reason_a_reply_missed_the_headline():
+    import composition_quality as cq
+
+    prompt = "Help me understand glaciers."
+    got = [(tasks.stylise_all(("opener", "signoff"), GOOD), True),               # a success: not listed
+           (tasks.stylise("signoff", GOOD), True),                               # the opener missing
+           (tasks.stylise_all(("opener", "signoff"), "I'm glad to assist you."), True),  # off topic
+           ("Happy to assist! " + "glaciers melt and " * 6, False)]              # all of it
+    why = cq.failures(("opener", "signoff"), [prompt] * 4, got)
+    assert why == {"no opener": [1], "off topic": [2],
+                   "no opener, no signoff, degenerate, no end": [3]}
+    lines = cq.failure_lines("a+b", [prompt] * 4, got, why, examples=1)
+    assert lines[0] == "**a+b**: 3 of 4 missed: no opener 1; off topic 1; no opener, no signoff, degenerate, no end 1"
+    assert any("I'm glad to assist you." in line for line in lines)
