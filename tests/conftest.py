@@ -9,7 +9,18 @@ import torch
 
 from tests.helpers import DEVICE_ENV, missing
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+def _threads() -> int:
+    """Torch threads for each test process: the cores this process may use, shared among pytest-xdist's workers,
+    at most 2. More threads than cores (two workers of two threads on two cores) wait on each other in OpenMP's
+    barriers: tests/test_engine_smollm2.py alone took 219 s of CPU with 2 threads on a busy machine, 46 s with 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, torch.get_num_threads(), cores // workers))
+
+
+torch.set_num_threads(_threads())
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same for the CLIs tests start
 
 
 def pytest_report_header(config):
