@@ -40,13 +40,36 @@ def shared_cache(tmp_path_factory, request):
     return path
 
 
+# The longest modules, longest first (seconds on one busy core, one thread: test_engine_smollm2 51,
+# test_app_browser 46, test_hostile_corpus 38, test_export 33, test_gpu_script 23, test_hub_serve 22,
+# test_hub_store 21, test_parts 20, test_architectures 18, test_app_serve 14; every other module under 12), taking
+# turns between a module that needs the converted real model and one that does not: the first converts it while
+# the other worker drives the browser instead of waiting on the conversion's lock.
+FIRST = ("test_engine_smollm2.py", "test_app_browser.py", "test_export.py", "test_gpu_script.py", "test_readme.py",
+         "test_hub_serve.py", "test_hostile_corpus.py", "test_hub_store.py", "test_parts.py", "test_architectures.py",
+         "test_app_serve.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist's loadscope hands out modules by their number of tests, most first, which left the real model's
+    # few long tests to the end of the run: keep the order pytest_collection_modifyitems gives.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with a test that loads the real model or drives the browser run first (whole modules, in
-    their order otherwise): on pytest-xdist's two workers the long ones start early instead of keeping one
-    worker busy at the end while the other waits."""
+    """Whole modules in the order of :data:`FIRST`, then the other modules with a test that loads the real model
+    or drives the browser, then the rest as collected: on pytest-xdist's two workers the long ones start early
+    instead of keeping one worker busy at the end while the other waits."""
     heavy = {item.nodeid.split("::")[0] for item in items
              if item.get_closest_marker("slow") or item.get_closest_marker("browser")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
+
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        name = path.rsplit("/", 1)[-1]
+        return FIRST.index(name) if name in FIRST else len(FIRST) + (path not in heavy)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)
