@@ -72,7 +72,8 @@ fi
   echo "mode: $MODE; $(date -u +%FT%TZ); $(uname -srm); $(nproc --all) CPUs"
   echo "python: $(command -v "$PY") $("$PY" -V 2>&1)"
   "$PY" - <<'EOF'
-import importlib
+import importlib.metadata
+import importlib.util
 
 import torch
 
@@ -80,12 +81,19 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, 
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+# Found and versioned without importing them (transformers and peft alone take seconds to import): the copy on the
+# path, /tmp/site's where the carried wheels went, and its installed version.
+DISTS = {"yaml": "PyYAML", "xdist": "pytest-xdist", "huggingface_hub": "huggingface-hub"}
 for name in ("transformers", "peft", "safetensors", "huggingface_hub", "numpy", "yaml", "tqdm", "pytest", "xdist"):
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        print(f"{name}: MISSING")
+        continue
     try:
-        m = importlib.import_module(name)
-        print(f"{name} {getattr(m, '__version__', '?')} ({m.__file__})")
-    except ImportError as e:
-        print(f"{name}: MISSING ({e})")
+        version = importlib.metadata.version(DISTS.get(name, name))
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    print(f"{name} {version} ({spec.origin})")
 EOF
   command -v nvidia-smi >/dev/null && nvidia-smi
   if [ "$MODE" = gpu ]; then echo "--- pip list"; "$PY" -m pip list 2>&1; fi

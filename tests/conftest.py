@@ -9,7 +9,18 @@ import torch
 
 from tests.helpers import DEVICE_ENV, missing
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+def _threads() -> int:
+    """Torch threads for each test process: the cores this process may use, shared among pytest-xdist's workers,
+    at most 2. More threads than cores (two workers of two threads on two cores) wait on each other in OpenMP's
+    barriers: tests/test_engine_smollm2.py alone took 219 s of CPU with 2 threads on a busy machine, 46 s with 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, torch.get_num_threads(), cores // workers))
+
+
+torch.set_num_threads(_threads())
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same for the CLIs tests start
 
 
 def pytest_report_header(config):
@@ -29,13 +40,36 @@ def shared_cache(tmp_path_factory, request):
     return path
 
 
+# The longest modules, longest first (seconds on one busy core, one thread: test_engine_smollm2 51,
+# test_app_browser 46, test_hostile_corpus 38, test_export 33, test_gpu_script 23, test_hub_serve 22,
+# test_hub_store 21, test_parts 20, test_architectures 18, test_app_serve 14; every other module under 12), taking
+# turns between a module that needs the converted real model and one that does not: the first converts it while
+# the other worker drives the browser instead of waiting on the conversion's lock.
+FIRST = ("test_engine_smollm2.py", "test_app_browser.py", "test_export.py", "test_gpu_script.py", "test_readme.py",
+         "test_hub_serve.py", "test_hostile_corpus.py", "test_hub_store.py", "test_parts.py", "test_architectures.py",
+         "test_app_serve.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist's loadscope hands out modules by their number of tests, most first, which left the real model's
+    # few long tests to the end of the run: keep the order pytest_collection_modifyitems gives.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with a test that loads the real model or drives the browser run first (whole modules, in
-    their order otherwise): on pytest-xdist's two workers the long ones start early instead of keeping one
-    worker busy at the end while the other waits."""
+    """Whole modules in the order of :data:`FIRST`, then the other modules with a test that loads the real model
+    or drives the browser, then the rest as collected: on pytest-xdist's two workers the long ones start early
+    instead of keeping one worker busy at the end while the other waits."""
     heavy = {item.nodeid.split("::")[0] for item in items
              if item.get_closest_marker("slow") or item.get_closest_marker("browser")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
+
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        name = path.rsplit("/", 1)[-1]
+        return FIRST.index(name) if name in FIRST else len(FIRST) + (path not in heavy)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)

@@ -217,14 +217,18 @@ def test_modules_to_save_is_refused_with_the_fix(tmp_path, model, kind):
 @pytest.mark.parametrize("field, value", [("target_modules", "(.+)+z"),
                                           ("target_modules", "(.+)+(q|k|v|o|gate|up|down)_proj"),
                                           ("rank_pattern", {"(a|aa)+b": 4})])
-def test_backtracking_patterns_are_refused_in_bounded_time(tmp_path, field, value):
+def test_backtracking_patterns_are_refused_in_bounded_time(tmp_path, monkeypatch, field, value):
     """PEFT matches these with Python's re against every module of the base model: a nested repeat would hang
-    the push, and every client loading the adapter. They are tried with re in a child process that is killed."""
+    the push, and every client loading the adapter. They are tried with re in a child process that is killed
+    (here after 1 s instead of PATTERN_SECONDS: a pattern that never finishes is refused either way, and the
+    child spins the whole time)."""
     import json
     import time
 
+    from composer import io
     from tests.tiny import peft_lora
 
+    monkeypatch.setattr(io, "PATTERN_SECONDS", 1.0)
     path = tmp_path / "a"
     peft_lora(path)
     cfg = json.loads((path / "adapter_config.json").read_text())

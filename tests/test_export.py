@@ -5,6 +5,7 @@ refusals with their reasons, atomic folders, and the command line."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -374,7 +375,9 @@ def tiny_gguf(tmp_path_factory):
 
 
 def load_gguf(folder):
-    with warnings.catch_warnings():
+    from app.engine.base import one_name_map
+
+    with warnings.catch_warnings(), one_name_map():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32).eval()
 
@@ -592,7 +595,14 @@ def test_real_model_gguf_reads_back_to_the_engines_tokens(smol_home, monkeypatch
     assert rec["exact"] and rec["details"]["replaced_tensors"] == 210  # 7 projections x 30 layers, in f32
     import gguf
 
-    file_type = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).get_field("general.file_type").contents()
+    # One parse of the written file (its 49,152-token vocabulary is read field by field in Python, about 10 s of CPU
+    # each time) for this check, the model's config and tensors, and the tokenizer: transformers would parse it
+    # three more times.
+    written, parse = os.path.realpath(tmp_path / "g" / "model.gguf"), gguf.GGUFReader
+    reader = parse(written)
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: (
+        reader if not a and not k and os.path.realpath(path) == written else parse(path, *a, **k)))
+    file_type = reader.get_field("general.file_type").contents()
     assert file_type == gguf.LlamaFileType.ALL_F32  # what llama.cpp and Ollama show: no longer "Q4_1"
     ids, want, eos = _engine_tokens(composer.load(ROOT / "adapters" / "lora_signoff"), 16)
     loaded = load_gguf(tmp_path / "g")

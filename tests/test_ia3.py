@@ -22,7 +22,7 @@ import composer
 from app.engine import Engine
 from app.engine.continuous import ConflictError, Row, RunningBatch
 from app.errors import MixError
-from composer import kinds
+from composer import io, kinds
 from composer.errors import AdapterFormatError, IncompatibleAdaptersError, InvalidValueError
 from composer.kinds.ia3 import Ia3Adapter
 from tests.helpers import rewrite_folder
@@ -137,7 +137,7 @@ DOWN = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
     ("a 3-D vector", r"PEFT's IA³ vectors are \(out, 1\) or \(1, in\)"),
     ("no module name", "Unexpected tensor"),
 ])
-def test_hostile_ia3_folders_are_refused_with_what_is_wrong(folders, tmp_path, case, needle):
+def test_hostile_ia3_folders_are_refused_with_what_is_wrong(folders, tmp_path, monkeypatch, case, needle):
     k_proj = DOWN.replace("mlp.down_proj", "self_attn.k_proj")
     edits = {
         "feedforward stored as an output": dict(config=lambda c: {**c, "feedforward_modules": []}),
@@ -153,6 +153,8 @@ def test_hostile_ia3_folders_are_refused_with_what_is_wrong(folders, tmp_path, c
         "a 3-D vector": dict(tensors=lambda t: {**t, k_proj: t[k_proj][None].contiguous()}),
         "no module name": dict(tensors=lambda t: {**t, "base_model.model.ia3_l": t[DOWN].clone()}),
     }
+    if case == "feedforward backtracks":  # refused when the child is killed: 1 s is enough to wait for it
+        monkeypatch.setattr(io, "PATTERN_SECONDS", 1.0)
     with pytest.raises(AdapterFormatError, match=needle):
         composer.load(rewrite_folder(folders["ff"], tmp_path / "x", **edits[case]))
 
