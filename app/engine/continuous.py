@@ -29,6 +29,11 @@ rounding. Each row keeps its own mix (its RoAd tables are gathered per batch mem
 not per step), its own temperature/top_p/max_new_tokens and its own seeded ``torch.Generator``
 (:func:`~app.engine.sampling.pick_rows`), so its tokens depend only on its own request.
 
+A row whose mix is a :class:`~app.engine.decode_mix.DecodeMix` (decode-time combination) runs as hidden member
+rows, the base model's and one per part, in ``rows`` beside the others: they are prefilled (from their own mixes'
+cached prefixes, in chunks) and complete their prompts in one pass, and after every step one token picked from their
+combined log-probabilities goes to all of them and to the caller's row (:mod:`app.engine.decode_mix`).
+
 ``stats`` keeps wall seconds per phase (``prefill``, ``decode`` forward passes, ``sample`` and ``bookkeeping``:
 joining, leaving and table gathers) and prefill counts (``prefill_passes``, ``prefill_slots`` = rows × columns
 computed, ``prefill_columns`` real ones, ``prompt_columns`` of the prompts joined, ``cached_columns`` of them
@@ -80,7 +85,8 @@ class Row:
 
     Attributes:
         input_ids: the prompt's token ids (chat template applied, no padding).
-        mix: the row's mix (as for :meth:`Engine.forward`).
+        mix: the row's mix (as for :meth:`Engine.forward`; a :class:`~app.engine.decode_mix.DecodeMix` runs as
+            its members, hidden rows of the batch).
         max_new_tokens: the row leaves after this many tokens.
         temperature: 0 for greedy, > 0 to sample.
         top_p: nucleus sampling mass.
@@ -123,6 +129,9 @@ class RunningBatch:
 
     Not thread-safe: one thread (the batcher's worker) drives it. Each forward pass holds the engine's lock,
     so :meth:`Engine.exclusive` (a fit) runs between two steps.
+
+    ``rows`` are the rows that run (a decode-time row's members in its place: one per part and the base model's);
+    :meth:`join`, :meth:`step`, :meth:`prefill` and ``pending`` give the caller's rows.
     """
 
     FOLD_AFTER = 16
