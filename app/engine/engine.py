@@ -497,6 +497,8 @@ class Engine:
         A row stops at an end token (which is kept in its list), but stays in the batch until every row
         stopped or ``max_new_tokens`` were made: this is the gather-then-run path. For rows that join and
         leave between steps use :class:`~app.engine.continuous.RunningBatch` (what the app's batcher runs).
+        A :class:`~app.engine.decode_mix.DecodeMix` row runs as its members (rows of the batch) and picks its tokens
+        from their combined ``z``.
         """
         max_new_tokens = int(sampling.pop("max_new_tokens", 256))
         temperature, top_p = check_sampling(sampling.pop("temperature", 0.0), sampling.pop("top_p", 1.0))
