@@ -253,6 +253,27 @@ def test_leave_cancels_every_member(engine, adapters):
     assert keep.tokens == alone.tokens
 
 
+def test_a_failed_prefill_pass_fails_the_whole_group(engine, adapters, monkeypatch):
+    """One member per pass (a 4-slot budget): the first pass fails, and the members still waiting leave with it."""
+    from app.engine.continuous import PrefillError
+
+    running = RunningBatch(engine, prefix_cache=False, prefill_chunk=4)
+    row = Row(prompts()[1], DecodeMix([adapters["a"], adapters["b"]]), max_new_tokens=NEW)
+    running.admit([row])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.model, "forward", broken)
+    with pytest.raises(PrefillError, match="out of memory") as e:
+        running.prefill()
+    monkeypatch.undo()
+    assert e.value.rows == [row] and running.pending == [] and running.group(row) is None
+    other = Row(prompts()[2], adapters["a"], max_new_tokens=NEW)
+    running.join([other])  # the batch goes on
+    assert other.tokens
+
+
 def test_the_batcher_serves_a_decode_mix_as_the_engine_does():
     model, tok = tiny_chat_model()
     engine = Engine(model, tok)
