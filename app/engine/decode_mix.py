@@ -106,8 +106,8 @@ def combine(logits: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
 
 @dataclass
 class Layout:
-    """Where each visible row of a static batch runs: ``src[j]`` is the visible row member row ``j`` belongs to,
-    and ``groups`` the member rows and weights of each decode-time row (other rows run as one member)."""
+    """How a static batch's rows run: ``src[j]`` is the caller's row that member row ``j`` runs for, and ``groups``
+    each decode-time row's member rows and weights (any other row runs as one member of its own)."""
 
     src: list[int]
     groups: dict[int, tuple[list[int], tuple[float, ...]]]
