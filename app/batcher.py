@@ -533,6 +533,10 @@ def _prefix_width(mix: Any) -> int:
     p-tuning adapter (input embeddings) or of a prefix-tuning adapter (keys and values in the cache)."""
     from composer import kinds
 
+    from .engine.decode_mix import DecodeMix
+
+    if isinstance(mix, DecodeMix):  # its members run side by side: the widest part's prefix counts
+        return max(_prefix_width(p) for p in mix.parts)
     parts = mix if isinstance(mix, (list, tuple)) else [mix]
     widths = {"prefix": lambda p: p.shape[0], "past_kv": lambda p: p.num_virtual_tokens}
     return max((widths[kinds.of(p).engine_role](p) for p in parts

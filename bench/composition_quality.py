@@ -77,7 +77,10 @@ def generate_rows(engine, rows: list[tuple[object, str]], max_new_tokens: int, b
     """Greedy ``(reply, ended)`` for every ``(mix, prompt)``, through the engine's continuous batch: at most
     ``batch`` rows decode together and a finished row's place goes to the next one (short replies do not wait
     for long ones). ``ended`` is False when the row reached ``max_new_tokens`` without an end token."""
-    from app.engine import Row, RunningBatch
+    from app.engine import DecodeMix, Row, RunningBatch
+
+    def cost(mix) -> int:  # rows of compute: a decode-time mix runs the base model and each part
+        return len(mix.parts) + 1 if isinstance(mix, DecodeMix) else 1
 
     tok = engine.tokenizer
     running = RunningBatch(engine)
@@ -87,9 +90,10 @@ def generate_rows(engine, rows: list[tuple[object, str]], max_new_tokens: int, b
     while todo or running.rows:
         free = batch - len(running.rows)
         if todo and (free >= max(1, batch // 4) or not running.rows):
-            new = []
-            while todo and len(new) < free:
+            new, used = [], 0
+            while todo and (used < free or not new):
                 i, (mix, prompt) = todo.pop()
+                used += cost(mix)
                 ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                               tokenize=True)
                 ids = ids["input_ids"] if not isinstance(ids, list) else ids
@@ -196,16 +200,22 @@ def default_configs(dirs: list[Path]) -> list[str]:
 
 
 def parse_config(name: str) -> tuple[list[tuple[float, str]], bool]:
-    """``"base"``, ``"a"``, ``"a+b"``, ``"1.5*a+b"`` or ``"a+b:fit"`` -> ([(weight, folder)], fit)."""
+    """``"base"``, ``"a"``, ``"a+b"``, ``"1.5*a+b"``, ``"a+b:fit"``, ``"a&b"`` or ``"0.5*a&1.5*b"`` ->
+    ([(weight, folder)], fit)."""
     fit = name.endswith(":fit")
     body = name[:-4] if fit else name
     if body == "base":
         return [], fit
     parts = []
-    for p in body.split("+"):
+    for p in body.split("&" if decode_time(name) else "+"):
         w, _, folder = p.rpartition("*")
         parts.append((float(w) if w else 1.0, folder))
     return parts, fit
+
+
+def decode_time(name: str) -> bool:
+    """``a&b``: the adapters combined at decode time (:class:`app.engine.DecodeMix`), not added."""
+    return "&" in name
 
 
 def config_styles(name: str) -> tuple[str, ...]:
@@ -215,15 +225,22 @@ def config_styles(name: str) -> tuple[str, ...]:
 def config_mix(name: str, dirs: list[Path], cache: dict, engine=None, args=None):
     """``base`` -> None; ``a`` -> the adapter; ``a+b`` -> ``composer.add`` of both (zero training); ``1.5*a+b``
     -> the weighted sum; ``a+b:fit`` -> ``composer.fit`` of the pair on ``pair_<style a>_<style b>.jsonl``
-    (32 examples of training forms and topics)."""
+    (32 examples of training forms and topics); ``a&b`` / ``0.5*a&1.5*b`` -> decode-time combination of the
+    adapters' next-token log-probabilities (:class:`app.engine.DecodeMix`, zero training, three rows of compute)."""
     parts, fit = parse_config(name)
     if not parts:
         return None
+    if fit and decode_time(name):
+        raise ValueError(f"{name!r}: a decode-time combination (a&b) has no fitted form; fit a+b instead")
     for _, f in parts:
         if f not in cache:
             cache[f] = composer.load(find_adapter(dirs, f))
     adapters = [cache[f] for _, f in parts]
     weights = [w for w, _ in parts]
+    if decode_time(name):
+        from app.engine import DecodeMix
+
+        return DecodeMix(adapters, weights)
     if fit:
         styles = [style_of(f) for _, f in parts]
         data = Path(args.data) / f"pair_{styles[0]}_{styles[1]}.jsonl"

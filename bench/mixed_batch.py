@@ -22,6 +22,12 @@ printed before and after (ratios from a machine busy with other work are not wor
     python bench/mixed_batch.py --targets all --kinds road   # every projection adapted
     python bench/mixed_batch.py --device cuda --dtype bfloat16   # on a GPU
     python bench/mixed_batch.py --shape llama3-8b --device cuda --dtype bfloat16   # random weights, no download
+    python bench/mixed_batch.py --decode-cost --targets all --threads 1   # only the cost of a decode-time pair
+
+``--decode-cost`` measures only what decode-time combination (``app.engine.DecodeMix``) costs: generated tokens per
+second of ``--decode-batch`` requests through the running batch, each request the base model, ``composer.add`` of
+two road_1 adapters, or the same two combined at decode time (three rows per request), taking turns step by step
+as above; the ratios to the base model are per repeat, median (min-max).
 
 With ``--shape`` the model is a Llama of that shape with random weights (throughput does not depend on the
 weights' values) and no tokenizer: the mix change is measured on random token ids. ``bench/gpu.sh`` runs it.
@@ -158,6 +164,45 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def decode_cost(engine: Engine, pair: list, args) -> None:
+    """Tokens/s of ``args.decode_batch`` requests decoding ``args.steps`` tokens each through the running batch:
+    the base model, ``composer.add`` of ``pair``, and ``DecodeMix(pair)`` (three rows per request); the three
+    batches take turns one decode step at a time (prefill untimed), starting at another one in each repeat."""
+    from app.engine import DecodeMix, Row, RunningBatch
+
+    configs = {"base model": None, "add (a+b)": composer.add(*pair), "decode-time (a&b)": DecodeMix(pair)}
+    vocab = min(40000, engine.model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(min(100, vocab // 2), vocab, (args.prompt_len,), generator=g).tolist()
+               for _ in range(args.decode_batch)]
+    names = list(configs)
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats + 1):  # the first one warms up (allocator, the fused kernel's tables)
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        batches, rows, spent = {}, {}, dict.fromkeys(names, 0.0)
+        for n in order:
+            batches[n] = RunningBatch(engine, prefix_cache=False)
+            rows[n] = [Row(p, configs[n], max_new_tokens=args.steps + 1) for p in prompts]
+            batches[n].join(rows[n])
+        for _ in range(args.steps):
+            for n in order:
+                if batches[n].rows:
+                    t0 = time.perf_counter()
+                    batches[n].step()
+                    spent[n] += time.perf_counter() - t0
+        if rep:
+            for n in names:
+                tps[n].append(sum(len(r.tokens) - 1 for r in rows[n]) / spent[n])
+            progress(f"decode cost: repeat {rep}/{args.repeats} (load {load()})")
+    print(f"\ndecode-time combination, cost: {args.decode_batch} requests, {args.steps} decode steps each "
+          f"(prefill untimed), {args.repeats} repeats; ratio to the base model per repeat, median (min-max)")
+    print(f"{'config':<20} {'rows/request':>12} {'tokens/s':>9} {'x base':>19}")
+    for n in names:
+        ratio = [x / b for x, b in zip(tps[n], tps["base model"])]
+        per = len(pair) + 1 if isinstance(configs[n], DecodeMix) else 1
+        print(f"{n:<20} {per:>12} {statistics.median(tps[n]):>9.1f} {spread(ratio):>19}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
@@ -178,6 +223,9 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES),
                     help="a Llama of this shape with random weights instead of SmolLM2-135M-Instruct (no tokenizer)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT")
+    ap.add_argument("--decode-cost", action="store_true",
+                    help="only measure a decode-time pair (DecodeMix) against add of the same pair and the base model")
+    ap.add_argument("--decode-batch", type=int, default=8, help="--decode-cost: requests per batch")
     ap.add_argument("--quick", action="store_true",
                     help="a one-minute check: batch 16, road_1, mixes 1 and 16, 3 repeats, 8 steps")
     args = ap.parse_args(argv)
@@ -205,6 +253,11 @@ def main(argv=None) -> None:
     print(f"{what} loaded in {load_s:.2f} s on {args.device} ({where}), {args.dtype}; torch {torch.__version__}; "
           f"RoAd update: {'fused kernel' if fused is not None and on_cpu else 'eager'}; "
           f"targets {' '.join(args.targets)}")
+    if args.decode_cost:
+        decode_cost(Engine(model, tok), [random_road_1(model, args.targets, args.group_size, seed=i) for i in (0, 1)],
+                    args)
+        print(f"\nload average (1, 5, 15 min): {load_before} before, {load()} after")
+        return
     n_adapters = max(args.mixes)
     progress(f"making {n_adapters} adapters of each kind ...")
     adapters = {"road": [random_road_1(model, args.targets, args.group_size, seed=i) for i in range(n_adapters)]

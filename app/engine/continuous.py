@@ -29,6 +29,11 @@ rounding. Each row keeps its own mix (its RoAd tables are gathered per batch mem
 not per step), its own temperature/top_p/max_new_tokens and its own seeded ``torch.Generator``
 (:func:`~app.engine.sampling.pick_rows`), so its tokens depend only on its own request.
 
+A row whose mix is a :class:`~app.engine.decode_mix.DecodeMix` (decode-time combination) runs as hidden member
+rows, the base model's and one per part, in ``rows`` beside the others: they are prefilled (from their own mixes'
+cached prefixes, in chunks) and complete their prompts in one pass, and after every step one token picked from their
+combined log-probabilities goes to all of them and to the caller's row (:mod:`app.engine.decode_mix`).
+
 ``stats`` keeps wall seconds per phase (``prefill``, ``decode`` forward passes, ``sample`` and ``bookkeeping``:
 joining, leaving and table gathers) and prefill counts (``prefill_passes``, ``prefill_slots`` = rows × columns
 computed, ``prefill_columns`` real ones, ``prompt_columns`` of the prompts joined, ``cached_columns`` of them
@@ -47,8 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MixError, RequestError
-from . import bottleneck, lora, road
+from . import bottleneck, decode_mix, lora, road
 from . import cache as kv_cache
+from .decode_mix import DecodeMix, Group
 from .prefill import Pending, compact, row_kv
 from .prefill import inputs as prefill_inputs
 from .prefill import plan as prefill_plan
@@ -79,7 +85,8 @@ class Row:
 
     Attributes:
         input_ids: the prompt's token ids (chat template applied, no padding).
-        mix: the row's mix (as for :meth:`Engine.forward`).
+        mix: the row's mix (as for :meth:`Engine.forward`; a :class:`~app.engine.decode_mix.DecodeMix` runs as
+            its members, hidden rows of the batch).
         max_new_tokens: the row leaves after this many tokens.
         temperature: 0 for greedy, > 0 to sample.
         top_p: nucleus sampling mass.
@@ -122,6 +129,9 @@ class RunningBatch:
 
     Not thread-safe: one thread (the batcher's worker) drives it. Each forward pass holds the engine's lock,
     so :meth:`Engine.exclusive` (a fit) runs between two steps.
+
+    ``rows`` are the rows that run (a decode-time row's members in its place: one per part and the base model's);
+    :meth:`join`, :meth:`step`, :meth:`prefill` and ``pending`` give the caller's rows.
     """
 
     FOLD_AFTER = 16
@@ -155,6 +165,9 @@ class RunningBatch:
         self._seq = 0
         self._since_step = 0  # prefill slots computed since the last decode step while rows waited for them
         self._passes_since_step = 0
+        # Decode-time rows (a DecodeMix): each runs as hidden member rows (decode_mix.members_of); pending or running.
+        self._groups: dict[Row, Group] = {}  # member -> its group
+        self._decode: dict[Row, Group] = {}  # the caller's row -> its group
         self._reset()
 
     def _reset(self) -> None:
@@ -209,9 +222,12 @@ class RunningBatch:
         Raises:
             MixError, ConflictError: as :meth:`join` (nothing is queued).
         """
-        rows = list(rows)
-        if not rows:
-            return rows
+        given = list(rows)
+        if not given:
+            return given
+        # A decode-time row runs as its members (the base model, then each part), prefilled and decoded side by side.
+        groups = {r: Group(r, decode_mix.members_of(r)) for r in given if isinstance(r.mix, DecodeMix)}
+        rows = [m for r in given for m in (groups[r].members if r in groups else [r])]
         eng = self.engine
         t0 = time.perf_counter()
         with eng._lock:
@@ -234,13 +250,35 @@ class RunningBatch:
                 if self.prefix is not None:
                     p.parts = mix_parts(r.mix)
                 self._pending.append(p)
+            for g in groups.values():
+                self._decode[g.row] = g
+                self._groups.update(dict.fromkeys(g.members, g))
         self.stats["bookkeeping"] += time.perf_counter() - t0
-        return rows
+        return given
 
     @property
     def pending(self) -> list[Row]:
         """Rows admitted and not yet prefilled (they have no token yet)."""
-        return [p.row for p in self._pending]
+        return self._callers([p.row for p in self._pending])
+
+    def _callers(self, rows: list[Row]) -> list[Row]:
+        """``rows`` as the caller knows them: a decode-time group's members are its row (once)."""
+        if not self._groups:
+            return rows
+        out = [self._groups[r].row if r in self._groups else r for r in rows]
+        return list(dict.fromkeys(out))
+
+    def _forget(self, rows: Sequence[Row]) -> None:
+        """Rows that left (ended, cancelled or failed): their decode-time groups are gone with them."""
+        for r in rows:
+            g = self._groups.pop(r, None)
+            if g is not None:
+                self._decode.pop(g.row, None)
+
+    def group(self, row: Row) -> Group | None:
+        """A decode-time row's group (:class:`~app.engine.decode_mix.Group`: its hidden members, and ``scores``,
+        the ``z`` its last token was picked from) while it is pending or running; ``None`` for other rows."""
+        return self._decode.get(row)
 
     def _budget(self) -> int | None:
         """Token slots for the next prefill pass: what is left of ``prefill_chunk`` since the last decode step
@@ -287,6 +325,7 @@ class RunningBatch:
                             p.kv, p.done, p.cached = hit.kv, hit.columns, hit.columns
             chunk = self.prefill_chunk or 0
             group, targets = prefill_plan(self._pending, self._budget(), short=chunk // self.SHORT_PART)
+            group, targets = decode_mix.together(self._pending, group, targets, self._groups)
             if not group:  # no budget left before the next decode step
                 return []
             t1 = time.perf_counter()
@@ -304,8 +343,13 @@ class RunningBatch:
                     logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
             except Exception as e:
-                self._pending = [p for p in self._pending if p not in group]
-                raise PrefillError(f"Prefilling {len(group)} row(s) failed: {e}", [p.row for p in group]) from e
+                # A decode-time group fails whole: its members waiting for a later pass leave too.
+                failed = {self._groups.get(p.row) for p in group} - {None}
+                gone = [p for p in self._pending if p in group or self._groups.get(p.row) in failed]
+                self._pending = [p for p in self._pending if p not in gone]
+                rows = self._callers([p.row for p in gone])
+                self._forget([p.row for p in gone])
+                raise PrefillError(f"Prefilling {len(rows)} row(s) failed: {e}", rows) from e
             t2 = time.perf_counter()
             mask = compact(cache, mask)  # a prefix-tuning row's prefix and tokens side by side
             width = emb.shape[1]
@@ -339,7 +383,8 @@ class RunningBatch:
                 temp = torch.tensor([r.temperature for r in joined])
                 top_p = torch.tensor([r.top_p for r in joined])
                 t3 = time.perf_counter()
-                nxt = pick_rows(logits.index_select(0, idx), temp, top_p, gens)
+                picked = decode_mix.pick(joined, logits.index_select(0, idx), self._groups)
+                nxt = decode_mix.share(joined, pick_rows(picked, temp, top_p, gens), self._groups)
                 self.stats["sample"] += time.perf_counter() - t3
                 self._merge(cache, mask[:, cut:], torch.tensor([p.columns - 1 for p in kept]), nxt, temp, top_p,
                             gens, [p.tables for p in kept], [p.lora for p in kept], [p.bn for p in kept],
@@ -349,10 +394,11 @@ class RunningBatch:
                 self._pending = [p for p in self._pending if p not in kept]
         self.stats["prefill"] += t2 - t1
         self.stats["joined"] += len(joined)
+        callers = self._callers(joined)  # before the rows that end at once leave (and their groups with them)
         if joined:
             self._record(joined, nxt.tolist())
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t2) - (self.stats["sample"] - sampled)
-        return joined
+        return callers
 
     def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, bns, packed) -> None:
         if self._cache is None or not self.rows:
@@ -415,17 +461,19 @@ class RunningBatch:
                                    position_ids=self._pos[:, None].to(dev), past_key_values=self._cache,
                                    use_cache=True).logits[:, -1].cpu()
             t2 = time.perf_counter()
-            nxt = pick_rows(logits, self._temp, self._top_p, self._gens)
+            rows = list(self.rows)
+            picked = decode_mix.pick(rows, logits, self._groups)
+            nxt = decode_mix.share(rows, pick_rows(picked, self._temp, self._top_p, self._gens), self._groups)
             t3 = time.perf_counter()
             self._last = nxt
-        rows = list(self.rows)
+        callers = self._callers(rows)  # before the rows that end leave (and their groups with them)
         self._record(rows, nxt.tolist())
         self.stats["decode"] += t2 - t1
         self.stats["sample"] += t3 - t2
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(rows)
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
-        return rows
+        return callers
 
     def _record(self, rows: list[Row], tokens: list[int]) -> None:
         eos = self._eos_set
@@ -438,6 +486,10 @@ class RunningBatch:
                 r.finish = "length"
             if r.finish:
                 ended.append(r)
+            g = self._groups.get(r)
+            if g is not None and r is g.members[0]:  # the group's shared stream (every member got this token)
+                g.row.tokens.append(t)
+                g.row.finish = r.finish
         if ended:
             self._drop(ended)
 
@@ -445,6 +497,8 @@ class RunningBatch:
     def leave(self, rows: Sequence[Row]) -> None:
         """Cancel ``rows`` (those still running or waiting for their prefill): they leave before the next step and
         free their cache."""
+        groups = [self._decode[r] for r in rows if r in self._decode]
+        rows = [m for r in rows for m in (self._decode[r].members if r in self._decode else [r])]
         waiting = [p for p in self._pending if p.row in rows]
         for p in waiting:
             p.row.finish = "cancelled"
@@ -456,9 +510,13 @@ class RunningBatch:
             t0 = time.perf_counter()
             self._drop(gone)
             self.stats["bookkeeping"] += time.perf_counter() - t0
+        self._forget([p.row for p in waiting])
+        for g in groups:
+            g.row.finish = "cancelled"
 
     def _drop(self, rows: list[Row]) -> None:
         gone = set(map(id, rows))
+        self._forget(rows)
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         self.stats["left"] += len(self.rows) - len(keep)
         if self.prefix is not None:

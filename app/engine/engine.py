@@ -33,8 +33,9 @@ from composer import PromptVector, kinds
 from composer.parts import items
 
 from ..errors import MixError, UnsupportedModelError
-from . import bottleneck, kernel, lora, prefix, road
+from . import bottleneck, decode_mix, kernel, lora, prefix, road
 from . import cache as kv_cache
+from .decode_mix import DecodeMix
 from .prefix_cache import PrefixCache
 from .sampling import check_sampling, generator, pick_rows
 
@@ -125,6 +126,10 @@ class Engine:
     def _split(self, mix: Mix, row: int) -> tuple[Row | None, PromptVector | None]:
         if mix is None:
             return None, None
+        if isinstance(mix, DecodeMix):
+            raise MixError(f"Row {row}: a DecodeMix combines whole models' next-token log-probabilities, so it runs "
+                           "as several rows (the base model and each part): serve it with forward, generate, stream "
+                           "or the running batch, not as one row's layers.", row=row)
         if isinstance(mix, str):
             import composer
             mix = composer.evaluate(mix, resolve=self.resolve)
@@ -443,9 +448,19 @@ class Engine:
             ``(batch, length, vocab)`` float logits; virtual-token positions of prompts are dropped, so row
             ``i`` matches PEFT running ``mixes[i]`` on that row alone.
 
+        A :class:`~app.engine.decode_mix.DecodeMix` row gives its ``z`` at every position instead (the base model
+        and each part run on rows of their own; ``softmax(z)`` is its distribution).
+
         Raises:
             MixError: a mix does not fit the model, or ``mixes`` has the wrong length.
         """
+        if mixes is not None and len(mixes) == input_ids.shape[0]:
+            expanded = decode_mix.expand(mixes)
+            if expanded is not None:
+                members, layout = expanded
+                src = torch.tensor(layout.src, device=input_ids.device)
+                mask = None if attention_mask is None else attention_mask.index_select(0, src.to(attention_mask.device))
+                return layout.gather(self.forward(input_ids.index_select(0, src), mask, members))
         with self._lock, torch.no_grad():
             tables, prompts = self._mixes(mixes, input_ids.shape[0])
             emb, mask, pos, width = self._inputs(input_ids, attention_mask, prompts)
@@ -482,6 +497,8 @@ class Engine:
         A row stops at an end token (which is kept in its list), but stays in the batch until every row
         stopped or ``max_new_tokens`` were made: this is the gather-then-run path. For rows that join and
         leave between steps use :class:`~app.engine.continuous.RunningBatch` (what the app's batcher runs).
+        A :class:`~app.engine.decode_mix.DecodeMix` row runs as its members (rows of the batch) and picks its tokens
+        from their combined ``z``.
         """
         max_new_tokens = int(sampling.pop("max_new_tokens", 256))
         temperature, top_p = check_sampling(sampling.pop("temperature", 0.0), sampling.pop("top_p", 1.0))
@@ -495,7 +512,16 @@ class Engine:
 
         with self._lock, torch.no_grad():
             b = input_ids.shape[0]
-            tables, prompts = self._mixes(mixes, b)
+            # Decode-time rows (DecodeMix) run as member rows; their tokens are picked from the combined z.
+            expanded = decode_mix.expand(mixes) if mixes is not None and len(mixes) == b else None
+            layout, src = None, None
+            if expanded is not None:
+                mixes, layout = expanded
+                src = torch.tensor(layout.src)
+                input_ids = input_ids.index_select(0, src.to(input_ids.device))
+                if attention_mask is not None:
+                    attention_mask = attention_mask.index_select(0, src.to(attention_mask.device))
+            tables, prompts = self._mixes(mixes, input_ids.shape[0])
             emb, mask, pos, _ = self._inputs(input_ids, attention_mask, prompts)
             eos = torch.tensor(sorted(self.eos_token_ids)) if self.eos_token_ids else None
             pad = self._pad_id()
@@ -513,7 +539,7 @@ class Engine:
                                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
                 pos = pos[:, -1:]
                 for _ in range(max_new_tokens):
-                    nxt = pick_rows(logits, temps, top_ps, gens)
+                    nxt = pick_rows(logits if layout is None else layout.gather(logits), temps, top_ps, gens)
                     nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                     for i in (~done).nonzero().flatten().tolist():
                         out_ids[i].append(int(nxt[i]))
@@ -522,10 +548,11 @@ class Engine:
                     yield out_ids
                     if bool(done.all()):
                         break
-                    mask = torch.cat((mask, mask.new_ones(b, 1)), 1)
+                    feed = nxt if src is None else nxt.index_select(0, src)  # every member takes its row's token
+                    mask = torch.cat((mask, mask.new_ones(feed.shape[0], 1)), 1)
                     pos = pos + 1
-                    logits = self.model(input_ids=nxt[:, None].to(mask.device), attention_mask=mask, position_ids=pos,
-                                        past_key_values=cache, use_cache=True).logits[:, -1].cpu()
+                    logits = self.model(input_ids=feed[:, None].to(mask.device), attention_mask=mask,
+                                        position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1].cpu()
 
     def encode(self, requests: Sequence[Request | dict | str]) -> tuple[torch.Tensor, torch.Tensor, list[Mix]]:
         """Apply the chat template to each request and left-pad: ``(input_ids, attention_mask, mixes)``."""
