@@ -47,6 +47,15 @@ FORMS = [
     "What should I know about {t}?", "Say something interesting about {t}.",
 ]
 
+# More training forms, for one adapter trained on a wider set of prompt shapes (``--wide``: the opener, whose line
+# drifts and is followed by pleasantries on unseen forms). Disjoint from UNSEEN_FORMS, and none shares their words
+# ("help", "curious", "report", "experts", ...): the unseen split stays unseen.
+WIDE_FORMS = [
+    "Give me an overview of {t}.", "What is {t} used for?", "Summarise what {t} is.", "Why does {t} matter?",
+    "What is the best thing about {t}?", "Talk to me about {t}.", "Explain {t} briefly.",
+    "What makes {t} different from other things?",
+]
+
 STYLES = ("upper", "opener", "signoff", "bullets", "json")
 
 # Prompt forms never used in any training, fitting or few-shot file (those all use FORMS): the held-out *form*
@@ -423,6 +432,29 @@ def make_all(out: Path, seed: int = 0, engine=None) -> dict[str, Path]:
     return paths
 
 
+def wide_examples(out: Path, style: str = "opener", seed: int = 0, n: int = 160, engine=None) -> Path:
+    """``style_<style>_wide.jsonl``: the style's training file plus ``n`` examples of :data:`WIDE_FORMS` over the
+    training topics (the base model's own replies, restyled), so the adapter sees 16 prompt forms instead of 8."""
+    from app.engine import Engine, load_base
+
+    if engine is None:
+        model, tok = load_base()
+        engine = Engine(model, tok)
+    rng = random.Random(f"wide-{seed}")
+    topics = TOPICS[:]
+    random.Random(seed).shuffle(topics)  # as style_prompts: the first 16 are held out
+    prompts = [f.format(t=t) for t in topics[16:] for f in WIDE_FORMS]
+    rng.shuffle(prompts)
+    prompts = prompts[:n]
+    rows = [json.loads(line) for line in (out / f"style_{style}.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": stylise(style, r)}]}
+             for p, r in zip(prompts, base_replies(prompts, engine)) if r]
+    rng.shuffle(rows)
+    path = out / f"style_{style}_wide.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
 SKILL_STYLES = ("signoff", "opener")
 
 
@@ -448,8 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skill", action="store_true",
                     help="only write skill_restaurant_<style>.jsonl: 32 restaurant-review labels with the style's "
                          "frame (signoff, opener), the companion data of a task adapter (no model needed)")
+    ap.add_argument("--wide", action="store_true",
+                    help="only write style_opener_wide.jsonl: the opener's file plus 160 examples of 8 more training "
+                         "forms (WIDE_FORMS; needs the model)")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.wide:
+        print(f"style_opener_wide\t{wide_examples(out, seed=args.seed)}")
+        return
     if args.skill:
         for style, path in skill_examples(out, args.seed).items():
             print(f"skill_restaurant_{style}\t{path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def test_unseen_prompts_use_neither_a_training_form_nor_a_training_topic():
     unseen = tasks.unseen_prompts(0)
     assert len(unseen) == 480 == len(set(unseen))
     assert not {tasks.subject(p) for p in unseen} & train_topics
-    forms = [f.split("{t}") for f in tasks.FORMS]
+    forms = [f.split("{t}") for f in tasks.FORMS + tasks.WIDE_FORMS]
     assert not [p for p in unseen for a, b in forms if p.startswith(a) and p.endswith(b)]
+    # Nor a content word of theirs ("about" is every form's): the wider training forms do not echo the unseen ones.
+    unseen_words = {w for f in tasks.UNSEEN_FORMS for w in re.findall(r"[a-z]+", f.lower()) if len(w) > 4} - {"about"}
+    assert not {w for f in tasks.WIDE_FORMS for w in re.findall(r"[a-z]+", f.lower())} & unseen_words
     data = Path(__file__).resolve().parent.parent / "adapters" / "data"
     seen = set()
     for f in data.glob("*.jsonl"):

@@ -124,6 +124,15 @@ class Row:
         return self.finish is not None
 
 
+def members(row: Row) -> list[Row]:
+    """The hidden rows that run ``row`` (a :class:`~app.engine.decode_mix.DecodeMix` row): the base model's first,
+    with the row's sampler, then one per part."""
+    mix: DecodeMix = row.mix
+    first = Row(row.input_ids, None, max_new_tokens=row.max_new_tokens, temperature=row.temperature,
+                top_p=row.top_p, seed=row.seed, owner=row)
+    return [first] + [Row(row.input_ids, m, max_new_tokens=row.max_new_tokens, owner=row) for m in mix.parts]
+
+
 class RunningBatch:
     """The rows decoding together on one engine; rows join and leave between steps.
 
@@ -165,7 +174,7 @@ class RunningBatch:
         self._seq = 0
         self._since_step = 0  # prefill slots computed since the last decode step while rows waited for them
         self._passes_since_step = 0
-        # Decode-time rows (a DecodeMix): each runs as hidden member rows (decode_mix.members_of); pending or running.
+        # Decode-time rows (a DecodeMix): each runs as hidden member rows (members); pending or running.
         self._groups: dict[Row, Group] = {}  # member -> its group
         self._decode: dict[Row, Group] = {}  # the caller's row -> its group
         self._reset()
@@ -226,7 +235,7 @@ class RunningBatch:
         if not given:
             return given
         # A decode-time row runs as its members (the base model, then each part), prefilled and decoded side by side.
-        groups = {r: Group(r, decode_mix.members_of(r)) for r in given if isinstance(r.mix, DecodeMix)}
+        groups = {r: Group(r, members(r)) for r in given if isinstance(r.mix, DecodeMix)}
         rows = [m for r in given for m in (groups[r].members if r in groups else [r])]
         eng = self.engine
         t0 = time.perf_counter()

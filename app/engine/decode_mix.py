@@ -30,15 +30,15 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import MixError
 
-if TYPE_CHECKING:
-    from .continuous import Row
-    from .prefill import Pending
+# Rows here are :class:`app.engine.continuous.Row` and pending rows :class:`app.engine.prefill.Pending`, typed ``Any``:
+# both modules import this one (``continuous.members`` makes a decode-time row's members).
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,8 +152,8 @@ class Group:
         scores: ``z`` of the last token picked (``(vocab,)`` float), for inspection.
     """
 
-    row: Row
-    members: list[Row]
+    row: Any
+    members: list[Any]
     scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -161,17 +161,7 @@ class Group:
         return self.row.mix.weights
 
 
-def members_of(row: Row) -> list[Row]:
-    """The hidden rows that run ``row`` (a :class:`DecodeMix` row), the first one with the row's sampler."""
-    from .continuous import Row
-
-    mix: DecodeMix = row.mix
-    first = Row(row.input_ids, None, max_new_tokens=row.max_new_tokens, temperature=row.temperature,
-                top_p=row.top_p, seed=row.seed, owner=row)
-    return [first] + [Row(row.input_ids, m, max_new_tokens=row.max_new_tokens, owner=row) for m in mix.parts]
-
-
-def pick(rows: Sequence[Row], logits: torch.Tensor, groups: dict[Row, Group]) -> torch.Tensor:
+def pick(rows: Sequence[Any], logits: torch.Tensor, groups: dict[Any, Group]) -> torch.Tensor:
     """``logits`` (one row per running row) with each decode-time group's first member's row replaced by the
     group's ``z``; the other members' picks are overwritten by :func:`share`. Records ``z`` on the group."""
     pos = {r: j for j, r in enumerate(rows) if r in groups}
@@ -185,7 +175,7 @@ def pick(rows: Sequence[Row], logits: torch.Tensor, groups: dict[Row, Group]) ->
     return out
 
 
-def share(rows: Sequence[Row], tokens: torch.Tensor, groups: dict[Row, Group]) -> torch.Tensor:
+def share(rows: Sequence[Any], tokens: torch.Tensor, groups: dict[Any, Group]) -> torch.Tensor:
     """Every member of a group takes the token picked for its first member."""
     pos = {r: j for j, r in enumerate(rows) if r in groups}
     if not pos:
@@ -196,8 +186,8 @@ def share(rows: Sequence[Row], tokens: torch.Tensor, groups: dict[Row, Group]) -
     return out
 
 
-def together(pending: Sequence[Pending], group: list[Pending], targets: list[int], groups: dict[Row, Group]
-             ) -> tuple[list[Pending], list[int]]:
+def together(pending: Sequence[Any], group: list[Any], targets: list[int], groups: dict[Any, Group]
+             ) -> tuple[list[Any], list[int]]:
     """Adjust one prefill pass (:func:`app.engine.prefill.plan`'s rows and targets) so that the members of a
     decode-time group complete their prompts in the same pass: their first token is picked from all of them.
 
@@ -208,7 +198,7 @@ def together(pending: Sequence[Pending], group: list[Pending], targets: list[int
     if not groups:
         return group, targets
     target = dict(zip(group, targets))
-    by_group: dict[Group, list[Pending]] = {}
+    by_group: dict[Group, list[Any]] = {}
     for p in pending:
         g = groups.get(p.row)
         if g is not None:
