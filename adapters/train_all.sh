@@ -69,6 +69,14 @@ want bullets_companion && hub train adapters/data/style_bullets.jsonl -o adapter
   --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 2/4 --subspace-seed 0 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_bullets.jsonl \
   --with adapters/opener_companion=adapters/data/pair_opener_bullets.jsonl
+# The opener on wider data (seventh session): its file plus 160 examples of 8 more training forms (bench/tasks.py
+# --wide; WIDE_FORMS share no words with the unseen forms), trained like opener_companion (9 min with two threads).
+[ -f adapters/data/style_opener_wide.jsonl ] || python bench/tasks.py --wide --out adapters/data
+want opener_wide && hub train adapters/data/style_opener_wide.jsonl -o adapters/opener_wide --kind road \
+  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 0/4 --subspace-seed 0 \
+  --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
+  --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
+  --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
 # trained with the two frame-style companions applied (python bench/tasks.py --skill writes their data).
 [ -f adapters/data/skill_restaurant_signoff.jsonl ] || python bench/tasks.py --skill --out adapters/data
