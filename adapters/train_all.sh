@@ -77,6 +77,11 @@ want opener_wide && hub train adapters/data/style_opener_wide.jsonl -o adapters/
   --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
   --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
+# JSON trained against signoff_companion and opener_wide (seventh session; 10 min with two threads).
+want json_companion_wide && hub train adapters/data/style_json.jsonl -o adapters/json_companion_wide --kind road \
+  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 3/4 --subspace-seed 0 \
+  --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
+  --with adapters/opener_wide=adapters/data/pair_opener_json.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
 # trained with the two frame-style companions applied (python bench/tasks.py --skill writes their data).
 [ -f adapters/data/skill_restaurant_signoff.jsonl ] || python bench/tasks.py --skill --out adapters/data
