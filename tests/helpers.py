@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import warnings
@@ -228,6 +229,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def in_threads(fn: Callable[[int], Any], n: int, timeout: float = 60.0) -> None:
+    """Run ``fn(0) .. fn(n - 1)`` at once, each in a thread of its own (as sessions reading their streams from one
+    batcher), and wait up to ``timeout`` seconds for each."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout)
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> None:

@@ -3,8 +3,6 @@ with two small adapters and the served app they use are in tests/tiny.py and tes
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ import hub
 from app.batcher import Batcher, fit_messages
 from app.engine import Engine
 from app.ui import Mixer, MixInputError, build_expression
-from tests.helpers import chat_tokenizer, populate_store
+from tests.helpers import chat_tokenizer, in_threads, populate_store
 from tests.tiny import random_prompt, random_road, tiny_chat_model
 
 
@@ -80,11 +78,7 @@ def test_batcher_rows_match_the_engine_alone_and_share_a_batch(tmp_path):
             for results[i] in s:
                 pass
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
+        in_threads(run, 4)
         assert results == expected
         assert max(batcher.batches) > 1  # at least two sessions shared a batch
     finally:

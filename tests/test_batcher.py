@@ -9,7 +9,7 @@ import pytest
 from app.batcher import Batcher
 from app.engine import Engine
 from app.errors import BusyError
-from tests.helpers import wait_for
+from tests.helpers import in_threads, wait_for
 from tests.tiny import random_road, tiny_chat_model
 
 
@@ -59,15 +59,13 @@ def test_sampled_rows_do_not_depend_on_their_batch_mates(setup):
         mine = batcher.submit(conv("pick a word"), a, max_new_tokens=12, temperature=1.0, seed=5)
         out = {}
 
-        def read(i, s):
-            for out[i] in s:
-                pass
+        streams.append(mine)
 
-        threads = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(streams + [mine])]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
+        def read(i):
+            for text in streams[i]:
+                out[i] = text
+
+        in_threads(read, len(streams))
         assert out[7] == ref
         assert len(set(out.values())) > 2
     finally:

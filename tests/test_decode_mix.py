@@ -170,27 +170,24 @@ def test_other_rows_are_unaffected(engine, adapters):
     assert [r.tokens for r in rows[1:]] == solo
 
 
-def test_zero_weights_are_the_base_model(engine, adapters):
-    ids = prompts()[0]
-    base = Row(ids, None, max_new_tokens=NEW)
-    run(engine, [base])
-    row = Row(ids, DecodeMix([adapters["a"], adapters["lora"]], [0, 0.0]), max_new_tokens=NEW)
+def assert_serves_as(engine, ids: list[int], decode: DecodeMix, mix) -> None:
+    """A decode-time row that must be ``mix`` alone: the same tokens, and ``z`` its log-probabilities at every step."""
+    alone = Row(ids, mix, max_new_tokens=NEW)
+    run(engine, [alone])
+    row = Row(ids, decode, max_new_tokens=NEW)
     scores = run(engine, [row])
-    assert row.tokens == base.tokens
-    want = [last_logits(engine, ids + row.tokens[:k], None).log_softmax(-1) for k in range(len(row.tokens))]
+    assert row.tokens == alone.tokens
+    want = [last_logits(engine, ids + row.tokens[:k], mix).log_softmax(-1) for k in range(len(row.tokens))]
     close(scores[id(row)], want)
 
 
+def test_zero_weights_are_the_base_model(engine, adapters):
+    assert_serves_as(engine, prompts()[0], DecodeMix([adapters["a"], adapters["lora"]], [0, 0.0]), None)
+
+
 def test_one_part_at_weight_one_is_that_adapter(engine, adapters):
-    ids = prompts()[3]
     for part in (adapters["a"], [adapters["lora"], adapters["prompt"]]):
-        alone = Row(ids, part, max_new_tokens=NEW)
-        run(engine, [alone])
-        row = Row(ids, DecodeMix([part]), max_new_tokens=NEW)
-        scores = run(engine, [row])
-        assert row.tokens == alone.tokens
-        want = [last_logits(engine, ids + row.tokens[:k], part).log_softmax(-1) for k in range(len(row.tokens))]
-        close(scores[id(row)], want)
+        assert_serves_as(engine, prompts()[3], DecodeMix([part]), part)
 
 
 def test_a_seeded_sampled_row_is_reproducible_and_samples_z(engine, adapters):

@@ -348,8 +348,7 @@ def test_cached_and_chunked_prefill_on_other_architectures(arch):
 
 # ---------------------------------------------------------------------------------------------------- batcher
 def test_the_batcher_answers_like_the_engine_alone_from_cached_prefixes_and_chunks():
-    import threading
-
+    from tests.helpers import in_threads
     from tests.tiny import tiny_chat_model
 
     model, tok = tiny_chat_model()
@@ -368,11 +367,7 @@ def test_the_batcher_answers_like_the_engine_alone_from_cached_prefixes_and_chun
                 for text in batcher.submit(convs[i], mixes[i], max_new_tokens=8):
                     out[i] = text
 
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(60)
+            in_threads(ask, 4)
             assert out == want
         stats = batcher.running.stats
         assert stats["cached_columns"] > 0 and stats["prefill_passes"] > 4
