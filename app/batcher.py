@@ -178,8 +178,7 @@ class Batcher:
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.wait = float(wait_ms) / 1000.0
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}.")
+        RunningBatch.check_prefill_chunk(prefill_chunk)
         self._running_options = dict(prefix_cache=bool(prefix_cache), prefill_chunk=prefill_chunk)
         cfg = getattr(engine.model, "config", None)
         self.context = int(context or getattr(cfg, "max_position_embeddings", 0) or 2048)

@@ -418,3 +418,12 @@ def test_a_request_arriving_during_a_prefill_pass_gets_its_own_before_the_next_s
         hold.set()
         handle.remove()
         batcher.close()
+
+
+@pytest.mark.parametrize("build", [lambda e, c: RunningBatch(e, prefill_chunk=c),
+                                   lambda e, c: Batcher(e, prefill_chunk=c)], ids=["running batch", "batcher"])
+def test_a_prefill_chunk_below_one_is_refused_when_built(engine, build):
+    for bad in (0, -3):
+        want = rf"prefill_chunk must be at least 1 \(or None for whole prompts\), got {bad}"
+        with pytest.raises(ValueError, match=want):
+            build(engine, bad)

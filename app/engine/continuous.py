@@ -157,10 +157,16 @@ class RunningBatch:
     """A prompt with at most ``prefill_chunk // SHORT_PART`` columns to go is prefilled whole in the next pass, even
     past the budget (a chat turn of a burst need not wait for the long prompts' chunks and the steps between)."""
 
-    def __init__(self, engine: Engine, *, prefix_cache: bool = True, prefill_chunk: int | None = PREFILL_CHUNK
-                 ) -> None:
+    @staticmethod
+    def check_prefill_chunk(prefill_chunk: int | None) -> None:
+        """Raise ``ValueError`` unless ``prefill_chunk`` is at least 1 or ``None`` (whole prompts): what the
+        batcher checks when it is built, before its first running batch."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}.")
+
+    def __init__(self, engine: Engine, *, prefix_cache: bool = True, prefill_chunk: int | None = PREFILL_CHUNK
+                 ) -> None:
+        self.check_prefill_chunk(prefill_chunk)
         self.engine = engine
         self.rows: list[Row] = []
         self.stats: Counter = Counter()
