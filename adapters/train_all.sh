@@ -48,38 +48,39 @@ for style in signoff json; do
 done
 # Trained with companions (hub train --with): the library's anchored adapters applied, frozen, on half of the steps,
 # with the pair's combined examples, so that add with them keeps both behaviours (160 steps: about 26 min each with
-# one thread, two at once).
-want signoff_companion && hub train adapters/data/style_signoff.jsonl -o adapters/signoff_companion --kind road \
-  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 1/4 --subspace-seed 0 \
+# one thread, two at once). companion NAME DATA SLOT --with ADAPTER=PAIRS ...: one such RoAd adapter.
+companion() {
+  local name=$1 data=$2 slot=$3
+  shift 3
+  want "$name" || return 0
+  hub train "adapters/data/$data" -o "adapters/$name" --kind road --variant road_1 --group-size 64 --steps 160 \
+    --lr 5e-3 --batch-size 4 --seed 0 --subspace "$slot" --subspace-seed 0 "$@"
+}
+companion signoff_companion style_signoff.jsonl 1/4 \
   --with adapters/opener_anchored=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_anchored=adapters/data/pair_signoff_bullets.jsonl \
   --with adapters/json_anchored=adapters/data/pair_signoff_json.jsonl
-want opener_companion && hub train adapters/data/style_opener.jsonl -o adapters/opener_companion --kind road \
-  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 0/4 --subspace-seed 0 \
+companion opener_companion style_opener.jsonl 0/4 \
   --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
   --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
 # Second generation: trained with the companion-trained signoff and opener applied (sixth session; 27 min each with one
 # thread beside other jobs).
-want json_companion && hub train adapters/data/style_json.jsonl -o adapters/json_companion --kind road \
-  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 3/4 --subspace-seed 0 \
+companion json_companion style_json.jsonl 3/4 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
   --with adapters/opener_companion=adapters/data/pair_opener_json.jsonl
-want bullets_companion && hub train adapters/data/style_bullets.jsonl -o adapters/bullets_companion --kind road \
-  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 2/4 --subspace-seed 0 \
+companion bullets_companion style_bullets.jsonl 2/4 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_bullets.jsonl \
   --with adapters/opener_companion=adapters/data/pair_opener_bullets.jsonl
 # The opener on wider data (seventh session): its file plus 160 examples of 8 more training forms (bench/tasks.py
 # --wide; WIDE_FORMS share no words with the unseen forms), trained like opener_companion (9 min with two threads).
 [ -f adapters/data/style_opener_wide.jsonl ] || python bench/tasks.py --wide --out adapters/data
-want opener_wide && hub train adapters/data/style_opener_wide.jsonl -o adapters/opener_wide --kind road \
-  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 0/4 --subspace-seed 0 \
+companion opener_wide style_opener_wide.jsonl 0/4 \
   --with adapters/signoff_anchored=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_anchored=adapters/data/pair_opener_bullets.jsonl \
   --with adapters/json_anchored=adapters/data/pair_opener_json.jsonl
 # JSON trained against signoff_companion and opener_wide (seventh session; 10 min with two threads).
-want json_companion_wide && hub train adapters/data/style_json.jsonl -o adapters/json_companion_wide --kind road \
-  --variant road_1 --group-size 64 --steps 160 --lr 5e-3 --batch-size 4 --seed 0 --subspace 3/4 --subspace-seed 0 \
+companion json_companion_wide style_json.jsonl 3/4 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
   --with adapters/opener_wide=adapters/data/pair_opener_json.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
