@@ -55,7 +55,8 @@ class TrainResult:
 
 @dataclass
 class _Companion:
-    """A frozen RoAd adapter applied under the one being trained, with examples of the combined behaviour."""
+    """A frozen adapter applied under the one being trained (merged into the base layers), with examples of the
+    combined behaviour."""
 
     name: str
     data_file: str
@@ -64,7 +65,7 @@ class _Companion:
 
     @contextlib.contextmanager
     def applied(self):
-        """Run one step with the companion merged into the base layers (``W <- R·W``): the frozen parameters'
+        """Run one step with the companion merged into the base layers (``W <- R·(W + ΔW)``): the frozen parameters'
         data are swapped for the merged tensors made once, then the originals are put back (no copy per step)."""
         saved = [(layer.weight.data, None if b is None else layer.bias.data) for layer, _, b in self.layers]
         for layer, w, b in self.layers:
@@ -80,27 +81,56 @@ class _Companion:
                     layer.bias.data = b0
 
 
-def _companions(pm: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kind: str, max_length: int
-                ) -> list[_Companion]:
-    from .engine.road import fold, signed_tables
+# What a companion may be, by the trained kind: merging a companion into the base weights and training over them is
+# the engine's mix exactly when the engine applies the trained adapter after the companion. It serves R·(W + ΔW):
+# a RoAd (or other output transform) trained over any merged companion is that; a LoRA trained over a merged LoRA
+# is W + ΔW₁ + ΔW₂; a LoRA over a merged rotation would train R·W + ΔW, which the engine does not serve.
+_COMPANION_ROLES = {"road": ("output", "weight"), "lora": ("weight",)}
+
+
+def _companions(model: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kind: str, max_length: int
+                ) -> list[tuple[str, str, list, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]]:
+    """Each companion as (name, data file name, encoded rows, module -> merged (weight, bias)), folded by the
+    engine on the plain ``model`` (the weights it would run for that adapter alone), before any PEFT wrapping."""
+    from .engine import Engine
 
     out = []
-    for adapter, data in companions:
-        if isinstance(adapter, (str, os.PathLike)):
-            adapter = composer.load(adapter) if Path(adapter).is_dir() else default_resolve(str(adapter))
-        if kind != "road" or not isinstance(adapter, composer.RoadAdapter):
-            raise ValueError("companions apply to RoAd training with RoAd companions (a frozen rotation merged "
-                             f"into the base weights); got --kind {kind} with a {adapter.kind} companion.")
-        rows = [encode_example(tok, m, max_length) for m in read_examples(data)]
+    if not companions:
+        return out
+    if kind not in _COMPANION_ROLES:
+        raise ValueError(f"--with applies to RoAd and LoRA training (a frozen adapter merged into the base weights); "
+                         f"got --kind {kind}.")
+    engine = Engine(model, None)  # folding needs no tokenizer
+    try:
+        for adapter, data in companions:
+            if isinstance(adapter, (str, os.PathLike)):
+                adapter = composer.load(adapter) if Path(adapter).is_dir() else default_resolve(str(adapter))
+            role = composer.kinds.of(adapter).engine_role
+            if role not in _COMPANION_ROLES[kind]:
+                allowed = "RoAd or LoRA" if kind == "road" else "LoRA"
+                why = (" (the engine serves a mix as R·(W + ΔW): a LoRA trained over a merged rotation would learn "
+                       "R·W + ΔW, which no mix serves)" if kind == "lora" and role == "output" else "")
+                raise ValueError(f"--kind {kind} trains with {allowed} companions; got a {adapter.kind} "
+                                 f"companion{why}.")
+            rows = [encode_example(tok, m, max_length) for m in read_examples(data)]
+            with torch.no_grad():
+                folded = engine.merged_weights(adapter)
+            out.append((str(adapter.source or "companion"), Path(data).name, rows, folded))
+    finally:
+        engine.close()
+    return out
+
+
+def _attach(pm: Any, mates: list) -> list[_Companion]:
+    """The folded companions bound to the layers of the PEFT-wrapped model being trained (its frozen base layers)."""
+    out = []
+    for name, data_file, rows, folded in mates:
         layers = []
-        with torch.no_grad():
-            for m in adapter.theta:
-                sub = pm.get_submodule(f"base_model.model.{m}")
-                layer = getattr(sub, "base_layer", sub)
-                cs = signed_tables(adapter.variant, adapter.group_size, adapter.theta[m], adapter.alpha[m])
-                w, b = fold(layer.weight, layer.bias, cs)
-                layers.append((layer, w.to(layer.weight), None if b is None else b.to(layer.bias)))
-        out.append(_Companion(str(adapter.source or "companion"), Path(data).name, rows, layers))
+        for m, (w, b) in folded.items():
+            sub = pm.get_submodule(f"base_model.model.{m}")
+            layer = getattr(sub, "base_layer", sub)
+            layers.append((layer, w.to(layer.weight), None if b is None else b.to(layer.bias)))
+        out.append(_Companion(name, data_file, rows, layers))
     return out
 
 
@@ -196,11 +226,13 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
             model's own distribution (KL to the base) instead of towards the token, so the adapter does not learn
             to defend content it did not change; every other answer token gets the usual cross-entropy. Costs one
             more forward pass of the base per step. See :func:`anchored_loss`.
-        companions: RoAd only: ``(adapter, data file)`` pairs. On a ``companion_share`` of the steps, one of them
-            (in turn) is applied, frozen, under the adapter being trained (merged into the base weights for that
-            step), and the batch comes from its file: examples of the *combined* behaviour. The adapter learns to
-            keep its behaviour on top of the companions, so that ``add`` with them (which, for road_1, is exactly
-            what the step trained) shows both. The card records the companions.
+        companions: RoAd and LoRA training: ``(adapter, data file)`` pairs. On a ``companion_share`` of the steps,
+            one of them (in turn) is applied, frozen, under the adapter being trained (merged into the base weights
+            by the engine for that step), and the batch comes from its file: examples of the *combined* behaviour.
+            The adapter learns to keep its behaviour on top of the companions, so that a mix with them (which the
+            engine serves as ``R·(W + ΔW)``: exactly what the step trained) shows both. A RoAd adapter trains
+            with RoAd or LoRA companions, a LoRA with LoRA companions (over a merged rotation it would learn
+            ``R·W + ΔW``, which no mix serves: refused). The card records the companions.
         progress: show a progress bar with the loss (``HF_HUB_DISABLE_PROGRESS_BARS`` silences it).
 
     Returns:
@@ -229,14 +261,17 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
 
     torch.manual_seed(seed)
     random.seed(seed)
-    init_recipe = None
+    init_recipe = start = None
     if init is not None:
         start = composer.evaluate(init, resolve=resolve or default_resolve) if isinstance(init, str) else init
         init_recipe = (start.recipe.to_dict() if start.recipe is not None
                        else {"expression": init if isinstance(init, str) else (start.source or "adapter"),
                              "source": start.source})
-        pm = composer.init(model, start)
         kind_of = composer.kinds.of(start)
+    # Folded on the plain model, before the PEFT wrapping, so the engine sees the layers it would run.
+    folded_mates = _companions(model, tok, companions, kind_of.name, max_length)
+    if start is not None:
+        pm = composer.init(model, start)
     else:
         pm = kind_of.new_peft(model, {"variant": variant, "group_size": group_size, "target_modules": target_modules,
                                       "rank": rank, "lora_alpha": lora_alpha,
@@ -254,7 +289,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order_gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    mates = _companions(pm, tok, companions, kind, max_length)
+    mates = _attach(pm, folded_mates)
     mate_orders: list[list[int]] = [[] for _ in mates]
     pick = random.Random(f"companions-{seed}")
     losses: list[float] = []
@@ -419,9 +454,9 @@ def build_parser(prog: str = "hub train") -> argparse.ArgumentParser:
     p.add_argument("--anchor", action="store_const", const="anchored", dest="objective",
                    help="the same as --objective anchored (the default; kept for scripts)")
     p.add_argument("--with", dest="companions", action="append", default=[], metavar="ADAPTER=DATA",
-                   help="RoAd: train with this adapter (folder or store id) applied, frozen, on a share of the steps, "
-                   "on DATA: examples of both behaviours together, so the new adapter keeps its behaviour when "
-                   "added to it (repeatable)")
+                   help="RoAd/LoRA: train with this adapter (folder or store id) applied, frozen, on a share of the "
+                   "steps, on DATA: examples of both behaviours together, so the new adapter keeps its behaviour when "
+                   "added to it (repeatable; RoAd trains with RoAd or LoRA companions, LoRA with LoRA ones)")
     p.add_argument("--with-share", type=float, default=0.5,
                    help="share of the steps that apply one of the --with adapters (default 0.5)")
     p.add_argument("--virtual-tokens", type=int, default=8,

@@ -280,27 +280,52 @@ def test_cli_refuses_a_missing_data_file_before_loading_the_model_and_bad_option
     assert code == 2 and "Traceback" not in err and "--subspace applies to a fresh RoAd adapter" in err
 
 
-def test_training_with_a_companion_applied_is_exactly_the_stacked_model(tmp_path, data):
-    """On a companion step the loss is the one of PEFT stacking the companion and the new adapter; the base
-    weights come back bit for bit."""
+@pytest.mark.parametrize("kind,mate_kind", [("road", "road"), ("road", "lora"), ("lora", "lora")])
+def test_training_with_a_companion_applied_is_exactly_the_stacked_model(tmp_path, data, kind, mate_kind):
+    """On a companion step the loss is the one of PEFT stacking the two: the companion merged into the weights
+    (``merge_and_unload``), the trained adapter loaded over them, which is the engine's R·(W + ΔW). The adapter
+    being trained starts away from the identity (``init``), so the order is checked too; the base weights come
+    back bit for bit."""
     from peft import PeftModel
 
     from composer.data import collate
+    from tests.tiny import peft_lora
+
+    def random_adapter(k, folder, seed):
+        if k == "road":
+            composer.save(random_road(learner(), seed=seed, scale=0.5), folder)
+        else:
+            peft_lora(folder, seed=seed, scale=0.5, targets=("q_proj", "v_proj", "down_proj"), model=learner())
+        return folder
 
     model, tok = learner(), char_tokenizer()
-    companion = random_road(model, seed=7, scale=0.5)
-    composer.save(companion, tmp_path / "mate")
+    mate, start = random_adapter(mate_kind, tmp_path / "mate", 7), random_adapter(kind, tmp_path / "start", 3)
     pair = tmp_path / "pair.jsonl"
     rows = [{"prompt": c, "completion": c.upper() + "!"} for c in "abcd"]
     pair.write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = train((model, tok), data, steps=1, lr=0.0, batch_size=4, progress=False, group_size=8,
-                companions=[(tmp_path / "mate", pair)], companion_share=1.0)
+    res = train((model, tok), data, init=composer.load(start), steps=1, lr=0.0, batch_size=4, progress=False,
+                companions=[(mate, pair)], companion_share=1.0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert res.training["companions"]["adapters"][0]["examples"] == 4
-    ref = PeftModel.from_pretrained(model, str(tmp_path / "mate")).eval()
     batch = collate([encode_example(tok, m, 512) for m in read_examples(pair)], 1)
+    ref = PeftModel.from_pretrained(learner(), str(mate)).merge_and_unload()
     with torch.no_grad():
+        only_mate = float(ref(**batch).loss)
+        ref = PeftModel.from_pretrained(ref, str(start)).eval()
         want = float(ref(**batch).loss)
-    ref.unload()
     assert abs(res.losses[0] - want) < 1e-5, (res.losses[0], want)
+    assert abs(only_mate - want) > 1e-3  # the adapter being trained counts: the check can fail
+
+
+def test_a_lora_does_not_train_over_a_rotation(tmp_path, data):
+    """The engine serves a LoRA and a RoAd adapter on one row as R·(W + ΔW); a LoRA trained over a merged rotation
+    would learn R·W + ΔW, so the pair is refused with the reason, before any step."""
+    model, tok = learner(), char_tokenizer()
+    composer.save(random_road(model, seed=7), tmp_path / "mate")
+    with pytest.raises(ValueError, match="LoRA companions.*R·W"):
+        train((model, tok), data, kind="lora", steps=1, progress=False,
+              companions=[(tmp_path / "mate", data)])
+    with pytest.raises(ValueError, match="--with applies to RoAd and LoRA training"):
+        train((model, tok), data, kind="prompt", steps=1, progress=False,
+              companions=[(tmp_path / "mate", data)])
