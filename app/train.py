@@ -97,21 +97,10 @@ def _companions(model: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kin
     out = []
     if not companions:
         return out
-    if kind not in _COMPANION_ROLES:
-        raise ValueError(f"--with applies to RoAd and LoRA training (a frozen adapter merged into the base weights); "
-                         f"got --kind {kind}.")
     engine = Engine(model, None)  # folding needs no tokenizer
     try:
         for adapter, data in companions:
-            if isinstance(adapter, (str, os.PathLike)):
-                adapter = composer.load(adapter) if Path(adapter).is_dir() else default_resolve(str(adapter))
-            role = composer.kinds.of(adapter).engine_role
-            if role not in _COMPANION_ROLES[kind]:
-                allowed = "RoAd or LoRA" if kind == "road" else "LoRA"
-                why = (" (the engine serves a mix as R·(W + ΔW): a LoRA trained over a merged rotation would learn "
-                       "R·W + ΔW, which no mix serves)" if kind == "lora" and role == "output" else "")
-                raise ValueError(f"--kind {kind} trains with {allowed} companions; got a {adapter.kind} "
-                                 f"companion{why}.")
+            adapter = companion_adapter(kind, adapter)
             rows = [encode_example(tok, m, max_length) for m in read_examples(data)]
             with torch.no_grad():
                 folded = engine.merged_weights(adapter)
@@ -119,6 +108,24 @@ def _companions(model: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kin
     finally:
         engine.close()
     return out
+
+
+def companion_adapter(kind: str, adapter: Any) -> Any:
+    """``adapter`` (a folder, a store id or an adapter) loaded, if it is a companion an adapter of ``kind`` can train
+    over (:data:`_COMPANION_ROLES`); else ValueError with the reason. Cheap: ``hub train`` checks before the model
+    loads."""
+    if kind not in _COMPANION_ROLES:
+        raise ValueError(f"--with applies to RoAd and LoRA training (a frozen adapter merged into the base weights); "
+                         f"got --kind {kind}.")
+    if isinstance(adapter, (str, os.PathLike)):
+        adapter = composer.load(adapter) if Path(adapter).is_dir() else default_resolve(str(adapter))
+    role = composer.kinds.of(adapter).engine_role
+    if role not in _COMPANION_ROLES[kind]:
+        allowed = "RoAd or LoRA" if kind == "road" else "LoRA"
+        why = (" (the engine serves a mix as R·(W + ΔW): a LoRA trained over a merged rotation would learn "
+               "R·W + ΔW, which no mix serves)" if kind == "lora" and role == "output" else "")
+        raise ValueError(f"--kind {kind} trains with {allowed} companions; got a {adapter.kind} companion{why}.")
+    return adapter
 
 
 def _attach(pm: Any, mates: list) -> list[_Companion]:
@@ -506,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not sep or not adapter or not data:
                 raise ValueError(f"--with {spec!r}: write ADAPTER=DATA, e.g. examples/bullets_anchored=pair.jsonl.")
             read_examples(data)
-            companions.append((adapter, data))
+            # checked now unless --init decides the kind (then train() checks it, once the start is built)
+            companions.append((adapter if args.init else companion_adapter(args.kind, adapter), data))
         if args.init:
             composer.parse(args.init)
         from .engine import load_base

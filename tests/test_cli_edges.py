@@ -190,6 +190,20 @@ def test_train_checks_its_inputs_before_loading_the_model(data, extra, said, no_
     assert err.startswith("Error: ") and said in err, err
 
 
+
+@pytest.mark.parametrize("kind, said", [("lora", "--kind lora trains with LoRA companions; got a road companion"),
+                                        ("prompt", "--with applies to RoAd and LoRA training")])
+def test_train_refuses_a_companion_it_cannot_train_over_before_loading_the_model(kind, said, no_model, tmp_path,
+                                                                                   capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    mate = folder(tmp_path, "mate", seed=0)
+    code = main(["train", str(data), "-o", str(tmp_path / "out"), "--kind", kind, "--with", f"{mate}={data}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("hub train: error: ") and said in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # -------------------------------------------------------------------------------------------------- diff
 
 def test_diff_summarises_by_default_and_lists_every_module_with_all(tmp_path, capsys):
