@@ -480,13 +480,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skill", action="store_true",
                     help="only write skill_restaurant_<style>.jsonl: 32 restaurant-review labels with the style's "
                          "frame (signoff, opener), the companion data of a task adapter (no model needed)")
-    ap.add_argument("--wide", action="store_true",
-                    help="only write style_opener_wide.jsonl: the opener's file plus 160 examples of 8 more training "
-                         "forms (WIDE_FORMS; needs the model)")
+    ap.add_argument("--wide", nargs="?", const="opener", choices=sorted(CHECKS), metavar="STYLE",
+                    help="only write style_<STYLE>_wide.jsonl (default STYLE: opener): the style's file plus 160 "
+                         "examples of 8 more training forms (WIDE_FORMS; needs the model)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.wide:
-        print(f"style_opener_wide\t{wide_examples(out, seed=args.seed)}")
+        print(f"style_{args.wide}_wide\t{wide_examples(out, style=args.wide, seed=args.seed)}")
         return
     if args.skill:
         for style, path in skill_examples(out, args.seed).items():
