@@ -89,5 +89,5 @@ companion json_companion_wide style_json.jsonl 3/4 \
 want sent_restaurant_road && hub train adapters/data/sentiment_restaurant.jsonl -o adapters/sent_restaurant_road \
   --kind road --variant road_1 --group-size 64 --steps 80 --lr 5e-3 --batch-size 4 --seed 0 --subspace 3/4 \
   --subspace-seed 0 --with adapters/signoff_companion=adapters/data/skill_restaurant_signoff.jsonl \
-  --with adapters/opener_companion=adapters/data/skill_restaurant_opener.jsonl
+  --with adapters/opener_wide=adapters/data/skill_restaurant_opener.jsonl
 true
