@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import composer
 from app.engine import Engine, kernel, load_base, lora, road
+from app.engine import cache as kv_cache
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -114,8 +115,9 @@ class Runner:
     lockstep: prefill of each, then step 1 of each, step 2 of each ... A slow spell of the machine then hits
     every configuration alike, which whole-loop interleaving did not manage (per-loop ratios spread by ±15%)."""
 
-    def __init__(self, call, enter, emb, mask, pos):
+    def __init__(self, call, enter, emb, mask, pos, cache_kw: str = "past_key_values"):
         self.call, self.enter = call, enter   # enter(): the context that applies the configuration's mix
+        self.cache_kw = cache_kw  # app.engine.cache.keyword of the base model (PEFT passes it on)
         self.sync = torch.cuda.synchronize if emb.device.type == "cuda" else (lambda: None)
         self.emb, self.mask, self.pos = emb, mask, pos
         self.prefill_s = self.decode_s = 0.0
@@ -127,7 +129,7 @@ class Runner:
         t0 = time.perf_counter()
         with self.enter():
             logits = self.call(inputs_embeds=self.emb, attention_mask=self.mask, position_ids=self.pos,
-                               past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                               **{self.cache_kw: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.nxt = logits.argmax(-1)
         self.sync()
         self.prefill_s += time.perf_counter() - t0
@@ -139,7 +141,7 @@ class Runner:
         self.p = self.p + 1
         with self.enter():
             logits = self.call(input_ids=self.nxt[:, None], attention_mask=self.m, position_ids=self.p,
-                               past_key_values=self.cache, use_cache=True).logits[:, -1]
+                               **{self.cache_kw: self.cache}, use_cache=True).logits[:, -1]
         self.nxt = logits.argmax(-1)
         self.sync()
         self.decode_s += time.perf_counter() - t0
@@ -337,10 +339,11 @@ def main(argv=None) -> None:
                         configs.append(("peft", kind, k))
             emb0, mask0, pos0, _ = engine.inputs(ids, mask, [None] * b)
             runners = {}
+            kw = kv_cache.keyword(model)
             for name, kind, k in configs:
                 rows = [adapters[kind][i % k] for i in range(b)] if k else [None] * b
                 if name == "base":
-                    runners[(name, kind, k)] = Runner(model, contextlib.nullcontext, emb0, mask0, pos0)
+                    runners[(name, kind, k)] = Runner(model, contextlib.nullcontext, emb0, mask0, pos0, kw)
                 elif name in ("ours", "broadcast"):
                     # What the continuous batcher does: the mixes gathered once per batch membership, then per
                     # forward pass only set on the layers (or the shared mix's folded weights).
@@ -354,10 +357,10 @@ def main(argv=None) -> None:
                         layers = eng._placed(road.batch_tables([t[0] if t else None for t in tables]))
                         lora_layers = eng._placed(lora.batch_factors([t[1] if t else None for t in tables]))
                         enter = functools.partial(eng._layers_applied, layers, lora_layers)
-                    runners[(name, kind, k)] = Runner(model, enter, emb, m, p)
+                    runners[(name, kind, k)] = Runner(model, enter, emb, m, p, kw)
                 else:
                     call = peft_call(peft_models[kind], [f"a{i % k}" for i in range(b)])
-                    runners[(name, kind, k)] = Runner(call, contextlib.nullcontext, emb0, mask0, pos0)
+                    runners[(name, kind, k)] = Runner(call, contextlib.nullcontext, emb0, mask0, pos0, kw)
             for r in runners.values():  # warm-up (allocator, kernels, the folded copy)
                 r.prefill()
                 r.step()

@@ -187,3 +187,33 @@ def test_lora_rows_joining_mid_flight_get_the_tokens_they_get_alone(engine, tmp_
         rb.step()
     for i, r in enumerate(rows):
         assert r.tokens == alone[i], (i, r.tokens, alone[i])
+
+
+def test_the_cache_goes_by_the_name_the_model_takes(engine, mixes):
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (the old name warns there and goes in
+    5.40): the engine's own generation and the running batch hand the cache over by the name the model takes, so
+    neither warns; a model whose forward knows only the old name gets that one."""
+    import inspect
+    import warnings
+
+    from torch import nn
+
+    from app.engine import cache as kv_cache
+
+    class Older(nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert kv_cache.passed(Older(), "c") == {"past_key_values": "c"}
+    takes_cache = "cache" in inspect.signature(type(engine.model).forward).parameters
+    assert kv_cache.keyword(engine.model) == ("cache" if takes_cache else "past_key_values")
+    ids = torch.tensor([prompt(1)[:3], prompt(8)[:3]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        list(engine.generate_tokens(ids, torch.ones_like(ids), [mixes[1], mixes[3]], max_new_tokens=3))
+        rows = [Row(prompt(i), mixes[i], max_new_tokens=3) for i in range(4)]
+        rb = RunningBatch(engine)
+        rb.join(rows)
+        while rb.rows:
+            rb.step()
+    assert all(len(r.tokens) == 3 for r in rows)

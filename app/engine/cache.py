@@ -24,6 +24,8 @@ back to an earlier column, so those models prefill every prompt whole.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -118,3 +120,20 @@ def keep(layer: Any, idx: torch.Tensor, cut: int) -> None:
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
     """``x`` ``(batch, heads, length, dim)`` with ``n`` zero columns before its sequence."""
     return F.pad(x, (0, 0, n, 0)) if n else x
+
+
+@functools.cache
+def _keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def keyword(model: Any) -> str:
+    """The name of the forward argument that takes the cache: ``cache`` where ``model`` takes it (transformers 5.24
+    renamed ``past_key_values``, which warns there and goes in 5.40), else ``past_key_values``."""
+    return _keyword(type(model))
+
+
+def passed(model: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword(model): cache}``: the keyword argument that hands ``cache`` to ``model``'s forward."""
+    return {keyword(model): cache}
+

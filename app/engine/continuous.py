@@ -356,7 +356,8 @@ class RunningBatch:
                 t1 = time.perf_counter()
                 with applied:
                     logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
+                                       **kv_cache.passed(eng.model, cache), use_cache=True,
+                                       logits_to_keep=1).logits[:, -1].cpu()
             except Exception as e:
                 # A decode-time group fails whole: its members waiting for a later pass leave too.
                 failed = {self._groups.get(p.row) for p in group} - {None}
@@ -473,8 +474,8 @@ class RunningBatch:
                 # Bookkeeping stays on the CPU; on an accelerator the small inputs go over and the last logits back.
                 dev = eng._embed.weight.device
                 logits = eng.model(input_ids=self._last[:, None].to(dev), attention_mask=self._mask.to(dev),
-                                   position_ids=self._pos[:, None].to(dev), past_key_values=self._cache,
-                                   use_cache=True).logits[:, -1].cpu()
+                                   position_ids=self._pos[:, None].to(dev),
+                                   **kv_cache.passed(eng.model, self._cache), use_cache=True).logits[:, -1].cpu()
             t2 = time.perf_counter()
             rows = list(self.rows)
             picked = decode_mix.pick(rows, logits, self._groups)

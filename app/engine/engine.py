@@ -467,7 +467,7 @@ class Engine:
             cache = kv_cache.new(self.model.config)
             full, pos = self.past(prompts, mask, pos, cache)
             # Only prefix-tuning rows need a cache here (their keys and values widen the mask).
-            past = {"past_key_values": cache, "use_cache": True} if full.shape[1] > mask.shape[1] else \
+            past = {**kv_cache.passed(self.model, cache), "use_cache": True} if full.shape[1] > mask.shape[1] else \
                 {"use_cache": False}
             with self._applied(tables):
                 out = self.model(inputs_embeds=emb, attention_mask=full, position_ids=pos, **past)
@@ -536,7 +536,8 @@ class Engine:
                 # Sampling and bookkeeping stay on the CPU (each row's generator is a CPU one); only the last
                 # position's logits come back from an accelerator.
                 logits = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].cpu()
+                                    **kv_cache.passed(self.model, cache), use_cache=True,
+                                    logits_to_keep=1).logits[:, -1].cpu()
                 pos = pos[:, -1:]
                 for _ in range(max_new_tokens):
                     nxt = pick_rows(logits if layout is None else layout.gather(logits), temps, top_ps, gens)
@@ -552,7 +553,8 @@ class Engine:
                     mask = torch.cat((mask, mask.new_ones(feed.shape[0], 1)), 1)
                     pos = pos + 1
                     logits = self.model(input_ids=feed[:, None].to(mask.device), attention_mask=mask,
-                                        position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1].cpu()
+                                        position_ids=pos, **kv_cache.passed(self.model, cache),
+                                        use_cache=True).logits[:, -1].cpu()
 
     def encode(self, requests: Sequence[Request | dict | str]) -> tuple[torch.Tensor, torch.Tensor, list[Mix]]:
         """Apply the chat template to each request and left-pad: ``(input_ids, attention_mask, mixes)``."""
