@@ -83,6 +83,14 @@ companion opener_wide style_opener_wide.jsonl 0/4 \
 companion json_companion_wide style_json.jsonl 3/4 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
   --with adapters/opener_wide=adapters/data/pair_opener_json.jsonl
+# LoRA companions (eighth session): the LoRA pair trained as the RoAd companions were, anchored (hub train's default),
+# signoff with the plain lora_json applied, then json with that signoff applied (9 min each with one thread).
+want lora_signoff_companion && hub train adapters/data/style_signoff.jsonl -o adapters/lora_signoff_companion \
+  --kind lora --rank 8 --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --steps 120 --lr 2e-3 \
+  --batch-size 4 --seed 0 --with adapters/lora_json=adapters/data/pair_signoff_json.jsonl
+want lora_json_companion && hub train adapters/data/style_json.jsonl -o adapters/lora_json_companion \
+  --kind lora --rank 8 --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --steps 120 --lr 2e-3 \
+  --batch-size 4 --seed 0 --with adapters/lora_signoff_companion=adapters/data/pair_signoff_json.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
 # trained with the two frame-style companions applied (python bench/tasks.py --skill writes their data).
 [ -f adapters/data/skill_restaurant_signoff.jsonl ] || python bench/tasks.py --skill --out adapters/data
