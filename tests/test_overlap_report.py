@@ -129,4 +129,9 @@ def test_a_card_from_before_the_objective_field_counts_as_plain_cross_entropy():
     a = random_road(tiny_model())
     assert len(notes([("old/plain", a, {"kind": "road", "steps": 120})])) == 1  # hub train had only cross-entropy
     assert notes([("new/anchored", a, {"kind": "road", "steps": 120, "objective": "anchored"})]) == []
+    # Anchored but trained alone: said once it is mixed with another; trained with companions: nothing against it.
+    alone = {"kind": "road", "steps": 120, "objective": "anchored"}
+    mates = {**alone, "companions": {"share": 0.5, "adapters": [{"adapter": "examples/b"}]}}
+    said = [n for n in notes([("new/alone", a, alone), ("new/mates", a, mates)]) if "trained alone" in n]
+    assert len(said) == 1 and said[0].startswith("new/alone was trained alone") and "--with" in said[0], said
     assert notes([("composed/mix", a, None)]) == []  # no training record: nothing known against it

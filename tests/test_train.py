@@ -262,10 +262,13 @@ def test_cli_defaults_make_a_composable_adapter_in_a_free_slot(tmp_path, data, c
     # the plain one is flagged when composed with the anchored one, with what to do
     hub.push(tmp_path / "plain", "alice/plain")
     notes = hub.composition_notes("alice/t0 + alice/plain")
-    assert len(notes) == 2 and all("hub fit" in n for n in notes)
-    assert "alice/plain was trained with plain cross-entropy" in notes[0]
-    assert "alice/t0 and alice/plain move the same 2D pairs" in notes[1]  # every pair (no subspace) vs slot 0
-    assert hub.composition_notes("alice/t0 + alice/t1") == []  # disjoint slots, both anchored
+    assert len(notes) == 3 and all("hub fit" in n for n in notes)
+    assert notes[0].startswith("alice/t0 was trained alone (no `--with` companions)")  # anchored, but not with t1
+    assert "alice/plain was trained with plain cross-entropy" in notes[1]
+    assert "alice/t0 and alice/plain move the same 2D pairs" in notes[2]  # every pair (no subspace) vs slot 0
+    # disjoint slots, both anchored: no overlap, but neither was trained with the other applied (--with)
+    both = hub.composition_notes("alice/t0 + alice/t1")
+    assert [n.split(" was ")[0] for n in both] == ["alice/t0", "alice/t1"] and all("trained alone" in n for n in both)
 
 
 def test_cli_refuses_a_missing_data_file_before_loading_the_model_and_bad_options_in_one_line(tmp_path, capsys):
