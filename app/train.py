@@ -382,6 +382,7 @@ EXAMPLES = """Examples:
   hub train data.jsonl -o slot1 --subspace 1/4          # RoAd in slot 1 of 4 disjoint shares of the pairs
   hub train data.jsonl -o plain --objective plain --subspace none --target-modules q_proj v_proj  # PEFT-like
   hub train data.jsonl -o mix-ft --init "0.5*alice/math + 0.5*./code-adapter" --steps 200
+  hub train style.jsonl -o mine --with examples/json_companion_wide=both.jsonl   # keeps its style added to json
 
 Defaults are the ones that composed best in bench/composition_quality.py: the anchored objective, every linear
 projection of the decoder layers, and (RoAd) a subspace slot of 4 that no adapter of the same base model in the
