@@ -386,7 +386,9 @@ EXAMPLES = """Examples:
 
 Defaults are the ones that composed best in bench/composition_quality.py: the anchored objective, every linear
 projection of the decoder layers, and (RoAd) a subspace slot of 4 that no adapter of the same base model in the
-store uses yet (--subspace auto), so the new adapter adds to the shipped ones and to each other.
+store uses yet (--subspace auto), so the new adapter adds exactly to the shipped ones and to each other. For a mix
+that keeps both behaviours, also train it with the other applied (--with ADAPTER=DATA, DATA: examples of both):
+such pairs kept both and the content in 70-90% of replies to unseen prompts, pairs trained alone in 0-14%.
 """
 
 
