@@ -84,7 +84,8 @@ companion json_companion_wide style_json.jsonl 3/4 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
   --with adapters/opener_wide=adapters/data/pair_opener_json.jsonl
 # Third round (eighth session): the opener trained on the wider forms against the companion-trained partners, then
-# json on its own wider forms (bench/tasks.py --wide json) against that opener (14 and 14 min, one thread each).
+# json and bullets on their own wider forms (bench/tasks.py --wide STYLE) against that opener (14 min each, one
+# thread). opener_mutual, signoff_companion, bullets_wide and json_wide: the set whose every pair composes.
 companion opener_mutual style_opener_wide.jsonl 0/4 \
   --with adapters/signoff_companion=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/bullets_companion=adapters/data/pair_opener_bullets.jsonl \
@@ -93,6 +94,10 @@ companion opener_mutual style_opener_wide.jsonl 0/4 \
 companion json_wide style_json_wide.jsonl 3/4 \
   --with adapters/signoff_companion=adapters/data/pair_signoff_json.jsonl \
   --with adapters/opener_mutual=adapters/data/pair_opener_json.jsonl
+[ -f adapters/data/style_bullets_wide.jsonl ] || python bench/tasks.py --wide bullets --out adapters/data
+companion bullets_wide style_bullets_wide.jsonl 2/4 \
+  --with adapters/signoff_companion=adapters/data/pair_signoff_bullets.jsonl \
+  --with adapters/opener_mutual=adapters/data/pair_opener_bullets.jsonl
 # LoRA companions (eighth session): the LoRA pair trained as the RoAd companions were, anchored (hub train's default),
 # signoff with the plain lora_json applied, then json with that signoff applied (9 min each with one thread).
 want lora_signoff_companion && hub train adapters/data/style_signoff.jsonl -o adapters/lora_signoff_companion \

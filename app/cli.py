@@ -70,7 +70,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         hub api                                            # http://127.0.0.1:8000/v1
         ADAPTER_HUB_API_KEY=secret hub api --host 0.0.0.0 --port 8000 --max-batch 16
         curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-          -d '{"model": "examples/signoff_anchored + examples/bullets_anchored",
+          -d '{"model": "examples/signoff_companion + examples/bullets_wide",
                "messages": [{"role": "user", "content": "Name three rivers."}]}'"""),
     "export": ("Export an adapter or a mix for other servers: merged model (vLLM, TGI), LoRA folder, GGUF.", """
         hub export examples/signoff_anchored --to out/signoff-merged             # transformers folder, mix folded in
