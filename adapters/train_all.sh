@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped adapters from scratch on the offline SmolLM2-135M-Instruct (CPU is enough).
-#   bash adapters/train_all.sh            # data (bench/tasks.py) then 6 RoAd, 3 prompt vectors, 2 LoRA
+#   bash adapters/train_all.sh            # data (bench/tasks.py) then every adapter below (RoAd, prompt vectors, LoRA)
 #   bash adapters/train_all.sh json       # only the named adapters
 # Deterministic given the seeds below. The four style adapters are trained in disjoint subspaces of the 2D pairs
 # (slots 0-3 of 4, seed 0: each moves a quarter of every layer's pairs, the rest stay exactly at the identity);
