@@ -61,7 +61,16 @@ class _Companion:
     name: str
     data_file: str
     rows: list
-    layers: list  # (nn.Linear, merged weight, merged bias)
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # module -> merged (weight, bias), by the engine
+    layers: list = field(default_factory=list)  # (nn.Linear, merged weight, merged bias), once bound
+
+    def bind(self, pm: Any) -> None:
+        """Point the merged tensors at the layers of the PEFT-wrapped model being trained (its frozen base layers)."""
+        self.layers = []
+        for m, (w, b) in self.folded.items():
+            sub = pm.get_submodule(f"base_model.model.{m}")
+            layer = getattr(sub, "base_layer", sub)
+            self.layers.append((layer, w.to(layer.weight), None if b is None else b.to(layer.bias)))
 
     @contextlib.contextmanager
     def applied(self):
@@ -89,9 +98,9 @@ _COMPANION_ROLES = {"road": ("output", "weight"), "lora": ("weight",)}
 
 
 def _companions(model: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kind: str, max_length: int
-                ) -> list[tuple[str, str, list, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]]:
-    """Each companion as (name, data file name, encoded rows, module -> merged (weight, bias)), folded by the
-    engine on the plain ``model`` (the weights it would run for that adapter alone), before any PEFT wrapping."""
+                ) -> list[_Companion]:
+    """Each companion with its encoded rows and its layers folded by the engine on the plain ``model`` (the weights
+    it would run for that adapter alone), before any PEFT wrapping; :meth:`_Companion.bind` them after it."""
     from .engine import Engine
 
     out = []
@@ -104,7 +113,7 @@ def _companions(model: Any, tok: Any, companions: Sequence[tuple[Any, Any]], kin
             rows = [encode_example(tok, m, max_length) for m in read_examples(data)]
             with torch.no_grad():
                 folded = engine.merged_weights(adapter)
-            out.append((str(adapter.source or "companion"), Path(data).name, rows, folded))
+            out.append(_Companion(str(adapter.source or "companion"), Path(data).name, rows, folded))
     finally:
         engine.close()
     return out
@@ -126,19 +135,6 @@ def companion_adapter(kind: str, adapter: Any) -> Any:
                "R·W + ΔW, which no mix serves)" if kind == "lora" and role == "output" else "")
         raise ValueError(f"--kind {kind} trains with {allowed} companions; got a {adapter.kind} companion{why}.")
     return adapter
-
-
-def _attach(pm: Any, mates: list) -> list[_Companion]:
-    """The folded companions bound to the layers of the PEFT-wrapped model being trained (its frozen base layers)."""
-    out = []
-    for name, data_file, rows, folded in mates:
-        layers = []
-        for m, (w, b) in folded.items():
-            sub = pm.get_submodule(f"base_model.model.{m}")
-            layer = getattr(sub, "base_layer", sub)
-            layers.append((layer, w.to(layer.weight), None if b is None else b.to(layer.bias)))
-        out.append(_Companion(name, data_file, rows, layers))
-    return out
 
 
 def _restrict_to_subspace(pm: Any, subspace: Any, kind: str
@@ -276,7 +272,7 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
                              "source": start.source})
         kind_of = composer.kinds.of(start)
     # Folded on the plain model, before the PEFT wrapping, so the engine sees the layers it would run.
-    folded_mates = _companions(model, tok, companions, kind_of.name, max_length)
+    mates = _companions(model, tok, companions, kind_of.name, max_length)
     if start is not None:
         pm = composer.init(model, start)
     else:
@@ -296,7 +292,8 @@ def train(base: Any, data_path: str | os.PathLike, *, kind: str = "road", init: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order_gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    mates = _attach(pm, folded_mates)
+    for mate in mates:
+        mate.bind(pm)
     mate_orders: list[list[int]] = [[] for _ in mates]
     pick = random.Random(f"companions-{seed}")
     losses: list[float] = []
