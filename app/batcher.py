@@ -156,6 +156,9 @@ class Batcher:
             mix (:mod:`app.engine.prefix_cache`; exact, the keys and values were computed under that mix).
         prefill_chunk: ``continuous`` only: token slots one prefill pass computes at most (a long prompt goes in
             chunks between decode steps); ``None``: every waiting prompt whole in one pass.
+        preempt: ``continuous`` only: a request that arrives during a decode step is prefilled right away,
+            between two of the step's layers (``RunningBatch.step(between=...)``), and gets its first token
+            without waiting for the step to end; ``False``: it waits for the step.
 
     Attributes:
         batches: ``continuous``: rows running right after each admission; ``gather``: rows per batch run
@@ -166,7 +169,8 @@ class Batcher:
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, wait_ms: float = 15.0,
                  context: int | None = None, scheduler: str = "continuous", max_queue: int = 64,
-                 prefix_cache: bool = True, prefill_chunk: int | None = RunningBatch.PREFILL_CHUNK) -> None:
+                 prefix_cache: bool = True, prefill_chunk: int | None = RunningBatch.PREFILL_CHUNK,
+                 preempt: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
         if max_queue < 1:
@@ -180,6 +184,7 @@ class Batcher:
         self.wait = float(wait_ms) / 1000.0
         RunningBatch.check_prefill_chunk(prefill_chunk)
         self._running_options = dict(prefix_cache=bool(prefix_cache), prefill_chunk=prefill_chunk)
+        self.preempt = bool(preempt)
         cfg = getattr(engine.model, "config", None)
         self.context = int(context or getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.batches: list[int] = []
@@ -325,7 +330,7 @@ class Batcher:
 
     def _take_room(self, running: RunningBatch) -> list[_Job]:
         """Waiting jobs, oldest first, while the batch has room for their rows (call with ``_cv`` held)."""
-        admit, n = [], len(running.rows) + len(running.pending)
+        admit, n = [], len(running.rows) + len(running.pending) + len(running.joining)
         while self._waiting:
             k = len(self._waiting[0].requests)
             if n and n + k > self.max_batch:
@@ -340,7 +345,8 @@ class Batcher:
 
         Jobs that arrive during a prefill pass get one of their own before the step while the prefill budget
         between two steps lasts (:meth:`RunningBatch.can_prefill`): their first token need not wait for a step.
-        They are added to ``admit``, so that the worker fails them too if the iteration fails.
+        With ``preempt``, jobs that arrive during the step are prefilled between two of its layers, under the
+        same budget. They are added to ``admit``, so that the worker fails them too if the iteration fails.
         """
         for job in [j for j in jobs if j.cancelled.is_set()]:
             running.leave(job.rows)
@@ -349,6 +355,37 @@ class Batcher:
         jobs = [j for j in jobs if not j.closed]
         if admit:
             jobs += self._admit(running, admit)
+        self._prefill(running, jobs, admit)
+        if running.rows:
+
+            tried: list[_Job | None] = [None]
+
+            def between() -> None:  # inside the step's forward pass, between two layers
+                head = self._waiting[0] if self._waiting else None  # only this thread takes from the queue
+                if head is None or head is tried[0]:  # a job that found no room waits for the step's end
+                    return
+                tried[0] = head
+                if self._room(running, jobs, admit):
+                    self._prefill(running, jobs, admit)
+
+            running.step(between if self.preempt else None)
+        for job in jobs:
+            if _started(job):
+                self._emit(job)
+        return [j for j in jobs if not j.closed]
+
+    def _room(self, running: RunningBatch, jobs: list[_Job], admit: list[_Job]) -> list[_Job]:
+        """Waiting jobs the batch has room for, queued for their prefill (added to ``jobs`` and ``admit``)."""
+        with self._cv:
+            more = self._take_room(running)
+        if more:
+            admit.extend(more)
+            jobs.extend(self._admit(running, more))
+        return more
+
+    def _prefill(self, running: RunningBatch, jobs: list[_Job], admit: list[_Job]) -> None:
+        """Prefill passes while rows are pending and the budget between two steps lasts; each job's first tokens
+        go out as soon as its pass ends, and jobs that came meanwhile are queued for the next pass."""
         while running.pending and running.can_prefill():
             try:
                 joined = running.prefill()
@@ -359,22 +396,12 @@ class Batcher:
                     job.out.put(e.__cause__ or e)
                 joined = []
             if joined:
-                self.batches = (self.batches + [len(running.rows)])[-1000:]
-            for job in {id(r.owner): r.owner for r in joined}.values():  # first tokens go out before the step
+                self.batches = (self.batches + [len(running.rows) + len(running.joining)])[-1000:]
+            for job in {id(r.owner): r.owner for r in joined}.values():  # first tokens go out at once
                 if _started(job):
                     self._emit(job)
-            with self._cv:
-                more = self._take_room(running)
-            if more:
-                admit.extend(more)
-                jobs += self._admit(running, more)
-            jobs = [j for j in jobs if not j.closed]
-        if running.rows:
-            running.step()
-        for job in jobs:
-            if _started(job):
-                self._emit(job)
-        return [j for j in jobs if not j.closed]
+            self._room(running, jobs, admit)
+            jobs[:] = [j for j in jobs if not j.closed]
 
     def _admit(self, running: RunningBatch, admit: list[_Job]) -> list[_Job]:
         """Queue each admitted job's rows for their prefill (a bad mix fails its own job; a job whose rows

@@ -1,7 +1,8 @@
 """Serving options that ``hub app`` and ``hub api`` share, defined once (both build an :class:`~app.batcher.Batcher`).
 
     positive(text)              an argparse type: a whole number of at least 1
-    add_serving(parser, ...)    --max-batch, --max-queue, --prefill-chunk, --no-chunked-prefill, --no-prefix-cache
+    add_serving(parser, ...)    --max-batch, --max-queue, --prefill-chunk, --no-chunked-prefill, --no-prefix-cache,
+                                --no-preempt
     batcher_options(args)       those options as keyword arguments of ``Batcher``
 
 Imports nothing heavy: ``hub --help`` and ``hub api --help`` build their parsers without torch.
@@ -42,9 +43,12 @@ def add_serving(p: argparse.ArgumentParser, *, busy: str) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the key/value cache of a prompt prefix already computed under the same mix "
                         "(the chat template's system prompt, earlier turns); the cache is exact and on by default")
+    p.add_argument("--no-preempt", action="store_true",
+                   help="a request that arrives during a decode step waits for the step to end; by default it is "
+                        "prefilled between two of the step's layers and gets its first token sooner (exact either way)")
 
 
 def batcher_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options :func:`add_serving` added, as keyword arguments of :class:`~app.batcher.Batcher`."""
     return {"max_batch": args.max_batch, "max_queue": args.max_queue, "prefix_cache": not args.no_prefix_cache,
-            "prefill_chunk": None if args.no_chunked_prefill else args.prefill_chunk}
+            "prefill_chunk": None if args.no_chunked_prefill else args.prefill_chunk, "preempt": not args.no_preempt}

@@ -11,10 +11,12 @@ lengths) run under every variant, in one run, the order rotating per number of u
 
     gather      the earliest path: gather for ``--wait-ms``, run the batch to its end (Engine.generate_tokens)
     before      continuous batching as it was: newcomers prefilled whole, every prompt from its first token
-    after       continuous batching with the prefix cache (each prompt starts from the longest prefix already
+    cached      continuous batching with the prefix cache (each prompt starts from the longest prefix already
                 prefilled under its mix: the chat template's system prompt) and chunked prefill (at most
                 ``--prefill-chunk`` token slots a pass, between decode steps); ``--no-prefix-cache`` and
-                ``--no-chunked-prefill`` turn either off
+                ``--no-chunked-prefill`` turn either off (for this and ``after``)
+    after       ``cached`` with preemption (the default): a request arriving during a decode step is prefilled
+                between two of the step's layers, its first token out before the step ends
 
 The prefix cache starts empty for every variant and number of users (a server's first minutes), or with
 ``--warm`` from one chat turn per mix (a server that has run a while: every mix's system prompt cached). For 1,
@@ -95,7 +97,7 @@ def scripts(users: int, requests: int, seed: int, think_s: float, texts, choices
     return out
 
 
-VARIANTS = ("gather", "before", "after")
+VARIANTS = ("gather", "before", "cached", "after")
 
 
 def batcher_options(variant: str, args) -> dict:
@@ -103,9 +105,9 @@ def batcher_options(variant: str, args) -> dict:
     if variant == "gather":
         return {"scheduler": "gather", "wait_ms": args.wait_ms}
     if variant == "before":
-        return {"prefix_cache": False, "prefill_chunk": None}
+        return {"prefix_cache": False, "prefill_chunk": None, "preempt": False}
     return {"prefix_cache": not args.no_prefix_cache,
-            "prefill_chunk": None if args.no_chunked_prefill else args.prefill_chunk}
+            "prefill_chunk": None if args.no_chunked_prefill else args.prefill_chunk, "preempt": variant == "after"}
 
 
 def run(engine, options: dict, plan, *, max_batch: int, budget_s: float, api=None, warm: bool = False) -> dict:
@@ -266,7 +268,7 @@ def overhead(engine, texts, choices, *, batch: int = 16, steps: int = 12) -> dic
     rb.join([row(i) for i in range(batch)])
     for _ in range(2):
         rb.step()  # warm up
-    decode, t_rows, t_shared, t_event = [], [], [], []
+    decode, hooked, t_rows, t_shared, t_event = [], [], [], [], []
     logits = torch.randn(batch, engine.model.config.vocab_size)
     temp, top_p = torch.full((batch,), 0.7), torch.full((batch,), 0.9)
     gens = [generator(i) for i in range(batch)]
@@ -275,6 +277,9 @@ def overhead(engine, texts, choices, *, batch: int = 16, steps: int = 12) -> dic
         before = rb.stats["decode"]
         rb.step()
         decode.append(rb.stats["decode"] - before)
+        before = rb.stats["decode"]
+        rb.step(lambda: None)  # the preemption hooks between layers, no newcomer: what every step pays for them
+        hooked.append(rb.stats["decode"] - before)
         t0 = time.perf_counter()
         pick_rows(logits, temp, top_p, gens)
         t1 = time.perf_counter()
@@ -289,7 +294,8 @@ def overhead(engine, texts, choices, *, batch: int = 16, steps: int = 12) -> dic
         t_event.append(rb.stats["bookkeeping"] - b0)
         assert rb.stats["prefill"] > p0
     step = statistics.median(decode)
-    return {"batch": batch, "step_ms": 1e3 * step, "rows_ms": 1e3 * statistics.median(t_rows),
+    return {"batch": batch, "step_ms": 1e3 * step, "hooked_ms": 1e3 * statistics.median(hooked),
+            "rows_ms": 1e3 * statistics.median(t_rows),
             "shared_ms": 1e3 * statistics.median(t_shared), "event_ms": 1e3 * statistics.median(t_event)}
 
 
@@ -345,7 +351,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-ms", type=float, default=15.0, help="gather's gathering window (the app's default)")
     ap.add_argument("--budget-s", type=float, default=600.0, help="per configuration: no new request after this")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                    help="what to run side by side (default: gather before after)")
+                    help="what to run side by side (default: gather before cached after)")
     ap.add_argument("--path", choices=("app", "api"), default="app",
                     help="app: Batcher.submit (the page's path); api: POST /v1/chat/completions, streamed")
     ap.add_argument("--no-prefix-cache", action="store_true", help="'after' without the prefix cache")
@@ -398,7 +404,8 @@ def main(argv=None) -> None:
                   f"TTFT p95 {s['ttft95']:.2f} s", flush=True)
         rows.append((n, {v: summary(res[v]) for v in variants}))
 
-    label = {"gather": "gather (earliest)", "before": "continuous, before", "after": "continuous, after"}
+    label = {"gather": "gather (earliest)", "before": "continuous, before", "cached": "continuous, cached",
+             "after": "continuous, after"}
     print("\n| users | variant | replies | tokens/s | TTFT p50 (s) | TTFT p95 (s) | end-to-end p50 (s) | "
           "end-to-end p95 (s) | TTFT p95, later requests (s) | prompt columns cached | prefill passes |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -408,9 +415,10 @@ def main(argv=None) -> None:
             cached = "" if s["cached"] is None else f"{100 * s['cached']:.0f}%"
             print(f"| {n} | {label[v]} | {s['n']} | {s['tps']:.1f} | {s['ttft50']:.2f} | {s['ttft95']:.2f} | "
                   f"{s['e2e50']:.2f} | {s['e2e95']:.2f} | {s['later95']:.2f} | {cached} | {s['passes'] or ''} |")
-        if "before" in by and "after" in by:
-            c, g = by["after"], by["before"]
-            print(f"| {n} | **after / before** | | **{c['tps'] / g['tps']:.2f}x** | {c['ttft50'] / g['ttft50']:.2f}x | "
+        ref = next((v for v in ("cached", "before") if v in by), None)
+        if ref is not None and "after" in by:
+            c, g = by["after"], by[ref]
+            print(f"| {n} | **after / {ref}** | | **{c['tps'] / g['tps']:.2f}x** | {c['ttft50'] / g['ttft50']:.2f}x | "
                   f"**{c['ttft95'] / g['ttft95']:.2f}x** | {c['e2e50'] / g['e2e50']:.2f}x | "
                   f"{c['e2e95'] / g['e2e95']:.2f}x | {c['later95'] / g['later95']:.2f}x | | |")
     by_n = dict(rows)
@@ -433,6 +441,8 @@ def main(argv=None) -> None:
               f"  per-row generators: pick_rows {o['rows_ms']:.2f} ms vs one shared generator {o['shared_ms']:.2f} ms "
               f"-> {o['rows_ms'] - o['shared_ms']:+.2f} ms = "
               f"{100 * (o['rows_ms'] - o['shared_ms']) / o['step_ms']:+.1f}% of a step\n"
+              f"  a step with the preemption hooks between its layers (no newcomer): {o['hooked_ms']:.1f} ms "
+              f"({100 * (o['hooked_ms'] - o['step_ms']) / o['step_ms']:+.1f}%, medians of alternate steps)\n"
               f"  one leave + one join (bookkeeping, prefill excluded): {o['event_ms']:.2f} ms = "
               f"{100 * o['event_ms'] / o['step_ms']:.1f}% of a step; the load run ({label[variants[-1]]}) had "
               f"{events:.2f} join+leave pairs per step -> {100 * events * o['event_ms'] / o['step_ms']:.2f}% per step")

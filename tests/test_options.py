@@ -29,10 +29,10 @@ def test_the_parsers_default_is_the_running_batchs():
 @pytest.mark.parametrize("parse", [_api_args, _app_args], ids=["hub api", "hub app"])
 def test_both_commands_pass_the_same_batcher_options(parse):
     assert batcher_options(parse([])) == {"max_batch": 8, "max_queue": 64, "prefix_cache": True,
-                                          "prefill_chunk": PREFILL_CHUNK}
+                                          "prefill_chunk": PREFILL_CHUNK, "preempt": True}
     got = batcher_options(parse(["--max-batch", "16", "--max-queue", "3", "--prefill-chunk", "128",
-                                 "--no-prefix-cache"]))
-    assert got == {"max_batch": 16, "max_queue": 3, "prefix_cache": False, "prefill_chunk": 128}
+                                 "--no-prefix-cache", "--no-preempt"]))
+    assert got == {"max_batch": 16, "max_queue": 3, "prefix_cache": False, "prefill_chunk": 128, "preempt": False}
     assert batcher_options(parse(["--no-chunked-prefill"]))["prefill_chunk"] is None
 
 
@@ -50,8 +50,10 @@ def test_the_options_build_a_batcher():
     from tests.tiny import tiny_chat_model
 
     b = Batcher(Engine(*tiny_chat_model()),
-                **batcher_options(_app_args(["--no-prefix-cache", "--prefill-chunk", "64", "--max-batch", "2"])))
+                **batcher_options(_app_args(["--no-prefix-cache", "--prefill-chunk", "64", "--max-batch", "2",
+                                             "--no-preempt"])))
     try:
         assert b.max_batch == 2 and b._running_options == {"prefix_cache": False, "prefill_chunk": 64}
+        assert not b.preempt
     finally:
         b.close()

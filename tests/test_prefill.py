@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from app.batcher import Batcher
-from app.engine import Engine
+from app.engine import DecodeMix, Engine
 from app.engine.continuous import Row, RunningBatch
 from app.engine.prefill import PATIENCE, Pending, plan
 from app.engine.prefix_cache import PrefixCache, mix_parts
@@ -427,3 +427,122 @@ def test_a_prefill_chunk_below_one_is_refused_when_built(engine, build):
         want = rf"prefill_chunk must be at least 1 \(or None for whole prompts\), got {bad}"
         with pytest.raises(ValueError, match=want):
             build(engine, bad)
+
+
+# ------------------------------------------------------------------------------- newcomers during a step
+def _prefill_between(rb, newcomers, seen):
+    """A ``between`` for :meth:`RunningBatch.step`: the first time, admit ``newcomers`` and prefill them there."""
+    running = list(rb.rows)
+
+    def between():
+        if seen:
+            return
+        counts = [len(r.tokens) for r in running]
+        rb.admit(newcomers)
+        while rb.pending and rb.can_prefill():
+            rb.prefill()
+        # Their first tokens are out while the step is still in flight: no running row has its next token yet,
+        # and the newcomers wait beside the batch, not in it.
+        assert [len(r.tokens) for r in running] == counts
+        assert all(len(r.tokens) == 1 for r in newcomers)
+        assert not any(r in rb.rows for r in newcomers)
+        assert {id(r) for r in rb.joining} == {id(r) for r in newcomers}
+        seen.append(counts)
+
+    return between
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row mixes", "one folded mix"])
+def test_newcomers_prefilled_between_two_layers_of_a_step_get_their_tokens_alone(engine, adapters, shared):
+    """A step's forward pass stops between two layers for a newcomer's prefill (its first token goes out there)
+    and goes on: the running rows and the newcomers (every kind of mix, one ending with its first token) get
+    exactly their tokens alone, whether the running rows carry per-row tables or one mix folded in the weights.
+    (A decode-time newcomer is one of them: its members are prefilled there, its stream gets the first token.)"""
+    engine.prefix_cache.clear()
+    old_names = ["road"] * 3 if shared else ["road", "lora", "prompt", "base"]
+    new_names = ["road+prompt", "lora+road+prompt", "prefix+road+lora", "base", "road", "lora"]
+    old_ids = [SHARED + ids_of(40 + i, 3 + i) for i in range(len(old_names))]
+    new_ids = [ids_of(50 + i, 4 + 2 * i) for i in range(len(new_names))]
+    limits = [NEW] * (len(new_names) - 1) + [1]  # the last one ends with its first token
+    old_mixes = [mix_of(adapters, MIXES[n]) for n in old_names]
+    new_mixes = [mix_of(adapters, MIXES[n]) for n in new_names]
+    new_mixes[3] = DecodeMix([adapters["road"], adapters["lora"]])  # a decode-time row: members, one stream
+    want_old = [reference(engine, p, m)[0] for p, m in zip(old_ids, old_mixes)]
+    want_new = [reference(engine, p, m, n=k)[0] for p, m, k in zip(new_ids, new_mixes, limits)]
+    engine.close()  # forget the folds the reference runs made
+    batches = []
+    for _ in range(2):  # the second batch's fourth step is interrupted; the first's is the reference
+        rb = RunningBatch(engine)
+        rb.FOLD_AFTER = 2
+        old = [Row(p, m, max_new_tokens=NEW) for p, m in zip(old_ids, old_mixes)]
+        rb.join(old)
+        for _ in range(3):
+            rb.step()
+        batches.append((rb, old, [rb.rows.index(r) for r in old]))  # rows' places follow their prefill order
+    assert engine.is_folded(rb._shared) if shared else rb._shared is None
+    with captured(engine.model) as plain:
+        batches[0][0].step()
+    new = [Row(p, m, max_new_tokens=k) for p, m, k in zip(new_ids, new_mixes, limits)]
+    seen: list = []
+    with captured(engine.model) as logits:
+        rb.step(_prefill_between(rb, new, seen))
+    # The step's own logits (its pass ends last) are the uninterrupted step's, to float precision.
+    torch.testing.assert_close(logits[-1][batches[1][2]], plain[-1][batches[0][2]], atol=TOL, rtol=0)
+    assert seen == [[4] * len(old)]
+    assert rb.stats["prefilled_in_step"] == len(new)
+    # They joined when the step ended; the last one left.
+    assert {id(r) for r in rb._callers(rb.rows)} == {id(r) for r in old + new[:-1]} and not rb.joining
+    assert [len(r.tokens) for r in old] == [5] * len(old) and new[-1].finish == "length"
+    while rb.rows:
+        rb.step()
+    assert [r.tokens for r in old] == want_old
+    assert [r.tokens for r in new] == want_new
+
+
+def test_a_step_with_a_bottleneck_row_is_not_interrupted(engine, adapters):
+    """Bottleneck adapters hook the decoder layers a newcomer's prefill would run through: no stop there."""
+    rb = RunningBatch(engine)
+    rb.join([Row(ids_of(60, 5), mix_of(adapters, MIXES["bn"]), max_new_tokens=3)])
+    calls = []
+    rb.step(lambda: calls.append(1))
+    assert not calls
+    plain = RunningBatch(engine)
+    plain.join([Row(ids_of(60, 5), mix_of(adapters, MIXES["road"]), max_new_tokens=3)])
+    plain.step(lambda: calls.append(1))
+    assert calls == [1] * (engine.model.config.num_hidden_layers - 1)
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_a_request_arriving_during_a_decode_step_gets_its_first_token_before_the_step_ends(preempt):
+    """A request submitted while a step is in the model is prefilled between two of its layers: its first token
+    goes out before the running row's next one; answers are the engine's alone. ``preempt=False``: it waits."""
+    from tests.tiny import tiny_chat_model
+
+    model, tok = tiny_chat_model()
+    engine = Engine(model, tok)
+    convs = [[{"role": "user", "content": "tell me a long story"}], [{"role": "user", "content": "hi"}]]
+    want = [engine.generate([{"messages": c}], max_new_tokens=n)[0] for c, n in zip(convs, (20, 6))]
+    batcher = Batcher(engine, max_batch=8, preempt=preempt)
+    second, during = [], []
+    def gate(_module, args):  # inside the third decode step of the first request (one column): the second comes
+        running = batcher.running
+        if not second and args[0].shape[1] == 1 and running.rows and len(running.rows[0].tokens) == 3:
+            second.append(batcher.submit(convs[1], None, max_new_tokens=6))
+            prefill = running.prefill
+
+            def watched():
+                during.append((running._stepping, len(running.rows[0].tokens)))
+                return prefill()
+
+            running.prefill = watched
+
+    handle = model.model.layers[1].register_forward_pre_hook(gate)
+    try:
+        first = list(batcher.submit(convs[0], None, max_new_tokens=20))[-1]
+        assert second
+        assert list(second[0])[-1] == want[1] and first == want[0]
+        assert during[0] == ((True, 3) if preempt else (False, 4))
+        assert (batcher.running.stats["prefilled_in_step"] == 1) == preempt
+    finally:
+        handle.remove()
+        batcher.close()

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +184,10 @@ class RunningBatch:
         # Decode-time rows (a DecodeMix): each runs as hidden member rows (members); pending or running.
         self._groups: dict[Row, Group] = {}  # member -> its group
         self._decode: dict[Row, Group] = {}  # the caller's row -> its group
+        # Rows prefilled between two layers of a step (``step(between=...)``): they join when it ends.
+        self._stepping = False
+        self._in_between = False
+        self._deferred: list[tuple] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -354,7 +359,7 @@ class RunningBatch:
                     eng._layers_applied(eng._placed(self._packed.views(packed)),
                                         eng._placed(lora.batch_factors(loras)), eng._placed_bn(bottleneck.batch(bns)))
                 t1 = time.perf_counter()
-                with applied:
+                with eng.set_aside() if self._stepping else nullcontext(), applied:
                     logits = eng.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                                        **kv_cache.passed(eng.model, cache), use_cache=True,
                                        logits_to_keep=1).logits[:, -1].cpu()
@@ -402,19 +407,34 @@ class RunningBatch:
                 picked = decode_mix.pick(joined, logits.index_select(0, idx), self._groups)
                 nxt = decode_mix.share(joined, pick_rows(picked, temp, top_p, gens), self._groups)
                 self.stats["sample"] += time.perf_counter() - t3
-                self._merge(cache, mask[:, cut:], torch.tensor([p.columns - 1 for p in kept]), nxt, temp, top_p,
-                            gens, [p.tables for p in kept], [p.lora for p in kept], [p.bn for p in kept],
-                            packed.index_select(0, idx))
-                self._keys.extend((p.parts, p.ids, p.virtual) for p in kept)
-                self.rows.extend(joined)
+                merge = (cache, mask[:, cut:], torch.tensor([p.columns - 1 for p in kept]), nxt, temp, top_p, gens,
+                         kept)
+                if self._stepping:  # between two layers of a step: the rows join the batch when it ends
+                    self._deferred.append(merge)
+                    self.stats["prefilled_in_step"] += len(self._callers(joined))  # callers' rows
+                else:
+                    self._join(*merge, packed=packed.index_select(0, idx))
                 self._pending = [p for p in self._pending if p not in kept]
         self.stats["prefill"] += t2 - t1
         self.stats["joined"] += len(joined)
         callers = self._callers(joined)  # before the rows that end at once leave (and their groups with them)
         if joined:
-            self._record(joined, nxt.tolist())
+            ended = self._tokens(joined, nxt.tolist())
+            if ended and not self._stepping:
+                self._drop(ended)
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t2) - (self.stats["sample"] - sampled)
         return callers
+
+    def _join(self, cache, mask, pos, last, temp, top_p, gens, kept: list[Pending], packed=None) -> None:
+        """Prefilled rows (``kept``, with their first tokens ``last``) join the running ones; ``packed`` (their RoAd
+        tables' rows) is made now when not given (rows prefilled during a step: the layout may have changed)."""
+        tables = [p.tables for p in kept]
+        if packed is None:
+            packed = self._packed.rows(tables, self._row_tables)
+        self._merge(cache, mask, pos, last, temp, top_p, gens, tables, [p.lora for p in kept], [p.bn for p in kept],
+                    packed)
+        self._keys.extend((p.parts, p.ids, p.virtual) for p in kept)
+        self.rows.extend(p.row for p in kept)
 
     def _merge(self, cache, mask, pos, last, temp, top_p, gens, tables, loras, bns, packed) -> None:
         if self._cache is None or not self.rows:
@@ -450,8 +470,16 @@ class RunningBatch:
         self._shared = shared
 
     # ------------------------------------------------------------------------------------------- step
-    def step(self) -> list[Row]:
+    def step(self, between: Callable[[], None] | None = None) -> list[Row]:
         """One decoding step for every running row; rows that end leave at once.
+
+        Args:
+            between: called before each decoder layer of the step's forward pass but the first. It may
+                :meth:`admit` rows and :meth:`prefill` them right there (their forward passes run with the step's
+                adapters set aside, :meth:`Engine.set_aside`), so that a newcomer's first token does not wait for
+                the step in flight; rows prefilled so join the batch when the step ends, and run from the next.
+                Not called while a running row carries a bottleneck adapter (its hooks sit on those layers), nor
+                for a model without a ``layers`` list.
 
         Returns:
             The rows that got a token (all rows that were running).
@@ -470,7 +498,8 @@ class RunningBatch:
             applied = eng._folded(shared) if fold else eng._layers_applied(self._layers, self._lora_layers,
                                                                            self._bn_places)
             self._shared_steps += shared is not None
-            with applied:
+            bn = bool(self._bn_places) or (fold and shared[2] is not None)
+            with applied, self._interruptible(None if bn else between):
                 # Bookkeeping stays on the CPU; on an accelerator the small inputs go over and the last logits back.
                 dev = eng._embed.weight.device
                 logits = eng.model(input_ids=self._last[:, None].to(dev), attention_mask=self._mask.to(dev),
@@ -484,6 +513,14 @@ class RunningBatch:
             self._last = nxt
         callers = self._callers(rows)  # before the rows that end leave (and their groups with them)
         self._record(rows, nxt.tolist())
+        if self._deferred:  # rows prefilled during the step join now; those that ended at once leave
+            deferred, self._deferred = self._deferred, []
+            with eng._lock:
+                for merge in deferred:
+                    self._join(*merge)
+                ended = [p.row for merge in deferred for p in merge[-1] if p.row.finish]
+                if ended:
+                    self._drop(ended)
         self.stats["decode"] += t2 - t1
         self.stats["sample"] += t3 - t2
         self.stats["steps"] += 1
@@ -491,7 +528,44 @@ class RunningBatch:
         self.stats["bookkeeping"] += (t1 - t0) + (time.perf_counter() - t3)
         return callers
 
+    @contextmanager
+    def _interruptible(self, between: Callable[[], None] | None) -> Iterator[None]:
+        """Inside this block, ``between`` runs before every decoder layer but the first (not inside itself)."""
+        layers = getattr(getattr(self.engine.model, "model", self.engine.model), "layers", None)
+        if between is None or not isinstance(layers, torch.nn.ModuleList) or len(layers) < 2:
+            yield
+            return
+
+        def hook(_module, _args):
+            if self._in_between:
+                return
+            self._in_between = True
+            try:
+                between()
+            finally:
+                self._in_between = False
+
+        handles = [layer.register_forward_pre_hook(hook) for layer in layers[1:]]
+        self._stepping = True
+        try:
+            yield
+        finally:
+            self._stepping = False
+            for h in handles:
+                h.remove()
+
+    @property
+    def joining(self) -> list[Row]:
+        """Rows prefilled during the step in flight (they have their first token and join when it ends)."""
+        return self._callers([p.row for merge in self._deferred for p in merge[-1]])
+
     def _record(self, rows: list[Row], tokens: list[int]) -> None:
+        ended = self._tokens(rows, tokens)
+        if ended:
+            self._drop(ended)
+
+    def _tokens(self, rows: list[Row], tokens: list[int]) -> list[Row]:
+        """Each row's next token (and each decode-time group's shared stream); returns the rows that ended."""
         eos = self._eos_set
         ended = []
         for r, t in zip(rows, tokens):
@@ -506,8 +580,7 @@ class RunningBatch:
             if g is not None and r is g.members[0]:  # the group's shared stream (every member got this token)
                 g.row.tokens.append(t)
                 g.row.finish = r.finish
-        if ended:
-            self._drop(ended)
+        return ended
 
     # ------------------------------------------------------------------------------------------ leave
     def leave(self, rows: Sequence[Row]) -> None:

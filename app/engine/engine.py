@@ -371,6 +371,22 @@ class Engine:
                 d["lora_rows"] = None
 
     @contextmanager
+    def set_aside(self) -> Iterator[None]:
+        """Set every adapted layer's per-row tables, factors and folded weights aside for the duration, and put
+        them back after: a forward pass of its own (a newcomer's prefill) runs inside another one, between two of
+        its layers (:meth:`RunningBatch.step` with ``between``), with the outer pass's state untouched."""
+        with self._lock:
+            keys = ("road_rows", "lora_rows", "folded")
+            saved = {m: tuple(self._linears[m].__dict__.get(k) for k in keys) for m in self._installed}
+            for m in saved:
+                self._linears[m].__dict__.update(dict.fromkeys(keys))
+            try:
+                yield
+            finally:
+                for m, values in saved.items():
+                    self._linears[m].__dict__.update(zip(keys, values))
+
+    @contextmanager
     def exclusive(self) -> Iterator[nn.Module]:
         """Hold the engine while the caller works on ``self.model`` directly; yields the model.
 
