@@ -346,6 +346,30 @@ def test_cached_and_chunked_prefill_on_other_architectures(arch):
         assert got[2]["cached_columns"] == 23 and got[2]["prefill_passes"] == 2
 
 
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "llama4", "qwen3", "lfm2"])
+def test_a_newcomer_prefilled_between_two_layers_on_other_architectures(arch):
+    """A step stopped between two layers for a newcomer's prefill (sliding windows, chunked attention, q/k norms,
+    a convolution state): the running rows and the newcomer get their tokens alone."""
+    model = arch_model(arch)
+    engine = Engine(model, None)
+    road = random_road(model, "road_1", seed=1, scale=0.5, targets=ARCHS[arch][3])
+    old_mixes, new_mixes = [road, None], [[road, random_prompt(n=3, seed=5)], None]
+    old_ids, new_ids = [ids_of(70, 9), ids_of(71, 4)], [ids_of(72, 7), ids_of(73, 12)]
+    want = [reference(engine, p, m)[0] for p, m in zip(old_ids + new_ids, old_mixes + new_mixes)]
+    rb = RunningBatch(engine)
+    old = [Row(p, m, max_new_tokens=NEW) for p, m in zip(old_ids, old_mixes)]
+    new = [Row(p, m, max_new_tokens=NEW) for p, m in zip(new_ids, new_mixes)]
+    rb.join(old)
+    rb.step()
+    seen: list = []
+    rb.step(_prefill_between(rb, new, seen))
+    assert seen
+    while rb.rows:
+        rb.step()
+    assert [r.tokens for r in old + new] == want
+
+
 # ---------------------------------------------------------------------------------------------------- batcher
 def test_the_batcher_answers_like_the_engine_alone_from_cached_prefixes_and_chunks():
     from tests.helpers import in_threads
