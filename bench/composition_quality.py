@@ -524,36 +524,39 @@ def section_init(engine, styles, alt, prompts, args, results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fresh_like(A, B) -> dict:
-    """``train`` settings for a fresh adapter (the identity start) of the pair's kind and shape: RoAd's variant
-    and group size, or LoRA's rank and alpha, on the modules either adapts."""
+def fresh_like(A, *others) -> dict:
+    """``train`` settings for a fresh adapter (the identity start) of the adapters' kind and shape: RoAd's variant
+    and group size, or LoRA's rank and alpha, on the modules any of them adapts."""
     if A.kind == "lora":
-        mods = set(A.lora_a) | set(B.lora_a)
+        mods = set(A.lora_a).union(*(o.lora_a for o in others))
         return {"rank": int(A.config["r"]), "lora_alpha": float(A.config.get("lora_alpha") or 2 * A.config["r"]),
                 "target_modules": sorted({m.rsplit(".", 1)[-1] for m in mods})}
     return {"variant": A.variant, "group_size": A.group_size,
-            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in set(A.theta) | set(B.theta)})}
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in set(A.theta).union(*(o.theta for o in others))})}
 
 
 def section_reason(engine, args, results) -> str:
     """The reason to compose (the task prompt vectors protocol, on RoAd or LoRA): few-shot training of a combined
-    behaviour from K examples, starting from the identity, from zero-training ``add`` of two style adapters and
-    (with ``fit`` in ``--methods``) from the fitted mix; headline rate (both styles and the content) on prompts of
-    unseen forms, per K and start, over seeds."""
+    behaviour from K examples, starting from the identity, from zero-training ``add`` of the style adapters (two,
+    or more: ``a+b+c``) and (with ``fit`` in ``--methods``, pairs only) from the fitted mix; headline rate (every
+    style and the content) on prompts of unseen forms, per K and start, over seeds."""
     from app.train import train
 
     dirs = [Path(d) for d in args.adapters]
-    a, b = args.reason_pair.split("+")
-    A, B = composer.load(find_adapter(dirs, a)), composer.load(find_adapter(dirs, b))
-    pair = (style_of(a), style_of(b))
+    names = args.reason_pair.split("+")
+    parts = [composer.load(find_adapter(dirs, x)) for x in names]
+    pair = tuple(style_of(x) for x in names)  # the target's styles (two, or more)
     prompts = split_prompts("forms", args.seed, args.n_reason)
-    starts: dict[str, object] = {"identity": None, "add": composer.add(A, B)}
+    starts: dict[str, object] = {"identity": None, "add": composer.add(*parts)}
     if "fit" in args.methods:
+        if len(parts) != 2:
+            raise SystemExit("--methods fit: the reason section fits pairs only (its data is pair_A_B.jsonl)")
+        A, B = parts
         data = Path(args.data) / f"pair_{pair[0]}_{pair[1]}.jsonl"
         starts["fitted mix"] = composer.fit([A, B], data, model=engine.model, tokenizer=engine.tokenizer,
                                             granularity=args.fit_granularity, steps=args.fit_steps, lr=args.fit_lr,
                                             batch_size=args.fit_batch, seed=args.seed)
-    base_cfg = fresh_like(A, B)
+    base_cfg = fresh_like(*parts)
     rates: dict[tuple[int, str], list[int]] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -564,7 +567,7 @@ def section_reason(engine, args, results) -> str:
                     path = Path(tmp) / f"shots_{k}_{s}.jsonl"
                     tasks.write_jsonl(path, tasks.combined_examples(pair, Path(args.data), k, seed=100 + s))
                     for name, start in starts.items():
-                        r = train((engine.model, engine.tokenizer), path, kind=A.kind, init=start,
+                        r = train((engine.model, engine.tokenizer), path, kind=parts[0].kind, init=start,
                                   steps=args.reason_steps, lr=args.init_lr, batch_size=min(4, k), seed=s,
                                   progress=False, **(base_cfg if start is None else {}))
                         trained[name] = r.adapter
@@ -574,8 +577,9 @@ def section_reason(engine, args, results) -> str:
                     rates.setdefault((k, name), []).append(ok)
                 log(f"reason K={k} seed={s}: " + ", ".join(f"{n} {rates[(k, n)][-1]}/{len(prompts)}" for n in starts))
     n = len(prompts)
-    lines = [f"### The reason to compose: {a} + {b} as the target behaviour, K examples, {args.reason_steps} steps "
-             f"(batch ≤4, lr {args.init_lr:g}), seeds {args.seeds}; both styles and the content on {n} prompts of "
+    lines = [f"### The reason to compose: {' + '.join(names)} as the target behaviour, K examples, "
+             f"{args.reason_steps} steps (batch ≤4, lr {args.init_lr:g}), seeds {args.seeds}; "
+             f"{'both styles' if len(names) == 2 else 'every style'} and the content on {n} prompts of "
              "unseen forms", "",
              "| K | start | mean | std | pooled, 95% interval | per seed |", "|---|---|---|---|---|---|"]
     for (k, name), oks in rates.items():
@@ -694,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skill-task", default="sent_restaurant",
                     help="skill: the task adapter (the sentiment prompt vector, or a RoAd task adapter)")
     ap.add_argument("--reason-pair", default="signoff_anchored+bullets_anchored",
-                    help="reason: the two adapters whose combined behaviour is the target")
+                    help="reason: the adapters (two or more, joined by +) whose combined behaviour is the target")
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 4, 8, 16, 32], help="reason: target examples K")
     ap.add_argument("--reason-steps", type=int, default=20, help="reason: few-shot training steps")
     ap.add_argument("--n-reason", type=int, default=64, help="reason: unseen-form prompts per trained adapter")
