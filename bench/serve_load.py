@@ -331,6 +331,45 @@ def stall(engine, texts, choices, *, chunk: int | None, batch: int = 15, long_to
             rb.stats["prefill_passes"] - 1}
 
 
+def newcomer_ttft(engine, texts, choices, *, batch: int = 15, trials: int = 12) -> dict:
+    """A chat request arriving at a random moment while ``batch`` rows decode, through the batcher: its time to
+    first token with ``preempt`` on and off, trials interleaved (the same arrival offsets for both), the prefix
+    cache warm (the load's later requests), so what is measured is the wait for the step in flight."""
+    rng = random.Random(2)
+    runners = [(rng.choice(texts), choices[i % len(choices)][1]) for i in range(batch)]
+    asks = [(rng.choice(texts), rng.choice(choices)[1], rng.random()) for _ in range(trials)]
+    out: dict[bool, list[float]] = {True: [], False: []}
+    steps = []
+    for preempt in (False, True):  # warm the prefix cache for every prompt and mix the trials use
+        b = Batcher(engine, max_batch=batch + 1, max_queue=64, preempt=preempt)
+        for text, mix, _ in asks:
+            list(b.submit([{"role": "user", "content": text}], mix, max_new_tokens=1))
+        b.close()
+    for text, mix, offset in asks:
+        for preempt in (False, True):
+            b = Batcher(engine, max_batch=batch + 1, max_queue=64, preempt=preempt)
+            streams = [b.submit([{"role": "user", "content": t}], m, max_new_tokens=10_000) for t, m in runners]
+            for st in streams:
+                next(iter(st))  # every running row has its first token: the batch decodes
+            running = b.running
+            n0, t0 = running.stats["steps"], running.stats["decode"]
+            time.sleep(0.3)
+            step = (running.stats["decode"] - t0) / max(1, running.stats["steps"] - n0)
+            steps.append(step)
+            time.sleep(offset * step)  # a random moment within a step
+            t0 = time.perf_counter()
+            for reply in b.submit([{"role": "user", "content": text}], mix, max_new_tokens=2):
+                if reply:
+                    break
+            out[preempt].append(time.perf_counter() - t0)
+            for st in streams:
+                st.close()
+            b.close()
+    return {"batch": batch, "trials": trials, "step": statistics.median(steps),
+            **{k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "min": min(v), "max": max(v)} for k, v in
+               (("off", out[False]), ("on", out[True]))}}
+
+
 def _shared_sample(logits, temperature, top_p, gen):
     """The earlier sampler: one generator for the whole batch (torch.multinomial)."""
     lg = logits.float() / temperature
@@ -446,6 +485,13 @@ def main(argv=None) -> None:
               f"  one leave + one join (bookkeeping, prefill excluded): {o['event_ms']:.2f} ms = "
               f"{100 * o['event_ms'] / o['step_ms']:.1f}% of a step; the load run ({label[variants[-1]]}) had "
               f"{events:.2f} join+leave pairs per step -> {100 * events * o['event_ms'] / o['step_ms']:.2f}% per step")
+        nt = newcomer_ttft(engine, texts, choices)
+        print(f"\na chat request arriving at a random moment while {nt['batch']} rows decode (one step "
+              f"{1e3 * nt['step']:.0f} ms; {nt['trials']} trials each, interleaved, prefix cache warm): time to first "
+              "token")
+        for k, label in (("off", "waits for the step (--no-preempt)"), ("on", "prefilled between two layers")):
+            r = nt[k]
+            print(f"  {label}: p50 {r['p50']:.3f} s, p95 {r['p95']:.3f} s (min {r['min']:.3f}, max {r['max']:.3f})")
         chunk = batcher_options("after", args)["prefill_chunk"]
         stalls = [stall(engine, texts, choices, chunk=c) for c in dict.fromkeys([None, chunk])]
         print(f"\na {stalls[0]['tokens']}-token prompt joins 15 decoding rows (the longest wait of a running row "
