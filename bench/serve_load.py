@@ -348,9 +348,10 @@ def newcomer_ttft(engine, texts, choices, *, batch: int = 15, trials: int = 12) 
     for text, mix, offset in asks:
         for preempt in (False, True):
             b = Batcher(engine, max_batch=batch + 1, max_queue=64, preempt=preempt)
-            streams = [b.submit([{"role": "user", "content": t}], m, max_new_tokens=10_000) for t, m in runners]
+            streams = [iter(b.submit([{"role": "user", "content": t}], m, max_new_tokens=10_000))
+                       for t, m in runners]  # kept: a reader dropped cancels its row
             for st in streams:
-                next(iter(st))  # every running row has its first token: the batch decodes
+                next(st)  # every running row has its first token: the batch decodes
             running = b.running
             n0, t0 = running.stats["steps"], running.stats["decode"]
             time.sleep(0.3)
@@ -363,7 +364,7 @@ def newcomer_ttft(engine, texts, choices, *, batch: int = 15, trials: int = 12) 
                     break
             out[preempt].append(time.perf_counter() - t0)
             for st in streams:
-                st.close()
+                st.close()  # the generator's exit cancels the row
             b.close()
     return {"batch": batch, "trials": trials, "step": statistics.median(steps),
             **{k: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "min": min(v), "max": max(v)} for k, v in
