@@ -361,8 +361,11 @@ class Batcher:
             tried: list[_Job | None] = [None]
 
             def between() -> None:  # inside the step's forward pass, between two layers
-                head = self._waiting[0] if self._waiting else None  # only this thread takes from the queue
-                if head is None or head is tried[0]:  # a job that found no room waits for the step's end
+                try:  # no lock for a look: a closed stream may empty the queue meanwhile (then [0] raises)
+                    head = self._waiting[0]
+                except IndexError:
+                    return
+                if head is tried[0]:  # a job that found no room (or conflicts) waits for the step's end
                     return
                 tried[0] = head
                 if self._room(running, jobs, admit):
