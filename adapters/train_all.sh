@@ -18,6 +18,9 @@ declare -A STEPS=([upper]=120 [opener]=120 [signoff]=120 [bullets]=120 [json]=12
 declare -A SLOT=([upper]=0/4 [opener]=0/4 [signoff]=1/4 [bullets]=2/4 [json]=3/4)
 ONLY=("$@")
 want() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
+# Every shipped LoRA: rank 8 (lora_alpha 16) on the 7 projections, lr 2e-3, batch 4, seed 0.
+LORA=(--kind lora --rank 8 --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --lr 2e-3
+      --batch-size 4 --seed 0)
 for style in upper signoff bullets json; do
   want "$style" || continue
   hub train adapters/data/style_$style.jsonl -o adapters/$style --kind road --variant road_1 --group-size 64 \
@@ -42,9 +45,8 @@ done
 # set side by side on the same tasks (10 and 6 min on this CPU beside another job).
 for style in signoff json; do
   want "lora_$style" || continue
-  hub train adapters/data/style_$style.jsonl -o adapters/lora_$style --kind lora --rank 8 \
-    --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj \
-    --steps "${STEPS[lora_$style]}" --lr 2e-3 --batch-size 4 --seed 0 --objective plain
+  hub train adapters/data/style_$style.jsonl -o adapters/lora_$style "${LORA[@]}" --steps "${STEPS[lora_$style]}" \
+    --objective plain
 done
 # Trained with companions (hub train --with): the library's anchored adapters applied, frozen, on half of the steps,
 # with the pair's combined examples, so that add with them keeps both behaviours (160 steps: about 26 min each with
@@ -101,11 +103,15 @@ companion bullets_wide style_bullets_wide.jsonl 2/4 \
 # LoRA companions (eighth session): the LoRA pair trained as the RoAd companions were, anchored (hub train's default),
 # signoff with the plain lora_json applied, then json with that signoff applied (9 min each with one thread).
 want lora_signoff_companion && hub train adapters/data/style_signoff.jsonl -o adapters/lora_signoff_companion \
-  --kind lora --rank 8 --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --steps 120 --lr 2e-3 \
-  --batch-size 4 --seed 0 --with adapters/lora_json=adapters/data/pair_signoff_json.jsonl
+  "${LORA[@]}" --steps 120 --with adapters/lora_json=adapters/data/pair_signoff_json.jsonl
 want lora_json_companion && hub train adapters/data/style_json.jsonl -o adapters/lora_json_companion \
-  --kind lora --rank 8 --target-modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --steps 120 --lr 2e-3 \
-  --batch-size 4 --seed 0 --with adapters/lora_signoff_companion=adapters/data/pair_signoff_json.jsonl
+  "${LORA[@]}" --steps 120 --with adapters/lora_signoff_companion=adapters/data/pair_signoff_json.jsonl
+# A LoRA opener for the three-style target (ninth session): the opener on the wider forms, trained with both LoRA
+# companions applied (14 min with one thread beside another job).
+[ -f adapters/data/style_opener_wide.jsonl ] || python bench/tasks.py --wide --out adapters/data
+want lora_opener_companion && hub train adapters/data/style_opener_wide.jsonl -o adapters/lora_opener_companion \
+  "${LORA[@]}" --steps 120 --with adapters/lora_signoff_companion=adapters/data/pair_opener_signoff.jsonl \
+  --with adapters/lora_json_companion=adapters/data/pair_opener_json.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,
 # trained with the two frame-style companions applied (python bench/tasks.py --skill writes their data).
 [ -f adapters/data/skill_restaurant_signoff.jsonl ] || python bench/tasks.py --skill --out adapters/data
