@@ -22,6 +22,7 @@ batch with bottleneck rows runs (:func:`applied`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -164,6 +165,10 @@ def update(x: torch.Tensor, h: torch.Tensor, rows: Batched) -> torch.Tensor:
     return new + e * x
 
 
+_OPEN: weakref.WeakKeyDictionary[nn.Module, list[list[bool]]] = weakref.WeakKeyDictionary()
+"""Per model, the on/off switch of each :func:`applied` block open now (outermost first): :func:`set_aside`."""
+
+
 @contextmanager
 def applied(model: nn.Module, per_place: dict[Place, Batched]) -> Iterator[None]:
     """Inside this block, ``model``'s decoder layers add each row's bottleneck at the places in ``per_place``."""
@@ -173,8 +178,32 @@ def applied(model: nn.Module, per_place: dict[Place, Batched]) -> Iterator[None]
     from composer.kinds.bottleneck import decoder_layers, hook_place
 
     layers = decoder_layers(model)
-    with ExitStack() as stack:
-        for (i, place), rows in per_place.items():
-            for handle in hook_place(layers[i], place, lambda x, h, rows=rows: update(x, h, rows)):
-                stack.callback(handle.remove)
+    on = [True]  # off while set aside: the hooks pass the sublayer's output through
+
+    def change(x, h, rows):
+        return update(x, h, rows) if on[0] else h
+
+    switches = _OPEN.setdefault(model, [])
+    switches.append(on)
+    try:
+        with ExitStack() as stack:
+            for (i, place), rows in per_place.items():
+                for handle in hook_place(layers[i], place, lambda x, h, rows=rows: change(x, h, rows)):
+                    stack.callback(handle.remove)
+            yield
+    finally:
+        switches.remove(on)
+
+
+@contextmanager
+def set_aside(model: nn.Module) -> Iterator[None]:
+    """Inside this block, the :func:`applied` blocks already open on ``model`` add nothing (blocks opened inside it
+    do): a forward pass of its own runs between two layers of another (``Engine.set_aside``)."""
+    held = [on for on in _OPEN.get(model, []) if on[0]]
+    for on in held:
+        on[0] = False
+    try:
         yield
+    finally:
+        for on in held:
+            on[0] = True

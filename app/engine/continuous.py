@@ -478,8 +478,7 @@ class RunningBatch:
                 :meth:`admit` rows and :meth:`prefill` them right there (their forward passes run with the step's
                 adapters set aside, :meth:`Engine.set_aside`), so that a newcomer's first token does not wait for
                 the step in flight; rows prefilled so join the batch when the step ends, and run from the next.
-                Not called while a running row carries a bottleneck adapter (its hooks sit on those layers), nor
-                for a model without a ``layers`` list.
+                Not called for a model without a ``layers`` list.
 
         Returns:
             The rows that got a token (all rows that were running).
@@ -498,8 +497,7 @@ class RunningBatch:
             applied = eng._folded(shared) if fold else eng._layers_applied(self._layers, self._lora_layers,
                                                                            self._bn_places)
             self._shared_steps += shared is not None
-            bn = bool(self._bn_places) or (fold and shared[2] is not None)
-            with applied, self._interruptible(None if bn else between):
+            with applied, self._interruptible(between):
                 # Bookkeeping stays on the CPU; on an accelerator the small inputs go over and the last logits back.
                 dev = eng._embed.weight.device
                 logits = eng.model(input_ids=self._last[:, None].to(dev), attention_mask=self._mask.to(dev),

@@ -372,10 +372,11 @@ class Engine:
 
     @contextmanager
     def set_aside(self) -> Iterator[None]:
-        """Set every adapted layer's per-row tables, factors and folded weights aside for the duration, and put
-        them back after: a forward pass of its own (a newcomer's prefill) runs inside another one, between two of
-        its layers (:meth:`RunningBatch.step` with ``between``), with the outer pass's state untouched."""
-        with self._lock:
+        """Set every adapted layer's per-row tables, factors and folded weights, and the bottleneck rows' hooks,
+        aside for the duration, and put them back after: a forward pass of its own (a newcomer's prefill) runs inside
+        another one, between two of its layers (:meth:`RunningBatch.step` with ``between``), with the outer pass's
+        state untouched."""
+        with self._lock, bottleneck.set_aside(self.model):
             keys = ("road_rows", "lora_rows", "folded")
             saved = {m: tuple(self._linears[m].__dict__.get(k) for k in keys) for m in self._installed}
             for m in saved:
