@@ -479,10 +479,9 @@ def _prefill_between(rb, newcomers, seen):
 @pytest.mark.parametrize("shared", [False, True], ids=["per-row mixes", "one folded mix"])
 def test_newcomers_prefilled_between_two_layers_of_a_step_get_their_tokens_alone(engine, adapters, shared):
     """A step's forward pass stops between two layers for a newcomer's prefill (its first token goes out there)
-    and goes on: the running rows and the newcomers (every kind of mix, bottlenecks among them, one ending with its
-    first token) get exactly their tokens alone, whether the running rows carry per-row tables or one mix folded in
-    the weights (with its bottleneck's hooks).
-    (A decode-time newcomer is one of them: its members are prefilled there, its stream gets the first token.)"""
+    and goes on: the running rows and the newcomers (every kind of mix, bottlenecks among them, a decode-time row
+    whose members are prefilled there, one ending with its first token) get exactly their tokens alone, whether the
+    running rows carry per-row tables or one mix folded in the weights (with its bottleneck's hooks)."""
     engine.prefix_cache.clear()
     old_names = ["road"] * 3 if shared else ["road", "lora", "prompt", "base", "bn"]
     new_names = ["road+prompt", "lora+road+prompt", "prefix+road+lora", "base", "bn+road+prompt", "road", "lora"]
@@ -527,6 +526,7 @@ def test_newcomers_prefilled_between_two_layers_of_a_step_get_their_tokens_alone
 
 
 def test_between_runs_before_every_layer_but_the_first(engine, adapters):
+    """Once per layer after the first, a bottleneck row running too; the hooks go with the step."""
     rb = RunningBatch(engine)
     rb.join([Row(ids_of(60, 5), mix_of(adapters, MIXES["bn"]), max_new_tokens=3)])
     calls = []
@@ -548,6 +548,7 @@ def test_a_request_arriving_during_a_decode_step_gets_its_first_token_before_the
     want = [engine.generate([{"messages": c}], max_new_tokens=n)[0] for c, n in zip(convs, (20, 6))]
     batcher = Batcher(engine, max_batch=8, preempt=preempt)
     second, during = [], []
+
     def gate(_module, args):  # inside the third decode step of the first request (one column): the second comes
         running = batcher.running
         if not second and args[0].shape[1] == 1 and running.rows and len(running.rows[0].tokens) == 3:
