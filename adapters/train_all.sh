@@ -106,10 +106,14 @@ want lora_signoff_companion && hub train adapters/data/style_signoff.jsonl -o ad
   "${LORA[@]}" --steps 120 --with adapters/lora_json=adapters/data/pair_signoff_json.jsonl
 want lora_json_companion && hub train adapters/data/style_json.jsonl -o adapters/lora_json_companion \
   "${LORA[@]}" --steps 120 --with adapters/lora_signoff_companion=adapters/data/pair_signoff_json.jsonl
-# A LoRA opener for the three-style target (ninth session): the opener on the wider forms, trained with both LoRA
-# companions applied (14 min with one thread beside another job).
+# LoRA openers (ninth session), trained with both LoRA companions applied: on the opener's own 8 forms, like them
+# (10 min with one thread beside another job), the one to mix; on the 16 wider forms, the start of the three-style
+# few-shot result in the README (14 min; it keeps its own style worse: 72% against 91%).
+want lora_opener_companion && hub train adapters/data/style_opener.jsonl -o adapters/lora_opener_companion \
+  "${LORA[@]}" --steps 120 --with adapters/lora_signoff_companion=adapters/data/pair_opener_signoff.jsonl \
+  --with adapters/lora_json_companion=adapters/data/pair_opener_json.jsonl
 [ -f adapters/data/style_opener_wide.jsonl ] || python bench/tasks.py --wide --out adapters/data
-want lora_opener_companion && hub train adapters/data/style_opener_wide.jsonl -o adapters/lora_opener_companion \
+want lora_opener_wide && hub train adapters/data/style_opener_wide.jsonl -o adapters/lora_opener_wide \
   "${LORA[@]}" --steps 120 --with adapters/lora_signoff_companion=adapters/data/pair_opener_signoff.jsonl \
   --with adapters/lora_json_companion=adapters/data/pair_opener_json.jsonl
 # A task adapter that composes with a style (the skill section of the bench): restaurant-review labels as RoAd,

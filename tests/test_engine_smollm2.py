@@ -92,7 +92,7 @@ def test_mixed_chat_batch_matches_peft_alone(smol):
 @pytest.mark.parametrize("name", ["opener_anchored", "signoff_anchored", "bullets_anchored", "json_anchored",
                                   "signoff_companion", "opener_companion", "sent_restaurant_road",
                                   "lora_signoff_companion", "lora_json_companion", "opener_mutual", "json_wide",
-                                  "bullets_wide", "lora_opener_companion"])
+                                  "bullets_wide", "lora_opener_wide", "lora_opener_companion"])
 def test_shipped_anchored_adapters_load_in_peft_with_the_engines_logits(smol, name):
     """The shipped composable adapters are PEFT folders: PEFT's logits on the real model equal the engine's row."""
     from pathlib import Path
