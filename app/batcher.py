@@ -358,16 +358,17 @@ class Batcher:
         self._prefill(running, jobs, admit)
         if running.rows:
 
-            tried: list[_Job | None] = [None]
+            tried: _Job | None = None
 
             def between() -> None:  # inside the step's forward pass, between two layers
+                nonlocal tried
                 try:  # no lock for a look: a closed stream may empty the queue meanwhile (then [0] raises)
                     head = self._waiting[0]
                 except IndexError:
                     return
-                if head is tried[0]:  # a job that found no room (or conflicts) waits for the step's end
+                if head is tried:  # a job that found no room (or conflicts) waits for the step's end
                     return
-                tried[0] = head
+                tried = head
                 if self._room(running, jobs, admit):
                     self._prefill(running, jobs, admit)
 

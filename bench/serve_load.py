@@ -340,11 +340,10 @@ def newcomer_ttft(engine, texts, choices, *, batch: int = 15, trials: int = 12) 
     asks = [(rng.choice(texts), rng.choice(choices)[1], rng.random()) for _ in range(trials)]
     out: dict[bool, list[float]] = {True: [], False: []}
     steps = []
-    for preempt in (False, True):  # warm the prefix cache for every prompt and mix the trials use
-        b = Batcher(engine, max_batch=batch + 1, max_queue=64, preempt=preempt)
-        for text, mix, _ in asks:
-            list(b.submit([{"role": "user", "content": text}], mix, max_new_tokens=1))
-        b.close()
+    b = Batcher(engine, max_batch=batch + 1, max_queue=64)  # warm the engine's prefix cache for every trial's prompt
+    for text, mix, _ in asks:
+        list(b.submit([{"role": "user", "content": text}], mix, max_new_tokens=1))
+    b.close()
     for text, mix, offset in asks:
         for preempt in (False, True):
             b = Batcher(engine, max_batch=batch + 1, max_queue=64, preempt=preempt)
@@ -490,9 +489,9 @@ def main(argv=None) -> None:
         print(f"\na chat request arriving at a random moment while {nt['batch']} rows decode (one step "
               f"{1e3 * nt['step']:.0f} ms; {nt['trials']} trials each, interleaved, prefix cache warm): time to first "
               "token")
-        for k, label in (("off", "waits for the step (--no-preempt)"), ("on", "prefilled between two layers")):
+        for k, how in (("off", "waits for the step (--no-preempt)"), ("on", "prefilled between two layers")):
             r = nt[k]
-            print(f"  {label}: p50 {r['p50']:.3f} s, p95 {r['p95']:.3f} s (min {r['min']:.3f}, max {r['max']:.3f})")
+            print(f"  {how}: p50 {r['p50']:.3f} s, p95 {r['p95']:.3f} s (min {r['min']:.3f}, max {r['max']:.3f})")
         chunk = batcher_options("after", args)["prefill_chunk"]
         stalls = [stall(engine, texts, choices, chunk=c) for c in dict.fromkeys([None, chunk])]
         print(f"\na {stalls[0]['tokens']}-token prompt joins 15 decoding rows (the longest wait of a running row "
